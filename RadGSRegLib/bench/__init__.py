@@ -1,0 +1,1 @@
+"""Benchmarks and peer methods (``radgsreg bench ...``). Separate from the tests."""

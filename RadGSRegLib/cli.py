@@ -1,0 +1,302 @@
+"""The ``radgsreg`` command: argument parsing and printing only; the work is in the library.
+
+Run ``radgsreg --help`` or ``radgsreg COMMAND --help``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+__all__ = ["main", "build_parser"]
+
+_EPILOG = """\
+examples:
+  radgsreg demo --out demo_out                       # a demo case, its picture, and a summary
+  radgsreg phantom --out ph --seed 3                 # a procedural spine CT (ct.nrrd, seg.nrrd)
+  radgsreg simulate-cases --phantom --levels L1,L2,L3 --n 20 --out cases
+  radgsreg simulate-cases --ct ct.nii.gz --seg seg.nii.gz --levels L3 --n 5 --out cases
+  radgsreg show cases/case_000                       # writes cases/case_000/preview.png
+  radgsreg bench drr                                 # our DRR vs RTK's Joseph projector
+
+Frames: millimetres, LPS; a pose is T_ct_to_carm (x_carm = T x_ct). The case folder
+format is documented in docs/case-format.md.
+"""
+
+
+def _table(rows: list[dict], cols: list[tuple[str, str, str]]) -> str:
+    """Fixed-width table. cols: (key, header, format)."""
+    head = "  ".join(f"{h:>{max(len(h), 8)}}" for _, h, _ in cols)
+    lines = [head, "-" * len(head)]
+    for r in rows:
+        lines.append("  ".join(f"{format(r[k], f):>{max(len(h), 8)}}" for k, h, f in cols))
+    return "\n".join(lines)
+
+
+def _progress(desc: str):
+    from tqdm import tqdm
+
+    return lambda it: tqdm(it, desc=desc, unit="case", file=sys.stderr, dynamic_ncols=True)
+
+
+def _sim_config(args):
+    from .simulate import XraySimConfig
+
+    if args.ideal:
+        return XraySimConfig.ideal(output=args.image_kind)
+    return XraySimConfig(beam_hardening=not args.no_beam_hardening,
+                         photons_per_mm2=None if args.dose == 0 else args.dose,
+                         scatter_to_primary=args.scatter, blur_sigma_mm=args.blur, output=args.image_kind)
+
+
+def _add_sim_args(p):
+    g = p.add_argument_group("X-ray simulation (defaults: one lumbar fluoroscopy shot)")
+    g.add_argument("--image-kind", choices=["line_integral", "intensity"], default="line_integral",
+                   help="what the X-ray files hold: -ln(I/I0) (bone bright) or detector intensity (bone dark)")
+    g.add_argument("--dose", type=float, default=5e4, metavar="PHOTONS_PER_MM2",
+                   help="unattenuated photon fluence at the detector; 0 turns quantum noise off (default 5e4)")
+    g.add_argument("--scatter", type=float, default=0.3, metavar="SPR", help="scatter-to-primary ratio (default 0.3)")
+    g.add_argument("--blur", type=float, default=0.4, metavar="MM", help="detector blur sigma in mm (default 0.4)")
+    g.add_argument("--no-beam-hardening", action="store_true", help="monochromatic line integrals")
+    g.add_argument("--ideal", action="store_true", help="no physics at all: plain DRR line integrals")
+
+
+def _add_geometry_args(p):
+    g = p.add_argument_group("C-arm and poses")
+    g.add_argument("--pixels", type=int, default=976, help="detector pixels per side (default 976, as in the paper)")
+    g.add_argument("--detector-mm", type=float, default=292.8, help="detector side in mm (default 292.8)")
+    g.add_argument("--sdd", type=float, default=1124.0, help="source-to-detector distance, mm (default 1124)")
+    g.add_argument("--sid", type=float, default=700.0, help="source-to-isocentre distance, mm (default 700)")
+    g.add_argument("--rot-deg", type=float, default=20.0, help="true-pose rotation offset range, ± deg per axis (default 20)")
+    g.add_argument("--trans-mm", type=float, default=50.0, help="true-pose translation offset range, ± mm per axis (default 50)")
+    g.add_argument("--seed", type=int, default=0, help="random seed (default 0); same seed, same cases")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(
+        prog="radgsreg", formatter_class=argparse.RawDescriptionHelpFormatter, epilog=_EPILOG,
+        description="Register a spine CT to two intraoperative X-rays (AP + lateral) at one vertebra, "
+                    "and the tools around it: phantoms, realistic X-ray simulation, case folders, benchmarks.")
+    from . import __version__
+
+    ap.add_argument("--version", action="version", version=f"radgsreg {__version__}")
+    sub = ap.add_subparsers(dest="command", metavar="COMMAND")
+
+    p = sub.add_parser("demo", help="generate a demo case and its picture (the README's main job)",
+                       description="Builds a spine phantom, simulates an AP + lateral pair at a random pose "
+                                   "around the nominal one, writes the case folder and a preview PNG, and prints "
+                                   "what a registration has to recover.")
+    p.add_argument("--out", type=Path, default=Path("demo_out"), help="output folder (default demo_out)")
+    p.add_argument("--level", default="L3", help="vertebra level (default L3)")
+    p.add_argument("--pixels", type=int, default=488, help="detector pixels per side (default 488, half of 976)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+
+    p = sub.add_parser("phantom", help="write a procedural spine CT and its vertebra labels",
+                       description="Writes OUT/ct.nrrd (HU) and OUT/seg.nrrd (TotalSegmentator ids: L1=31 ... L5=27).")
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--top-level", default="L1", help="highest vertebra (default L1)")
+    p.add_argument("--n-vertebrae", type=int, default=5)
+    p.add_argument("--spacing", type=float, nargs=3, default=(1.0, 1.0, 1.0), metavar=("X", "Y", "Z"),
+                   help="voxel size in mm (default 1 1 1)")
+    p.add_argument("--table", action="store_true", help="add a table under the back")
+    p.add_argument("--overwrite", action="store_true")
+
+    p = sub.add_parser("simulate-cases", help="generate registration cases (case folders)",
+                       formatter_class=argparse.RawDescriptionHelpFormatter,
+                       description="For each case: a vertebra level (cycled over --levels), the nominal pose "
+                                   "(vertebra centred at the isocentre, axes aligned) as initial_guess, a true pose "
+                                   "sampled around it, and AP + lateral X-rays rendered at the true pose.\n"
+                                   "Source: a CT with its vertebra label map (--ct/--seg, TotalSegmentator ids), "
+                                   "or --phantom (a new random phantom per case).")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--ct", type=Path, help="CT file (NRRD, NIfTI) or DICOM-series folder, in HU")
+    src.add_argument("--phantom", action="store_true", help="use procedural phantoms (seed + case index)")
+    p.add_argument("--seg", type=Path, help="vertebra label map on the CT grid (with --ct)")
+    p.add_argument("--levels", default="L1,L2,L3,L4,L5", help="comma-separated levels, e.g. L1,L2 (default L1..L5)")
+    p.add_argument("--n", type=int, default=20, help="number of cases (default 20)")
+    p.add_argument("--out", type=Path, required=True, help="output folder; cases go to OUT/case_000 ...")
+    p.add_argument("--phantom-spacing", type=float, default=1.0, help="phantom voxel size in mm (default 1)")
+    p.add_argument("--overwrite", action="store_true", help="replace existing case folders")
+    _add_geometry_args(p)
+    _add_sim_args(p)
+
+    p = sub.add_parser("show", help="write a PNG montage of a case (X-rays, DRRs, overlay)",
+                       description="Rows: AP, lateral. Columns: the X-ray; the DRR at the initial pose; the DRR at "
+                                   "the true pose (or --result's pose); red/green edges of both on the X-ray.")
+    p.add_argument("case", type=Path)
+    p.add_argument("--out", type=Path, help="PNG path (default CASE/preview.png)")
+    p.add_argument("--result", type=Path, help="a result folder whose pose to show instead of the ground truth")
+    p.add_argument("--size", type=int, default=320, help="panel size in pixels (default 320)")
+
+    p = sub.add_parser("bench", help="benchmarks (print a table, write JSON)")
+    bsub = p.add_subparsers(dest="bench", metavar="BENCH")
+    b = bsub.add_parser("drr", help="DRR speed and agreement: ours vs RTK's Joseph projector")
+    b.add_argument("--size", type=int, default=128, help="volume size per side (default 128)")
+    b.add_argument("--pixels", type=int, default=256, help="detector pixels per side (default 256)")
+    b.add_argument("--repeat", type=int, default=5)
+    b.add_argument("--threads", type=int, default=2, help="CPU threads for every method (default 2)")
+    b.add_argument("--json", type=Path, default=Path("bench_out/drr.json"))
+    return ap
+
+
+# ------------------------------------------------------------------ commands
+def _cmd_phantom(args):
+    from .io import write_volume
+    from .phantom import PhantomConfig, make_phantom
+
+    cfg = PhantomConfig(top_level=args.top_level, n_vertebrae=args.n_vertebrae, spacing=tuple(args.spacing),
+                        table=args.table, seed=args.seed)
+    t = time.perf_counter()
+    ct, seg = make_phantom(cfg)
+    write_volume(ct, args.out / "ct.nrrd", overwrite=args.overwrite)
+    write_volume(seg, args.out / "seg.nrrd", overwrite=args.overwrite)
+    print(f"phantom {ct.size} voxels at {tuple(cfg.spacing)} mm, levels {', '.join(cfg.levels)} "
+          f"({time.perf_counter() - t:.1f} s) -> {args.out}/ct.nrrd, seg.nrrd")
+
+
+def _cmd_simulate(args):
+    from .cases import CaseGenConfig, generate_cases
+    from .io import CaseFormatError, read_label_map, read_volume
+    from .levels import level_id, parse_levels
+    from .phantom import PhantomConfig, make_phantom
+
+    levels = parse_levels(args.levels)
+    if args.n < 1:
+        raise SystemExit("--n must be at least 1")
+    cfg = CaseGenConfig(rot_deg=args.rot_deg, trans_mm=args.trans_mm, pixels=args.pixels,
+                        detector_mm=args.detector_mm, sdd=args.sdd, sid=args.sid, sim=_sim_config(args), seed=args.seed)
+    if args.phantom:
+        if args.seg is not None:
+            raise SystemExit("--seg goes with --ct, not --phantom")
+
+        def sources(i):
+            pc = PhantomConfig(seed=args.seed * 100003 + i, spacing=(args.phantom_spacing,) * 3)
+            missing = [lv for lv in levels if lv not in pc.levels]
+            if missing:
+                raise SystemExit(f"the phantom spans {', '.join(pc.levels)}; not {', '.join(missing)}")
+            ct, seg = make_phantom(pc)
+            return ct, seg, f"phantom seed {pc.seed}"
+    else:
+        if args.seg is None:
+            raise SystemExit("--ct needs --seg (the vertebra label map on the CT grid)")
+        ct = read_volume(args.ct, field="--ct")
+        seg = read_label_map(args.seg, field="--seg")
+        if not seg.same_grid(ct):
+            raise CaseFormatError(args.seg, "--seg", f"not on the CT grid (seg {seg.size} voxels, CT {ct.size}); "
+                                  "resample the label map onto the CT first")
+        import numpy as np
+
+        present = set(int(x) for x in np.unique(seg.array)) - {0}
+        absent = [lv for lv in levels if level_id(lv) not in present]
+        if absent:
+            from .levels import level_name
+
+            names = []
+            for x in sorted(present):
+                try:
+                    names.append(f"{level_name(x)} ({x})")
+                except ValueError:
+                    names.append(str(x))
+            raise SystemExit(f"{args.seg}: level(s) {', '.join(absent)} absent; labels present: {', '.join(names)}")
+        src_name = str(args.ct)
+
+        def sources(i):
+            return ct, seg, src_name
+
+    t = time.perf_counter()
+    rows = generate_cases(sources, levels, args.n, args.out, cfg, overwrite=args.overwrite,
+                          progress=_progress("simulating"))
+    print(_table(rows, [("case", "case", "s"), ("level", "level", "s"), ("rot_offset_deg", "rot deg", ".1f"),
+                        ("trans_offset_mm", "trans mm", ".1f"), ("initial_mtre_mm", "init mTRE mm", ".1f"),
+                        ("seconds", "seconds", ".1f")]))
+    import numpy as np
+
+    m = np.array([r["initial_mtre_mm"] for r in rows])
+    print(f"{len(rows)} cases in {time.perf_counter() - t:.0f} s -> {args.out}; initial mTRE mean {m.mean():.1f} mm, "
+          f"median {np.median(m):.1f} mm, range {m.min():.1f}-{m.max():.1f} mm")
+    (Path(args.out) / "summary.json").write_text(json.dumps(rows, indent=2))
+
+
+def _cmd_show(args):
+    from .io import read_case, read_result
+    from .preview import save_montage
+
+    case = read_case(args.case, ground_truth=True) if _has_gt(args.case) else read_case(args.case)
+    T = read_result(args.result).T_ct_to_carm if args.result else None
+    out = args.out or Path(args.case) / "preview.png"
+    save_montage(case, out, size=args.size, T=T)
+    print(f"wrote {out}")
+
+
+def _has_gt(path) -> bool:
+    try:
+        return json.loads((Path(path) / "case.json").read_text()).get("ground_truth") is not None
+    except (OSError, json.JSONDecodeError):
+        return False
+
+
+def _cmd_demo(args):
+    import numpy as np
+
+    from .cases import CaseGenConfig, make_case
+    from .io import read_case, write_case
+    from .metrics import registration_errors, target_points
+    from .phantom import PhantomConfig, make_phantom
+    from .preview import save_montage
+
+    out = Path(args.out)
+    if out.exists() and not args.overwrite:
+        raise SystemExit(f"{out} exists; pass --overwrite to replace it")
+    t = time.perf_counter()
+    print("1/3 building a spine phantom (L1-L5, 1 mm) ...", flush=True)
+    ct, seg = make_phantom(PhantomConfig(seed=args.seed))
+    print(f"2/3 simulating AP + lateral X-rays ({args.pixels}^2) at a random pose ...", flush=True)
+    cfg = CaseGenConfig(pixels=args.pixels, detector_mm=292.8, seed=args.seed)
+    case = make_case(ct, seg, args.level, cfg, np.random.default_rng(args.seed), source=f"phantom seed {args.seed}")
+    write_case(case, out / "case", overwrite=args.overwrite)
+    case = read_case(out / "case", ground_truth=True)
+    print("3/3 writing the preview ...", flush=True)
+    save_montage(case, out / "preview.png")
+    err = registration_errors(case.initial_guess, case.ground_truth,
+                              target_points(case.seg, case.vertebra_label, max_points=2000), case.views)
+    print(f"case: {out / 'case'} ({args.level}, label {case.vertebra_label}); picture: {out / 'preview.png'}")
+    print(f"the initial guess is off by mTRE {err['mtre_mm']:.1f} mm (rotation {err['rot_err_deg']:.1f} deg, "
+          f"translation {err['trans_err_mm']:.1f} mm, projection distance {err['mpd_mm']:.1f} mm)")
+    print(f"done in {time.perf_counter() - t:.0f} s")
+
+
+def _cmd_bench(args):
+    if args.bench == "drr":
+        from .bench.drr_bench import run_drr_bench
+
+        run_drr_bench(n=args.size, pixels=args.pixels, repeat=args.repeat, threads=args.threads, json_path=args.json)
+    else:
+        raise SystemExit("choose a benchmark: radgsreg bench drr")
+
+
+_COMMANDS = {"demo": _cmd_demo, "phantom": _cmd_phantom, "simulate-cases": _cmd_simulate, "show": _cmd_show,
+             "bench": _cmd_bench}
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 2
+    from .io import CaseFormatError
+
+    try:
+        _COMMANDS[args.command](args)
+    except (CaseFormatError, FileExistsError) as e:
+        print(f"radgsreg {args.command}: error: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

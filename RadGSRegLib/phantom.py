@@ -1,0 +1,340 @@
+"""Procedural spine CT phantoms with per-vertebra labels.
+
+A stand-in for public CT collections: a segment of the spine (default L1-L5) inside a
+soft-tissue trunk, in HU, on an LPS grid (+x left, +y posterior, +z superior), with a
+label map using TotalSegmentator ids (L1 = 31 ... L5 = 27; see :mod:`levels`).
+
+Each vertebra is built in its own frame (origin at the body centre; x left, y posterior,
+z along the spine) from smooth signed-distance primitives:
+
+* vertebral body: a waisted super-elliptic cylinder, flatter posteriorly, with a cortical
+  shell (~1 mm) around cancellous bone with a trabecular texture;
+* posterior arch: pedicles, laminae, spinous process (pointing posteriorly and down),
+  transverse processes, superior/inferior articular processes (facet joints), around an
+  empty spinal canal;
+* intervertebral discs between the bodies (annulus + nucleus).
+
+Around it: skin, subcutaneous fat, paraspinal and psoas muscles, abdominal contents with
+bowel gas, the aorta, and optionally a table. Sizes vary randomly per vertebra
+(``variation``), the column follows a lordotic / scoliotic curve, every edge has partial
+volume (no staircase), and everything is a function of ``seed``.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, asdict
+
+import numpy as np
+from scipy import ndimage
+
+from .geometry import euler_to_matrix
+from .levels import LEVELS, level_id
+from .volume import Volume, affine_from
+
+__all__ = ["PhantomConfig", "make_phantom"]
+
+
+@dataclass
+class PhantomConfig:
+    """Parameters of :func:`make_phantom`.
+
+    Attributes:
+        top_level: the highest vertebra (e.g. "L1", "T11").
+        n_vertebrae: how many, going down from ``top_level``.
+        spacing: voxel size (x, y, z) in mm; anisotropic allowed.
+        trunk_mm: trunk width (x) and depth (y), mm.
+        lordosis_deg / scoliosis_deg: total bend across the segment (sagittal / coronal).
+        variation: scale of the random size/shape variation (0: the mean anatomy).
+        table: add a carbon table under the back.
+        context: extra vertebrae built (and labelled) above and below the requested ones,
+            so that the column and the trunk run on past the levels of interest, as in a
+            real scan.
+        seed: random seed; same seed, same phantom.
+    """
+
+    top_level: str = "L1"
+    n_vertebrae: int = 5
+    spacing: tuple[float, float, float] = (1.0, 1.0, 1.0)
+    trunk_mm: tuple[float, float] = (320.0, 230.0)
+    lordosis_deg: float = 30.0
+    scoliosis_deg: float = 0.0
+    variation: float = 1.0
+    table: bool = False
+    context: int = 1
+    seed: int = 0
+
+    def __post_init__(self):
+        level_id(self.top_level)
+        if self.top_level not in LEVELS:
+            raise ValueError(f"top_level must be a vertebra name, got {self.top_level!r}")
+        first = LEVELS.index(self.top_level)
+        if self.n_vertebrae < 1 or first + self.n_vertebrae > len(LEVELS):
+            raise ValueError(f"cannot take {self.n_vertebrae} vertebrae down from {self.top_level}")
+        if any(s <= 0 for s in self.spacing):
+            raise ValueError(f"spacing must be positive, got {self.spacing}")
+
+    @property
+    def levels(self) -> list[str]:
+        """The requested levels, top down."""
+        first = LEVELS.index(self.top_level)
+        return list(LEVELS[first:first + self.n_vertebrae])
+
+    @property
+    def all_levels(self) -> list[str]:
+        """The requested levels plus ``context`` neighbours on each side (all labelled)."""
+        first = LEVELS.index(self.top_level)
+        lo = max(0, first - self.context)
+        hi = min(len(LEVELS), first + self.n_vertebrae + self.context)
+        return list(LEVELS[lo:hi])
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+# ---------------------------------------------------------------- primitives
+def _capsule(p, a, b, r):
+    """Signed distance to the capsule of radius r around segment a-b. p: (..., 3)."""
+    ab = b - a
+    t = np.clip(((p - a) @ ab) / (ab @ ab), 0.0, 1.0)
+    return np.linalg.norm(p - (a + t[..., None] * ab), axis=-1) - r
+
+
+def _box(p, c, half):
+    """Signed distance to an axis-aligned box (local frame)."""
+    q = np.abs(p - c) - half
+    return np.linalg.norm(np.maximum(q, 0.0), axis=-1) + np.minimum(q.max(axis=-1), 0.0)
+
+
+def _smooth_union(d1, d2, k=2.0):
+    h = np.clip(0.5 + 0.5 * (d2 - d1) / k, 0.0, 1.0)
+    return d2 * (1 - h) + d1 * h - k * h * (1 - h)
+
+
+def _occupancy(sdf, voxel):
+    """Partial-volume fraction from a signed distance (mm) and the voxel size (mm)."""
+    return np.clip(0.5 - sdf / voxel, 0.0, 1.0)
+
+
+def _body_sdf(p, w, d, h, waist):
+    """Vertebral body: super-ellipse (x half-width w, y half-depth d), flatter behind."""
+    x, y, z = p[..., 0], p[..., 1], p[..., 2]
+    zz = np.clip(2 * z / h, -1, 1)
+    pinch = 1.0 - waist * (1 - zz ** 2)
+    dy = np.where(y > 0, d * 0.8, d)  # posterior wall flatter/closer
+    pw = 2.6
+    r = (np.abs(x / (w * pinch)) ** pw + np.abs(y / (dy * pinch)) ** pw) ** (1 / pw)
+    radial = (r - 1.0) * np.minimum(w, d) * pinch
+    return np.maximum(radial, np.abs(z) - h / 2)
+
+
+@dataclass
+class _Vert:
+    name: str
+    centre: np.ndarray  # (3,) mm, volume frame
+    R: np.ndarray       # local -> volume rotation
+    w: float
+    d: float
+    h: float
+    canal_w: float
+    canal_d: float
+    ped_r: float
+    spin_len: float
+    tp_len: float
+
+
+def _vertebra_sdfs(v: _Vert, p):
+    """(body sdf, posterior-arch sdf) at local points p (..., 3)."""
+    body = _body_sdf(p, v.w, v.d, v.h, waist=0.07)
+    back = v.d * 0.8                                   # posterior wall of the body (local y)
+    cy = back + v.canal_d / 2 + 1.0                     # canal centre
+    px = v.canal_w / 2 + v.ped_r * 0.6                  # pedicle x
+    lam_y = back + v.canal_d + 2.0                      # lamina, behind the canal
+    zc = v.h * 0.12                                      # arch sits a little high on the body
+    parts = []
+    for s in (-1.0, 1.0):
+        # pedicle: elliptic (taller than wide) bar from the body's back to the lamina
+        q = p.copy()
+        q[..., 2] = (q[..., 2] - zc) * 0.55
+        parts.append(_capsule(q, np.array([s * px, back - 4, 0.0]), np.array([s * px, lam_y - 2, 0.0]), v.ped_r))
+        # lamina: slanted plate from the pedicle to the midline
+        parts.append(_capsule(p, np.array([s * px, lam_y - 1, zc + 2]), np.array([0.0, lam_y + 4, zc]), 4.2))
+        parts.append(_capsule(p, np.array([s * px, lam_y - 1, zc - 6]), np.array([0.0, lam_y + 4, zc - 8]), 4.0))
+        # transverse process: lateral, slightly back and up
+        parts.append(_capsule(p, np.array([s * px, lam_y - 3, zc + 1]), np.array([s * (px + v.tp_len), lam_y, zc + 4]), 3.2))
+        # articular processes (facet joints): superior goes up, inferior goes down
+        parts.append(_capsule(p, np.array([s * (px + 1), lam_y, zc + 2]), np.array([s * (px + 2), lam_y + 2, v.h / 2 + 7]), 4.0))
+        parts.append(_capsule(p, np.array([s * (px - 3), lam_y + 3, zc - 4]), np.array([s * (px - 4), lam_y + 5, -v.h / 2 - 6]), 3.8))
+    # spinous process: a tall, thin plate going back and slightly down
+    q = p.copy()
+    q[..., 1] -= lam_y + v.spin_len / 2
+    q[..., 2] -= zc - 5 + 0.15 * q[..., 1]
+    spin = _box(q, np.zeros(3), np.array([2.5, v.spin_len / 2, 7.5])) - 1.5
+    arch = spin
+    for d in parts:
+        arch = _smooth_union(arch, d, 2.0)
+    # canal: an elliptic cylinder along z removed from the arch
+    canal = np.sqrt(((p[..., 0]) / (v.canal_w / 2)) ** 2 + ((p[..., 1] - cy) / (v.canal_d / 2)) ** 2) - 1.0
+    canal = canal * min(v.canal_w, v.canal_d) / 2
+    arch = np.maximum(arch, -canal)
+    arch = np.maximum(arch, -(body - 0.5))  # no overlap with the body
+    return body, arch
+
+
+def _smooth_noise(shape, rng, sigma):
+    n = ndimage.gaussian_filter(rng.standard_normal(shape).astype(np.float32), sigma)
+    return n / (n.std() + 1e-6)
+
+
+def make_phantom(config: PhantomConfig | None = None) -> tuple[Volume, Volume]:
+    """Build a phantom.
+
+    Returns:
+        (ct, seg): CT in HU (float32) and label map (int16, TotalSegmentator ids) on the same
+        LPS grid; the isocentre-free frame has its origin near the middle of the column.
+    """
+    cfg = config or PhantomConfig()
+    rng = np.random.default_rng(cfg.seed)
+    var = cfg.variation
+    levels = cfg.all_levels
+    sp = np.asarray(cfg.spacing, dtype=np.float64)
+
+    # ---- column: sizes grow downwards; bend along arc length
+    verts_dims = []
+    for i, name in enumerate(levels):
+        g = LEVELS.index(name)
+        size = 0.75 + 0.25 * np.clip((g - 7) / 16, 0, 1.05)  # thoracic small -> lumbar large
+        j = lambda s: 1.0 + var * rng.uniform(-s, s)        # noqa: E731
+        verts_dims.append(dict(w=22.0 * size * j(0.08), d=16.5 * size * j(0.08), h=26.0 * (0.85 + 0.15 * size) * j(0.06),
+                               canal_w=21.0 * j(0.08), canal_d=15.0 * j(0.08), ped_r=4.3 * size * j(0.1),
+                               spin_len=30.0 * size * j(0.12), tp_len=24.0 * size * j(0.15)))
+    discs = [10.0 * (0.8 + 0.2 * (LEVELS.index(n) >= 19)) * (1 + var * rng.uniform(-0.12, 0.12)) for n in levels[:-1]]
+    total = sum(v["h"] for v in verts_dims) + sum(discs)
+    lord = np.deg2rad(cfg.lordosis_deg * (1 + var * rng.uniform(-0.3, 0.3)))
+    scol = np.deg2rad(cfg.scoliosis_deg)
+    # walk down the column from the top: s = arc length from the top
+    pos = np.zeros(3)
+    s = 0.0
+    centres, tangents = [], []
+    step = 0.5
+    path = [(0.0, pos.copy(), 0.0, 0.0)]
+    while s < total:
+        frac = s / total
+        a_l = lord * (0.5 - frac)   # sagittal tangent angle: lordosis -> convex anterior
+        a_s = scol * np.sin(np.pi * frac)
+        tangent = np.array([np.sin(a_s), np.sin(a_l), -np.cos(a_l) * np.cos(a_s)])
+        pos = pos + step * tangent
+        s += step
+        path.append((s, pos.copy(), a_l, a_s))
+    path_s = np.array([p[0] for p in path])
+
+    def at(s_):
+        k = int(np.clip(np.searchsorted(path_s, s_), 0, len(path) - 1))
+        return path[k]
+
+    s_cur = 0.0
+    verts = []
+    for i, name in enumerate(levels):
+        dims = verts_dims[i]
+        _, c, a_l, a_s = at(s_cur + dims["h"] / 2)
+        # local z (superior) = -tangent; rotate about x by -a_l (sagittal tilt), about y by a_s
+        R = euler_to_matrix((np.rad2deg(a_l), np.rad2deg(a_s), var * rng.uniform(-3, 3)))
+        verts.append(_Vert(name=name, centre=c.copy(), R=R, **dims))
+        centres.append(c)
+        s_cur += dims["h"] + (discs[i] if i < len(discs) else 0)
+    centres = np.array(centres)
+    mid = 0.5 * (centres.max(axis=0) + centres.min(axis=0))
+    for v in verts:
+        v.centre = v.centre - mid
+
+    # ---- grid: the trunk around the column; the column sits behind the trunk centre
+    W, Dp = cfg.trunk_mm
+    spine_y = 0.5 * Dp - 75.0          # body centre ~75 mm in front of the skin of the back
+    zmin = min(v.centre[2] for v in verts) - 15
+    zmax = max(v.centre[2] for v in verts) + 15
+    lo = np.array([-W / 2 - 10, -spine_y - Dp / 2 - 10, zmin])
+    hi = np.array([W / 2 + 10, -spine_y + Dp / 2 + 10 + (25 if cfg.table else 0), zmax])
+    n = np.ceil((hi - lo) / sp).astype(int) + 1
+    affine = affine_from(lo, sp)
+    I, J, K = n
+    x = lo[0] + sp[0] * np.arange(I)
+    y = lo[1] + sp[1] * np.arange(J)
+    z = lo[2] + sp[2] * np.arange(K)
+    vox = float(sp.mean())
+
+    # ---- soft tissue (2-D in x, y; varies slowly along z)
+    X, Y = np.meshgrid(x, y, indexing="xy")     # (J, I)
+    yc = -spine_y                                # trunk centre y in the volume frame
+    ell = np.sqrt((X / (W / 2)) ** 2 + ((Y - yc) / (Dp / 2)) ** 2)
+    r_scale = min(W, Dp) / 2
+    skin = _occupancy((ell - 1.0) * r_scale, vox)
+    fat_in = _occupancy((ell - (1.0 - 18.0 / r_scale)) * r_scale, vox)           # inside the fat layer
+    hu2 = -1000.0 + skin * (1000.0 - 100.0) + fat_in * 140.0                     # air -> fat -> ~40 HU
+    # paraspinal muscles behind the column, psoas beside the bodies
+    for sx in (-1, 1):
+        para = np.sqrt(((X - sx * 35) / 30) ** 2 + ((Y - 45) / 28) ** 2) - 1.0
+        hu2 += _occupancy(para * 28, vox) * fat_in * 15.0
+        psoas = np.sqrt(((X - sx * 42) / 20) ** 2 + ((Y + 5) / 18) ** 2) - 1.0
+        hu2 += _occupancy(psoas * 18, vox) * 15.0
+    aorta = np.sqrt((X + 12) ** 2 + (Y + 35) ** 2) - 11.0
+    hu2 += _occupancy(aorta, vox) * 15.0
+    ct = np.repeat(hu2[None].astype(np.float32), K, axis=0)          # (K, J, I)
+    # abdominal contents: low-frequency texture and bowel gas in front of the column
+    front = np.broadcast_to((_occupancy((ell - 0.93) * r_scale, vox) * (Y < yc + 10))[None], ct.shape)
+    tex = _smooth_noise((K // 2 + 1, J // 2 + 1, I // 2 + 1), rng, 3.0)
+    tex = ndimage.zoom(tex, (K / tex.shape[0], J / tex.shape[1], I / tex.shape[2]), order=1)[:K, :J, :I]
+    ct += 12.0 * tex * front
+    gas = _smooth_noise((K // 4 + 1, J // 4 + 1, I // 4 + 1), rng, 2.0)
+    gas = ndimage.zoom(gas, (K / gas.shape[0], J / gas.shape[1], I / gas.shape[2]), order=1)[:K, :J, :I]
+    gas_occ = np.clip((gas - 2.0) * 2.0, 0, 1) * front * (np.broadcast_to((Y < yc - 20)[None], ct.shape))
+    ct = ct * (1 - gas_occ) + (-900.0) * gas_occ
+    if cfg.table:
+        # a 10 mm carbon-fibre plate (~ 200 HU) 2 mm under the back
+        tab = np.abs(Y - (yc + Dp / 2 + 7.0)) - 5.0
+        ct += np.broadcast_to((_occupancy(tab, vox) * 1200.0)[None], ct.shape)
+
+    # ---- bones and discs
+    seg = np.zeros(ct.shape, dtype=np.int16)
+    trab = _smooth_noise(ct.shape, rng, 0.8 / vox if vox < 1.6 else 0.5)
+    canal_mask = np.zeros(ct.shape, dtype=bool)
+    for i, v in enumerate(verts):
+        lab = level_id(v.name)
+        c = v.centre + np.array([0.0, -spine_y, 0.0])
+        reach = np.array([v.w + v.tp_len + 12, max(v.d, 0) + v.canal_d + v.spin_len + 20, v.h / 2 + 22])
+        lo_i = np.clip(np.floor((c - reach - lo) / sp).astype(int), 0, n - 1)
+        hi_i = np.clip(np.ceil((c + reach - lo) / sp).astype(int) + 1, 1, n)
+        lo_i[1] = max(0, int(np.floor((c[1] - v.d - 12 - lo[1]) / sp[1])))
+        sl = (slice(lo_i[2], hi_i[2]), slice(lo_i[1], hi_i[1]), slice(lo_i[0], hi_i[0]))
+        Z, Yy, Xx = np.meshgrid(z[sl[0]], y[sl[1]], x[sl[2]], indexing="ij")
+        p = np.stack([Xx, Yy, Z], -1) - c
+        p = p @ v.R                                              # volume -> local (R^T applied)
+        body, arch = _vertebra_sdfs(v, p)
+        occ_body = _occupancy(body, vox)
+        occ_arch = _occupancy(arch, vox)
+        shell_b = np.clip(_occupancy(body, vox) - _occupancy(body + 1.3, vox), 0, 1)
+        shell_a = np.clip(_occupancy(arch, vox) - _occupancy(arch + 2.0, vox), 0, 1)
+        cancel = 230.0 + 70.0 * trab[sl]
+        bone_hu = (occ_body - shell_b) * cancel + shell_b * 1150.0 + (occ_arch - shell_a) * (500.0 + 60.0 * trab[sl]) + shell_a * 1250.0
+        occ = np.clip(occ_body + occ_arch, 0, 1)
+        region = ct[sl]
+        ct[sl] = region * (1 - occ) + bone_hu
+        seg_region = seg[sl]
+        seg_region[(occ > 0.5) & (seg_region == 0)] = lab
+        # spinal canal content (CSF / cord ~ 15 HU) stays soft tissue; remember it for the discs
+        back = v.d * 0.8
+        cy = back + v.canal_d / 2 + 1.0
+        canal = ((p[..., 0] / (v.canal_w / 2)) ** 2 + ((p[..., 1] - cy) / (v.canal_d / 2)) ** 2) < 1.0
+        canal_mask[sl] |= canal
+        # disc below this vertebra (towards the next one)
+        if i + 1 < len(verts):
+            nv = verts[i + 1]
+            nc = nv.centre + np.array([0.0, -spine_y, 0.0])
+            dc = 0.5 * (c + nc)
+            half_h = 0.5 * (np.linalg.norm(nc - c) - v.h / 2 - nv.h / 2) + 1.0
+            Rm = v.R
+            q = (np.stack([Xx, Yy, Z], -1) - dc) @ Rm
+            disc = _body_sdf(q, 0.5 * (v.w + nv.w) * 0.97, 0.5 * (v.d + nv.d) * 0.97, 2 * half_h, waist=-0.04)
+            nucleus = np.sqrt((q[..., 0] / (v.w * 0.45)) ** 2 + ((q[..., 1] + 2) / (v.d * 0.45)) ** 2 + (q[..., 2] / half_h) ** 2) - 1.0
+            occ_d = _occupancy(disc, vox) * (1 - occ)
+            d_hu = 95.0 - 25.0 * _occupancy(nucleus * 5, vox)
+            ct[sl] = ct[sl] * (1 - occ_d) + occ_d * d_hu
+    ct[canal_mask & (seg == 0)] = np.minimum(ct[canal_mask & (seg == 0)], 20.0)
+    return Volume(ct.astype(np.float32), affine), Volume(seg, affine.copy())

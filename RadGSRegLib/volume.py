@@ -1,0 +1,153 @@
+"""A 3-D image with its place in physical space.
+
+A :class:`Volume` is a NumPy array indexed ``[k, j, i]`` (SimpleITK's order: slowest axis
+first) and a 4x4 ``affine`` that maps the voxel index ``(i, j, k, 1)`` (column vector,
+fastest axis first) to LPS millimetres in the volume's frame (the CT frame for a CT, the
+C-arm frame for a reconstruction). The frame itself is not stored: the name of the
+variable says it.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+__all__ = ["Volume", "affine_from", "crop_to_label"]
+
+
+def affine_from(origin, spacing, direction=None) -> np.ndarray:
+    """(4, 4) index-to-world matrix from ITK-style origin (3,), spacing (3,) and direction
+    (3x3, columns are the i, j, k axis directions)."""
+    D = np.eye(3) if direction is None else np.asarray(direction, dtype=np.float64).reshape(3, 3)
+    A = np.eye(4)
+    A[:3, :3] = D * np.asarray(spacing, dtype=np.float64)[None, :]
+    A[:3, 3] = np.asarray(origin, dtype=np.float64)
+    return A
+
+
+@dataclass
+class Volume:
+    """array (K, J, I) + affine (4, 4) from (i, j, k) index to LPS mm."""
+
+    array: np.ndarray
+    affine: np.ndarray
+
+    def __post_init__(self):
+        self.affine = np.asarray(self.affine, dtype=np.float64)
+        if self.array.ndim != 3:
+            raise ValueError(f"a Volume array must be 3-D [k, j, i], got shape {self.array.shape}")
+        if self.affine.shape != (4, 4) or abs(np.linalg.det(self.affine[:3, :3])) < 1e-12:
+            raise ValueError("a Volume affine must be an invertible 4x4 matrix")
+
+    @property
+    def spacing(self) -> np.ndarray:
+        """(3,) voxel size along i, j, k (mm)."""
+        return np.linalg.norm(self.affine[:3, :3], axis=0)
+
+    @property
+    def origin(self) -> np.ndarray:
+        """(3,) centre of voxel (0, 0, 0), mm."""
+        return self.affine[:3, 3].copy()
+
+    @property
+    def direction(self) -> np.ndarray:
+        """(3, 3) unit axis directions as columns (i, j, k)."""
+        return self.affine[:3, :3] / self.spacing[None, :]
+
+    @property
+    def size(self) -> tuple[int, int, int]:
+        """``(I, J, K)`` voxels, fastest axis first (ITK order)."""
+        K, J, I = self.array.shape
+        return (I, J, K)
+
+    def index_to_world(self, ijk) -> np.ndarray:
+        """(..., 3) continuous ``(i, j, k)`` -> (..., 3) mm."""
+        ijk = np.asarray(ijk, dtype=np.float64)
+        return ijk @ self.affine[:3, :3].T + self.affine[:3, 3]
+
+    def world_to_index(self, xyz) -> np.ndarray:
+        """(..., 3) mm -> (..., 3) continuous ``(i, j, k)``."""
+        inv = np.linalg.inv(self.affine)
+        return np.asarray(xyz, dtype=np.float64) @ inv[:3, :3].T + inv[:3, 3]
+
+    def corners(self) -> np.ndarray:
+        """(8, 3) world positions of the voxel-grid's outer corners (edges of the end voxels)."""
+        I, J, K = self.size
+        c = np.array([[i, j, k] for i in (-0.5, I - 0.5) for j in (-0.5, J - 0.5) for k in (-0.5, K - 0.5)])
+        return self.index_to_world(c)
+
+    def label_points(self, label: int, max_points: int | None = None, seed: int = 0) -> np.ndarray:
+        """(N, 3) world centres of voxels equal to ``label`` (a fixed random subset if more
+        than ``max_points``)."""
+        kji = np.argwhere(self.array == label)
+        if max_points is not None and len(kji) > max_points:
+            kji = kji[np.random.default_rng(seed).choice(len(kji), max_points, replace=False)]
+        return self.index_to_world(kji[:, ::-1].astype(np.float64))
+
+    def label_centroid(self, label: int) -> np.ndarray:
+        """(3,) world centroid (mm) of the voxels equal to ``label``."""
+        kji = np.argwhere(self.array == label)
+        if len(kji) == 0:
+            raise ValueError(f"label {label} is not present")
+        return self.index_to_world(kji.mean(axis=0)[::-1])
+
+    def same_grid(self, other: "Volume", tol: float = 1e-3) -> bool:
+        """True when both volumes have the same size and affine (within ``tol`` mm)."""
+        return self.array.shape == other.array.shape and np.allclose(self.affine, other.affine, atol=tol)
+
+    def to_sitk(self):
+        import SimpleITK as sitk
+
+        img = sitk.GetImageFromArray(np.ascontiguousarray(self.array))
+        img.SetOrigin(tuple(self.origin))
+        img.SetSpacing(tuple(self.spacing))
+        img.SetDirection(tuple(self.direction.reshape(-1)))
+        return img
+
+    @classmethod
+    def from_sitk(cls, img, dtype=None) -> "Volume":
+        import SimpleITK as sitk
+
+        if img.GetDimension() != 3:
+            raise ValueError(f"expected a 3-D image, got {img.GetDimension()}-D")
+        arr = sitk.GetArrayFromImage(img)
+        if dtype is not None:
+            arr = arr.astype(dtype, copy=False)
+        return cls(arr, affine_from(img.GetOrigin(), img.GetSpacing(), img.GetDirection()))
+
+
+def crop_to_label(ct: Volume, seg: Volume, label: int, *, margin_mm: float = 10.0,
+                  spacing_mm: float = 1.0, mask: bool = False, background: float = -1000.0) -> Volume:
+    """The region of one label (its bounding box plus ``margin_mm``), resampled with linear
+    interpolation to an isotropic ``spacing_mm`` grid whose axes follow the CT's.
+
+    Args:
+        ct: the CT (HU), CT frame. seg: label map on the same grid.
+        label: the label value. mask: set voxels outside the (nearest-neighbour resampled)
+            label to ``background``.
+    Returns:
+        A Volume in the CT frame.
+    """
+    import SimpleITK as sitk
+
+    if not ct.same_grid(seg):
+        raise ValueError("the label map is not on the CT's grid (size, origin, spacing and direction must match)")
+    kji = np.argwhere(seg.array == label)
+    if len(kji) == 0:
+        raise ValueError(f"label {label} is not present in the label map")
+    lo, hi = kji.min(axis=0)[::-1], kji.max(axis=0)[::-1]  # (i, j, k)
+    sp = ct.spacing
+    lo_mm = lo * sp - margin_mm
+    hi_mm = hi * sp + margin_mm
+    n = np.maximum(1, np.ceil((hi_mm - lo_mm) / spacing_mm).astype(int) + 1)
+    origin = ct.index_to_world(lo_mm / sp)
+    ref = sitk.Image([int(x) for x in n], sitk.sitkFloat32)
+    ref.SetOrigin(tuple(origin))
+    ref.SetSpacing((spacing_mm,) * 3)
+    ref.SetDirection(tuple(ct.direction.reshape(-1)))
+    out = sitk.Resample(ct.to_sitk(), ref, sitk.Transform(), sitk.sitkLinear, float(background), sitk.sitkFloat32)
+    vol = Volume.from_sitk(out)
+    if mask:
+        lab = sitk.Resample(seg.to_sitk(), ref, sitk.Transform(), sitk.sitkNearestNeighbor, 0)
+        vol.array[sitk.GetArrayFromImage(lab) != label] = background
+    return vol

@@ -1,0 +1,46 @@
+"""X-ray image handling: normalisation to line integrals and resizing with the view.
+
+Images are float32 arrays ``[row, column]``; see :mod:`RadGSRegLib.geometry` for views.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .geometry import View
+
+__all__ = ["as_line_integral", "resize_view_image"]
+
+
+def as_line_integral(image: np.ndarray, kind: str, *, i0_percentile: float = 99.9) -> np.ndarray:
+    """Any X-ray as a line-integral-like image (bone bright, air ~0).
+
+    ``line_integral`` images are returned as float32 copies; ``intensity`` images become
+    ``-ln(I / I0)`` with ``I0`` the ``i0_percentile`` percentile (the unattenuated level,
+    which needs some air or thin tissue in the field; otherwise values are shifted by a
+    constant, which a normalised similarity ignores).
+    """
+    img = np.asarray(image, dtype=np.float32)
+    if kind == "line_integral":
+        return img.copy()
+    if kind != "intensity":
+        raise ValueError(f"image kind must be 'line_integral' or 'intensity', not {kind!r}")
+    i0 = float(np.percentile(img, i0_percentile))
+    if i0 <= 0:
+        raise ValueError("an intensity image must have positive values")
+    return (-np.log(np.clip(img, i0 * 1e-6, None) / i0)).astype(np.float32)
+
+
+def resize_view_image(image: np.ndarray, view: View, size) -> tuple[np.ndarray, View]:
+    """Resample an image and its view to ``size`` = (columns, rows) (or one int).
+
+    The detector area is kept (:meth:`View.resized`), so geometry stays exact; pixel values
+    are area-averaged (antialiased bilinear) when shrinking.
+    """
+    new = view.resized(size)
+    if np.asarray(image).shape != view.shape:
+        raise ValueError(f"image shape {np.asarray(image).shape} does not match the view's {view.shape}")
+    t = torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32))[None, None]
+    out = F.interpolate(t, size=new.shape, mode="bilinear", align_corners=False, antialias=True)
+    return out[0, 0].numpy(), new

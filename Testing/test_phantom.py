@@ -1,0 +1,76 @@
+import numpy as np
+import pytest
+
+from RadGSRegLib.levels import TOTALSEG_IDS, level_id, level_name, parse_levels
+from RadGSRegLib.phantom import PhantomConfig, make_phantom
+from scipy import ndimage
+
+
+def test_labels_are_totalsegmentator_ids(small_phantom):
+    ct, seg = small_phantom
+    labels = set(np.unique(seg.array)) - {0}
+    assert {31, 30, 29, 28, 27} <= labels          # L1..L5
+    assert labels <= {32, 31, 30, 29, 28, 27, 26}  # + T12 / S1 context
+    assert ct.same_grid(seg)
+
+
+def test_anatomy_is_in_order(small_phantom):
+    ct, seg = small_phantom
+    z = [seg.label_centroid(level_id(f"L{i}"))[2] for i in range(1, 6)]
+    assert all(a > b for a, b in zip(z, z[1:]))                    # L1 on top (+z superior)
+    gaps = -np.diff(z)
+    assert np.all((gaps > 25) & (gaps < 50))                       # ~ body height + disc
+    for lab in (31, 29, 27):
+        m = seg.array == lab
+        n_comp = ndimage.label(m)[1]
+        assert n_comp == 1                                          # one connected bone
+        hu = ct.array[m]
+        assert np.median(hu) > 150                                   # bone
+        vol_cm3 = m.sum() * np.prod(seg.spacing) / 1000
+        assert 15 < vol_cm3 < 90                                     # a lumbar vertebra is ~40-60 cm^3
+
+
+def test_posterior_elements_are_behind_the_body():
+    ct, seg = make_phantom(PhantomConfig(spacing=(2.0, 2.0, 2.0), seed=4, n_vertebrae=1, top_level="L3", context=0))
+    pts = seg.label_points(29)
+    y = pts[:, 1]
+    # the body (anterior) and the spinous process (posterior): extent along y > 70 mm
+    assert y.max() - y.min() > 70
+    # the spinal canal: soft tissue enclosed between body and arch in the mid-sagittal plane
+    c = seg.label_centroid(29)
+    i = int(round(seg.world_to_index(c)[0]))
+    k = int(round(seg.world_to_index(c)[2]))
+    line = seg.array[k, :, i] == 29
+    runs = np.flatnonzero(np.diff(line.astype(int)) != 0)
+    assert len(runs) >= 4   # bone, canal, bone
+
+
+def test_seeded_and_varied():
+    cfg = PhantomConfig(spacing=(4.0, 4.0, 4.0), seed=7)
+    a, sa = make_phantom(cfg)
+    b, sb = make_phantom(cfg)
+    assert np.array_equal(a.array, b.array) and np.array_equal(sa.array, sb.array)
+    c, _ = make_phantom(PhantomConfig(spacing=(4.0, 4.0, 4.0), seed=8))
+    assert a.array.shape != c.array.shape or not np.array_equal(a.array, c.array)
+
+
+def test_anisotropic_spacing_and_air():
+    ct, seg = make_phantom(PhantomConfig(spacing=(2.0, 3.0, 5.0), seed=2, n_vertebrae=2))
+    assert np.allclose(ct.spacing, [2.0, 3.0, 5.0])
+    assert ct.array.min() < -900 and ct.array.max() > 900          # air outside, cortical bone
+    assert set(np.unique(seg.array)) - {0} >= {31, 30}
+
+
+def test_config_validation():
+    with pytest.raises(ValueError):
+        PhantomConfig(top_level="L9")
+    with pytest.raises(ValueError, match="cannot take"):
+        PhantomConfig(top_level="L4", n_vertebrae=5)
+
+
+def test_level_names():
+    assert level_id("L3") == 29 and level_id("vertebrae_T12") == 32 and level_id("c1") == 50
+    assert level_name(27) == "L5" and TOTALSEG_IDS["S1"] == 26
+    assert parse_levels("l1, L2") == ["L1", "L2"]
+    with pytest.raises(ValueError, match="unknown vertebra level"):
+        level_id("L7")
