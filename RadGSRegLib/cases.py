@@ -77,14 +77,15 @@ def make_case(ct: Volume, seg: Volume, level: str, config: CaseGenConfig, rng: n
 
 
 def generate_cases(sources: Callable[[int], tuple[Volume, Volume, str]], levels: list[str], n: int,
-                   out: Path, config: CaseGenConfig, *, overwrite: bool = False,
-                   progress: Iterable | None = None) -> list[dict]:
+                   out: Path, config: CaseGenConfig, *, labels: dict[str, int] | None = None,
+                   overwrite: bool = False, progress: Iterable | None = None) -> list[dict]:
     """Write ``n`` cases ``out/case_000`` ... and return one summary row per case.
 
     Args:
         sources: ``i -> (ct, seg, source_name)``; called once per case (a fixed CT, or a new
             phantom per case).
         levels: cycled over the cases.
+        labels: label value of each level (default: TotalSegmentator ids).
         progress: optional wrapper for the case index iterator (e.g. ``tqdm``).
     """
     out = Path(out)
@@ -102,7 +103,7 @@ def generate_cases(sources: Callable[[int], tuple[Volume, Volume, str]], levels:
         ct, seg, src = sources(i)
         level = levels[i % len(levels)]
         rng = np.random.default_rng([config.seed, i])
-        case = make_case(ct, seg, level, config, rng, source=src)
+        case = make_case(ct, seg, level, config, rng, source=src, label=(labels or {}).get(level))
         write_case(case, out / names[i], overwrite=overwrite)
         pts = target_points(seg, case.vertebra_label, max_points=2000)
         rows.append({"case": names[i], "level": level, "label": case.vertebra_label,

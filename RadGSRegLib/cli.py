@@ -55,8 +55,9 @@ def _add_sim_args(p):
     g = p.add_argument_group("X-ray simulation (defaults: one lumbar fluoroscopy shot)")
     g.add_argument("--image-kind", choices=["line_integral", "intensity"], default="line_integral",
                    help="what the X-ray files hold: -ln(I/I0) (bone bright) or detector intensity (bone dark)")
-    g.add_argument("--dose", type=float, default=5e4, metavar="PHOTONS_PER_MM2",
-                   help="unattenuated photon fluence at the detector; 0 turns quantum noise off (default 5e4)")
+    g.add_argument("--dose", type=float, default=3000.0, metavar="PHOTONS_PER_MM2",
+                   help="photons per mm² behind the patient that the exposure control aims at (centre of the "
+                        "detector); 0 turns quantum noise off (default 3000)")
     g.add_argument("--scatter", type=float, default=0.3, metavar="SPR", help="scatter-to-primary ratio (default 0.3)")
     g.add_argument("--blur", type=float, default=0.4, metavar="MM", help="detector blur sigma in mm (default 0.4)")
     g.add_argument("--no-beam-hardening", action="store_true", help="monochromatic line integrals")
@@ -85,9 +86,10 @@ def build_parser() -> argparse.ArgumentParser:
     sub = ap.add_subparsers(dest="command", metavar="COMMAND")
 
     p = sub.add_parser("demo", help="generate a demo case and its picture (the README's main job)",
-                       description="Builds a spine phantom, simulates an AP + lateral pair at a random pose "
-                                   "around the nominal one, writes the case folder and a preview PNG, and prints "
-                                   "what a registration has to recover.")
+                       description="Takes the bundled real lumbar CT (or a phantom), simulates an AP + lateral pair "
+                                   "at a random pose around the nominal one, writes the case folder and a preview "
+                                   "PNG, and prints what a registration has to recover.")
+    p.add_argument("--phantom", action="store_true", help="use a procedural phantom instead of the real CT")
     p.add_argument("--out", type=Path, default=Path("demo_out"), help="output folder (default demo_out)")
     p.add_argument("--level", default="L3", help="vertebra level (default L3)")
     p.add_argument("--pixels", type=int, default=488, help="detector pixels per side (default 488, half of 976)")
@@ -116,11 +118,23 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument("--ct", type=Path, help="CT file (NRRD, NIfTI) or DICOM-series folder, in HU")
     src.add_argument("--phantom", action="store_true", help="use procedural phantoms (seed + case index)")
     p.add_argument("--seg", type=Path, help="vertebra label map on the CT grid (with --ct)")
-    p.add_argument("--levels", default="L1,L2,L3,L4,L5", help="comma-separated levels, e.g. L1,L2 (default L1..L5)")
+    p.add_argument("--levels", default="L1,L2,L3,L4,L5",
+                   help="comma-separated levels, e.g. L1,L2 (TotalSegmentator ids or segment names vertebrae_L1...), "
+                        "or explicit label values, e.g. 12,13, for other numberings (default L1..L5)")
     p.add_argument("--n", type=int, default=20, help="number of cases (default 20)")
     p.add_argument("--out", type=Path, required=True, help="output folder; cases go to OUT/case_000 ...")
     p.add_argument("--phantom-spacing", type=float, default=1.0, help="phantom voxel size in mm (default 1)")
     p.add_argument("--overwrite", action="store_true", help="replace existing case folders")
+    _add_geometry_args(p)
+    _add_sim_args(p)
+
+    p = sub.add_parser("sample-case", help="write a case folder from the bundled real lumbar CT",
+                       description="A case from the bundled lumbar CT (TotalSegmentator 2.18.0 test data, 3 mm, "
+                                   "L1-L5 and S1 complete): nominal pose as initial_guess, a seeded true pose, "
+                                   "realistic AP + lateral X-rays.")
+    p.add_argument("--level", default="L3", help="vertebra level: L1..L5 or S1 (default L3)")
+    p.add_argument("--out", type=Path, required=True, help="the case folder to write")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing case folder")
     _add_geometry_args(p)
     _add_sim_args(p)
 
@@ -158,13 +172,25 @@ def _cmd_phantom(args):
           f"({time.perf_counter() - t:.1f} s) -> {args.out}/ct.nrrd, seg.nrrd")
 
 
+def _load_ct_seg(ct_path, seg_path, levels):
+    """CT, label map and {level: label value}; refuses absent or cut levels and off-grid labels."""
+    from .io import CaseFormatError, read_segmentation, read_volume
+    from .levels import resolve_level
+
+    ct = read_volume(ct_path, field="--ct")
+    seg = read_segmentation(seg_path, field="--seg")
+    if not seg.labelmap.same_grid(ct):
+        raise CaseFormatError(seg_path, "--seg", f"not on the CT grid (labels {seg.labelmap.size} voxels, CT {ct.size}, "
+                              "origin/spacing/direction must match); resample the label map onto the CT first")
+    labels = {lv: resolve_level(lv, seg.labelmap, seg.names, source=str(seg_path)) for lv in levels}
+    return ct, seg.labelmap, labels
+
+
 def _cmd_simulate(args):
     from .cases import CaseGenConfig, generate_cases
-    from .io import CaseFormatError, read_label_map, read_volume
-    from .levels import level_id, parse_levels
     from .phantom import PhantomConfig, make_phantom
 
-    levels = parse_levels(args.levels)
+    levels = _parse_levels(args.levels)
     if args.n < 1:
         raise SystemExit("--n must be at least 1")
     cfg = CaseGenConfig(rot_deg=args.rot_deg, trans_mm=args.trans_mm, pixels=args.pixels,
@@ -183,33 +209,15 @@ def _cmd_simulate(args):
     else:
         if args.seg is None:
             raise SystemExit("--ct needs --seg (the vertebra label map on the CT grid)")
-        ct = read_volume(args.ct, field="--ct")
-        seg = read_label_map(args.seg, field="--seg")
-        if not seg.same_grid(ct):
-            raise CaseFormatError(args.seg, "--seg", f"not on the CT grid (seg {seg.size} voxels, CT {ct.size}); "
-                                  "resample the label map onto the CT first")
-        import numpy as np
-
-        present = set(int(x) for x in np.unique(seg.array)) - {0}
-        absent = [lv for lv in levels if level_id(lv) not in present]
-        if absent:
-            from .levels import level_name
-
-            names = []
-            for x in sorted(present):
-                try:
-                    names.append(f"{level_name(x)} ({x})")
-                except ValueError:
-                    names.append(str(x))
-            raise SystemExit(f"{args.seg}: level(s) {', '.join(absent)} absent; labels present: {', '.join(names)}")
+        ct, seg, labels = _load_ct_seg(args.ct, args.seg, levels)
         src_name = str(args.ct)
 
         def sources(i):
             return ct, seg, src_name
 
     t = time.perf_counter()
-    rows = generate_cases(sources, levels, args.n, args.out, cfg, overwrite=args.overwrite,
-                          progress=_progress("simulating"))
+    rows = generate_cases(sources, levels, args.n, args.out, cfg, labels=None if args.phantom else labels,
+                          overwrite=args.overwrite, progress=_progress("simulating"))
     print(_table(rows, [("case", "case", "s"), ("level", "level", "s"), ("rot_offset_deg", "rot deg", ".1f"),
                         ("trans_offset_mm", "trans mm", ".1f"), ("initial_mtre_mm", "init mTRE mm", ".1f"),
                         ("seconds", "seconds", ".1f")]))
@@ -219,6 +227,38 @@ def _cmd_simulate(args):
     print(f"{len(rows)} cases in {time.perf_counter() - t:.0f} s -> {args.out}; initial mTRE mean {m.mean():.1f} mm, "
           f"median {np.median(m):.1f} mm, range {m.min():.1f}-{m.max():.1f} mm")
     (Path(args.out) / "summary.json").write_text(json.dumps(rows, indent=2))
+
+
+def _parse_levels(text) -> list[str]:
+    """Level names ("L1,L2") or explicit label values ("29,30") from the command line."""
+    from .levels import parse_levels
+
+    tokens = [t.strip() for t in str(text).split(",") if t.strip()]
+    if tokens and all(t.isdigit() for t in tokens):
+        return tokens
+    return parse_levels(text)
+
+
+def _cmd_sample_case(args):
+    import numpy as np
+
+    from .cases import CaseGenConfig, make_case
+    from .io import write_case
+    from .sample_data import lumbar_ct
+
+    sd = lumbar_ct()
+    level = _parse_levels(args.level)
+    if len(level) != 1:
+        raise SystemExit("--level takes one level, e.g. --level L3")
+    ct, seg, labels = _load_ct_seg(sd.ct, sd.seg, level)
+    cfg = CaseGenConfig(rot_deg=args.rot_deg, trans_mm=args.trans_mm, pixels=args.pixels, detector_mm=args.detector_mm,
+                        sdd=args.sdd, sid=args.sid, sim=_sim_config(args), seed=args.seed)
+    case = make_case(ct, seg, level[0], cfg, np.random.default_rng(args.seed), label=labels[level[0]],
+                     source="RadGSReg lumbar sample CT (TotalSegmentator 2.18.0 test data)")
+    write_case(case, args.out, overwrite=args.overwrite)
+    print(f"wrote {args.out} ({level[0]}, label {labels[level[0]]}, {case.image_kind}, "
+          f"{cfg.pixels}x{cfg.pixels} pixels); true pose offset {case.extra['generator']['offset_rot_deg']:.1f} deg, "
+          f"{case.extra['generator']['offset_trans_mm']:.1f} mm")
 
 
 def _cmd_show(args):
@@ -245,25 +285,37 @@ def _cmd_demo(args):
     from .cases import CaseGenConfig, make_case
     from .io import read_case, write_case
     from .metrics import registration_errors, target_points
-    from .phantom import PhantomConfig, make_phantom
     from .preview import save_montage
 
     out = Path(args.out)
     if out.exists() and not args.overwrite:
         raise SystemExit(f"{out} exists; pass --overwrite to replace it")
     t = time.perf_counter()
-    print("1/3 building a spine phantom (L1-L5, 1 mm) ...", flush=True)
-    ct, seg = make_phantom(PhantomConfig(seed=args.seed))
-    print(f"2/3 simulating AP + lateral X-rays ({args.pixels}^2) at a random pose ...", flush=True)
-    cfg = CaseGenConfig(pixels=args.pixels, detector_mm=292.8, seed=args.seed)
-    case = make_case(ct, seg, args.level, cfg, np.random.default_rng(args.seed), source=f"phantom seed {args.seed}")
+    if args.phantom:
+        from .phantom import PhantomConfig, make_phantom
+
+        print("1/3 building a spine phantom (L1-L5, 1 mm) ...", flush=True)
+        ct, seg = make_phantom(PhantomConfig(seed=args.seed))
+        labels, source = {}, f"phantom seed {args.seed}"
+        level = _parse_levels(args.level)[0]
+    else:
+        from .sample_data import lumbar_ct
+
+        sd = lumbar_ct()
+        print(f"1/3 loading the bundled lumbar CT ({sd.ct.name}, {sd.seg.name}) ...", flush=True)
+        level = _parse_levels(args.level)[0]
+        ct, seg, labels = _load_ct_seg(sd.ct, sd.seg, [level])
+        source = "RadGSReg lumbar sample CT (TotalSegmentator 2.18.0 test data)"
+    print(f"2/3 simulating AP + lateral X-rays ({args.pixels}x{args.pixels}) of {level} at a random pose ...", flush=True)
+    cfg = CaseGenConfig(pixels=args.pixels, seed=args.seed)
+    case = make_case(ct, seg, level, cfg, np.random.default_rng(args.seed), label=labels.get(level), source=source)
     write_case(case, out / "case", overwrite=args.overwrite)
     case = read_case(out / "case", ground_truth=True)
     print("3/3 writing the preview ...", flush=True)
     save_montage(case, out / "preview.png")
     err = registration_errors(case.initial_guess, case.ground_truth,
                               target_points(case.seg, case.vertebra_label, max_points=2000), case.views)
-    print(f"case: {out / 'case'} ({args.level}, label {case.vertebra_label}); picture: {out / 'preview.png'}")
+    print(f"case: {out / 'case'} ({level}, label {case.vertebra_label}); picture: {out / 'preview.png'}")
     print(f"the initial guess is off by mTRE {err['mtre_mm']:.1f} mm (rotation {err['rot_err_deg']:.1f} deg, "
           f"translation {err['trans_err_mm']:.1f} mm, projection distance {err['mpd_mm']:.1f} mm)")
     print(f"done in {time.perf_counter() - t:.0f} s")
@@ -279,6 +331,7 @@ def _cmd_bench(args):
 
 
 _COMMANDS = {"demo": _cmd_demo, "phantom": _cmd_phantom, "simulate-cases": _cmd_simulate, "show": _cmd_show,
+             "sample-case": _cmd_sample_case,
              "bench": _cmd_bench}
 
 
@@ -289,10 +342,11 @@ def main(argv=None) -> int:
         parser.print_help()
         return 2
     from .io import CaseFormatError
+    from .levels import LevelError
 
     try:
         _COMMANDS[args.command](args)
-    except (CaseFormatError, FileExistsError) as e:
+    except (CaseFormatError, FileExistsError, FileNotFoundError, LevelError) as e:
         print(f"radgsreg {args.command}: error: {e}", file=sys.stderr)
         return 1
     return 0

@@ -8,7 +8,9 @@ Pipeline for one view (each step has a switch in :class:`XraySimConfig`):
 2. **Beam hardening** (``beam_hardening``): a 5-bin spectrum of an ~80 kVp filtered beam;
    per bin, water and bone attenuation are scaled by their NIST mass-attenuation ratios to
    60 keV: ``p = -ln Σ_k w_k exp(-(r_s,k L_s + r_b,k L_b))``. Off: ``p = L_s + L_b``.
-3. Primary photons per pixel ``N0 exp(-p)``, with ``N0 = photons_per_mm2 × pixel area``.
+3. Primary photons per pixel ``N0 exp(-p)``. Like a C-arm's automatic exposure control,
+   ``N0`` is set so that the central third of the detector receives ``photons_per_mm2``
+   on average (behind the patient): a thick lateral view gets more dose than an AP view.
 4. **Scatter** (``scatter_to_primary``): a smooth additive field, SPR × the primary blurred
    by a ``scatter_sigma_mm`` Gaussian (the low-frequency haze an anti-scatter grid leaves).
 5. **Quantum noise** (``photons_per_mm2`` not None): Poisson counts.
@@ -48,7 +50,8 @@ class XraySimConfig:
 
     Attributes:
         beam_hardening: polychromatic spectrum with a bone/soft split.
-        photons_per_mm2: unattenuated photon fluence at the detector; None: no noise.
+        photons_per_mm2: photon fluence (per mm²) that the exposure control aims at behind
+            the patient, averaged over the central third of the detector; None: no noise.
         scatter_to_primary: scatter-to-primary ratio of the additive haze (0: none).
         scatter_sigma_mm: width (mm at the detector) of the scatter kernel.
         blur_sigma_mm: detector PSF sigma (mm); 0: none.
@@ -56,7 +59,7 @@ class XraySimConfig:
     """
 
     beam_hardening: bool = True
-    photons_per_mm2: float | None = 5e4
+    photons_per_mm2: float | None = 3000.0
     scatter_to_primary: float = 0.3
     scatter_sigma_mm: float = 40.0
     blur_sigma_mm: float = 0.4
@@ -98,7 +101,9 @@ def formation(L_soft: np.ndarray, L_bone: np.ndarray, view: View, config: XraySi
     else:
         p = L_soft + L_bone
     su, sv = view.pixel_spacing
-    n0 = (config.photons_per_mm2 or 1e6) * su * sv
+    h, w = p.shape
+    centre = np.exp(-p[h // 3: h - h // 3 or None, w // 3: w - w // 3 or None]).mean()
+    n0 = (config.photons_per_mm2 or 1e6) * su * sv / max(float(centre), 1e-12)   # exposure control
     primary = n0 * np.exp(-p)
     expected = primary
     if config.scatter_to_primary > 0:
