@@ -1,4 +1,5 @@
 import json
+import re
 
 import numpy as np
 import pytest
@@ -66,10 +67,12 @@ def test_seeded_generation_and_overwrite_refusal(generated, tmp_path, capsys):
     assert "--overwrite" in capsys.readouterr().err
 
 
-def test_absent_level_is_refused_by_name(generated):
-    with pytest.raises(SystemExit, match="T5.*absent.*L3 \\(29\\)"):
-        main(["simulate-cases", "--ct", str(generated / "ct.nrrd"), "--seg", str(generated / "seg.nii.gz"),
-              "--levels", "T5", "--n", "1", "--out", str(generated / "x")])
+def test_absent_level_is_refused_by_name(generated, capsys):
+    rc = main(["simulate-cases", "--ct", str(generated / "ct.nrrd"), "--seg", str(generated / "seg.nii.gz"),
+               "--levels", "T5", "--n", "1", "--out", str(generated / "x")])
+    assert rc == 1
+    assert re.search(r"T5 .*absent.*L3 \(29\)", capsys.readouterr().err)
+    assert not (generated / "x" / "case_000").exists()
 
 
 def test_phantom_source_and_intensity_kind(tmp_path):
