@@ -11,7 +11,7 @@ import numpy as np
 from .geometry import apply, geodesic_deg, mtre
 from .volume import Volume
 
-__all__ = ["target_points", "mtre", "registration_errors", "SUCCESS_MM"]
+__all__ = ["target_points", "mtre", "registration_errors", "SUCCESS_MM", "recon_metrics", "ground_truth_volume"]
 
 SUCCESS_MM = 2.0
 
@@ -45,3 +45,43 @@ def registration_errors(T, G, points, views=None) -> dict:
             d.append(np.linalg.norm((a - b) * np.asarray(v.pixel_spacing), axis=1).mean())
         out["mpd_mm"] = float(np.mean(d))
     return out
+
+
+def ground_truth_volume(ct: Volume, seg: Volume, label: int, T_ct_to_carm, shape, affine, *,
+                        dilate_mm: float = 3.0) -> Volume:
+    """The reconstruction target (metrics.md): attenuation of the CT's vertebra region
+    (CT x label dilated by ``dilate_mm``) resampled at the true pose onto a C-arm grid.
+
+    Returns:
+        Volume (shape, affine: voxel -> C-arm mm) in 1/mm (see :func:`~RadGSRegLib.drr.hu_to_mu`).
+    """
+    from scipy import ndimage
+
+    from .drr import hu_to_mu
+    from .volume import resample_to_grid
+
+    mask = seg.array == label
+    it = max(1, int(round(dilate_mm / float(np.min(seg.spacing)))))
+    mask = ndimage.binary_dilation(mask, iterations=it)
+    region = Volume(hu_to_mu(ct.array) * mask, ct.affine)
+    return resample_to_grid(region, shape, affine, T_ct_to_carm)
+
+
+def recon_metrics(recon: np.ndarray, gt: np.ndarray) -> dict:
+    """PSNR (dB) and 3-D SSIM (%) of a reconstruction against the ground truth on the same
+    grid, both scaled by the map GT min -> 0, GT max -> 1 (metrics.md)."""
+    import torch
+    from monai.metrics.regression import SSIMMetric
+
+    gt = np.asarray(gt, dtype=np.float64)
+    lo, hi = gt.min(), gt.max()
+    if hi <= lo:
+        raise ValueError("the ground-truth volume is constant")
+    a = (np.asarray(recon, dtype=np.float64) - lo) / (hi - lo)
+    b = (gt - lo) / (hi - lo)
+    mse = float(np.mean((a - b) ** 2))
+    psnr = float("inf") if mse == 0 else 10.0 * np.log10(1.0 / mse)
+    m = SSIMMetric(spatial_dims=3, data_range=1.0, kernel_type="gaussian", win_size=11, kernel_sigma=1.5,
+                   k1=0.01, k2=0.03)
+    ssim = float(m(torch.from_numpy(a)[None, None].float(), torch.from_numpy(b)[None, None].float()).mean())
+    return {"psnr_db": psnr, "ssim_pct": 100.0 * ssim}

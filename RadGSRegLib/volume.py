@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-__all__ = ["Volume", "affine_from", "crop_to_label"]
+__all__ = ["Volume", "affine_from", "crop_to_label", "resample_to_grid"]
 
 
 def affine_from(origin, spacing, direction=None) -> np.ndarray:
@@ -151,3 +151,23 @@ def crop_to_label(ct: Volume, seg: Volume, label: int, *, margin_mm: float = 10.
         lab = sitk.Resample(seg.to_sitk(), ref, sitk.Transform(), sitk.sitkNearestNeighbor, 0)
         vol.array[sitk.GetArrayFromImage(lab) != label] = background
     return vol
+
+
+def resample_to_grid(vol: Volume, shape, affine, T_src_to_grid=None, *, order: int = 1, cval: float = 0.0) -> Volume:
+    """Resample ``vol`` onto a grid of ``shape`` (K, J, I) whose ``affine`` maps (i, j, k) to
+    mm of a target frame; ``T_src_to_grid`` (4x4) maps ``vol``'s frame to that frame
+    (default identity). Linear interpolation (``order=1``), ``cval`` outside.
+    """
+    from scipy import ndimage
+
+    K, J, I = (int(x) for x in shape)
+    G = np.asarray(affine, dtype=np.float64)
+    T = np.eye(4) if T_src_to_grid is None else np.asarray(T_src_to_grid, dtype=np.float64)
+    # grid index -> target mm -> source mm -> source index
+    M = np.linalg.inv(vol.affine) @ np.linalg.inv(T) @ G
+    k, j, i = np.meshgrid(np.arange(K), np.arange(J), np.arange(I), indexing="ij")
+    ijk = np.stack([i, j, k], -1).reshape(-1, 3).astype(np.float64)
+    src = ijk @ M[:3, :3].T + M[:3, 3]
+    vals = ndimage.map_coordinates(np.asarray(vol.array, dtype=np.float32), src[:, ::-1].T, order=order,
+                                   mode="constant", cval=cval)
+    return Volume(vals.reshape(K, J, I).astype(np.float32), G)

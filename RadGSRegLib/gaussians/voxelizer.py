@@ -15,8 +15,10 @@ from __future__ import annotations
 
 import numpy as np
 import torch
+from torch.utils.checkpoint import checkpoint
 
 from ..volume import Volume
+from ._scatter import box_scatter_add
 
 __all__ = ["voxelize", "voxelize_dense", "to_volume"]
 
@@ -29,6 +31,27 @@ def _index_space(position, precision, covariance, affine, dev, dt):
     prec = L.T @ precision @ L                                        # (N, 3, 3) in index units
     cov_diag = torch.einsum("ab,nbc,ac->na", Linv, covariance, Linv)  # diag(Linv Sigma Linv^T)
     return mean, prec, cov_diag
+
+
+def _cube_values(P, q0, rho, ext, B: int) -> torch.Tensor:
+    """(n, B, B, B) densities on B^3 cubes: precisions P (n, 3, 3) in index units, cube corner
+    minus mean q0 (n, 3), densities rho (n,), true extents ext (n, 3) along (i, j, k); zero
+    outside the true box (a huge exponent there, clamped: ~1e-35)."""
+    dt = q0.dtype
+    ar = torch.arange(B, device=q0.device, dtype=dt)
+    big = torch.tensor(1e30, dtype=dt, device=q0.device)
+    zero = torch.zeros((), dtype=dt, device=q0.device)
+    x = (q0[:, 0, None] + ar)[:, None, None, :]                         # (n, 1, 1, B)
+    y = (q0[:, 1, None] + ar)[:, None, :, None]                         # (n, 1, B, 1)
+    z = (q0[:, 2, None] + ar)[:, :, None, None]                         # (n, B, 1, 1)
+    p = lambda a, b: P[:, a, b][:, None, None, None]                    # noqa: E731
+    out_x = torch.where(ar < ext[:, 0, None].to(dt), zero, big)[:, None, None, :]
+    out_yz = (torch.where(ar < ext[:, 1, None].to(dt), zero, big)[:, None, :, None]
+              + torch.where(ar < ext[:, 2, None].to(dt), zero, big)[:, :, None, None])
+    lin = -(p(0, 1) * y + p(0, 2) * z)                                  # (n, B, B, 1), times -1/2 * 2
+    quad = -0.5 * (p(1, 1) * y * y + 2.0 * p(1, 2) * y * z + p(2, 2) * z * z) - out_yz
+    e = x * ((-0.5) * p(0, 0) * x + lin) + (quad - out_x)              # (n, B, B, B): -1/2 q^T P q
+    return rho[:, None, None, None] * torch.exp(torch.clamp(e, min=-80.0))   # exp is slow on huge negatives
 
 
 def voxelize(density: torch.Tensor, position: torch.Tensor, covariance: torch.Tensor, precision: torch.Tensor,
@@ -64,35 +87,21 @@ def voxelize(density: torch.Tensor, position: torch.Tensor, covariance: torch.Te
     if not bool(live.any()):
         return torch.zeros(K, J, I, dtype=dt, device=dev)
     pad = _LADDER[int(bucket.max())]
+    grad = torch.is_grad_enabled() and (density.requires_grad or position.requires_grad or precision.requires_grad)
     Ip, Jp = I + pad, J + pad
     out = torch.zeros((K + pad) * Jp * Ip, dtype=dt, device=dev)
     for bi in torch.unique(bucket).tolist():
         if bi < 0:
             continue
         B = _LADDER[bi]
-        ar = torch.arange(B, device=dev)
-        arf = ar.to(dt)
         idx_all = torch.nonzero(bucket == bi).flatten()
         step = max(1, chunk_pairs // B ** 3)
         for c0 in range(0, idx_all.numel(), step):
             idx = idx_all[c0:c0 + step]
-            P = prec[idx]
-            q0 = lo[idx].to(dt) - mean[idx]                                   # (n, 3) box corner - mean
-            x = (q0[:, 0, None] + arf)[:, None, None, :]                      # (n, 1, 1, B)
-            y = (q0[:, 1, None] + arf)[:, None, :, None]                      # (n, 1, B, 1)
-            z = (q0[:, 2, None] + arf)[:, :, None, None]                      # (n, B, 1, 1)
-            p = lambda a, b: P[:, a, b][:, None, None, None]                  # noqa: E731
-            lin = 2.0 * (p(0, 1) * y + p(0, 2) * z)                           # (n, B, B, 1)
-            quad = p(1, 1) * y * y + 2.0 * p(1, 2) * y * z + p(2, 2) * z * z  # (n, B, B, 1)
-            e = x * (p(0, 0) * x + lin) + quad                                # (n, B, B, B)
-            val = density[idx][:, None, None, None] * torch.exp(-0.5 * e)
-            e_ = ext[idx]
-            valid = ((ar[None, None, None, :] < e_[:, 0, None, None, None]) & (ar[None, None, :, None] < e_[:, 1, None, None, None])
-                     & (ar[None, :, None, None] < e_[:, 2, None, None, None]))
+            args = (prec[idx], lo[idx].to(dt) - mean[idx], density[idx], ext[idx], B)
+            val = checkpoint(_cube_values, *args, use_reentrant=False) if grad else _cube_values(*args)
             l_ = lo[idx]
-            vid = (((l_[:, 2, None, None, None] + ar[None, :, None, None]) * Jp + (l_[:, 1, None, None, None] + ar[None, None, :, None])) * Ip
-                   + (l_[:, 0, None, None, None] + ar[None, None, None, :]))
-            out = out.index_add(0, vid.reshape(-1), (val * valid).reshape(-1))
+            out = box_scatter_add(out, val, (l_[:, 2] * Jp + l_[:, 1]) * Ip + l_[:, 0], B, (Jp * Ip, Ip, 1))
     return out.reshape(K + pad, Jp, Ip)[:K, :J, :I]
 
 
