@@ -18,7 +18,8 @@ examples:
   radgsreg phantom --out ph --seed 3                 # a procedural spine CT (ct.nrrd, seg.nrrd)
   radgsreg simulate-cases --phantom --levels L1,L2,L3 --n 20 --out cases
   radgsreg simulate-cases --ct ct.nii.gz --seg seg.nii.gz --levels L3 --n 5 --out cases
-  radgsreg show cases/case_000                       # writes cases/case_000/preview.png
+  radgsreg register cases/case_000 --out res0        # T_ct_to_carm -> res0/result.json, transform.h5
+  radgsreg show cases/case_000 --result res0         # writes cases/case_000/preview.png
   radgsreg fit-gaussians cases/case_000 --out fit    # radiative Gaussians fitted to the two X-rays
   radgsreg bench drr                                 # our DRR vs RTK's Joseph projector
   radgsreg bench gaussians                           # rasterizer / voxelizer speed
@@ -147,6 +148,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, help="PNG path (default CASE/preview.png)")
     p.add_argument("--result", type=Path, help="a result folder whose pose to show instead of the ground truth")
     p.add_argument("--size", type=int, default=320, help="panel size in pixels (default 320)")
+
+    p = sub.add_parser("register", help="register a case: CT vertebra -> the two X-rays (writes a result folder)",
+                       formatter_class=argparse.RawDescriptionHelpFormatter,
+                       description="Finds T_ct_to_carm for a case folder and writes OUT/result.json and "
+                                   "OUT/transform.h5 (docs/case-format.md). Never reads the case's ground truth.\n"
+                                   "Stages: the initial guess (or the nominal pose), a pose search (rotation "
+                                   "hypotheses x translation search by template matching), and coarse-to-fine "
+                                   "2-D/3-D intensity refinement (Levenberg-Marquardt on the windowed NCC of "
+                                   "high-passed DRRs and X-rays). A result whose final NCC is low is flagged "
+                                   "'doubtful' in result.json's warnings.")
+    p.add_argument("case", type=Path)
+    p.add_argument("--out", type=Path, required=True, help="result folder to write")
+    p.add_argument("--refine", choices=["none", "search", "2d"], default="2d",
+                   help="how far to go: initial pose only, + pose search, + 2-D/3-D refinement (default 2d)")
+    p.add_argument("--threads", type=int, default=1, help="CPU threads for torch (default 1)")
+    p.add_argument("--overwrite", action="store_true")
 
     p = sub.add_parser("fit-gaussians", help="fit radiative Gaussians to a case's projections (optimisation baseline)",
                        formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -365,6 +382,26 @@ def _cmd_bench(args):
         raise SystemExit("choose a benchmark: radgsreg bench drr | gaussians")
 
 
+def _cmd_register(args):
+    import torch
+
+    from .io import read_case, write_result
+    from .register import RegisterConfig, run
+
+    torch.set_num_threads(args.threads)
+    case = read_case(args.case)                    # never the ground truth
+    if Path(args.out).exists() and not args.overwrite:
+        raise FileExistsError(f"{args.out} exists; pass --overwrite to replace it")
+    print(f"registering {args.case} ({case.vertebra_name or case.vertebra_label}), refine={args.refine}", flush=True)
+    res = run(case, RegisterConfig(refine=args.refine), log=print)
+    res.info.update({"case": str(args.case), "device": "cpu", "threads": args.threads})
+    write_result(res, args.out, overwrite=args.overwrite)
+    for w in res.info["warnings"]:
+        print(f"warning: {w}")
+    print(f"T_ct_to_carm written to {args.out}/result.json and transform.h5 in {res.runtime_s['total']:.1f} s "
+          f"({', '.join(f'{k} {v:.2f} s' for k, v in res.runtime_s.items() if k != 'total')})")
+
+
 def _cmd_fit_gaussians(args):
     import numpy as np
     import torch
@@ -443,7 +480,7 @@ def _cmd_fit_gaussians(args):
 
 
 _COMMANDS = {"demo": _cmd_demo, "phantom": _cmd_phantom, "simulate-cases": _cmd_simulate, "show": _cmd_show,
-             "sample-case": _cmd_sample_case, "fit-gaussians": _cmd_fit_gaussians,
+             "sample-case": _cmd_sample_case, "fit-gaussians": _cmd_fit_gaussians, "register": _cmd_register,
              "bench": _cmd_bench}
 
 

@@ -180,6 +180,13 @@ class View:
         origin = corner + 0.5 * su2 * self.u + 0.5 * sv2 * self.v
         return replace(self, detector_origin=origin, pixel_spacing=(su2, sv2), size=(cols, rows))
 
+    def cropped(self, col0: int, row0: int, cols: int, rows: int) -> "View":
+        """The sub-detector of ``cols`` x ``rows`` pixels starting at pixel (col0, row0);
+        a pixel (c, r) of the crop is pixel (col0 + c, row0 + r) of this view."""
+        su, sv = self.pixel_spacing
+        origin = self.detector_origin + col0 * su * self.u + row0 * sv * self.v
+        return replace(self, detector_origin=origin, size=(int(cols), int(rows)))
+
     def transformed(self, T: np.ndarray) -> "View":
         """This view moved by the rigid 4x4 ``T`` (e.g. into another frame)."""
         R, t = np.asarray(T)[:3, :3], np.asarray(T)[:3, 3]

@@ -1,0 +1,65 @@
+import numpy as np
+import pytest
+
+from RadGSRegLib.cases import CaseGenConfig, make_case
+from RadGSRegLib.io import read_case, write_case
+from RadGSRegLib.metrics import registration_errors, target_points
+from RadGSRegLib.register import RegisterConfig, run, slab_around
+from RadGSRegLib.register.refine2d import Level, RefineConfig
+
+
+@pytest.fixture(scope="module")
+def easy_case(tmp_path_factory, small_phantom):
+    ct, seg = small_phantom
+    cfg = CaseGenConfig(rot_deg=4.0, trans_mm=8.0, pixels=128, seed=2)
+    case = make_case(ct, seg, "L3", cfg, np.random.default_rng(2))
+    d = tmp_path_factory.mktemp("reg") / "case"
+    write_case(case, d)
+    return d
+
+
+def _fast_config(**kw):
+    return RegisterConfig(refine2d=RefineConfig(search_rot_deg=(0.0,), candidates=1,
+                                                levels=[Level(64, 10, 1.0, 1.0, 30.0, None), Level(128, 8, 0.5, 0.5, 20.0, 12.0)]),
+                          **kw)
+
+
+def test_refinement_recovers_a_small_offset(easy_case):
+    case = read_case(easy_case)                     # no ground truth for the registration
+    assert case.ground_truth is None
+    res = run(case, _fast_config())
+    truth = read_case(easy_case, ground_truth=True)
+    pts = target_points(truth.seg, truth.vertebra_label, max_points=2000)
+    before = registration_errors(truth.initial_guess, truth.ground_truth, pts)["mtre_mm"]
+    after = registration_errors(res.T_ct_to_carm, truth.ground_truth, pts)["mtre_mm"]
+    assert before > 4.0
+    assert after < 2.0 and after < 0.3 * before
+    assert set(res.runtime_s) >= {"preprocessing", "search", "refinement", "total"}
+    assert res.info["warnings"] == []
+
+
+def test_divergence_check_flags_a_corrupted_case(easy_case):
+    case = read_case(easy_case)
+    case.xrays["ap"] = np.random.default_rng(0).permutation(case.xrays["ap"].ravel()).reshape(case.xrays["ap"].shape)
+    case.xrays["lat"] = np.random.default_rng(1).permutation(case.xrays["lat"].ravel()).reshape(case.xrays["lat"].shape)
+    res = run(case, _fast_config())
+    assert any("doubtful" in w for w in res.info["warnings"])
+
+
+def test_none_keeps_the_initial_pose(easy_case):
+    case = read_case(easy_case)
+    res = run(case, RegisterConfig(refine="none"))
+    assert np.allclose(res.T_ct_to_carm, case.initial_guess)
+    with pytest.raises(ValueError, match="refine must be one of"):
+        RegisterConfig(refine="3d-magic")
+
+
+def test_slab_keeps_geometry(small_phantom):
+    ct, seg = small_phantom
+    c = seg.label_centroid(29)
+    slab = slab_around(ct, c, 30.0)
+    assert slab.array.shape[0] < ct.array.shape[0] and slab.array.shape[1:] == ct.array.shape[1:]
+    # the same world point holds the same value
+    ijk = np.round(slab.world_to_index(c)).astype(int)
+    ijk_full = np.round(ct.world_to_index(c)).astype(int)
+    assert slab.array[ijk[2], ijk[1], ijk[0]] == ct.array[ijk_full[2], ijk_full[1], ijk_full[0]]
