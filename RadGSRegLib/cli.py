@@ -162,6 +162,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, required=True, help="result folder to write")
     p.add_argument("--refine", choices=["none", "search", "2d"], default="2d",
                    help="how far to go: initial pose only, + pose search, + 2-D/3-D refinement (default 2d)")
+    p.add_argument("--reconstruct", action="store_true",
+                   help="also reconstruct the vertebra from the X-rays (OUT/recon.nrrd; about a minute on a CPU)")
     p.add_argument("--threads", type=int, default=1, help="CPU threads for torch (default 1)")
     p.add_argument("--overwrite", action="store_true")
 
@@ -393,7 +395,7 @@ def _cmd_register(args):
     if Path(args.out).exists() and not args.overwrite:
         raise FileExistsError(f"{args.out} exists; pass --overwrite to replace it")
     print(f"registering {args.case} ({case.vertebra_name or case.vertebra_label}), refine={args.refine}", flush=True)
-    res = run(case, RegisterConfig(refine=args.refine), log=print)
+    res = run(case, RegisterConfig(refine=args.refine, reconstruct=args.reconstruct), log=print)
     res.info.update({"case": str(args.case), "device": "cpu", "threads": args.threads})
     write_result(res, args.out, overwrite=args.overwrite)
     for w in res.info["warnings"]:

@@ -18,7 +18,7 @@ from ..volume import Volume
 from ..xray import as_line_integral
 from .refine2d import RefineConfig, Target, refine_lm, search_pose
 
-__all__ = ["RegisterConfig", "run", "slab_around"]
+__all__ = ["RegisterConfig", "run", "slab_around", "reconstruct_volume"]
 
 STAGES = ("none", "search", "2d")
 
@@ -35,12 +35,16 @@ class RegisterConfig:
         refine2d: the refinement's levels and search range.
         min_ncc: a result whose final windowed NCC (mean of both views) is below this is
             flagged as doubtful in ``Result.info["warnings"]``.
+        reconstruct: also reconstruct the vertebra region from the two X-rays (radiative
+            Gaussians fitted for ``recon_iterations`` steps; ``Result.recon``, C-arm frame).
     """
 
     refine: str = "2d"
     slab_mm: float = 70.0
     refine2d: RefineConfig = field(default_factory=RefineConfig)
     min_ncc: float = 0.75
+    reconstruct: bool = False
+    recon_iterations: int = 300
 
     def __post_init__(self):
         if self.refine not in STAGES:
@@ -108,6 +112,37 @@ def run(case: Case, config: RegisterConfig | None = None, log=None) -> Result:
         runtime["refinement"] = time.perf_counter() - t
         if m < cfg.min_ncc:
             warnings.append(f"doubtful result: final NCC {m:.2f} < {cfg.min_ncc}")
+    recon = None
+    if cfg.reconstruct:
+        t = time.perf_counter()
+        recon = reconstruct_volume(case, iterations=cfg.recon_iterations, log=log)
+        runtime["reconstruction"] = time.perf_counter() - t
     runtime["total"] = time.perf_counter() - t0
     info["warnings"] = warnings
-    return Result(T_ct_to_carm=T, runtime_s=runtime, info=info)
+    return Result(T_ct_to_carm=T, runtime_s=runtime, recon=recon, info=info)
+
+
+def reconstruct_volume(case: Case, *, grid_mm: float = 96.0, voxel_mm: float = 1.5, iterations: int = 300,
+                       log=None) -> Volume:
+    """Radiative Gaussians fitted to the case's two X-rays, voxelized on a cube around the
+    isocentre (C-arm frame). The learned reconstruction replaces this when it lands."""
+    import torch
+
+    from ..gaussians import voxelize_model
+    from ..gaussians.fit import FitConfig, fit_gaussians
+    from ..volume import affine_from
+    from ..xray import resize_view_image
+
+    n = int(round(grid_mm / voxel_mm))
+    affine = affine_from([-(n - 1) / 2 * voxel_mm] * 3, [voxel_mm] * 3)
+    imgs, vs = [], []
+    for vn in ("ap", "lat"):
+        img, v = resize_view_image(as_line_integral(case.xrays[vn], case.image_kind), case.views[vn], 128)
+        imgs.append(img)
+        vs.append(v)
+    if log:
+        log(f"reconstructing: {iterations} iterations of Gaussian fitting")
+    res = fit_gaussians(torch.from_numpy(np.stack(imgs)), vs, (n, n, n), affine, FitConfig(iterations=iterations))
+    with torch.no_grad():
+        return Volume(voxelize_model(res.gaussians, (n, n, n), affine).numpy(), affine)
+

@@ -52,6 +52,7 @@ class RefineConfig:
     search_pixels: int = 64
     search_range_mm: float = 60.0
     search_rot_deg: tuple = (-12.0, 0.0, 12.0)
+    search_prior: float = 0.1
     candidates: int = 3
     search_margin_mm: float = 30.0
     search_highpass_mm: float = 8.0
@@ -142,7 +143,9 @@ def search_translation(tgt: Target, T: np.ndarray, cfg: RefineConfig) -> tuple[n
     Each view gives an NCC map over shifts (du along its u, dv along its v, in mm at the
     vertebra); both views' rows run along the shared cranio-caudal axis, so the shift along
     it is chosen jointly (sum of each view's best score at that shift), which keeps one
-    view from locking onto a neighbouring vertebra on its own.
+    view from locking onto a neighbouring vertebra on its own. A mild prior,
+    ``search_prior * (shift / search_range)^2`` subtracted from each view's NCC, breaks near
+    ties between neighbouring vertebrae (which look alike) in favour of the smaller shift.
     """
     maps, info = {}, {}
     for name in ("ap", "lat"):
@@ -157,6 +160,8 @@ def search_translation(tgt: Target, T: np.ndarray, cfg: RefineConfig) -> tuple[n
         pad = np.pad(highpass(img, sig), rng_px, mode="constant")
         sub = pad[r0:r0 + h + 2 * rng_px, c0:c0 + w + 2 * rng_px]
         m = _ncc_map(sub, templ)                                              # (2 rng + 1)^2
+        k = np.arange(-rng_px, rng_px + 1) / max(rng_px, 1)
+        m = m - cfg.search_prior * (k[:, None] ** 2 + k[None, :] ** 2)
         maps[name] = (m, rng_px, px_mm, view)
     # rows of both views run along -z: choose the row shift jointly
     rng = min(maps["ap"][1], maps["lat"][1])
