@@ -200,6 +200,14 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--repeat", type=int, default=5)
     b.add_argument("--threads", type=int, default=2, help="CPU threads for every method (default 2)")
     b.add_argument("--json", type=Path, default=Path("bench_out/drr.json"))
+    b = bsub.add_parser("register", help="every registration method on the same case suites: Table 1 columns",
+                        description="Runs each method on each suite (a folder of case folders, e.g. from "
+                                    "simulate-cases), reads the ground truth only to evaluate, prints mTRE (mean, "
+                                    "median, p95), SR, CR, RT and SR per initial-mTRE bin, and writes JSON.")
+    b.add_argument("--cases", type=Path, nargs="+", required=True, help="one or more suite folders")
+    b.add_argument("--methods", default="initial,ours-2d", help="comma-separated: initial, search, ours-2d")
+    b.add_argument("--limit", type=int, help="only the first N cases of each suite")
+    b.add_argument("--json", type=Path, default=Path("bench_out/register.json"))
     b = bsub.add_parser("gaussians", help="rasterizer and voxelizer speed and memory, vs a naive dense evaluation")
     b.add_argument("--threads", type=int, default=1, help="CPU threads (default 1: fastest on 2 shared cores)")
     b.add_argument("--repeat", type=int, default=5)
@@ -376,12 +384,17 @@ def _cmd_bench(args):
         from .bench.drr_bench import run_drr_bench
 
         run_drr_bench(n=args.size, pixels=args.pixels, repeat=args.repeat, threads=args.threads, json_path=args.json)
+    elif args.bench == "register":
+        from .bench.register_bench import run_register_bench
+
+        run_register_bench(list(args.cases), [m.strip() for m in args.methods.split(",") if m.strip()],
+                           json_path=args.json, limit=args.limit)
     elif args.bench == "gaussians":
         from .bench.gaussians_bench import run_gaussians_bench
 
         run_gaussians_bench(threads=args.threads, repeat=args.repeat, json_path=args.json)
     else:
-        raise SystemExit("choose a benchmark: radgsreg bench drr | gaussians")
+        raise SystemExit("choose a benchmark: radgsreg bench drr | gaussians | register")
 
 
 def _cmd_register(args):

@@ -11,7 +11,8 @@ import numpy as np
 from .geometry import apply, geodesic_deg, mtre
 from .volume import Volume
 
-__all__ = ["target_points", "mtre", "registration_errors", "SUCCESS_MM", "recon_metrics", "ground_truth_volume"]
+__all__ = ["target_points", "mtre", "registration_errors", "SUCCESS_MM", "recon_metrics", "ground_truth_volume",
+           "success_rate", "capture_range"]
 
 SUCCESS_MM = 2.0
 
@@ -85,3 +86,31 @@ def recon_metrics(recon: np.ndarray, gt: np.ndarray) -> dict:
                    k1=0.01, k2=0.03)
     ssim = float(m(torch.from_numpy(a)[None, None].float(), torch.from_numpy(b)[None, None].float()).mean())
     return {"psnr_db": psnr, "ssim_pct": 100.0 * ssim}
+
+
+def success_rate(final_mtre) -> float:
+    """Share (0..1) of cases with final mTRE < 2 mm."""
+    m = np.asarray(final_mtre, dtype=np.float64)
+    return float(np.mean(m < SUCCESS_MM)) if m.size else float("nan")
+
+
+def capture_range(initial_mtre, final_mtre, *, bin_mm: float = 5.0, min_sr: float = 0.8) -> tuple[float, list[dict]]:
+    """Capture range (metrics.md): cases binned by initial mTRE in ``bin_mm`` bins from 0;
+    CR is the upper edge of the last bin such that it and every bin below it has
+    SR >= ``min_sr`` (empty bins break the chain). Returns (CR in mm, per-bin table)."""
+    init = np.asarray(initial_mtre, dtype=np.float64)
+    fin = np.asarray(final_mtre, dtype=np.float64)
+    if init.size == 0:
+        return 0.0, []
+    nbins = int(np.floor(init.max() / bin_mm)) + 1
+    table, cr, chain = [], 0.0, True
+    for b in range(nbins):
+        sel = (init >= b * bin_mm) & (init < (b + 1) * bin_mm)
+        n = int(sel.sum())
+        sr = success_rate(fin[sel]) if n else float("nan")
+        table.append({"bin_mm": [b * bin_mm, (b + 1) * bin_mm], "n": n, "sr": sr})
+        if chain and n and sr >= min_sr:
+            cr = (b + 1) * bin_mm
+        else:
+            chain = False
+    return cr, table

@@ -63,3 +63,27 @@ def test_slab_keeps_geometry(small_phantom):
     ijk = np.round(slab.world_to_index(c)).astype(int)
     ijk_full = np.round(ct.world_to_index(c)).astype(int)
     assert slab.array[ijk[2], ijk[1], ijk[0]] == ct.array[ijk_full[2], ijk_full[1], ijk_full[0]]
+
+
+def test_capture_range_and_success_rate_by_hand():
+    from RadGSRegLib.metrics import capture_range, success_rate
+
+    init = [1, 3, 6, 7, 12, 14, 17, 22]
+    fin = [0.5, 1.0, 0.9, 1.5, 3.0, 1.0, 0.5, 0.4]
+    assert success_rate(fin) == pytest.approx(7 / 8)
+    cr, bins = capture_range(init, fin)
+    # bins 0-5: 2/2, 5-10: 2/2, 10-15: 1/2 (50 % < 80 %): CR = 10 mm, even though 15-20 and 20-25 succeed
+    assert cr == 10.0
+    assert [b["n"] for b in bins] == [2, 2, 2, 1, 1]
+    assert bins[2]["sr"] == pytest.approx(0.5)
+    assert capture_range([1, 12], [0.1, 0.1])[0] == 5.0     # an empty 5-10 bin ends the chain
+
+
+def test_bench_register_reports_table_columns(easy_case, tmp_path):
+    from RadGSRegLib.bench.register_bench import run_register_bench
+
+    lines = []
+    out = run_register_bench([easy_case.parent], ["initial"], json_path=tmp_path / "r.json", log=lines.append)
+    s = out["suites"][easy_case.parent.name]["initial"]["summary"]
+    assert s["n"] == 1 and s["sr_pct"] == 0.0 and s["mtre_mean"] > 4.0
+    assert any("SR %" in line for line in lines) and (tmp_path / "r.json").exists()
