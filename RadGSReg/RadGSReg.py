@@ -98,7 +98,11 @@ class RadGSRegParameterNode:
     level: str = "L3"
     apXray: vtkMRMLScalarVolumeNode
     latXray: vtkMRMLScalarVolumeNode
+    geometrySource: str = "file"
     geometryFile: Path
+    sdd: float = 1124.0
+    sid: float = 700.0
+    pixelSpacing: float = 0.3
     imageKind: str = "line_integral"
     refine: str = "2d"
     reconstruct: bool = False
@@ -131,6 +135,7 @@ class RadGSRegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.levelComboBox.addItems(LEVEL_CHOICES)
         self.ui.imageKindComboBox.addItems(["line_integral", "intensity"])
         self.ui.refineComboBox.addItems(["2d", "search", "none"])
+        self.ui.geometrySourceComboBox.addItems(["file", "dicom", "typed"])
 
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose)
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.onSceneEndClose)
@@ -183,9 +188,9 @@ class RadGSRegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if self._process is not None:
             return
         p = self._parameterNode
+        has_file = p.geometrySource != "file" or (p.geometryFile and str(p.geometryFile) not in ("", "."))
         missing = [name for name, ok in (("CT", p.ctVolume), ("vertebra labels", p.segmentation), ("AP X-ray", p.apXray),
-                                         ("lateral X-ray", p.latXray),
-                                         ("geometry.json", p.geometryFile and str(p.geometryFile) not in ("", ".")))
+                                         ("lateral X-ray", p.latXray), ("geometry.json", has_file))
                    if not ok]
         self.ui.applyButton.enabled = not missing
         self.ui.applyButton.toolTip = _("Register") if not missing else _("Missing: ") + ", ".join(missing)
@@ -197,7 +202,7 @@ class RadGSRegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         p = self._parameterNode
         try:
             self.logic.setupPythonRequirements()
-            views = self.logic.readGeometry(p.geometryFile)
+            views = self.logic.geometryFor(p)
             self.ui.applyButton.text = _("Cancel")
             self.ui.progressBar.value = 0
             self._process = self.logic.registerInBackground(
@@ -229,7 +234,7 @@ class RadGSRegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         p = self._parameterNode
         with slicer.util.tryWithErrorDisplay(_("Overlay failed."), waitCursor=True):
             self.logic.showOverlay(p.ctVolume, p.outputTransform, p.outputRecon, p.apXray, p.latXray,
-                                   self.logic.readGeometry(p.geometryFile))
+                                   self.logic.geometryFor(p))
 
     def onLoadCase(self):
         path = qt.QFileDialog.getExistingDirectory(None, _("Case folder"))
@@ -239,6 +244,7 @@ class RadGSRegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             nodes = self.logic.loadCase(path)
             p = self._parameterNode
             p.ctVolume, p.segmentation, p.apXray, p.latXray = nodes["ct"], nodes["seg"], nodes["ap"], nodes["lat"]
+            p.geometrySource = "file"
             p.geometryFile = Path(path) / "geometry.json"
             p.imageKind = nodes["case"].image_kind
             if nodes["case"].vertebra_name:
@@ -251,7 +257,7 @@ class RadGSRegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         p = self._parameterNode
         with slicer.util.tryWithErrorDisplay(_("Exporting the case failed."), waitCursor=True):
             self.logic.exportCase(path, p.ctVolume, p.segmentation, p.level, p.apXray, p.latXray,
-                                  self.logic.readGeometry(p.geometryFile), imageKind=p.imageKind)
+                                  self.logic.geometryFor(p), imageKind=p.imageKind)
 
 
 #
@@ -297,6 +303,35 @@ class RadGSRegLogic(ScriptedLoadableModuleLogic):
         from RadGSRegLib.io import read_geometry
 
         views, _images, _kind = read_geometry(path)
+        return views
+
+    def geometryFor(self, p):
+        """{"ap": View, "lat": View} from the parameter node's geometry source."""
+        if p.geometrySource == "file":
+            return self.readGeometry(p.geometryFile)
+        if p.geometrySource == "dicom":
+            return {"ap": self.geometryFromDicom(p.apXray, "ap"), "lat": self.geometryFromDicom(p.latXray, "lat")}
+        return self.typedGeometry(p.apXray, p.latXray, p.sdd, p.sid, p.pixelSpacing)
+
+    def geometryFromDicom(self, xrayNode, name):
+        """The view of an X-ray loaded from DICOM, from its file's tags (needs Slicer's DICOM database)."""
+        from RadGSRegLib.io import view_from_dicom
+
+        uids = (xrayNode.GetAttribute("DICOM.instanceUIDs") or "").split()
+        if not uids or not slicer.dicomDatabase:
+            raise ValueError(f"'{xrayNode.GetName()}' was not loaded from DICOM: choose a geometry.json or type the geometry in")
+        return view_from_dicom(slicer.dicomDatabase.fileForInstance(uids[0]), name)
+
+    def typedGeometry(self, apNode, latNode, sdd, sid, pixelSpacing):
+        """A standard biplanar C-arm (geometry.biplanar_views) sized like the two X-ray nodes."""
+        from RadGSRegLib import slicer_bridge
+        from RadGSRegLib.geometry import biplanar_views
+
+        views = {}
+        for name, node in (("ap", apNode), ("lat", latNode)):
+            rows, cols = slicer_bridge.node_to_xray(node).shape
+            views[name] = biplanar_views(sdd=sdd, sid=sid, pixels=(cols, rows),
+                                         detector_mm=(cols * pixelSpacing, rows * pixelSpacing))[name]
         return views
 
     def loadCase(self, path):

@@ -248,3 +248,34 @@ def test_crop_to_label(rng):
     assert np.all(pts >= -1e-6) and np.all(pts <= np.array(crop.size) - 1 + 1e-6)
     with pytest.raises(ValueError, match="not present"):
         crop_to_label(ct, case.seg, 30)
+
+
+def _dicom_xray(path, tags, spacing=0.3, size=(40, 30)):
+    img = sitk.Image(size[0], size[1], sitk.sitkUInt16)
+    img.SetSpacing((spacing, spacing))          # GDCM writes Imager Pixel Spacing from it
+    for k, v in tags.items():
+        img.SetMetaData(k, v)
+    sitk.WriteImage(img, str(path))
+
+
+def test_view_from_dicom_tags(tmp_path):
+    from RadGSRegLib.io import view_from_dicom
+
+    base = {"0008|0060": "XA", "0018|1110": "1124", "0018|1111": "700"}
+    _dicom_xray(tmp_path / "ap.dcm", {**base, "0018|1510": "0", "0018|1511": "0"})
+    ap = view_from_dicom(tmp_path / "ap.dcm", "ap")
+    ref = biplanar_views(pixels=(40, 30), detector_mm=(12.0, 9.0))["ap"]
+    assert np.allclose(ap.projection_matrix(), ref.projection_matrix()) and ap.size == (40, 30)
+    # LAO 90: the detector on the patient's left, the source on the right (-x in LPS)
+    _dicom_xray(tmp_path / "lao.dcm", {**base, "0018|1510": "90"})
+    lao = view_from_dicom(tmp_path / "lao.dcm")
+    assert np.allclose(lao.source, [-700, 0, 0], atol=1e-9) and lao.detector_center[0] > 400
+    # cranial tilt: the detector moves toward the head, the source toward the feet
+    _dicom_xray(tmp_path / "cra.dcm", {**base, "0018|1511": "20"})
+    cra = view_from_dicom(tmp_path / "cra.dcm")
+    assert cra.source[2] < -200 and cra.detector_center[2] > 100
+    assert np.linalg.norm(cra.source) == pytest.approx(700)
+    # a missing tag is named
+    _dicom_xray(tmp_path / "bad.dcm", {"0008|0060": "XA", "0018|1111": "700"})
+    with pytest.raises(CaseFormatError, match=r"Distance Source to Detector \(0018,1110\)"):
+        view_from_dicom(tmp_path / "bad.dcm")
