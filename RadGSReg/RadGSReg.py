@@ -234,7 +234,7 @@ class RadGSRegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         p = self._parameterNode
         with slicer.util.tryWithErrorDisplay(_("Overlay failed."), waitCursor=True):
             self.logic.showOverlay(p.ctVolume, p.outputTransform, p.outputRecon, p.apXray, p.latXray,
-                                   self.logic.geometryFor(p))
+                                   self.logic.geometryFor(p), segNode=p.segmentation)
 
     def onLoadCase(self):
         path = qt.QFileDialog.getExistingDirectory(None, _("Case folder"))
@@ -376,17 +376,35 @@ class RadGSRegLogic(ScriptedLoadableModuleLogic):
         rnode = slicer_bridge.volume_to_node(slicer.mrmlScene, res.recon, "RadGSReg reconstruction") if res.recon else None
         return tnode, rnode, res
 
-    def showOverlay(self, ctNode, transformNode, reconNode, apNode, latNode, views):
-        """CT under the transform, reconstruction as foreground, X-ray planes and sources."""
+    def showOverlay(self, ctNode, transformNode, reconNode, apNode, latNode, views, segNode=None):
+        """CT under the transform; reconstruction (or CT) over the AP X-ray in the slice views;
+        the vertebra labels as an outline in 2-D and a surface in 3-D, under the same transform;
+        both X-ray planes shown in 3-D; the X-ray sources as points."""
         from RadGSRegLib import slicer_bridge
 
         if transformNode is not None:
             ctNode.SetAndObserveTransformNodeID(transformNode.GetID())
+            if segNode is not None:
+                segNode.SetAndObserveTransformNodeID(transformNode.GetID())
         slicer.util.setSliceViewerLayers(background=apNode, foreground=reconNode or ctNode, foregroundOpacity=0.5)
+        if segNode is not None and segNode.IsA("vtkMRMLSegmentationNode"):
+            segNode.CreateDefaultDisplayNodes()
+            segNode.CreateClosedSurfaceRepresentation()
+            display = segNode.GetDisplayNode()
+            display.SetVisibility2DFill(False)
+            display.SetVisibility2DOutline(True)
+            display.SetVisibility3D(True)
         slicer_bridge.source_markups(slicer.mrmlScene, views)
-        for node in (apNode, latNode):
-            node.GetDisplayNode().SetVisibility(True) if node.GetDisplayNode() else None
-        slicer.app.layoutManager().setLayout(slicer.vtkMRMLLayoutNode.SlicerLayoutFourUpView)
+        # each X-ray in its own slice view, aligned with its detector plane and shown in 3-D
+        layout = slicer.app.layoutManager()
+        for viewName, node in (("Red", apNode), ("Yellow", latNode)):
+            widget = layout.sliceWidget(viewName)
+            widget.sliceLogic().GetSliceCompositeNode().SetBackgroundVolumeID(node.GetID())
+            sliceNode = widget.mrmlSliceNode()
+            sliceNode.RotateToVolumePlane(node)
+            sliceNode.SetSliceVisible(True)
+            widget.sliceController().fitSliceToBackground()
+        layout.setLayout(slicer.vtkMRMLLayoutNode.SlicerLayoutFourUpView)
 
 
 class _BackgroundRun:

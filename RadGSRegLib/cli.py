@@ -424,34 +424,24 @@ def _cmd_fit_gaussians(args):
 
     from .drr import DRR
     from .gaussians import voxelize_model
-    from .gaussians.fit import FitConfig, fit_gaussians
+    from .gaussians.fit import FitConfig, fit_case_xrays, fit_gaussians, recon_grid
     from .geometry import c_arm_view
     from .io import read_case, write_volume
     from .io.atomic import atomic_dir
     from .metrics import ground_truth_volume, recon_metrics
-    from .volume import Volume, affine_from
-    from .xray import as_line_integral, resize_view_image
+    from .volume import Volume
 
     if args.views < 2:
         raise SystemExit("--views must be at least 2")
     if args.views > 2 and not args.simulated:
         raise SystemExit("a case has two X-rays; more --views need --simulated")
     case = read_case(args.case, ground_truth=_has_gt(args.case))
-    n = int(round(args.grid_mm / args.voxel_mm))
-    shape = (n, n, n)
-    affine = affine_from([-(n - 1) / 2 * args.voxel_mm] * 3, [args.voxel_mm] * 3)   # centred on the isocentre
+    shape, affine = recon_grid(args.grid_mm, args.voxel_mm)
+    n = shape[0]
     gt = None
     if case.ground_truth is not None and case.seg is not None:
         gt = ground_truth_volume(case.ct, case.seg, case.vertebra_label, case.ground_truth, shape, affine)
-    if not args.simulated:
-        imgs, views = [], []
-        for name in ("ap", "lat"):
-            img, v = resize_view_image(as_line_integral(case.xrays[name], case.image_kind), case.views[name], args.pixels)
-            imgs.append(img)
-            views.append(v)
-        images = torch.from_numpy(np.stack(imgs))
-        source = "the case's AP + lateral X-rays"
-    else:
+    if args.simulated:
         if gt is None:
             raise SystemExit("--simulated renders the case's vertebra at its true pose: the case needs ground truth and labels")
         ref = case.views["ap"]
@@ -463,9 +453,11 @@ def _cmd_fit_gaussians(args):
                      for a in np.linspace(0.0, 360.0, args.views, endpoint=False)]
         images = DRR(gt.array, gt.affine).render(views)
         source = f"{args.views} DRRs of the vertebra alone at its true pose (validation of the fitting)"
+    else:
+        source = "the case's AP + lateral X-rays"
     torch.manual_seed(args.seed)
     cfg = FitConfig(iterations=args.iterations, n_gaussians=args.gaussians, max_gaussians=5 * args.gaussians,
-                    views_per_step=min(4, len(views)), seed=args.seed)
+                    views_per_step=4, seed=args.seed)
     print(f"fitting {args.gaussians} Gaussians to {source}, {args.pixels}x{args.pixels} pixels, "
           f"{args.iterations} iterations, grid {n}^3 at {args.voxel_mm} mm", flush=True)
     bar = tqdm(total=args.iterations, file=sys.stderr, unit="it", dynamic_ncols=True)
@@ -475,10 +467,14 @@ def _cmd_fit_gaussians(args):
         if step % 10 == 0:
             bar.set_postfix(loss=f"{rec['loss']:.4f}", n=rec["n"])
 
-    res = fit_gaussians(images, views, shape, affine, cfg, progress=progress)
+    if args.simulated:
+        res = fit_gaussians(images, views, shape, affine, cfg, progress=progress)
+        with torch.no_grad():
+            recon = Volume(voxelize_model(res.gaussians, shape, affine).numpy(), affine)
+    else:
+        res, recon = fit_case_xrays(case, cfg, pixels=args.pixels, grid_mm=args.grid_mm, voxel_mm=args.voxel_mm,
+                                    progress=progress)
     bar.close()
-    with torch.no_grad():
-        recon = Volume(voxelize_model(res.gaussians, shape, affine).numpy(), affine)
     report = {"source": source, "config": cfg.to_dict(), "seconds": res.seconds, "n_gaussians": len(res.gaussians),
               "history": res.history}
     if gt is not None:

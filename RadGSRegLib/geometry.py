@@ -21,7 +21,7 @@ Everything here is NumPy float64: geometry is exact bookkeeping, not a hot path.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from typing import Iterable
 
 import numpy as np

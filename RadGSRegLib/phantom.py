@@ -213,7 +213,7 @@ def make_phantom(config: PhantomConfig | None = None) -> tuple[Volume, Volume]:
     # walk down the column from the top: s = arc length from the top
     pos = np.zeros(3)
     s = 0.0
-    centres, tangents = [], []
+    centres = []
     step = 0.5
     path = [(0.0, pos.copy(), 0.0, 0.0)]
     while s < total:

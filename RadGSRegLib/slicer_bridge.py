@@ -19,7 +19,7 @@ from typing import Callable
 import numpy as np
 
 from .geometry import View, apply
-from .io import Case, Result, read_case, write_case
+from .io import Case, read_case, write_case
 from .io.segmentation import Segmentation
 from .volume import Volume
 

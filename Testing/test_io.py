@@ -1,12 +1,11 @@
 import json
-import shutil
 
 import numpy as np
 import pytest
 import SimpleITK as sitk
 
 from RadGSRegLib import io
-from RadGSRegLib.geometry import biplanar_views, invert, is_rigid, pose_to_matrix
+from RadGSRegLib.geometry import biplanar_views, invert, pose_to_matrix
 from RadGSRegLib.io import CaseFormatError
 from RadGSRegLib.volume import Volume, affine_from, crop_to_label
 

@@ -13,7 +13,6 @@ back-projections of all views agree (a visual-hull prior).
 """
 from __future__ import annotations
 
-import math
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Callable, Sequence
@@ -27,7 +26,7 @@ from .model import RadiativeGaussians
 from .rasterizer import rasterize
 from .voxelizer import voxelize
 
-__all__ = ["FitConfig", "FitResult", "fit_gaussians", "backprojection_init"]
+__all__ = ["FitConfig", "FitResult", "fit_gaussians", "backprojection_init", "recon_grid", "fit_case_xrays"]
 
 
 @dataclass
@@ -203,3 +202,30 @@ def fit_gaussians(images: torch.Tensor, views: Sequence[View], shape, affine, co
             opt = _optimizer(g, cfg, factor)
             grad_acc = torch.zeros(len(g))
     return FitResult(g, history, time.perf_counter() - t0)
+
+
+def recon_grid(grid_mm: float = 96.0, voxel_mm: float = 1.5):
+    """((n, n, n), affine): a cube of side ``grid_mm`` centred on the C-arm isocentre."""
+    from ..volume import affine_from
+
+    n = int(round(grid_mm / voxel_mm))
+    return (n, n, n), affine_from([-(n - 1) / 2 * voxel_mm] * 3, [voxel_mm] * 3)
+
+
+def fit_case_xrays(case, config: FitConfig | None = None, *, pixels: int = 128, grid_mm: float = 96.0,
+                   voxel_mm: float = 1.5, progress=None):
+    """Fit Gaussians to a case's two X-rays (as line integrals, resized to ``pixels``) on
+    :func:`recon_grid`; returns (FitResult, recon Volume in the C-arm frame)."""
+    from ..volume import Volume
+    from ..xray import as_line_integral, resize_view_image
+    from . import voxelize_model
+
+    shape, affine = recon_grid(grid_mm, voxel_mm)
+    imgs, views = [], []
+    for name in ("ap", "lat"):
+        img, v = resize_view_image(as_line_integral(case.xrays[name], case.image_kind), case.views[name], pixels)
+        imgs.append(img)
+        views.append(v)
+    res = fit_gaussians(torch.from_numpy(np.stack(imgs)), views, shape, affine, config, progress=progress)
+    with torch.no_grad():
+        return res, Volume(voxelize_model(res.gaussians, shape, affine).numpy(), affine)

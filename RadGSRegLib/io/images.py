@@ -24,26 +24,30 @@ def _sitk():
     return sitk
 
 
-def read_volume(path, *, dtype=np.float32, field: str | None = None) -> Volume:
-    """Read a 3-D image (file or DICOM-series folder) as a Volume in its own LPS frame.
-
-    Raises:
-        CaseFormatError: missing file, unreadable, not 3-D, or NaN voxels.
-    """
+def _read_image(path: Path, field: str | None, *, series: bool = False):
+    """SimpleITK image of a file (or, with ``series``, a DICOM-series folder); errors name the file."""
     sitk = _sitk()
-    path = Path(path)
-    if not path.exists():
+    if not (path.exists() if series else path.is_file()):
         raise CaseFormatError(path, field, "file not found")
     try:
         if path.is_dir():
             names = sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(path))
             if not names:
                 raise CaseFormatError(path, field, "folder holds no DICOM series")
-            img = sitk.ReadImage(names)
-        else:
-            img = sitk.ReadImage(str(path))
+            return sitk.ReadImage(names)
+        return sitk.ReadImage(str(path))
     except RuntimeError as e:
         raise CaseFormatError(path, field, f"cannot be read as an image ({str(e).strip().splitlines()[-1]})") from None
+
+
+def read_volume(path, *, dtype=np.float32, field: str | None = None) -> Volume:
+    """Read a 3-D image (file or DICOM-series folder) as a Volume in its own LPS frame.
+
+    Raises:
+        CaseFormatError: missing file, unreadable, not 3-D, or NaN voxels.
+    """
+    path = Path(path)
+    img = _read_image(path, field, series=True)
     if img.GetNumberOfComponentsPerPixel() != 1:
         raise CaseFormatError(path, field, f"expected a scalar image, got {img.GetNumberOfComponentsPerPixel()} components")
     if img.GetDimension() != 3:
@@ -82,12 +86,7 @@ def read_xray(path, *, field: str | None = None) -> np.ndarray:
     """
     sitk = _sitk()
     path = Path(path)
-    if not path.is_file():
-        raise CaseFormatError(path, field, "file not found")
-    try:
-        img = sitk.ReadImage(str(path))
-    except RuntimeError as e:
-        raise CaseFormatError(path, field, f"cannot be read as an image ({str(e).strip().splitlines()[-1]})") from None
+    img = _read_image(path, field)
     if img.GetNumberOfComponentsPerPixel() != 1:
         raise CaseFormatError(path, field, f"expected a grey-level image, got {img.GetNumberOfComponentsPerPixel()} channels")
     arr = sitk.GetArrayFromImage(img).astype(np.float32)

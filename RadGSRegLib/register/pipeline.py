@@ -122,27 +122,12 @@ def run(case: Case, config: RegisterConfig | None = None, log=None) -> Result:
     return Result(T_ct_to_carm=T, runtime_s=runtime, recon=recon, info=info)
 
 
-def reconstruct_volume(case: Case, *, grid_mm: float = 96.0, voxel_mm: float = 1.5, iterations: int = 300,
-                       log=None) -> Volume:
-    """Radiative Gaussians fitted to the case's two X-rays, voxelized on a cube around the
-    isocentre (C-arm frame). The learned reconstruction replaces this when it lands."""
-    import torch
+def reconstruct_volume(case: Case, *, iterations: int = 300, log=None) -> Volume:
+    """Radiative Gaussians fitted to the case's two X-rays, voxelized on a 96 mm cube of
+    1.5 mm voxels around the isocentre (C-arm frame). The learned reconstruction replaces
+    this when it lands."""
+    from ..gaussians.fit import FitConfig, fit_case_xrays
 
-    from ..gaussians import voxelize_model
-    from ..gaussians.fit import FitConfig, fit_gaussians
-    from ..volume import affine_from
-    from ..xray import resize_view_image
-
-    n = int(round(grid_mm / voxel_mm))
-    affine = affine_from([-(n - 1) / 2 * voxel_mm] * 3, [voxel_mm] * 3)
-    imgs, vs = [], []
-    for vn in ("ap", "lat"):
-        img, v = resize_view_image(as_line_integral(case.xrays[vn], case.image_kind), case.views[vn], 128)
-        imgs.append(img)
-        vs.append(v)
     if log:
         log(f"reconstructing: {iterations} iterations of Gaussian fitting")
-    res = fit_gaussians(torch.from_numpy(np.stack(imgs)), vs, (n, n, n), affine, FitConfig(iterations=iterations))
-    with torch.no_grad():
-        return Volume(voxelize_model(res.gaussians, (n, n, n), affine).numpy(), affine)
-
+    return fit_case_xrays(case, FitConfig(iterations=iterations))[1]
