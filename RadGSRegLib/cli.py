@@ -88,14 +88,17 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--version", action="version", version=f"radgsreg {__version__}")
     sub = ap.add_subparsers(dest="command", metavar="COMMAND")
 
-    p = sub.add_parser("demo", help="generate a demo case and its picture (the README's main job)",
+    p = sub.add_parser("demo", help="the main job end to end on a demo case (the README's first command)",
                        description="Takes the bundled real lumbar CT (or a phantom), simulates an AP + lateral pair "
-                                   "at a random pose around the nominal one, writes the case folder and a preview "
-                                   "PNG, and prints what a registration has to recover.")
+                                   "at a random pose around the nominal one, writes the case folder, registers it "
+                                   "(OUT/result), writes a preview PNG with the result's DRR edges on the X-rays, "
+                                   "and prints the error before and after.")
     p.add_argument("--phantom", action="store_true", help="use a procedural phantom instead of the real CT")
     p.add_argument("--out", type=Path, default=Path("demo_out"), help="output folder (default demo_out)")
     p.add_argument("--level", default="L3", help="vertebra level (default L3)")
     p.add_argument("--pixels", type=int, default=488, help="detector pixels per side (default 488, half of 976)")
+    p.add_argument("--rot-deg", type=float, default=10.0, help="true-pose rotation offset range, ± deg (default 10)")
+    p.add_argument("--trans-mm", type=float, default=20.0, help="true-pose translation offset range, ± mm (default 20)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
 
@@ -341,9 +344,10 @@ def _cmd_demo(args):
     import numpy as np
 
     from .cases import CaseGenConfig, make_case
-    from .io import read_case, write_case
+    from .io import read_case, write_case, write_result
     from .metrics import registration_errors, target_points
     from .preview import save_montage
+    from .register import RegisterConfig, run
 
     out = Path(args.out)
     if out.exists() and not args.overwrite:
@@ -352,7 +356,7 @@ def _cmd_demo(args):
     if args.phantom:
         from .phantom import PhantomConfig, make_phantom
 
-        print("1/3 building a spine phantom (L1-L5, 1 mm) ...", flush=True)
+        print("1/4 building a spine phantom (L1-L5, 1 mm) ...", flush=True)
         ct, seg = make_phantom(PhantomConfig(seed=args.seed))
         labels, source = {}, f"phantom seed {args.seed}"
         level = _parse_levels(args.level)[0]
@@ -360,22 +364,31 @@ def _cmd_demo(args):
         from .sample_data import lumbar_ct
 
         sd = lumbar_ct()
-        print(f"1/3 loading the bundled lumbar CT ({sd.ct.name}, {sd.seg.name}) ...", flush=True)
+        print(f"1/4 loading the bundled lumbar CT ({sd.ct.name}, {sd.seg.name}) ...", flush=True)
         level = _parse_levels(args.level)[0]
         ct, seg, labels = _load_ct_seg(sd.ct, sd.seg, [level])
         source = "RadGSReg lumbar sample CT (TotalSegmentator 2.18.0 test data)"
-    print(f"2/3 simulating AP + lateral X-rays ({args.pixels}x{args.pixels}) of {level} at a random pose ...", flush=True)
-    cfg = CaseGenConfig(pixels=args.pixels, seed=args.seed)
+    print(f"2/4 simulating AP + lateral X-rays ({args.pixels}x{args.pixels}) of {level} at a pose up to "
+          f"±{args.rot_deg:g} deg / ±{args.trans_mm:g} mm from the nominal one ...", flush=True)
+    cfg = CaseGenConfig(pixels=args.pixels, seed=args.seed, rot_deg=args.rot_deg, trans_mm=args.trans_mm)
     case = make_case(ct, seg, level, cfg, np.random.default_rng(args.seed), label=labels.get(level), source=source)
     write_case(case, out / "case", overwrite=args.overwrite)
-    case = read_case(out / "case", ground_truth=True)
-    print("3/3 writing the preview ...", flush=True)
-    save_montage(case, out / "preview.png")
-    err = registration_errors(case.initial_guess, case.ground_truth,
-                              target_points(case.seg, case.vertebra_label, max_points=2000), case.views)
-    print(f"case: {out / 'case'} ({level}, label {case.vertebra_label}); picture: {out / 'preview.png'}")
-    print(f"the initial guess is off by mTRE {err['mtre_mm']:.1f} mm (rotation {err['rot_err_deg']:.1f} deg, "
-          f"translation {err['trans_err_mm']:.1f} mm, projection distance {err['mpd_mm']:.1f} mm)")
+    print("3/4 registering (the case is read without its ground truth) ...", flush=True)
+    result = run(read_case(out / "case"), RegisterConfig(), log=print)
+    write_result(result, out / "result", overwrite=args.overwrite)
+    print("4/4 writing the preview ...", flush=True)
+    truth = read_case(out / "case", ground_truth=True)
+    save_montage(truth, out / "preview.png", T=result.T_ct_to_carm)
+    pts = target_points(truth.seg, truth.vertebra_label, max_points=2000)
+    e0 = registration_errors(truth.initial_guess, truth.ground_truth, pts, truth.views)
+    e1 = registration_errors(result.T_ct_to_carm, truth.ground_truth, pts, truth.views)
+    print(f"case: {out / 'case'} ({level}, label {truth.vertebra_label}); result: {out / 'result'}; "
+          f"picture: {out / 'preview.png'}")
+    print(f"initial guess: mTRE {e0['mtre_mm']:.1f} mm (rotation {e0['rot_err_deg']:.1f} deg, translation "
+          f"{e0['trans_err_mm']:.1f} mm)")
+    print(f"registered:    mTRE {e1['mtre_mm']:.2f} mm (rotation {e1['rot_err_deg']:.2f} deg, translation "
+          f"{e1['trans_err_mm']:.2f} mm) in {result.runtime_s['total']:.1f} s"
+          + ("" if not result.info["warnings"] else f"; warning: {'; '.join(result.info['warnings'])}"))
     print(f"done in {time.perf_counter() - t:.0f} s")
 
 

@@ -87,3 +87,17 @@ def test_bench_register_reports_table_columns(easy_case, tmp_path):
     s = out["suites"][easy_case.parent.name]["initial"]["summary"]
     assert s["n"] == 1 and s["sr_pct"] == 0.0 and s["mtre_mean"] > 4.0
     assert any("SR %" in line for line in lines) and (tmp_path / "r.json").exists()
+
+
+def test_block_average_keeps_the_physical_position():
+    from RadGSRegLib.register.refine2d import block_average
+    from RadGSRegLib.volume import affine_from
+
+    A = affine_from([10.0, -5.0, 3.0], [1.0, 1.0, 2.5], np.diag([-1.0, -1.0, 1.0]))
+    idx = np.stack(np.meshgrid(np.arange(9), np.arange(8), np.arange(6), indexing="ij"), -1)   # (k, j, i)
+    world = idx[..., ::-1].astype(float) @ A[:3, :3].T + A[:3, 3]
+    mu = (world @ [1.0, 2.0, 3.0]).astype(np.float32)        # linear: block means equal the centre values
+    b, B = block_average(mu, A, 2.0)
+    assert b.shape == (9, 4, 3)                               # k not averaged (2.5 mm), j and i by 2
+    ijk = np.array([1.0, 2.0, 4.0])
+    assert b[4, 2, 1] == pytest.approx(float((B[:3, :3] @ ijk + B[:3, 3]) @ [1.0, 2.0, 3.0]), rel=1e-5)

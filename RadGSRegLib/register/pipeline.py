@@ -11,12 +11,12 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from ..drr import DRR
+from ..drr import DRR, hu_to_mu
 from ..geometry import translation
 from ..io import Case, Result
 from ..volume import Volume
 from ..xray import as_line_integral
-from .refine2d import RefineConfig, Target, refine_lm, search_pose
+from .refine2d import RefineConfig, Target, block_average, refine_lm, search_pose
 
 __all__ = ["RegisterConfig", "run", "slab_around", "reconstruct_volume"]
 
@@ -84,7 +84,10 @@ def run(case: Case, config: RegisterConfig | None = None, log=None) -> Result:
     info["initial_pose_from"] = "case" if case.initial_guess is not None else "nominal (vertebra at the isocentre)"
     images = {k: as_line_integral(case.xrays[k], case.image_kind) for k in ("ap", "lat")}
     slab = slab_around(case.ct, centre, cfg.slab_mm)
-    tgt = Target(DRR.from_ct(slab), pts, images, case.views)
+    mu = hu_to_mu(slab.array)
+    coarse_mu, coarse_affine = block_average(mu, slab.affine, cfg.refine2d.coarse_mm)
+    coarse = DRR(coarse_mu, coarse_affine) if coarse_mu is not mu else None
+    tgt = Target(DRR(mu, slab.affine), pts, images, case.views, coarse=coarse)
     runtime["preprocessing"] = time.perf_counter() - t0
     candidates = [(0.0, T, {})]
     if cfg.refine in ("search", "2d"):

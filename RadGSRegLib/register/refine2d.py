@@ -28,7 +28,24 @@ import torch.nn.functional as F
 from ..drr import DRR
 from ..geometry import View, apply, compose, pose_to_matrix
 
-__all__ = ["Level", "RefineConfig", "Target", "search_translation", "search_pose", "refine_lm", "window_ncc"]
+__all__ = ["Level", "RefineConfig", "Target", "search_translation", "search_pose", "refine_lm", "window_ncc",
+           "block_average"]
+
+
+def block_average(mu: np.ndarray, affine: np.ndarray, target_mm: float) -> tuple[np.ndarray, np.ndarray]:
+    """``mu`` ([k, j, i]) averaged over blocks of ``floor(target_mm / spacing)`` voxels per axis,
+    and its affine (voxel centres at the blocks' centres)."""
+    sp = np.linalg.norm(affine[:3, :3], axis=0)                      # (i, j, k)
+    f = np.maximum(1, np.floor(target_mm / sp).astype(int))
+    if np.all(f == 1):
+        return mu, affine
+    fk, fj, fi = f[2], f[1], f[0]
+    K, J, I = (n // m * m for n, m in zip(mu.shape, (fk, fj, fi)))
+    b = mu[:K, :J, :I].reshape(K // fk, fk, J // fj, fj, I // fi, fi).mean(axis=(1, 3, 5))
+    A = affine.copy()
+    A[:3, :3] = affine[:3, :3] * f[None, :]
+    A[:3, 3] = affine[:3, :3] @ ((f - 1) / 2.0) + affine[:3, 3]
+    return np.ascontiguousarray(b, dtype=np.float32), A
 
 
 @dataclass
@@ -54,6 +71,8 @@ class RefineConfig:
     search_rot_deg: tuple = (-12.0, 0.0, 12.0)
     search_prior: float = 0.1
     candidates: int = 3
+    coarse_mm: float = 2.0
+    coarse_below_pixels: int = 128
     search_margin_mm: float = 30.0
     search_highpass_mm: float = 8.0
     max_step_deg: float = 4.0
@@ -67,8 +86,10 @@ class Target:
     """What the 2-D/3-D stages need: a DRR of the CT, the vertebra's points (CT frame), the
     X-rays (line integrals) and their views."""
 
-    def __init__(self, drr: DRR, points_ct: np.ndarray, images: dict[str, np.ndarray], views: dict[str, View]):
+    def __init__(self, drr: DRR, points_ct: np.ndarray, images: dict[str, np.ndarray], views: dict[str, View],
+                 coarse: DRR | None = None):
         self.drr = drr
+        self.coarse = coarse or drr
         self.points = np.asarray(points_ct, dtype=np.float64)
         self.centre = self.points.mean(axis=0)
         self.images = images
@@ -95,12 +116,14 @@ class Target:
         r1 = int(np.clip(np.ceil(uv[:, 1].max() + m), r0 + 2, view.size[1]))
         return c0, r0, c1 - c0, r1 - r0
 
-    def render(self, view: View, T, supersample: int = 1) -> np.ndarray:
-        """DRR of ``view`` at pose ``T`` (area-averaged from ``supersample``^2 rays per pixel)."""
+    def render(self, view: View, T, supersample: int = 1, coarse: bool = False) -> np.ndarray:
+        """DRR of ``view`` at pose ``T`` (area-averaged from ``supersample``^2 rays per pixel;
+        ``coarse``: from the block-averaged CT, for the low-resolution stages)."""
+        drr = self.coarse if coarse else self.drr
         if supersample <= 1:
-            return self.drr.render([view], T)[0].numpy()
+            return drr.render([view], T)[0].numpy()
         fine = view.resized((view.size[0] * supersample, view.size[1] * supersample))
-        img = self.drr.render([fine], T)[0]
+        img = drr.render([fine], T)[0]
         return F.avg_pool2d(img[None, None], supersample)[0, 0].numpy()
 
 
@@ -155,7 +178,7 @@ def search_translation(tgt: Target, T: np.ndarray, cfg: RefineConfig) -> tuple[n
         mag = abs(view.source_to_detector) / float(np.linalg.norm(view.source - centre))
         px_mm = view.pixel_spacing[0] / mag                                   # mm at the vertebra per pixel
         sig = cfg.search_highpass_mm / px_mm
-        templ = highpass(tgt.render(view.cropped(c0, r0, w, h), T, cfg.supersample), sig)
+        templ = highpass(tgt.render(view.cropped(c0, r0, w, h), T, cfg.supersample, coarse=True), sig)
         rng_px = int(np.ceil(cfg.search_range_mm / px_mm))
         pad = np.pad(highpass(img, sig), rng_px, mode="constant")
         sub = pad[r0:r0 + h + 2 * rng_px, c0:c0 + w + 2 * rng_px]
@@ -202,7 +225,8 @@ def search_pose(tgt: Target, T: np.ndarray, cfg: RefineConfig) -> list[tuple[flo
 def _residuals(tgt: Target, T, windows, cfg: RefineConfig, level: Level) -> np.ndarray:
     out = []
     for name, (view, win, img_win, sig) in windows.items():
-        drr = tgt.render(view.cropped(*win), T, cfg.supersample if level.pixels <= 64 else 1)
+        drr = tgt.render(view.cropped(*win), T, cfg.supersample if level.pixels <= 64 else 1,
+                         coarse=level.pixels <= cfg.coarse_below_pixels)
         drr = highpass(drr, sig) if sig else drr
         out.append((_z(drr) - _z(img_win)) / np.sqrt(img_win.size))
     return np.concatenate(out)
