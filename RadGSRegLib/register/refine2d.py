@@ -147,17 +147,25 @@ def window_ncc(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.mean(_z(a) * _z(b)))
 
 
-def _ncc_map(image: np.ndarray, template: np.ndarray) -> np.ndarray:
-    """NCC of ``template`` at every position inside ``image`` (valid correlation)."""
+def _ncc_map(image: np.ndarray, template: np.ndarray, valid: np.ndarray | None = None,
+             min_overlap: float = 0.5) -> np.ndarray:
+    """NCC of ``template`` at every position inside ``image`` (valid correlation), computed
+    over the pixels where ``valid`` is true only (masked NCC: positions that overlap the
+    image's edge are scored on their overlap, not on padding); positions with less than
+    ``min_overlap`` of the template inside score -1."""
     img = torch.from_numpy(image.astype(np.float64))[None, None]
-    t = torch.from_numpy(_z(template).reshape(template.shape))[None, None]
-    n = template.size
+    t = torch.from_numpy(template.astype(np.float64))[None, None]
+    m = torch.ones_like(img) if valid is None else torch.from_numpy(valid.astype(np.float64))[None, None]
+    img = img * m
     ones = torch.ones_like(t)
-    s1 = F.conv2d(img, ones)
-    s2 = F.conv2d(img ** 2, ones)
-    num = F.conv2d(img, t)
-    var = torch.clamp(s2 - s1 ** 2 / n, min=1e-12)
-    return (num / torch.sqrt(var * n))[0, 0].numpy()
+    n = F.conv2d(m, ones)
+    st, st2 = F.conv2d(m, t), F.conv2d(m, t * t)
+    si, si2, sit = F.conv2d(img, ones), F.conv2d(img * img, ones), F.conv2d(img, t)
+    nn = torch.clamp(n, min=1.0)
+    cov = sit - si * st / nn
+    var = torch.clamp(si2 - si * si / nn, min=1e-12) * torch.clamp(st2 - st * st / nn, min=1e-12)
+    ncc = cov / torch.sqrt(var)
+    return torch.where(n >= min_overlap * template.size, ncc, torch.full_like(ncc, -1.0))[0, 0].numpy()
 
 
 def search_translation(tgt: Target, T: np.ndarray, cfg: RefineConfig) -> tuple[np.ndarray, dict]:
@@ -181,8 +189,9 @@ def search_translation(tgt: Target, T: np.ndarray, cfg: RefineConfig) -> tuple[n
         templ = highpass(tgt.render(view.cropped(c0, r0, w, h), T, cfg.supersample, coarse=True), sig)
         rng_px = int(np.ceil(cfg.search_range_mm / px_mm))
         pad = np.pad(highpass(img, sig), rng_px, mode="constant")
-        sub = pad[r0:r0 + h + 2 * rng_px, c0:c0 + w + 2 * rng_px]
-        m = _ncc_map(sub, templ)                                              # (2 rng + 1)^2
+        inside = np.pad(np.ones(img.shape, bool), rng_px, mode="constant")
+        sl = (slice(r0, r0 + h + 2 * rng_px), slice(c0, c0 + w + 2 * rng_px))
+        m = _ncc_map(pad[sl], templ, inside[sl])                              # (2 rng + 1)^2
         k = np.arange(-rng_px, rng_px + 1) / max(rng_px, 1)
         m = m - cfg.search_prior * (k[:, None] ** 2 + k[None, :] ** 2)
         maps[name] = (m, rng_px, px_mm, view)
