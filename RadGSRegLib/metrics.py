@@ -97,7 +97,9 @@ def success_rate(final_mtre) -> float:
 def capture_range(initial_mtre, final_mtre, *, bin_mm: float = 5.0, min_sr: float = 0.8) -> tuple[float, list[dict]]:
     """Capture range (metrics.md): cases binned by initial mTRE in ``bin_mm`` bins from 0;
     CR is the upper edge of the last bin such that it and every bin below it has
-    SR >= ``min_sr`` (empty bins break the chain). Returns (CR in mm, per-bin table)."""
+    SR >= ``min_sr``. An empty bin has no SR and is skipped (neither breaks nor extends
+    the chain): a suite with offsets of ±20°/±50 mm has no case below ~10 mm, and the
+    strict reading would give every method CR = 0. Returns (CR in mm, per-bin table)."""
     init = np.asarray(initial_mtre, dtype=np.float64)
     fin = np.asarray(final_mtre, dtype=np.float64)
     if init.size == 0:
@@ -109,7 +111,9 @@ def capture_range(initial_mtre, final_mtre, *, bin_mm: float = 5.0, min_sr: floa
         n = int(sel.sum())
         sr = success_rate(fin[sel]) if n else float("nan")
         table.append({"bin_mm": [b * bin_mm, (b + 1) * bin_mm], "n": n, "sr": sr})
-        if chain and n and sr >= min_sr:
+        if not n:
+            continue
+        if chain and sr >= min_sr:
             cr = (b + 1) * bin_mm
         else:
             chain = False

@@ -76,7 +76,8 @@ def test_capture_range_and_success_rate_by_hand():
     assert cr == 10.0
     assert [b["n"] for b in bins] == [2, 2, 2, 1, 1]
     assert bins[2]["sr"] == pytest.approx(0.5)
-    assert capture_range([1, 12], [0.1, 0.1])[0] == 5.0     # an empty 5-10 bin ends the chain
+    assert capture_range([1, 12], [0.1, 0.1])[0] == 15.0    # an empty 5-10 bin is skipped
+    assert capture_range([1, 12, 13], [0.1, 0.1, 5.0])[0] == 5.0
 
 
 def test_bench_register_reports_table_columns(easy_case, tmp_path):
