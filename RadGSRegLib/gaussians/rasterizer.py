@@ -17,10 +17,12 @@ gives dimensionless line integrals, the same as :mod:`RadGSRegLib.drr`.
 
 Speed: each Gaussian contributes only to the pixels inside the bounding box of the
 projection of its ``cutoff``-sigma ellipsoid (computed exactly from the dual quadric,
-``C* = P Q* P^T``); Gaussian/pixel pairs are enumerated flat, evaluated in one batch and
-scatter-added (``index_add_``), in chunks, so memory is bounded by the pairs in a chunk,
-never N x pixels. :func:`rasterize_dense` is the plain reference twin (every Gaussian at
-every pixel, no truncation).
+``C* = P Q* P^T``). Gaussians are grouped by box size; each group is one broadcast
+(n, B, B) evaluation (no per-pair gathers) scatter-added into the image, in chunks, so
+memory is bounded by a chunk, never N x pixels; with gradients each chunk is recomputed in
+the backward pass (checkpointing) and the scatter recomputes its indices.
+:func:`rasterize_dense` is the plain reference twin (every Gaussian at every pixel, no
+truncation, the textbook formula).
 
 Differentiable in density, position, scale and rotation through autograd; same code on CPU
 and CUDA.
@@ -93,37 +95,22 @@ def projected_boxes(position: torch.Tensor, covariance: torch.Tensor, view: View
         return u0, u1, v0, v1
 
 
-def _pair_values(gm: torch.Tensor, dx, dy, dz) -> torch.Tensor:
-    """Exact line integrals for gathered Gaussian terms gm (13, E) and unit directions.
-
-    With M = W^T W (W = S^-1 R^T, the whitening map), d' = W d and Delta' = W Delta:
-    a = |d'|^2 and c - b^2/a = |Delta' x d'|^2 / a (Lagrange's identity). The cross
-    product form has no cancellation, unlike c - b^2/a, whose terms are ~(700 mm / sigma)^2.
-    """
-    w00, w01, w02, w10, w11, w12, w20, w21, w22, e0, e1, e2, rho = gm.unbind(dim=0)
-    d0 = w00 * dx + w01 * dy + w02 * dz
-    d1 = w10 * dx + w11 * dy + w12 * dz
-    d2 = w20 * dx + w21 * dy + w22 * dz
-    a = torch.clamp(d0 * d0 + d1 * d1 + d2 * d2, min=1e-12)
-    x0 = e1 * d2 - e2 * d1
-    x1 = e2 * d0 - e0 * d2
-    x2 = e0 * d1 - e1 * d0
-    return rho * torch.sqrt(2.0 * math.pi / a) * torch.exp(-0.5 * (x0 * x0 + x1 * x1 + x2 * x2) / a)
-
-
 def _box_values(t: torch.Tensor, base, U, V, u0, v0, w, h, B: int) -> torch.Tensor:
     """Exact line integrals over B x B pixel boxes: Gaussian terms t (13, n), box corners
     u0, v0 and true box sizes w, h (n,) -> (n, B, B) values at pixels (v0 + row, u0 + col),
     (~0: below 1e-34) outside each true box.
 
-    The same integral as :func:`_pair_values`, with the ray direction left unnormalised,
-    ``d = row_start + c U`` (``row_start = base + u0 U + (v0 + r) V``, c = 0..B-1 within the
+    With M = W^T W (W = S^-1 R^T, the whitening map), d' = W d and Delta' = W Delta, the
+    module docstring's integral is ``rho sqrt(2 pi / a) exp(-|Delta' x d'|^2 / (2 a))`` with
+    ``a = |d'|^2`` (Lagrange's identity: c - b^2/a = |Delta' x d'|^2 / a, without the
+    cancellation of two terms ~(700 mm / sigma)^2). Here the ray direction is left
+    unnormalised, ``d = row_start + c U`` (``row_start = base + u0 U + (v0 + r) V``, c = 0..B-1 within the
     box): ``integral = rho |d| sqrt(2 pi / a) exp(-e / (2 a))`` with ``d' = W d``,
     ``a = |d'|^2``, ``e = |Delta' x d'|^2``. Each of |d|^2, a and e is a quadratic in c whose
     coefficients are per-row, so the (n, B, B) work is a few multiply-adds per pixel; c is
     counted from the box's own corner, which keeps the float32 sums small. Constant factors
     are folded into the coefficients, and pixels outside the true box get a huge
-    exponent (value 0) instead of a separate mask.
+    exponent (value ~0) instead of a separate mask.
     """
     dt = base.dtype
     ar = torch.arange(B, device=base.device, dtype=dt)

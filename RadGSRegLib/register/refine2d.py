@@ -28,8 +28,7 @@ import torch.nn.functional as F
 from ..drr import DRR
 from ..geometry import View, apply, compose, pose_to_matrix
 
-__all__ = ["Level", "RefineConfig", "Target", "search_translation", "search_pose", "refine_lm", "window_ncc",
-           "block_average"]
+__all__ = ["Level", "RefineConfig", "Target", "search_translation", "search_pose", "refine_lm", "block_average"]
 
 
 def block_average(mu: np.ndarray, affine: np.ndarray, target_mm: float) -> tuple[np.ndarray, np.ndarray]:
@@ -140,11 +139,6 @@ def _z(a: np.ndarray) -> np.ndarray:
     a = a.astype(np.float64).ravel()
     s = a.std()
     return (a - a.mean()) / (s if s > 1e-12 else 1.0)
-
-
-def window_ncc(a: np.ndarray, b: np.ndarray) -> float:
-    """Normalised cross-correlation of two equal-shape images."""
-    return float(np.mean(_z(a) * _z(b)))
 
 
 def _ncc_map(image: np.ndarray, template: np.ndarray, valid: np.ndarray | None = None,
