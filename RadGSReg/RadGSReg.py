@@ -12,6 +12,7 @@ Console example::
     ctNode.SetAndObserveTransformNodeID(transformNode.GetID())
 """
 import os
+import shutil
 import sys
 import tempfile
 from pathlib import Path
@@ -422,8 +423,10 @@ class _BackgroundRun:
         self.proc.connect("readyRead()", self._read)
         self.proc.connect("finished(int,QProcess::ExitStatus)", self._finished)
         self.cancelled = False
-        self.proc.start(sys.executable.replace("SlicerApp-real", "PythonSlicer"), args)
         self._log = []
+        # Slicer's own Python interpreter, as SlicerTotalSegmentator / MONAIAuto3DSeg launch their backends
+        python = shutil.which("PythonSlicer") or sys.executable
+        self.proc.start(python, args)
         if onProgress:
             onProgress(0.05, "registering...")
 
