@@ -212,6 +212,7 @@ def run_self_test(scene, workdir, log: Callable[[str], None] = print) -> dict:
     registers it through :func:`register`, and checks the transform node against the truth in
     RAS, then saves and reloads it with a storage node. Raises AssertionError on failure."""
     from .cases import CaseGenConfig, make_case
+    from .levels import level_name
     from .metrics import registration_errors, target_points
     from .phantom import PhantomConfig, make_phantom
     from .register import RegisterConfig
@@ -231,8 +232,6 @@ def run_self_test(scene, workdir, log: Callable[[str], None] = print) -> dict:
     assert slicer.vtkSlicerSegmentationsModuleLogic.ImportLabelmapToSegmentationNode(nodes["seg"], segnode)
     s = segnode.GetSegmentation()
     for i in range(s.GetNumberOfSegments()):
-        from .levels import level_name
-
         s.GetNthSegment(i).SetName(f"vertebrae_{level_name(s.GetNthSegment(i).GetLabelValue())}")
     cfg = RegisterConfig(refine2d=RefineConfig(search_rot_deg=(0.0,), candidates=1,
                                                levels=[Level(64, 10, 1.0, 1.0, 30.0, None),
@@ -251,8 +250,9 @@ def run_self_test(scene, workdir, log: Callable[[str], None] = print) -> dict:
     ras_err = float(np.linalg.norm(apply(F, ras_pts) - apply(G_ras, ras_pts), axis=1).mean())
     assert abs(ras_err - err) < 1e-6, (ras_err, err)
     assert err < 2.0, f"self-test registration error {err:.2f} mm (started at {err0:.2f} mm)"
-    # the CT under the transform: its vertebra centre lands where the truth puts it
+    # the CT can sit under the transform, as the module's overlay puts it
     nodes["ct"].SetAndObserveTransformNodeID(tnode.GetID())
+    assert nodes["ct"].GetParentTransformNode() is tnode
     # save and reload the transform with a storage node
     storage = scene.AddNewNodeByClass("vtkMRMLTransformStorageNode")
     storage.SetFileName(str(workdir / "result.h5"))
