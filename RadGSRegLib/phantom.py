@@ -201,7 +201,9 @@ def make_phantom(config: PhantomConfig | None = None) -> tuple[Volume, Volume]:
     verts_dims = []
     for i, name in enumerate(levels):
         g = LEVELS.index(name)
-        size = 0.75 + 0.25 * np.clip((g - 7) / 16, 0, 1.05)  # thoracic small -> lumbar large
+        # vertebrae grow down the column (T1 ~0.55, L1 ~0.89, L5 1.0 of an L5): neighbours differ
+        # in size as real ones do, instead of repeating (a repeating column misleads registration)
+        size = 0.55 + 0.45 * np.clip((g - 7) / 16, 0, 1.05)
         j = lambda s: 1.0 + var * rng.uniform(-s, s)        # noqa: E731
         verts_dims.append(dict(w=22.0 * size * j(0.08), d=16.5 * size * j(0.08), h=26.0 * (0.85 + 0.15 * size) * j(0.06),
                                canal_w=21.0 * j(0.08), canal_d=15.0 * j(0.08), ped_r=4.3 * size * j(0.1),
