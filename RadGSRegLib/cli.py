@@ -341,6 +341,8 @@ def _has_gt(path) -> bool:
 
 
 def _cmd_demo(args):
+    from dataclasses import replace
+
     import numpy as np
 
     from .cases import CaseGenConfig, make_case
@@ -373,11 +375,11 @@ def _cmd_demo(args):
     cfg = CaseGenConfig(pixels=args.pixels, seed=args.seed, rot_deg=args.rot_deg, trans_mm=args.trans_mm)
     case = make_case(ct, seg, level, cfg, np.random.default_rng(args.seed), label=labels.get(level), source=source)
     write_case(case, out / "case", overwrite=args.overwrite)
-    print("3/4 registering (the case is read without its ground truth) ...", flush=True)
-    result = run(read_case(out / "case"), RegisterConfig(), log=print)
+    print("3/4 registering (without the case's ground truth) ...", flush=True)
+    truth = read_case(out / "case", ground_truth=True)
+    result = run(replace(truth, ground_truth=None), RegisterConfig(), log=print)
     write_result(result, out / "result", overwrite=args.overwrite)
     print("4/4 writing the preview ...", flush=True)
-    truth = read_case(out / "case", ground_truth=True)
     save_montage(truth, out / "preview.png", T=result.T_ct_to_carm)
     pts = target_points(truth.seg, truth.vertebra_label, max_points=2000)
     e0 = registration_errors(truth.initial_guess, truth.ground_truth, pts, truth.views)

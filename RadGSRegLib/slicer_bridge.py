@@ -24,7 +24,7 @@ from .io.segmentation import Segmentation
 from .volume import Volume
 
 __all__ = ["RAS_FROM_LPS", "volume_to_node", "node_to_volume", "xray_to_node", "node_to_xray",
-           "labelmap_from_node", "transform_to_node", "node_to_transform", "register", "load_case",
+           "labelmap_from_node", "transform_to_node", "node_to_transform", "case_from_nodes", "register", "load_case",
            "export_case", "source_markups", "run_self_test"]
 
 RAS_FROM_LPS = np.diag([-1.0, -1.0, 1.0, 1.0])
@@ -148,6 +148,23 @@ def source_markups(scene, views: dict[str, View], name: str = "RadGSReg X-ray so
 
 
 # ------------------------------------------------------------------ the work
+def case_from_nodes(ct_node, seg_node, level, ap_node, lat_node, views: dict[str, View], *,
+                    image_kind: str = "line_integral") -> Case:
+    """A :class:`~RadGSRegLib.io.Case` (LPS) from the scene's nodes; the level is resolved in
+    the segmentation (names or TotalSegmentator ids) and each X-ray checked against its view."""
+    from .levels import resolve_level
+
+    seg = labelmap_from_node(seg_node, ct_node)
+    label = resolve_level(level, seg.labelmap, seg.names, source=f"segmentation '{seg_node.GetName()}'")
+    xrays = {"ap": node_to_xray(ap_node), "lat": node_to_xray(lat_node)}
+    for vn in ("ap", "lat"):
+        if xrays[vn].shape != views[vn].shape:
+            raise ValueError(f"the {vn} X-ray is {xrays[vn].shape[1]} x {xrays[vn].shape[0]} pixels, "
+                             f"its geometry says {views[vn].size[0]} x {views[vn].size[1]}")
+    return Case(ct=node_to_volume(ct_node), seg=seg.labelmap, vertebra_label=label, vertebra_name=str(level),
+                views=views, xrays=xrays, image_kind=image_kind)
+
+
 def register(scene, ct_node, seg_node, level, ap_node, lat_node, views: dict[str, View], *,
              image_kind: str = "line_integral", config=None, log: Callable[[str], None] | None = None):
     """Register the CT vertebra ``level`` to the two X-ray nodes.
@@ -160,18 +177,9 @@ def register(scene, ct_node, seg_node, level, ap_node, lat_node, views: dict[str
     Returns:
         (transform node, reconstruction node or None, :class:`~RadGSRegLib.io.Result`).
     """
-    from .levels import resolve_level
     from .register import RegisterConfig, run
 
-    ct = node_to_volume(ct_node)
-    seg = labelmap_from_node(seg_node, ct_node)
-    label = resolve_level(level, seg.labelmap, seg.names, source=f"segmentation '{seg_node.GetName()}'")
-    case = Case(ct=ct, seg=seg.labelmap, vertebra_label=label, vertebra_name=str(level), views=views,
-                xrays={"ap": node_to_xray(ap_node), "lat": node_to_xray(lat_node)}, image_kind=image_kind)
-    for vn in ("ap", "lat"):
-        if case.xrays[vn].shape != views[vn].shape:
-            raise ValueError(f"the {vn} X-ray is {case.xrays[vn].shape[1]} x {case.xrays[vn].shape[0]} pixels, "
-                             f"its geometry says {views[vn].size[0]} x {views[vn].size[1]}")
+    case = case_from_nodes(ct_node, seg_node, level, ap_node, lat_node, views, image_kind=image_kind)
     result = run(case, config or RegisterConfig(), log=log)
     tnode = transform_to_node(scene, result.T_ct_to_carm)
     recon_node = volume_to_node(scene, result.recon, "RadGSReg reconstruction") if result.recon is not None else None
@@ -195,14 +203,8 @@ def load_case(scene, path) -> dict:
 def export_case(path, ct_node, seg_node, level, ap_node, lat_node, views: dict[str, View], *,
                 image_kind: str = "line_integral", initial_guess=None, overwrite: bool = False) -> Path:
     """Write the scene's inputs as a case folder (docs/case-format.md)."""
-    from .levels import resolve_level
-
-    ct = node_to_volume(ct_node)
-    seg = labelmap_from_node(seg_node, ct_node)
-    label = resolve_level(level, seg.labelmap, seg.names, source=f"segmentation '{seg_node.GetName()}'")
-    case = Case(ct=ct, seg=seg.labelmap, vertebra_label=label, vertebra_name=str(level), views=views,
-                xrays={"ap": node_to_xray(ap_node), "lat": node_to_xray(lat_node)}, image_kind=image_kind,
-                initial_guess=initial_guess)
+    case = case_from_nodes(ct_node, seg_node, level, ap_node, lat_node, views, image_kind=image_kind)
+    case.initial_guess = initial_guess
     return write_case(case, path, overwrite=overwrite)
 
 

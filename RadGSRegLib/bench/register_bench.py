@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -51,11 +52,11 @@ def run_register_bench(suites: list[Path], methods: list[str], *, json_path: Pat
         for m in methods:
             rows = []
             for i, d in enumerate(cases):
-                case = read_case(d)                                  # what the method sees
+                truth = read_case(d, ground_truth=True)              # read once; the truth is for evaluation
+                case = replace(truth, ground_truth=None)             # what the method sees
                 t = time.perf_counter()
                 res = run(case, RegisterConfig(**METHODS[m]))
                 wall = time.perf_counter() - t
-                truth = read_case(d, ground_truth=True)              # evaluation only
                 pts = target_points(truth.seg, truth.vertebra_label, max_points=2000)
                 e0 = registration_errors(truth.initial_guess, truth.ground_truth, pts)["mtre_mm"]
                 e = registration_errors(res.T_ct_to_carm, truth.ground_truth, pts, truth.views)

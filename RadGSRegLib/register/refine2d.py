@@ -104,11 +104,14 @@ class Target:
             self._cache[key] = resize_view_image(self.images[name], self.views[name], pixels)
         return self._cache[key]
 
+    def magnification(self, view: View, T) -> float:
+        """Detector mm per mm at the vertebra's centre (pose ``T``) for ``view``."""
+        return abs(view.source_to_detector) / max(float(np.linalg.norm(view.source - apply(T, self.centre))), 1.0)
+
     def window(self, view: View, T, margin_mm: float) -> tuple[int, int, int, int]:
         """(col0, row0, cols, rows): bounding box of the projected vertebra + margin, clipped."""
         uv = view.project(apply(T, self.points))
-        m = margin_mm / view.pixel_spacing[0] * abs(view.source_to_detector) / max(
-            float(np.linalg.norm(view.source - apply(T, self.centre))), 1.0)
+        m = margin_mm * self.magnification(view, T) / view.pixel_spacing[0]
         c0 = int(np.clip(np.floor(uv[:, 0].min() - m), 0, view.size[0] - 2))
         r0 = int(np.clip(np.floor(uv[:, 1].min() - m), 0, view.size[1] - 2))
         c1 = int(np.clip(np.ceil(uv[:, 0].max() + m), c0 + 2, view.size[0]))
@@ -176,9 +179,7 @@ def search_translation(tgt: Target, T: np.ndarray, cfg: RefineConfig) -> tuple[n
     for name in ("ap", "lat"):
         img, view = tgt.image(name, cfg.search_pixels)
         c0, r0, w, h = tgt.window(view, T, cfg.search_margin_mm)
-        centre = apply(T, tgt.centre)
-        mag = abs(view.source_to_detector) / float(np.linalg.norm(view.source - centre))
-        px_mm = view.pixel_spacing[0] / mag                                   # mm at the vertebra per pixel
+        px_mm = view.pixel_spacing[0] / tgt.magnification(view, T)                                   # mm at the vertebra per pixel
         sig = cfg.search_highpass_mm / px_mm
         templ = highpass(tgt.render(view.cropped(c0, r0, w, h), T, cfg.supersample, coarse=True), sig)
         rng_px = int(np.ceil(cfg.search_range_mm / px_mm))
@@ -244,8 +245,7 @@ def refine_lm(tgt: Target, T: np.ndarray, cfg: RefineConfig, log=None) -> tuple[
             img, view = tgt.image(name, level.pixels)
             win = tgt.window(view, T, level.margin_mm)
             c0, r0, w, h = win
-            mag = abs(view.source_to_detector) / float(np.linalg.norm(view.source - apply(T, tgt.centre)))
-            sig = level.highpass_mm * mag / view.pixel_spacing[0] if level.highpass_mm else None
+            sig = level.highpass_mm * tgt.magnification(view, T) / view.pixel_spacing[0] if level.highpass_mm else None
             img_win = img[r0:r0 + h, c0:c0 + w]
             windows[name] = (view, win, highpass(img_win, sig) if sig else img_win, sig)
         steps = np.array([level.step_deg] * 3 + [level.step_mm] * 3)
