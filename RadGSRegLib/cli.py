@@ -438,13 +438,12 @@ def _cmd_fit_gaussians(args):
     from tqdm import tqdm
 
     from .drr import DRR
-    from .gaussians import voxelize_model
+    from .gaussians import to_volume, voxelize_model
     from .gaussians.fit import FitConfig, fit_case_xrays, fit_gaussians, recon_grid
     from .geometry import c_arm_view
     from .io import read_case, write_volume
     from .io.atomic import atomic_dir
     from .metrics import ground_truth_volume, recon_metrics
-    from .volume import Volume
 
     if args.views < 2:
         raise SystemExit("--views must be at least 2")
@@ -485,7 +484,7 @@ def _cmd_fit_gaussians(args):
     if args.simulated:
         res = fit_gaussians(images, views, shape, affine, cfg, progress=progress)
         with torch.no_grad():
-            recon = Volume(voxelize_model(res.gaussians, shape, affine).numpy(), affine)
+            recon = to_volume(voxelize_model(res.gaussians, shape, affine), affine)
     else:
         res, recon = fit_case_xrays(case, cfg, pixels=args.pixels, grid_mm=args.grid_mm, voxel_mm=args.voxel_mm,
                                     progress=progress)

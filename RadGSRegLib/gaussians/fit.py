@@ -216,9 +216,8 @@ def fit_case_xrays(case, config: FitConfig | None = None, *, pixels: int = 128, 
                    voxel_mm: float = 1.5, progress=None):
     """Fit Gaussians to a case's two X-rays (as line integrals, resized to ``pixels``) on
     :func:`recon_grid`; returns (FitResult, recon Volume in the C-arm frame)."""
-    from ..volume import Volume
     from ..xray import as_line_integral, resize_view_image
-    from . import voxelize_model
+    from . import to_volume, voxelize_model
 
     shape, affine = recon_grid(grid_mm, voxel_mm)
     imgs, views = [], []
@@ -228,4 +227,4 @@ def fit_case_xrays(case, config: FitConfig | None = None, *, pixels: int = 128, 
         views.append(v)
     res = fit_gaussians(torch.from_numpy(np.stack(imgs)), views, shape, affine, config, progress=progress)
     with torch.no_grad():
-        return res, Volume(voxelize_model(res.gaussians, shape, affine).numpy(), affine)
+        return res, to_volume(voxelize_model(res.gaussians, shape, affine), affine)
