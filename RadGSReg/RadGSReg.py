@@ -105,10 +105,19 @@ class RadGSRegParameterNode:
     sid: float = 700.0
     pixelSpacing: float = 0.3
     imageKind: str = "line_integral"
+    init: str = "learned"
+    modelFile: Path
+    device: str = "cpu"
     refine: str = "2d"
     reconstruct: bool = False
     outputTransform: vtkMRMLLinearTransformNode
     outputRecon: vtkMRMLScalarVolumeNode
+
+
+def _modelArg(p):
+    """The weights the panel asks for: its file, or the shipped ones (None) when empty."""
+    m = str(p.modelFile) if p.modelFile else ""
+    return m if m and m != "." else None
 
 
 #
@@ -135,7 +144,9 @@ class RadGSRegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
         self.ui.levelComboBox.addItems(LEVEL_CHOICES)
         self.ui.imageKindComboBox.addItems(["line_integral", "intensity"])
-        self.ui.refineComboBox.addItems(["2d", "search", "none"])
+        self.ui.initComboBox.addItems(["learned", "search", "none"])
+        self.ui.deviceComboBox.addItems(["cpu", "cuda"])
+        self.ui.refineComboBox.addItems(["2d", "both", "3d", "none"])
         self.ui.geometrySourceComboBox.addItems(["file", "dicom", "typed"])
 
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose)
@@ -208,7 +219,8 @@ class RadGSRegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.ui.progressBar.value = 0
             self._process = self.logic.registerInBackground(
                 p.ctVolume, p.segmentation, p.level, p.apXray, p.latXray, views, imageKind=p.imageKind,
-                refine=p.refine, reconstruct=p.reconstruct, onProgress=self._onProgress, onDone=self._onDone)
+                refine=p.refine, reconstruct=p.reconstruct, init=p.init, model=_modelArg(p), device=p.device,
+                onProgress=self._onProgress, onDone=self._onDone)
         except Exception as e:
             self._process = None
             self.ui.applyButton.text = _("Apply")
@@ -347,25 +359,33 @@ class RadGSRegLogic(ScriptedLoadableModuleLogic):
 
     # -- registration
     def register(self, ctNode, segNode, level, apNode, latNode, views, imageKind="line_integral", refine="2d",
-                 reconstruct=False):
-        """Synchronous registration (console, tests). Returns (transformNode, reconNode or None)."""
+                 reconstruct=False, init="auto", model=None, device="cpu"):
+        """Synchronous registration (console, tests). Returns (transformNode, reconNode or None).
+        ``init="learned"`` with ``model=None`` uses the shipped weights."""
         from RadGSRegLib import slicer_bridge
         from RadGSRegLib.register import RegisterConfig
 
-        config = RegisterConfig(refine=refine, reconstruct=reconstruct)
+        if init == "learned" and not model:
+            model = "default"
+        config = RegisterConfig(init=init, refine=refine, reconstruct=reconstruct, model=model, device=device)
         tnode, rnode, _result = slicer_bridge.register(slicer.mrmlScene, ctNode, segNode, level, apNode, latNode, views,
                                                        image_kind=imageKind, config=config, log=print)
         return tnode, rnode
 
     def registerInBackground(self, ctNode, segNode, level, apNode, latNode, views, imageKind="line_integral",
-                             refine="2d", reconstruct=False, onProgress=None, onDone=None):
+                             refine="2d", reconstruct=False, init="auto", model=None, device="cpu", onProgress=None,
+                             onDone=None):
         """Export a case folder, run ``python -m RadGSRegLib.cli register`` in a separate process
         (Slicer stays responsive), parse its progress lines, load the result. Returns a handle
         with ``cancel()``."""
         workdir = Path(tempfile.mkdtemp(prefix="RadGSReg-"))
         self.exportCase(workdir / "case", ctNode, segNode, level, apNode, latNode, views, imageKind=imageKind)
+        if init == "learned" and not model:
+            model = "default"
         args = ["-m", "RadGSRegLib.cli", "register", str(workdir / "case"), "--out", str(workdir / "result"),
-                "--refine", refine] + (["--reconstruct"] if reconstruct else [])
+                "--refine", refine, "--init", init, "--device", device] + (["--reconstruct"] if reconstruct else [])
+        if model:
+            args += ["--model", str(model)]
         return _BackgroundRun(args, workdir, onProgress, onDone, self)
 
     def loadResult(self, resultDir, name="RadGSReg T_ct_to_carm"):
@@ -435,7 +455,8 @@ class _BackgroundRun:
         for line in text.splitlines():
             self._log.append(line)
             if self.onProgress:
-                step = {"pose search": 0.3, "candidate": 0.6, "reconstructing": 0.7, "T_ct_to_carm written": 0.95}
+                step = {"pose search": 0.3, "RadGS-Reg network": 0.45, "candidate": 0.6, "reconstructing": 0.7,
+                        "T_ct_to_carm written": 0.95}
                 frac = max([v for k, v in step.items() if k in line], default=None)
                 if frac is not None:
                     self.onProgress(frac, line.strip())

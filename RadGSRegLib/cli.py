@@ -19,6 +19,9 @@ examples:
   radgsreg simulate-cases --phantom --levels L1,L2,L3 --n 20 --out cases
   radgsreg simulate-cases --ct ct.nii.gz --seg seg.nii.gz --levels L3 --n 5 --out cases
   radgsreg register cases/case_000 --out res0        # T_ct_to_carm -> res0/result.json, transform.h5
+  radgsreg register cases/case_000 --out res1 --model default    # with the shipped RadGS-Reg network
+  radgsreg evaluate cases --results results          # mTRE/SR/CR/RT (+ SSIM/PSNR) of result folders
+  radgsreg train --config Resources/Models/configs/stage1_tiny.json --out runs/s1
   radgsreg show cases/case_000 --result res0         # writes cases/case_000/preview.png
   radgsreg fit-gaussians cases/case_000 --out fit    # radiative Gaussians fitted to the two X-rays
   radgsreg bench drr                                 # our DRR vs RTK's Joseph projector
@@ -155,20 +158,72 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("register", help="register a case: CT vertebra -> the two X-rays (writes a result folder)",
                        formatter_class=argparse.RawDescriptionHelpFormatter,
                        description="Finds T_ct_to_carm for a case folder and writes OUT/result.json and "
-                                   "OUT/transform.h5 (docs/case-format.md). Never reads the case's ground truth.\n"
-                                   "Stages: the initial guess (or the nominal pose), a pose search (rotation "
-                                   "hypotheses x translation search by template matching), and coarse-to-fine "
-                                   "2-D/3-D intensity refinement (Levenberg-Marquardt on the windowed NCC of "
-                                   "high-passed DRRs and X-rays). A result whose final NCC is low is flagged "
-                                   "'doubtful' in result.json's warnings.")
+                                   "OUT/transform.h5 (docs/case-format.md), plus OUT/recon.nrrd when there is a "
+                                   "reconstruction. Never reads the case's ground truth.\n"
+                                   "Stages: an initial pose (--init: the case's guess; a pose search over rotation "
+                                   "hypotheses with template-matched translation; or the search followed by the "
+                                   "RadGS-Reg network, which reconstructs the vertebra from the two X-rays and "
+                                   "registers the CT to it), then refinement (--refine: 3-D/3-D NCC between the CT "
+                                   "vertebra and the reconstruction, and/or coarse-to-fine 2-D/3-D Levenberg-"
+                                   "Marquardt on the windowed NCC of DRRs and X-rays). A 2-D/3-D result worse than "
+                                   "its start is rejected (and said so); a low final NCC is flagged 'doubtful' in "
+                                   "result.json's warnings.",
+                       epilog="examples:\n"
+                              "  radgsreg register cases/case_000 --out res0                  # search + 2-D/3-D\n"
+                              "  radgsreg register cases/case_000 --out res1 --model default  # + shipped network\n"
+                              "  radgsreg register cases/case_000 --out res2 --model runs/stage3/model.pt --refine both")
     p.add_argument("case", type=Path)
     p.add_argument("--out", type=Path, required=True, help="result folder to write")
-    p.add_argument("--refine", choices=["none", "search", "2d"], default="2d",
-                   help="how far to go: initial pose only, + pose search, + 2-D/3-D refinement (default 2d)")
+    p.add_argument("--init", choices=["auto", "none", "search", "learned"], default="auto",
+                   help="initial pose: the case's guess, pose search, or search + network (default auto: learned "
+                        "with --model, else search)")
+    p.add_argument("--refine", choices=["none", "3d", "2d", "both"], default="2d",
+                   help="refinement after the initial pose (default 2d; 3d without --model fits Gaussians first, "
+                        "about a minute)")
+    p.add_argument("--model", help="RadGS-Reg weights (.pt), or 'default' for Resources/Models/radgsreg_stage1.pt")
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="device for the network (default cpu)")
     p.add_argument("--reconstruct", action="store_true",
-                   help="also reconstruct the vertebra from the X-rays (OUT/recon.nrrd; about a minute on a CPU)")
+                   help="also write the reconstruction (OUT/recon.nrrd): the network's, or without --model a "
+                        "per-case Gaussian fit (about a minute on a CPU)")
     p.add_argument("--threads", type=int, default=1, help="CPU threads for torch (default 1)")
     p.add_argument("--overwrite", action="store_true")
+
+    p = sub.add_parser("train", help="train the RadGS-Reg network (stage 1, 2 or 3)",
+                       formatter_class=argparse.RawDescriptionHelpFormatter,
+                       description="Module-aware training (RecM alone, RegM alone, then both: paper Eq. 2-4) on "
+                                   "one data stage: 1 simulated X-rays of phantoms and any CTs with vertebra labels; "
+                                   "2 real X-ray cases with known poses; 3 the target patient's own CT (before "
+                                   "surgery). Settings come from a JSON config (keys of learned.config.TrainConfig; "
+                                   "Resources/Models/configs/ has the shipped ones) and the options below. OUT gets "
+                                   "config.json, checkpoint.pt (every epoch), log.jsonl, and model.pt at the end; "
+                                   "running the same command again resumes.",
+                       epilog="examples:\n"
+                              "  radgsreg train --config Resources/Models/configs/stage1_tiny.json --out runs/s1\n"
+                              "  radgsreg train --config Resources/Models/configs/stage3_tiny.json --out runs/s3 \\\n"
+                              "      --init Resources/Models/radgsreg_stage1.pt \\\n"
+                              "      --ct Resources/SampleData/example_ct.nii.gz:Resources/SampleData/totalseg.nii.gz")
+    p.add_argument("--config", type=Path, help="JSON training config (default: the dataclass defaults)")
+    p.add_argument("--out", type=Path, required=True, help="run folder (resumed if it holds the same run)")
+    p.add_argument("--stage", type=int, choices=[1, 2, 3])
+    p.add_argument("--init", help="weights to start from (stages 2-3: e.g. the shipped stage-1 model)")
+    p.add_argument("--ct", action="append", default=None, metavar="CT:LABELS",
+                   help="a CT and its vertebra label map (repeatable; stage 1 adds them to the phantoms, stage 3 "
+                        "trains on them)")
+    p.add_argument("--cases", action="append", default=None, metavar="DIR",
+                   help="stage 2: case folders with ground_truth (repeatable)")
+    p.add_argument("--device", choices=["cpu", "cuda"])
+    p.add_argument("--threads", type=int)
+    p.add_argument("--seed", type=int)
+    p.add_argument("--no-cal", action="store_true", help="train without counterfactual attention (ablation)")
+
+    p = sub.add_parser("evaluate", help="score result folders against their cases' ground truth (Table 1 columns)",
+                       description="For each case folder in CASES with a matching result folder in RESULTS (same "
+                                   "name), computes mTRE, rotation/translation error, mPD, and SSIM/PSNR of the "
+                                   "reconstruction when the result has one (metrics.md), then SR, CR and run time; "
+                                   "prints a table and writes JSON.")
+    p.add_argument("cases", type=Path, help="folder of case folders (with ground_truth)")
+    p.add_argument("--results", type=Path, required=True, help="folder of result folders named like the cases")
+    p.add_argument("--json", type=Path, help="write the metrics here (default RESULTS/evaluation.json)")
 
     p = sub.add_parser("fit-gaussians", help="fit radiative Gaussians to a case's projections (optimisation baseline)",
                        formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -208,7 +263,10 @@ def build_parser() -> argparse.ArgumentParser:
                                     "simulate-cases), reads the ground truth only to evaluate, prints mTRE (mean, "
                                     "median, p95), SR, CR, RT and SR per initial-mTRE bin, and writes JSON.")
     b.add_argument("--cases", type=Path, nargs="+", required=True, help="one or more suite folders")
-    b.add_argument("--methods", default="initial,ours-2d", help="comma-separated: initial, search, ours-2d")
+    b.add_argument("--methods", default="initial,ours-2d",
+                   help="comma-separated: initial, intensity-2d, search, ours-2d, gaussfit-3d, learned, learned-3d, "
+                        "learned-2d, learned-both, itk (default initial,ours-2d)")
+    b.add_argument("--model", help="weights for the learned methods (.pt, or 'default')")
     b.add_argument("--limit", type=int, help="only the first N cases of each suite")
     b.add_argument("--json", type=Path, default=Path("bench_out/register.json"))
     b = bsub.add_parser("gaussians", help="rasterizer and voxelizer speed and memory, vs a naive dense evaluation")
@@ -403,7 +461,7 @@ def _cmd_bench(args):
         from .bench.register_bench import run_register_bench
 
         run_register_bench(list(args.cases), [m.strip() for m in args.methods.split(",") if m.strip()],
-                           json_path=args.json, limit=args.limit)
+                           json_path=args.json, limit=args.limit, model=args.model)
     elif args.bench == "gaussians":
         from .bench.gaussians_bench import run_gaussians_bench
 
@@ -422,14 +480,46 @@ def _cmd_register(args):
     case = read_case(args.case)                    # never the ground truth
     if Path(args.out).exists() and not args.overwrite:
         raise FileExistsError(f"{args.out} exists; pass --overwrite to replace it")
-    print(f"registering {args.case} ({case.vertebra_name or case.vertebra_label}), refine={args.refine}", flush=True)
-    res = run(case, RegisterConfig(refine=args.refine, reconstruct=args.reconstruct), log=print)
-    res.info.update({"case": str(args.case), "device": "cpu", "threads": args.threads})
+    cfg = RegisterConfig(init=args.init, refine=args.refine, model=args.model, device=args.device,
+                         reconstruct=args.reconstruct)
+    print(f"registering {args.case} ({case.vertebra_name or case.vertebra_label}), init={cfg.init_mode}, "
+          f"refine={args.refine}{f', model {cfg.model_path()}' if args.model else ''}", flush=True)
+    res = run(case, cfg, log=print)
+    res.info.update({"case": str(args.case), "device": args.device, "threads": args.threads,
+                     "model": str(cfg.model_path()) if args.model else None})
     write_result(res, args.out, overwrite=args.overwrite)
     for w in res.info["warnings"]:
         print(f"warning: {w}")
     print(f"T_ct_to_carm written to {args.out}/result.json and transform.h5 in {res.runtime_s['total']:.1f} s "
           f"({', '.join(f'{k} {v:.2f} s' for k, v in res.runtime_s.items() if k != 'total')})")
+
+
+def _cmd_train(args):
+    from .learned.config import TrainConfig, load_train_config
+    from .learned.train import train
+
+    over = {"out": str(args.out), "stage": args.stage, "init": args.init, "device": args.device,
+            "threads": args.threads, "seed": args.seed}
+    if args.ct:
+        over["ct_dirs"] = args.ct
+    if args.cases:
+        over["case_dirs"] = args.cases
+    if args.config:
+        cfg = load_train_config(args.config, **over)
+    else:
+        cfg = TrainConfig(**{k: v for k, v in over.items() if v is not None})
+    if args.no_cal:
+        cfg.model.cal = False
+    try:
+        train(cfg)
+    except ValueError as e:
+        raise SystemExit(f"radgsreg train: error: {e}") from None
+
+
+def _cmd_evaluate(args):
+    from .evaluate import evaluate_results
+
+    evaluate_results(args.cases, args.results, json_path=args.json or Path(args.results) / "evaluation.json")
 
 
 def _cmd_fit_gaussians(args):
@@ -506,7 +596,7 @@ def _cmd_fit_gaussians(args):
 
 _COMMANDS = {"demo": _cmd_demo, "phantom": _cmd_phantom, "simulate-cases": _cmd_simulate, "show": _cmd_show,
              "sample-case": _cmd_sample_case, "fit-gaussians": _cmd_fit_gaussians, "register": _cmd_register,
-             "bench": _cmd_bench}
+             "train": _cmd_train, "evaluate": _cmd_evaluate, "bench": _cmd_bench}
 
 
 def main(argv=None) -> int:

@@ -48,10 +48,55 @@ def test_divergence_check_flags_a_corrupted_case(easy_case):
 
 def test_none_keeps_the_initial_pose(easy_case):
     case = read_case(easy_case)
-    res = run(case, RegisterConfig(refine="none"))
+    res = run(case, RegisterConfig(init="none", refine="none"))
     assert np.allclose(res.T_ct_to_carm, case.initial_guess)
     with pytest.raises(ValueError, match="refine must be one of"):
         RegisterConfig(refine="3d-magic")
+    with pytest.raises(ValueError, match="needs model weights"):
+        RegisterConfig(init="learned")
+
+
+def test_divergence_check_rejects_a_corrupted_result(easy_case):
+    from RadGSRegLib.geometry import compose, pose_to_matrix
+    from RadGSRegLib.register.pipeline import check_refinement, make_target
+    from RadGSRegLib.register.refine2d import windowed_ncc
+
+    truth = read_case(easy_case, ground_truth=True)
+    cfg = _fast_config()
+    tgt = make_target(truth, cfg)
+    G = truth.ground_truth
+    bad = compose(pose_to_matrix([6.0, -4.0, 0.0, 12.0, 0.0, -15.0], center=tgt.centre @ G[:3, :3].T + G[:3, 3]), G)
+    ncc_bad = float(np.mean(list(windowed_ncc(tgt, bad, cfg.refine2d).values())))
+    T, m, warn = check_refinement(tgt, G, bad, ncc_bad, cfg)
+    assert np.allclose(T, G) and warn is not None and "rejected" in warn
+    assert m > ncc_bad + 0.05
+    # a result as good as its start is kept
+    ncc_good = float(np.mean(list(windowed_ncc(tgt, G, cfg.refine2d).values())))
+    T, m, warn = check_refinement(tgt, bad, G, ncc_good, cfg)
+    assert np.allclose(T, G) and warn is None and m == ncc_good
+
+
+def test_3d_refinement_recovers_a_known_offset(small_phantom):
+    from RadGSRegLib.geometry import apply, compose, mtre, pose_to_matrix
+    from RadGSRegLib.learned.config import ModelConfig
+    from RadGSRegLib.learned.data import VertebraRegion
+    from RadGSRegLib.learned.recm import roi_affine
+    from RadGSRegLib.register.refine3d import refine_3d
+    from RadGSRegLib.volume import resample_to_grid
+
+    ct, seg = small_phantom
+    mc = ModelConfig(voxels=32)
+    vr = VertebraRegion.of(ct, seg, 29, mc)
+    G = compose(pose_to_matrix([3.0, -5.0, 8.0, 4.0, -3.0, 6.0]), np.eye(4))
+    G[:3, 3] -= G[:3, :3] @ vr.centroid
+    A = roi_affine(apply(G, vr.centroid)[None], mc.roi_mm, mc.voxels)[0].numpy().astype(np.float64)
+    recon = resample_to_grid(vr.region, (32, 32, 32), A, G)            # a perfect reconstruction
+    start = compose(pose_to_matrix([4.0, 3.0, -4.0, 5.0, -4.0, 3.0], center=apply(G, vr.centroid)), G)
+    pts = seg.label_points(29, max_points=2000)
+    T, info = refine_3d(recon, vr.crop, start)
+    assert mtre(start, G, pts) > 6.0
+    assert mtre(T, G, pts) < 1.5
+    assert info["ncc_after"] > info["ncc_before"]
 
 
 def test_slab_keeps_geometry(small_phantom):

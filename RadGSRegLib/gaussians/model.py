@@ -23,11 +23,26 @@ import roma
 import torch
 import torch.nn.functional as F
 
-__all__ = ["RadiativeGaussians"]
+__all__ = ["RadiativeGaussians", "covariance", "precision", "whitening"]
 
 
 def _inv_softplus(x: torch.Tensor) -> torch.Tensor:
     return torch.where(x > 20, x, torch.log(torch.expm1(torch.clamp(x, min=1e-12))))
+
+
+def covariance(scale: torch.Tensor, R: torch.Tensor) -> torch.Tensor:
+    """(N, 3, 3) ``R S^2 R^T`` (mm^2) from scales (N, 3) mm and rotations (N, 3, 3)."""
+    return (R * scale[:, None, :] ** 2) @ R.transpose(1, 2)
+
+
+def precision(scale: torch.Tensor, R: torch.Tensor) -> torch.Tensor:
+    """(N, 3, 3) ``R S^-2 R^T`` (1/mm^2), the inverse covariance without an inversion."""
+    return (R / scale[:, None, :] ** 2) @ R.transpose(1, 2)
+
+
+def whitening(scale: torch.Tensor, R: torch.Tensor) -> torch.Tensor:
+    """(N, 3, 3) ``W = S^-1 R^T`` (``Sigma^-1 = W^T W``)."""
+    return R.transpose(1, 2) / scale[:, :, None]
 
 
 class RadiativeGaussians(torch.nn.Module):
@@ -90,17 +105,15 @@ class RadiativeGaussians(torch.nn.Module):
 
     def covariance(self) -> torch.Tensor:
         """(N, 3, 3) ``R S^2 R^T`` (mm^2)."""
-        R = self.rotmat()
-        return (R * self.scale[:, None, :] ** 2) @ R.transpose(1, 2)
+        return covariance(self.scale, self.rotmat())
 
     def precision(self) -> torch.Tensor:
         """(N, 3, 3) ``Sigma^-1 = R S^-2 R^T`` (1/mm^2), computed without inversion."""
-        R = self.rotmat()
-        return (R / self.scale[:, None, :] ** 2) @ R.transpose(1, 2)
+        return precision(self.scale, self.rotmat())
 
     def whitening(self) -> torch.Tensor:
         """(N, 3, 3) ``W = S^-1 R^T``: ``W (x - p)`` is in units of sigma; ``Sigma^-1 = W^T W``."""
-        return self.rotmat().transpose(1, 2) / self.scale[:, :, None]
+        return whitening(self.scale, self.rotmat())
 
     def total_mass(self) -> torch.Tensor:
         """Σ rho (2 pi)^{3/2} prod(s): the integral of the density over space (mm^2)."""

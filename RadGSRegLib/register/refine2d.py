@@ -28,7 +28,8 @@ import torch.nn.functional as F
 from ..drr import DRR
 from ..geometry import View, apply, compose, pose_to_matrix
 
-__all__ = ["Level", "RefineConfig", "Target", "search_translation", "search_pose", "refine_lm", "block_average"]
+__all__ = ["Level", "RefineConfig", "Target", "search_translation", "search_pose", "refine_lm", "block_average",
+           "windowed_ncc"]
 
 
 def block_average(mu: np.ndarray, affine: np.ndarray, target_mm: float) -> tuple[np.ndarray, np.ndarray]:
@@ -236,18 +237,33 @@ def _residuals(tgt: Target, T, windows, cfg: RefineConfig, level: Level) -> np.n
     return np.concatenate(out)
 
 
+def _windows(tgt: Target, T, level: Level) -> dict:
+    windows = {}
+    for name in ("ap", "lat"):
+        img, view = tgt.image(name, level.pixels)
+        win = tgt.window(view, T, level.margin_mm)
+        c0, r0, w, h = win
+        sig = level.highpass_mm * tgt.magnification(view, T) / view.pixel_spacing[0] if level.highpass_mm else None
+        img_win = img[r0:r0 + h, c0:c0 + w]
+        windows[name] = (view, win, highpass(img_win, sig) if sig else img_win, sig)
+    return windows
+
+
+def windowed_ncc(tgt: Target, T: np.ndarray, cfg: RefineConfig, level: Level | None = None) -> dict[str, float]:
+    """Per-view NCC of the DRR at pose ``T`` with the X-ray, in the vertebra's window at
+    ``level`` (default the finest): the similarity the refinement maximises."""
+    level = level or cfg.levels[-1]
+    windows = _windows(tgt, T, level)
+    r = _residuals(tgt, T, windows, cfg, level)
+    parts = np.split(r, np.cumsum([w_[2].size for w_ in windows.values()])[:-1])
+    return {name: 1.0 - 0.5 * float(np.sum(seg ** 2)) for name, seg in zip(windows, parts)}
+
+
 def refine_lm(tgt: Target, T: np.ndarray, cfg: RefineConfig, log=None) -> tuple[np.ndarray, dict]:
     """Stage 2: coarse-to-fine Levenberg-Marquardt on the windowed NCC of both views."""
     info = {"levels": []}
     for level in cfg.levels:
-        windows = {}
-        for name in ("ap", "lat"):
-            img, view = tgt.image(name, level.pixels)
-            win = tgt.window(view, T, level.margin_mm)
-            c0, r0, w, h = win
-            sig = level.highpass_mm * tgt.magnification(view, T) / view.pixel_spacing[0] if level.highpass_mm else None
-            img_win = img[r0:r0 + h, c0:c0 + w]
-            windows[name] = (view, win, highpass(img_win, sig) if sig else img_win, sig)
+        windows = _windows(tgt, T, level)
         steps = np.array([level.step_deg] * 3 + [level.step_mm] * 3)
         lam = 1e-2
         r = _residuals(tgt, T, windows, cfg, level)

@@ -1,0 +1,111 @@
+"""Scoring registrations against ground truth: one row per case, one summary per method.
+
+``radgsreg evaluate CASES --results RESULTS`` and ``radgsreg bench register`` both use
+these, so a number means the same wherever it is printed (``shared/docs/metrics.md``).
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+from .io import Case, Result
+from .metrics import (capture_range, ground_truth_volume, recon_metrics, registration_errors, success_rate,
+                      target_points)
+
+__all__ = ["case_row", "summarize", "format_table", "evaluate_results", "case_dirs"]
+
+
+def case_dirs(root: Path) -> list[Path]:
+    """The case folders (``*/case.json``) under ``root``, sorted."""
+    return sorted(p.parent for p in Path(root).glob("*/case.json"))
+
+
+def case_row(truth: Case, res: Result, name: str = "") -> dict:
+    """Metrics of one result against its case's ground truth: initial and final mTRE,
+    rotation / translation error, mPD, runtime per stage, warnings, and PSNR/SSIM of the
+    reconstruction when there is one."""
+    if truth.ground_truth is None:
+        raise ValueError(f"case {name or '?'} has no ground_truth to evaluate against")
+    pts = target_points(truth.seg, truth.vertebra_label, max_points=2000)
+    e0 = registration_errors(truth.initial_guess, truth.ground_truth, pts)["mtre_mm"] \
+        if truth.initial_guess is not None else float("nan")
+    e = registration_errors(res.T_ct_to_carm, truth.ground_truth, pts, truth.views)
+    row = {"case": name, "initial_mtre_mm": e0, **e, "runtime_s": dict(res.runtime_s),
+           "warnings": list(res.info.get("warnings", []))}
+    if res.recon is not None:
+        gt = ground_truth_volume(truth.ct, truth.seg, truth.vertebra_label, truth.ground_truth,
+                                 res.recon.array.shape, res.recon.affine)
+        row.update(recon_metrics(res.recon.array, gt.array))
+    return row
+
+
+def summarize(rows: list[dict]) -> dict:
+    """Table 1 columns over cases: mTRE mean/std/median/p95, SR, CR (+ SR per 5 mm bin of
+    initial mTRE), median rotation/translation error and mPD, mean RT, the doubtful flag's
+    hits, and mean SSIM/PSNR when every row has a reconstruction."""
+    fin = np.array([r["mtre_mm"] for r in rows])
+    ini = np.array([r["initial_mtre_mm"] for r in rows])
+    cr, bins = capture_range(ini, fin)
+    flagged = np.array([bool(r["warnings"]) and any("doubtful" in w or "diverged" in w for w in r["warnings"])
+                        for r in rows])
+    s = {"n": len(rows), "mtre_mean": float(fin.mean()), "mtre_std": float(fin.std()),
+         "mtre_median": float(np.median(fin)), "mtre_p95": float(np.percentile(fin, 95)),
+         "sr_pct": 100 * success_rate(fin), "cr_mm": cr, "sr_per_bin": bins,
+         "rot_err_deg_median": float(np.median([r["rot_err_deg"] for r in rows])),
+         "trans_err_mm_median": float(np.median([r["trans_err_mm"] for r in rows])),
+         "mpd_mm_median": float(np.median([r["mpd_mm"] for r in rows])),
+         "rt_s_mean": float(np.mean([r["runtime_s"].get("total", np.nan) for r in rows])),
+         "flagged_pct": 100 * float(flagged.mean()),
+         "failures_flagged_pct": 100 * float(flagged[fin >= 2].mean()) if np.any(fin >= 2) else float("nan"),
+         "successes_flagged_pct": 100 * float(flagged[fin < 2].mean()) if np.any(fin < 2) else float("nan")}
+    if all("ssim_pct" in r for r in rows):
+        s["ssim_pct"] = float(np.mean([r["ssim_pct"] for r in rows]))
+        s["psnr_db"] = float(np.mean([r["psnr_db"] for r in rows]))
+    return s
+
+
+def format_table(per_suite: dict[str, dict[str, dict]]) -> list[str]:
+    """Lines of the Table-1 style table for {suite: {method: summary}}, then SR per bin."""
+    head = (f"{'suite':<14} {'method':<16} {'n':>4} {'SSIM %':>7} {'PSNR dB':>8} {'mTRE mean':>10} {'median':>7} "
+            f"{'p95':>7} {'SR %':>6} {'CR mm':>6} {'RT s':>6} {'flagged fail/ok %':>18}")
+    lines = [head, "-" * len(head)]
+    for sname, per in per_suite.items():
+        for m, s in per.items():
+            lines.append(f"{sname:<14} {m:<16} {s['n']:>4} {s.get('ssim_pct', float('nan')):>7.1f} "
+                         f"{s.get('psnr_db', float('nan')):>8.2f} {s['mtre_mean']:>10.2f} {s['mtre_median']:>7.2f} "
+                         f"{s['mtre_p95']:>7.2f} {s['sr_pct']:>6.1f} {s['cr_mm']:>6.0f} {s['rt_s_mean']:>6.2f} "
+                         f"{s['failures_flagged_pct']:>8.0f}/{s['successes_flagged_pct']:<8.0f}")
+    for sname, per in per_suite.items():
+        for m, s in per.items():
+            bins = ", ".join(f"{b['bin_mm'][0]:.0f}-{b['bin_mm'][1]:.0f}: {100 * b['sr']:.0f}% ({b['n']})"
+                             for b in s["sr_per_bin"] if b["n"])
+            lines.append(f"SR per initial-mTRE bin, {sname} {m}: {bins}")
+    return lines
+
+
+def evaluate_results(cases: Path, results: Path, *, json_path: Path | None = None, log=print) -> dict:
+    """Score every result folder in ``results`` whose name matches a case folder in ``cases``."""
+    from .io import read_case, read_result
+
+    rows, missing = [], []
+    for d in case_dirs(cases):
+        r = Path(results) / d.name
+        if not (r / "result.json").is_file():
+            missing.append(d.name)
+            continue
+        rows.append(case_row(read_case(d, ground_truth=True), read_result(r), d.name))
+    if not rows:
+        raise FileNotFoundError(f"no result folder in {results} matches a case folder in {cases}")
+    summary = summarize(rows)
+    for line in format_table({Path(cases).name: {Path(results).name: summary}}):
+        log(line)
+    if missing:
+        log(f"{len(missing)} case(s) without a result: {', '.join(missing[:5])}{'...' if len(missing) > 5 else ''}")
+    out = {"cases": str(cases), "results": str(results), "summary": summary, "rows": rows, "missing": missing}
+    if json_path is not None:
+        Path(json_path).parent.mkdir(parents=True, exist_ok=True)
+        Path(json_path).write_text(json.dumps(out, indent=2, default=float))
+        log(f"wrote {json_path}")
+    return out

@@ -1,0 +1,189 @@
+"""Configurations of the learned method: the network (:class:`ModelConfig`) and its training
+(:class:`TrainConfig`). Both are dataclasses, saved inside every checkpoint and readable
+from a JSON file (``radgsreg train --config FILE``), unknown keys refused by name."""
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+__all__ = ["ModelConfig", "TrainConfig", "BACKBONES", "STAGES", "load_train_config"]
+
+BACKBONES = ("small", "resnet50", "densenet121", "vit")
+STAGES = (1, 2, 3)
+
+
+@dataclass
+class ModelConfig:
+    """The RadGS-Reg network (RecM + RegM).
+
+    Attributes:
+        backbone: RecM's 2-D image encoder: "small" (a 4-block MONAI ResNet, the CPU
+            default), "resnet50" (the paper's), "densenet121" or "vit" (the ablation's).
+        image_pixels: working detector size; each X-ray is resampled to it (area-averaged,
+            geometry kept exact).
+        features: channels of the encoder's feature map fed to the fusion.
+        hidden: width of the per-anchor features (fusion, CAL, Gaussian head).
+        anchors: anchors per axis of the cube the Gaussians live in (anchors^3 of them).
+        per_anchor: Gaussians predicted per anchor.
+        roi_mm: side of the reconstruction cube (C-arm frame), centred on the vertebra's
+            estimated position; it is also the grid RegM works on.
+        voxels: voxels per side of the reconstruction grid (RegM's input).
+        scale_mm: (min, max) standard deviation of a predicted Gaussian.
+        density_scale: 1/mm; a raw head output of 0 gives about this density.
+        cal: counterfactual attention (Eq. 1) before the Gaussian head.
+        render_pixels: side (pixels of the working detector) of the window around the
+            vertebra that the training loss renders.
+        regm_channels: widths of RegM's 3-D ResNet stages.
+    """
+
+    backbone: str = "small"
+    image_pixels: int = 128
+    features: int = 32
+    hidden: int = 64
+    anchors: int = 10
+    per_anchor: int = 2
+    roi_mm: float = 96.0
+    voxels: int = 32
+    scale_mm: tuple[float, float] = (1.0, 12.0)
+    density_scale: float = 0.01
+    cal: bool = True
+    render_pixels: int = 64
+    regm_channels: tuple[int, int, int, int] = (16, 32, 64, 128)
+
+    def __post_init__(self):
+        if self.backbone not in BACKBONES:
+            raise ValueError(f"backbone must be one of {BACKBONES}, not {self.backbone!r}")
+        for name in ("image_pixels", "features", "hidden", "anchors", "per_anchor", "voxels", "render_pixels"):
+            if int(getattr(self, name)) < 1:
+                raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)}")
+        if not 0 < self.scale_mm[0] < self.scale_mm[1]:
+            raise ValueError(f"scale_mm must be 0 < min < max, got {self.scale_mm}")
+        self.scale_mm = tuple(float(x) for x in self.scale_mm)
+        self.regm_channels = tuple(int(x) for x in self.regm_channels)
+
+    @property
+    def voxel_mm(self) -> float:
+        return self.roi_mm / self.voxels
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "ModelConfig":
+        return _from_dict(cls, d, "model")
+
+
+@dataclass
+class TrainConfig:
+    """One training run (``radgsreg train``).
+
+    Attributes:
+        stage: 1 simulated X-rays of many CTs (phantoms and any ``ct_dirs``), 2 real
+            X-ray cases with known poses (``case_dirs``), 3 patient-specific (simulated
+            X-rays of the target patient's own CT, ``ct_dirs``; run before surgery).
+        out: run folder (checkpoints, ``log.jsonl``, TensorBoard events when available,
+            ``model.pt``); a run there is resumed, not overwritten.
+        init: weights to start from (stages 2-3 start from stage 1's); None: random.
+        model: the network (ignored when ``init`` is given: the weights carry theirs).
+        phantoms / phantom_spacing_mm: stage 1: phantom CTs generated (seeded) and their
+            voxel size.
+        ct_dirs: folders each holding a CT and a vertebra label map (``ct.nii.gz`` /
+            ``labels.nii.gz`` as in a case, or ``--ct/--seg`` style paths ``ct:seg``).
+        case_dirs: stage 2: case folders with ``ground_truth``.
+        levels: vertebra levels to draw from.
+        samples_per_ct: training samples drawn from each CT (pose, level, noise).
+        val_samples: held-out samples (stage 1: from phantoms of other seeds; otherwise
+            drawn from the same CTs with other poses).
+        pose_rot_deg / pose_trans_mm: ground-truth pose range about the nominal pose
+            (as the case generator's).
+        input_rot_deg / input_trans_mm: RegM's input pose, the truth perturbed about the
+            vertebra (what the localisation step leaves).
+        rec_epochs / reg_epochs / joint_epochs: module-aware phases: RecM alone, RegM alone
+            (on the ground-truth volume), then both with Eq. 4.
+        batch: samples per step. lr: Adam learning rate (halved every ``lr_halve_epochs``).
+        lr_template: learning rate of RecM's per-anchor template (a shape prior that must
+            move by several units; at ``lr`` it barely moves in a CPU-sized run, and raising
+            ``lr`` for the whole network instead collapsed every density to zero).
+        lambda_ssim / lambda_tv: Eq. 2's weights (0.2, 0.05).
+        lambda_volume: weight of the volume loss against the ground-truth vertebra volume
+            (not in the paper's Eq. 2; available because the data are simulated).
+        lambda_geo: weight of the pose loss in Eq. 3 (the paper's 0.02). Its pose term
+            is the geodesic rotation error (rad) plus the translation error of the
+            vertebra's centre / 10 mm.
+        threads: torch CPU threads. device: "cpu" or "cuda". seed: everything is seeded.
+        data_cache: folder for generated samples (default ``out/data``); reused if the
+            data settings match.
+    """
+
+    stage: int = 1
+    out: str = "runs/stage1"
+    init: str | None = None
+    model: ModelConfig = field(default_factory=ModelConfig)
+    phantoms: int = 24
+    phantom_spacing_mm: float = 2.0
+    ct_dirs: list[str] = field(default_factory=list)
+    case_dirs: list[str] = field(default_factory=list)
+    levels: list[str] = field(default_factory=lambda: ["L1", "L2", "L3", "L4", "L5"])
+    samples_per_ct: int = 10
+    val_samples: int = 16
+    pose_rot_deg: float = 20.0
+    pose_trans_mm: float = 50.0
+    input_rot_deg: float = 10.0
+    input_trans_mm: float = 10.0
+    rec_epochs: int = 6
+    reg_epochs: int = 6
+    joint_epochs: int = 3
+    batch: int = 4
+    lr: float = 5e-4
+    lr_template: float = 0.03
+    lr_halve_epochs: int = 4
+    lambda_ssim: float = 0.2
+    lambda_tv: float = 0.05
+    lambda_volume: float = 10.0
+    lambda_geo: float = 0.02
+    threads: int = 1
+    device: str = "cpu"
+    seed: int = 0
+    data_cache: str | None = None
+
+    def __post_init__(self):
+        if int(self.stage) not in STAGES:
+            raise ValueError(f"stage must be 1, 2 or 3, not {self.stage!r}")
+        if isinstance(self.model, dict):
+            self.model = ModelConfig.from_dict(self.model)
+        if self.stage == 2 and not self.case_dirs:
+            raise ValueError("stage 2 trains on real X-ray cases: give case_dirs (folders with ground_truth)")
+        if self.stage == 3 and not self.ct_dirs:
+            raise ValueError("stage 3 is patient-specific: give the patient's CT in ct_dirs")
+        if self.stage in (2, 3) and not self.init:
+            raise ValueError(f"stage {self.stage} fine-tunes earlier weights: give init (e.g. the shipped stage-1 model)")
+        if self.batch < 1:
+            raise ValueError(f"batch must be >= 1, got {self.batch}")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "TrainConfig":
+        return _from_dict(cls, d, "train")
+
+
+def _from_dict(cls, d: dict, what: str):
+    names = {f.name for f in fields(cls)}
+    unknown = sorted(set(d) - names)
+    if unknown:
+        raise ValueError(f"unknown {what} config key(s) {unknown}; known: {sorted(names)}")
+    return cls(**d)
+
+
+def load_train_config(path, **overrides) -> TrainConfig:
+    """A :class:`TrainConfig` from a JSON file, then ``overrides`` (keys of the dataclass;
+    None values are ignored)."""
+    path = Path(path)
+    try:
+        d = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: not valid JSON ({e})") from None
+    d.update({k: v for k, v in overrides.items() if v is not None})
+    return TrainConfig.from_dict(d)

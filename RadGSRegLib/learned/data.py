@@ -1,0 +1,225 @@
+"""Training samples for RadGS-Reg, made with the project's own simulator.
+
+A sample is one vertebra seen by a biplanar C-arm at a known pose ``G`` (``T_ct_to_carm``):
+
+- ``images`` (2, P, P): the AP and lateral X-rays, as line integrals, resampled to the
+  working size P and normalised (:func:`prepare_images`); ``proj`` (2, 3, 4) their exact
+  projection matrices at that size.
+- ``T_in`` (4, 4): the truth perturbed about the vertebra (what localisation leaves, the
+  input RegM corrects); ``centre`` (3,): where ``T_in`` puts the vertebra (C-arm mm), the
+  centre of the reconstruction cube.
+- ``target`` (2, W, W): the *vertebra's own* projection (DRR of the CT's vertebra region,
+  its label dilated by 3 mm, at ``G``) in a W x W window around ``centre``'s projection,
+  ``win`` (2, 2) the windows' (column, row) origins. This is ``I_m`` of Eq. 2: the
+  Gaussians model one vertebra, so they are compared with what that vertebra alone
+  contributes, which simulation (or a CT with a known pose) provides.
+- ``gt_volume`` (V, V, V): the same region's attenuation at ``G`` on the reconstruction
+  grid (metrics.md's reconstruction target).
+- ``ct`` (S, S, S) + ``ct_affine`` (4, 4): the vertebra region in the CT frame (a cube of
+  1.25 x ``roi_mm`` around its centroid), which RegM's loss moves by the estimated pose;
+  ``centroid`` (3,) CT mm.
+
+Sources: stage 1 phantoms (seeded) and any CT + labels; stage 2 real case folders with
+ground truth (their own X-rays); stage 3 the target patient's CT.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterator
+
+import numpy as np
+import torch
+
+from ..drr import DRR, hu_to_mu
+from ..geometry import View, apply, biplanar_views, compose, sample_offsets
+from ..simulate import XraySimConfig, simulate_xrays
+from ..volume import Volume, affine_from, resample_to_grid
+from ..xray import as_line_integral, resize_view_image
+from .config import ModelConfig, TrainConfig
+from .recm import roi_affine
+
+__all__ = ["prepare_images", "VertebraRegion", "make_sample", "collate", "sample_sources", "build_samples"]
+
+
+def prepare_images(xrays: dict, views: dict, image_kind: str, pixels: int):
+    """The network's view of two X-rays.
+
+    Args:
+        xrays: {"ap", "lat"} -> (rows, cols) images; views: {"ap", "lat"} -> View.
+        image_kind: "line_integral" or "intensity" (converted to line integrals).
+        pixels: working size.
+    Returns:
+        images (2, P, P) float32 tensor, each standardised (zero mean, unit variance: robust
+        to dose, windowing and scale), working views {name: View}, proj (2, 3, 4) tensor.
+    """
+    out, wviews = [], {}
+    for name in ("ap", "lat"):
+        if name not in xrays or name not in views:
+            raise ValueError(f"the learned method needs both an 'ap' and a 'lat' X-ray; missing {name!r}")
+        img, v = resize_view_image(as_line_integral(xrays[name], image_kind), views[name], pixels)
+        img = (img - img.mean()) / max(float(img.std()), 1e-6)
+        out.append(img)
+        wviews[name] = v
+    proj = np.stack([wviews[n].projection_matrix() for n in ("ap", "lat")])
+    return torch.from_numpy(np.stack(out).astype(np.float32)), wviews, torch.from_numpy(proj.astype(np.float32))
+
+
+@dataclass
+class VertebraRegion:
+    """One vertebra of one CT, prepared once and reused for all its samples."""
+
+    ct: Volume                  # HU
+    label: int
+    centroid: np.ndarray        # CT mm
+    region: Volume              # attenuation (1/mm) of the dilated label, CT grid
+    drr: DRR                    # projector of ``region``
+    crop: Volume                # ``region`` on a CT-frame cube around the centroid
+
+    @classmethod
+    def of(cls, ct: Volume, seg: Volume, label: int, cfg: ModelConfig, *, dilate_mm: float = 3.0):
+        from scipy import ndimage
+
+        mask = seg.array == label
+        if not mask.any():
+            raise ValueError(f"label {label} is not in the label map")
+        it = max(1, int(round(dilate_mm / float(np.min(seg.spacing)))))
+        mask = ndimage.binary_dilation(mask, iterations=it)
+        region = Volume((hu_to_mu(ct.array) * mask).astype(np.float32), ct.affine)
+        c = seg.label_centroid(label)
+        side = 1.25 * cfg.roi_mm
+        n = int(round(side / cfg.voxel_mm))
+        A = affine_from(c - side / 2 + cfg.voxel_mm / 2, (cfg.voxel_mm,) * 3)
+        crop = resample_to_grid(region, (n, n, n), A)
+        return cls(ct, int(label), c, region, DRR(region.array, region.affine), crop)
+
+
+def make_sample(vr: VertebraRegion, G: np.ndarray, xrays: dict, views: dict, image_kind: str, cfg: ModelConfig,
+                rng: np.random.Generator, *, input_rot_deg: float, input_trans_mm: float) -> dict:
+    """One training sample (see the module docstring) from X-rays taken at pose ``G``."""
+    images, wviews, proj = prepare_images(xrays, views, image_kind, cfg.image_pixels)
+    c_true = apply(G, vr.centroid)
+    D = sample_offsets(1, rng, rot_deg=input_rot_deg, trans_mm=input_trans_mm, center=c_true)[0]
+    T_in = compose(D, G)
+    centre = apply(T_in, vr.centroid)
+    W = cfg.render_pixels
+    targets, wins = [], []
+    for name in ("ap", "lat"):
+        v = wviews[name]
+        u, r = v.project(centre)
+        c0, r0 = int(round(u - W / 2)), int(round(r - W / 2))
+        wins.append((c0, r0))
+        targets.append(vr.drr.render([v.cropped(c0, r0, W, W)], G)[0].numpy())
+    A = roi_affine(centre[None], cfg.roi_mm, cfg.voxels)[0].numpy().astype(np.float64)
+    V = cfg.voxels
+    gt = resample_to_grid(vr.region, (V, V, V), A, G)
+    f32 = lambda a: torch.as_tensor(np.asarray(a), dtype=torch.float32)  # noqa: E731
+    return {"images": images, "proj": proj, "views": {k: v.to_dict() for k, v in wviews.items()},
+            "win": torch.tensor(wins), "target": f32(np.stack(targets)), "gt_volume": f32(gt.array),
+            "ct": f32(vr.crop.array), "ct_affine": f32(vr.crop.affine), "centroid": f32(vr.centroid),
+            "G": f32(G), "T_in": f32(T_in), "centre": f32(centre)}
+
+
+def collate(samples: list[dict]) -> dict:
+    """Stack samples into a batch (views stay a list)."""
+    out = {k: torch.stack([s[k] for s in samples]) for k in samples[0] if k != "views"}
+    out["views"] = [{n: View.from_dict(d, n) for n, d in s["views"].items()} for s in samples]
+    return out
+
+
+def _ct_dir(spec: str):
+    """``ct:seg`` paths, or a folder with a CT and its labels (case-format names or the
+    sample data's)."""
+    if ":" in spec and not Path(spec).exists():
+        ct, seg = spec.split(":", 1)
+        return Path(ct), Path(seg)
+    d = Path(spec)
+    for ct, seg in (("ct.nii.gz", "labels.nii.gz"), ("ct.nrrd", "labels.nrrd"), ("example_ct.nii.gz", "totalseg.nii.gz")):
+        if (d / ct).is_file() and (d / seg).is_file():
+            return d / ct, d / seg
+    raise FileNotFoundError(f"{spec}: expected 'CT:LABELS' paths or a folder with ct.nii.gz + labels.nii.gz")
+
+
+def sample_sources(cfg: TrainConfig, *, validation: bool) -> Iterator[tuple[str, Callable]]:
+    """(name, loader) pairs; each loader returns (ct, seg, levels) or, for stage 2, a case."""
+    from ..levels import LevelError, level_id, resolve_level
+
+    if cfg.stage == 1:
+        from ..phantom import PhantomConfig, make_phantom
+
+        n = max(1, -(-cfg.val_samples // max(cfg.samples_per_ct, 1))) if validation else cfg.phantoms
+        base = 100_000 if validation else 0
+        for i in range(n):
+            seed = base + cfg.seed * 1000 + i
+            rng = np.random.default_rng(seed)
+
+            def load(seed=seed, rng=rng):
+                pc = PhantomConfig(top_level=str(rng.choice(["T11", "T12", "L1"])), n_vertebrae=5,
+                                   spacing=(cfg.phantom_spacing_mm,) * 3, lordosis_deg=float(rng.uniform(10, 45)),
+                                   scoliosis_deg=float(rng.uniform(-10, 10)), table=bool(rng.random() < 0.3), seed=seed)
+                ct, seg = make_phantom(pc)
+                return ct, seg, {lv: level_id(lv) for lv in cfg.levels if lv in pc.levels}
+            yield f"phantom seed {seed}", load
+    if cfg.stage in (1, 3):
+        from ..io import read_label_map, read_volume
+
+        for spec in cfg.ct_dirs:
+            def load(spec=spec):
+                ct_p, seg_p = _ct_dir(spec)
+                ct, seg = read_volume(ct_p, field=str(ct_p)), read_label_map(seg_p, field=str(seg_p))
+                ok = {}
+                for lv in cfg.levels:
+                    try:
+                        ok[lv] = resolve_level(lv, seg, source=str(seg_p))
+                    except LevelError:
+                        pass
+                if not ok:
+                    raise ValueError(f"{seg_p}: none of the levels {cfg.levels} is present and whole")
+                return ct, seg, ok
+            yield f"CT {spec}", load
+    if cfg.stage == 2:
+        from ..io import read_case
+
+        for d in cfg.case_dirs:
+            yield f"case {d}", (lambda d=d: read_case(d, ground_truth=True))
+
+
+def build_samples(cfg: TrainConfig, *, validation: bool, progress=None) -> list[dict]:
+    """All samples of a run's training (or validation) set, seeded."""
+    mc = cfg.model
+    views = biplanar_views(pixels=mc.image_pixels)
+    sim = XraySimConfig()
+    rng = np.random.default_rng([cfg.seed, 1 if validation else 0, cfg.stage])
+    per = cfg.samples_per_ct
+    total = cfg.val_samples if validation else None
+    out = []
+    sources = list(sample_sources(cfg, validation=validation))
+    it = progress(sources) if progress else sources
+    for name, load in it:
+        obj = load()
+        if cfg.stage == 2:
+            case = obj
+            if case.ground_truth is None:
+                raise ValueError(f"{name}: stage 2 needs cases with ground_truth")
+            vr = VertebraRegion.of(case.ct, case.seg, case.vertebra_label, mc)
+            for _ in range(per if not validation else max(1, per // 4)):
+                out.append(make_sample(vr, case.ground_truth, case.xrays, case.views, case.image_kind, mc, rng,
+                                       input_rot_deg=cfg.input_rot_deg, input_trans_mm=cfg.input_trans_mm))
+            continue
+        ct, seg, levels = obj
+        regions = {}
+        n = per if not validation or cfg.stage == 1 else max(1, cfg.val_samples // max(len(sources), 1))
+        for _ in range(n):
+            lv = str(rng.choice(sorted(levels)))
+            if lv not in regions:
+                regions[lv] = VertebraRegion.of(ct, seg, levels[lv], mc)
+            vr = regions[lv]
+            T0 = np.eye(4)
+            T0[:3, 3] = -vr.centroid
+            G = compose(sample_offsets(1, rng, rot_deg=cfg.pose_rot_deg, trans_mm=cfg.pose_trans_mm)[0], T0)
+            xr = simulate_xrays(ct, list(views.values()), G, sim, rng)
+            out.append(make_sample(vr, G, xr, views, sim.output, mc, rng,
+                                   input_rot_deg=cfg.input_rot_deg, input_trans_mm=cfg.input_trans_mm))
+        if total is not None and len(out) >= total:
+            break
+    return out[:total] if total is not None else out

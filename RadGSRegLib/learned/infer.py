@@ -1,0 +1,71 @@
+"""Inference: a case's two X-rays and CT vertebra -> RadGS reconstruction + pose.
+
+Takes arrays and geometry (no files, no ground truth): X-rays, views, the CT and its label
+map, the vertebra's label and an input pose ``T_in`` (``T_ct_to_carm``) that puts the
+vertebra roughly where it is (the pose search's result in the registration pipeline; the
+reconstruction cube is centred where ``T_in`` puts the vertebra, so ``T_in`` must be within
+about ``roi_mm / 4`` of the truth).
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from ..geometry import apply
+from ..volume import Volume
+from .data import VertebraRegion, prepare_images
+from .model import RadGSRegNet, voxelize_set
+from .recm import GaussianSet, roi_affine
+
+__all__ = ["Prediction", "predict"]
+
+
+@dataclass
+class Prediction:
+    """What the network says about one case.
+
+    Attributes:
+        T_ct_to_carm: (4, 4) RegM's pose. recon: the voxelized RadGS (C-arm frame, 1/mm).
+        gaussians: the predicted Gaussians (C-arm frame). region: the CT vertebra region
+            (reusable by a 3-D/3-D refinement). runtime_s: per step.
+    """
+
+    T_ct_to_carm: np.ndarray
+    recon: Volume
+    gaussians: GaussianSet
+    region: VertebraRegion
+    runtime_s: dict
+
+
+def predict(net: RadGSRegNet, xrays: dict, views: dict, image_kind: str, ct: Volume, seg: Volume, label: int,
+            T_in: np.ndarray, *, device="cpu", region: VertebraRegion | None = None) -> Prediction:
+    """Run RecM then RegM once (see the module docstring)."""
+    cfg = net.cfg
+    net.eval()
+    t0 = time.perf_counter()
+    runtime = {}
+    vr = region or VertebraRegion.of(ct, seg, label, cfg)
+    images, _, proj = prepare_images(xrays, views, image_kind, cfg.image_pixels)
+    centre = apply(T_in, vr.centroid)
+    runtime["prepare"] = time.perf_counter() - t0
+    with torch.no_grad():
+        t = time.perf_counter()
+        c = torch.as_tensor(centre, dtype=torch.float32, device=device)[None]
+        fact, _ = net.recm(images[None].to(device), proj[None].to(device), c)
+        A = roi_affine(c.cpu(), cfg.roi_mm, cfg.voxels)
+        rec = voxelize_set(fact[0], A[0], cfg.voxels)
+        runtime["reconstruction"] = time.perf_counter() - t
+        t = time.perf_counter()
+        batch = {"ct": torch.as_tensor(vr.crop.array, dtype=torch.float32, device=device)[None],
+                 "ct_affine": torch.as_tensor(vr.crop.affine, dtype=torch.float32, device=device)[None],
+                 "T_in": torch.as_tensor(T_in, dtype=torch.float32, device=device)[None], "centre": c}
+        T = net.estimate(batch, rec[None, None]).cpu().numpy()[0].astype(np.float64)
+        runtime["registration"] = time.perf_counter() - t
+    # re-orthonormalise (float32 composition)
+    u, _, vt = np.linalg.svd(T[:3, :3])
+    T[:3, :3] = u @ vt
+    recon = Volume(rec.cpu().numpy().astype(np.float32), A[0].numpy().astype(np.float64))
+    return Prediction(T, recon, fact[0], vr, runtime)

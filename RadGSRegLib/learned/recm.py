@@ -1,0 +1,142 @@
+"""RecM: two X-rays -> radiative Gaussians of one vertebra (paper Sec. 2, Fig. 1e).
+
+1. **Encoder** (:mod:`.encoders`): each view's normalised X-ray -> a feature map.
+2. **Geometry-aware fusion**: a cube of ``anchors^3`` anchor points (C-arm frame, side
+   ``roi_mm``, centred on the vertebra's estimated position) is projected into both views
+   with their exact projection matrices; each anchor gets the bilinearly sampled features
+   of both views plus its position in the cube, mixed by an MLP. (The paper does not say
+   how the views are fused; sampling along the true rays keeps the cone-beam geometry.)
+3. **CAL** (Eq. 1, after Rao et al. 2021): attention ``A = sigmoid(Linear-ReLU-Linear(X))``
+   weights the anchor features before the Gaussian head ``Y``. At training time a
+   counterfactual pass uses random attention ``Ā ~ U(0, 1)``; the *effect* is
+   ``Y(A ⊙ X) − Y(Ā ⊙ X)``, taken on the head's raw outputs, then activated like the
+   factual ones. Inference uses the factual prediction.
+4. **Gaussian head**: per anchor, ``per_anchor`` Gaussians: position = anchor +
+   spacing·tanh(·), scales in ``scale_mm`` (sigmoid), unit quaternion (xyzw), density =
+   ``density_scale``·softplus(·). Rendered by the rasterizer, voxelized by the voxelizer.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import roma
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..gaussians.model import covariance, precision, whitening
+from .config import ModelConfig
+from .encoders import make_encoder
+
+__all__ = ["GaussianSet", "RecM", "roi_affine"]
+
+_RAW = 11                    # 3 offset + 3 scale + 4 quaternion + 1 density
+
+
+@dataclass
+class GaussianSet:
+    """Predicted Gaussians of one sample, activated (C-arm frame): density (N,) 1/mm,
+    position (N, 3) mm, scale (N, 3) mm, quaternion (N, 4) xyzw."""
+
+    density: torch.Tensor
+    position: torch.Tensor
+    scale: torch.Tensor
+    quaternion: torch.Tensor
+    raw_density: torch.Tensor | None = None     # the head's output before softplus (training)
+
+    def tensors(self):
+        """(density, position, covariance, precision, whitening) for the rasterizer/voxelizer."""
+        R = roma.unitquat_to_rotmat(self.quaternion)
+        return self.density, self.position, covariance(self.scale, R), precision(self.scale, R), whitening(self.scale, R)
+
+
+def roi_affine(centre, roi_mm: float, voxels: int) -> torch.Tensor:
+    """(B, 4, 4) voxel (i, j, k) -> C-arm mm of the reconstruction grid: axis-aligned,
+    ``voxels`` per side of ``roi_mm``, centred on ``centre`` (B, 3) mm."""
+    centre = torch.as_tensor(centre, dtype=torch.float32).reshape(-1, 3)
+    sp = roi_mm / voxels
+    A = torch.eye(4).repeat(centre.shape[0], 1, 1)
+    A[:, :3, :3] *= sp
+    A[:, :3, 3] = centre - roi_mm / 2 + sp / 2
+    return A
+
+
+class RecM(nn.Module):
+    """Biplanar X-rays -> radiative Gaussians (see the module docstring)."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.encoder = make_encoder(cfg.backbone, cfg.features, cfg.image_pixels)
+        a = cfg.anchors
+        lin = (torch.arange(a, dtype=torch.float32) + 0.5) / a * 2 - 1        # cube coordinates in (-1, 1)
+        z, y, x = torch.meshgrid(lin, lin, lin, indexing="ij")
+        self.register_buffer("unit_anchors", torch.stack([x, y, z], -1).reshape(-1, 3), persistent=False)
+        h = cfg.hidden
+        self.fuse = nn.Sequential(nn.Linear(2 * cfg.features + 3, h), nn.ReLU(), nn.Linear(h, h), nn.ReLU())
+        self.cal = nn.Sequential(nn.Linear(h, h), nn.ReLU(), nn.Linear(h, h)) if cfg.cal else None
+        self.head = nn.Sequential(nn.Linear(h, h), nn.ReLU(), nn.Linear(h, cfg.per_anchor * _RAW))
+        # a learned template per anchor (shape prior); the head predicts each case's departure from it
+        self.anchor_bias = nn.Parameter(torch.zeros(a ** 3, cfg.per_anchor * _RAW))
+        with torch.no_grad():                      # start as small, sparse-ish, isotropic blobs
+            self.head[-1].weight.mul_(0.1)
+            self.head[-1].bias.zero_()
+            self.head[-1].bias.view(cfg.per_anchor, _RAW)[:, 10] = 0.0
+
+    def anchors(self, centre: torch.Tensor) -> torch.Tensor:
+        """(B, anchors^3, 3) anchor positions (mm) for ROI centres (B, 3)."""
+        return centre[:, None, :] + self.unit_anchors[None] * (self.cfg.roi_mm / 2)
+
+    def features(self, images: torch.Tensor, proj: torch.Tensor, centre: torch.Tensor) -> torch.Tensor:
+        """(B, anchors^3, hidden) fused anchor features.
+
+        Args:
+            images: (B, 2, P, P) normalised X-rays (AP, lateral) at the working size.
+            proj: (B, 2, 3, 4) their projection matrices (C-arm mm -> working pixels).
+            centre: (B, 3) ROI centres, C-arm mm.
+        """
+        B, V, P, _ = images.shape
+        fmap = self.encoder(images.reshape(B * V, 1, P, P))                      # (B V, C, h, w)
+        X = self.anchors(centre)                                                 # (B, N, 3)
+        Xh = torch.cat([X, torch.ones_like(X[..., :1])], -1)                     # (B, N, 4)
+        uvw = torch.einsum("bvij,bnj->bvni", proj, Xh)                           # (B, V, N, 3)
+        uv = uvw[..., :2] / uvw[..., 2:3].clamp(min=1e-6)
+        grid = (uv + 0.5) / P * 2 - 1                                            # pixel centres -> (-1, 1)
+        f = F.grid_sample(fmap, grid.reshape(B * V, 1, -1, 2), mode="bilinear", padding_mode="zeros",
+                          align_corners=False)                                   # (B V, C, 1, N)
+        f = f.reshape(B, V, -1, X.shape[1]).permute(0, 3, 1, 2).reshape(B, X.shape[1], -1)
+        return self.fuse(torch.cat([f, self.unit_anchors[None].expand(B, -1, -1)], -1))
+
+    def _activate(self, raw: torch.Tensor, centre: torch.Tensor) -> list[GaussianSet]:
+        cfg = self.cfg
+        B, N, _ = raw.shape
+        raw = (raw + self.anchor_bias).reshape(B, N, cfg.per_anchor, _RAW)
+        spacing = cfg.roi_mm / cfg.anchors
+        pos = self.anchors(centre)[:, :, None, :] + spacing * torch.tanh(raw[..., :3])
+        lo, hi = cfg.scale_mm
+        scale = lo + (hi - lo) * torch.sigmoid(raw[..., 3:6] - 1.0)
+        quat = F.normalize(raw[..., 6:10] + torch.tensor([0.0, 0.0, 0.0, 1.0], device=raw.device), dim=-1)
+        rho = cfg.density_scale * F.softplus(raw[..., 10])
+        return [GaussianSet(rho[b].reshape(-1), pos[b].reshape(-1, 3), scale[b].reshape(-1, 3), quat[b].reshape(-1, 4),
+                            raw[b, ..., 10].reshape(-1)) for b in range(B)]
+
+    def forward(self, images, proj, centre, *, counterfactual: bool = False):
+        """Predicted Gaussians per sample: ``(factual, effect)``; ``effect`` is None unless
+        ``counterfactual`` (training with CAL)."""
+        X = self.features(images, proj, centre)
+        if self.cal is None:
+            return self._activate(self.head(X), centre), None
+        A = torch.sigmoid(self.cal(X))
+        raw = self.head(X * A)
+        effect = None
+        if counterfactual:
+            A_bar = torch.rand_like(A)                                             # do(A = random)
+            effect = self._activate(raw - self.head(X * A_bar), centre)
+        return self._activate(raw, centre), effect
+
+    def attention(self, images, proj, centre) -> torch.Tensor | None:
+        """(B, anchors^3) mean CAL attention per anchor (None without CAL): where RecM looks."""
+        if self.cal is None:
+            return None
+        with torch.no_grad():
+            return torch.sigmoid(self.cal(self.features(images, proj, centre))).mean(-1)

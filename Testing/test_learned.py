@@ -1,0 +1,165 @@
+"""The learned RadGS-Reg: data frames, networks, losses, training, weight files, inference."""
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from RadGSRegLib.geometry import apply, biplanar_views, compose, sample_offsets
+from RadGSRegLib.learned.config import ModelConfig, TrainConfig, load_train_config
+from RadGSRegLib.learned.data import VertebraRegion, collate, make_sample
+from RadGSRegLib.learned.model import RadGSRegNet
+from RadGSRegLib.learned.recm import roi_affine
+from RadGSRegLib.learned.regm import ncc_3d, resample_ct
+from RadGSRegLib.simulate import XraySimConfig, simulate_xrays
+
+TINY = dict(anchors=4, per_anchor=1, image_pixels=64, features=8, hidden=16, voxels=16, render_pixels=32,
+            regm_channels=(4, 8, 8, 8))
+
+
+@pytest.fixture(scope="module")
+def samples(small_phantom):
+    ct, seg = small_phantom
+    mc = ModelConfig(**TINY)
+    vr = VertebraRegion.of(ct, seg, 29, mc)
+    views = biplanar_views(pixels=64)
+    rng = np.random.default_rng(5)
+    out = []
+    for _ in range(3):
+        T0 = np.eye(4)
+        T0[:3, 3] = -vr.centroid
+        G = compose(sample_offsets(1, rng, rot_deg=10.0, trans_mm=20.0)[0], T0)
+        xr = simulate_xrays(ct, list(views.values()), G, XraySimConfig(), rng)
+        out.append(make_sample(vr, G, xr, views, "line_integral", mc, rng, input_rot_deg=8.0, input_trans_mm=8.0))
+    return mc, out
+
+
+def test_sample_frames_agree(samples):
+    """The CT crop moved by the true pose is the ground-truth volume; the input pose is not;
+    the reconstruction cube is centred where T_in puts the vertebra."""
+    mc, ss = samples
+    b = collate(ss)
+    A = roi_affine(b["centre"], mc.roi_mm, mc.voxels)
+    at_truth = resample_ct(b["ct"][:, None], b["ct_affine"], b["G"], A, mc.voxels)
+    at_input = resample_ct(b["ct"][:, None], b["ct_affine"], b["T_in"], A, mc.voxels)
+    assert (ncc_3d(at_truth, b["gt_volume"][:, None]) > 0.97).all()
+    assert (ncc_3d(at_input, b["gt_volume"][:, None]) < ncc_3d(at_truth, b["gt_volume"][:, None]) - 0.05).all()
+    centre = A[:, :3, :3].sum(-1) * (mc.voxels - 1) / 2 + A[:, :3, 3]
+    assert torch.allclose(centre, b["centre"], atol=1e-3)
+    # the target window holds the vertebra's projection: most of its mass is inside
+    assert (b["target"].flatten(2).max(-1).values > 0.3).all()
+
+
+def test_untrained_regm_returns_the_input_pose(samples):
+    mc, ss = samples
+    net = RadGSRegNet(mc)
+    b = collate(ss)
+    T = net.estimate(b, b["gt_volume"][:, None])
+    assert torch.allclose(T, b["T_in"], atol=1e-4)
+
+
+def test_cal_effect_branch(samples):
+    mc, ss = samples
+    b = collate(ss[:1])
+    torch.manual_seed(0)
+    fact, eff = RadGSRegNet(mc).recm(b["images"], b["proj"], b["centre"], counterfactual=True)
+    assert eff is not None and not torch.allclose(fact[0].density, eff[0].density)
+    fact2, eff2 = RadGSRegNet(ModelConfig(**{**TINY, "cal": False})).recm(b["images"], b["proj"], b["centre"],
+                                                                          counterfactual=True)
+    assert eff2 is None and len(fact2[0].density) == 4 ** 3
+
+
+def test_training_steps_lower_the_losses(samples):
+    mc, ss = samples
+    torch.manual_seed(0)
+    net = RadGSRegNet(mc)
+    b = collate(ss)
+    opt = torch.optim.Adam([{"params": [p for n, p in net.named_parameters() if n != "recm.anchor_bias"], "lr": 1e-3},
+                            {"params": [net.recm.anchor_bias], "lr": 0.03}])
+    first = last = None
+    for _ in range(25):
+        opt.zero_grad()
+        lrec, rec, _ = net.reconstruction_loss(b)
+        lreg, _, _ = net.registration_loss(b, rec.detach(), lambda_geo=1.0)
+        loss = lrec + lreg
+        loss.backward()
+        opt.step()
+        first = float(loss.detach()) if first is None else first
+        last = float(loss.detach())
+    assert np.isfinite(last) and last < 0.8 * first
+
+
+def test_train_run_writes_resumes_and_refuses_another_config(tmp_path):
+    from RadGSRegLib.learned.train import train
+
+    cfg = TrainConfig(out=str(tmp_path / "run"), model=ModelConfig(**TINY), phantoms=1, phantom_spacing_mm=4.0,
+                      samples_per_ct=2, val_samples=1, levels=["L3"], rec_epochs=1, reg_epochs=1, joint_epochs=0,
+                      batch=2)
+    lines = []
+    path = train(cfg, log=lines.append, progress=False)
+    rows = [json.loads(x) for x in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    assert [r["phase"] for r in rows] == ["rec", "reg"] and all("val_mtre_mm" in r for r in rows)
+    net = RadGSRegNet.load(path)
+    assert net.cfg.anchors == 4 and net.card["stage"] == 1 and net.card["train_samples"] == 2
+    # the same command again: nothing left to do, the samples come from the cache
+    train(cfg, log=lines.append, progress=False)
+    assert any("from" in x and "samples" in x for x in lines[-4:])
+    with pytest.raises(FileExistsError, match="another configuration"):
+        train(TrainConfig(**{**cfg.to_dict(), "model": ModelConfig(**TINY), "lr": 0.1}), progress=False)
+
+
+def test_config_errors_name_the_problem(tmp_path):
+    with pytest.raises(ValueError, match="unknown train config key"):
+        TrainConfig.from_dict({"stagee": 1})
+    with pytest.raises(ValueError, match="patient-specific"):
+        TrainConfig(stage=3, init="x.pt")
+    with pytest.raises(ValueError, match="backbone"):
+        ModelConfig(backbone="resnet18")
+    p = tmp_path / "c.json"
+    p.write_text("{not json")
+    with pytest.raises(ValueError, match="not valid JSON"):
+        load_train_config(p)
+    bad = tmp_path / "w.pt"
+    torch.save({"format": "something-else"}, bad)
+    with pytest.raises(ValueError, match="not a RadGSReg weight file"):
+        RadGSRegNet.load(bad)
+
+
+@pytest.mark.parametrize("backbone", ["small", "densenet121", "vit"])
+def test_backbones_give_feature_maps(backbone):
+    from RadGSRegLib.learned.encoders import make_encoder
+
+    f = make_encoder(backbone, 8, 64)(torch.zeros(2, 1, 64, 64))
+    assert f.shape[:2] == (2, 8) and f.shape[2] == f.shape[3] >= 2
+
+
+def test_register_with_a_model_writes_consistent_frames(small_phantom, tmp_path):
+    """register --model on a generated case: the transform round-trips through the result
+    folder and SimpleITK, and the reconstruction sits where the pose puts the vertebra."""
+    import SimpleITK as sitk
+
+    from RadGSRegLib.cases import CaseGenConfig, make_case
+    from RadGSRegLib.cli import main
+    from RadGSRegLib.io import read_result, write_case
+
+    ct, seg = small_phantom
+    case = make_case(ct, seg, "L3", CaseGenConfig(rot_deg=5.0, trans_mm=10.0, pixels=128, seed=4),
+                     np.random.default_rng(4))
+    write_case(case, tmp_path / "case")
+    RadGSRegNet(ModelConfig(**TINY)).save(tmp_path / "w.pt")
+    assert main(["register", str(tmp_path / "case"), "--out", str(tmp_path / "res"), "--model", str(tmp_path / "w.pt"),
+                 "--refine", "none"]) == 0
+    res = read_result(tmp_path / "res")
+    assert res.info["init"] == "learned" and "learned" in res.runtime_s
+    tr = sitk.ReadTransform(str(tmp_path / "res" / "transform.h5"))
+    p_carm = np.array([10.0, -20.0, 30.0])
+    T = res.T_ct_to_carm
+    p_ct = np.linalg.solve(T[:3, :3], p_carm - T[:3, 3])
+    assert np.allclose(tr.TransformPoint(p_carm.tolist()), p_ct, atol=1e-3)
+    # recon: 16^3 cube of 96 mm (C-arm frame), centred on the vertebra as placed by the pose search
+    rec = res.recon
+    assert rec.array.shape == (16, 16, 16)
+    assert np.allclose(rec.spacing, 6.0)
+    centre = rec.index_to_world(np.array([7.5, 7.5, 7.5]))
+    search_pose = np.array(res.info["search"][0]["search_shift_mm"])
+    assert np.linalg.norm(centre - apply(case.initial_guess, seg.label_centroid(29)) - search_pose) < 25.0
