@@ -147,3 +147,22 @@ def test_block_average_keeps_the_physical_position():
     assert b.shape == (9, 4, 3)                               # k not averaged (2.5 mm), j and i by 2
     ijk = np.array([1.0, 2.0, 4.0])
     assert b[4, 2, 1] == pytest.approx(float((B[:3, :3] @ ijk + B[:3, 3]) @ [1.0, 2.0, 3.0]), rel=1e-5)
+
+
+def test_evaluate_scores_result_folders(easy_case, tmp_path):
+    import json
+
+    from RadGSRegLib.cli import main
+    from RadGSRegLib.io import read_result
+
+    results = tmp_path / "results"
+    assert main(["register", str(easy_case), "--out", str(results / easy_case.name), "--init", "none",
+                 "--refine", "none"]) == 0
+    assert main(["evaluate", str(easy_case.parent), "--results", str(results)]) == 0
+    out = json.loads((results / "evaluation.json").read_text())
+    truth = read_case(easy_case, ground_truth=True)
+    pts = target_points(truth.seg, truth.vertebra_label, max_points=2000)
+    expect = registration_errors(read_result(results / easy_case.name).T_ct_to_carm, truth.ground_truth, pts)
+    assert out["summary"]["n"] == 1 and out["missing"] == []
+    assert out["rows"][0]["mtre_mm"] == pytest.approx(expect["mtre_mm"])
+    assert out["summary"]["sr_pct"] == (100.0 if expect["mtre_mm"] < 2 else 0.0)

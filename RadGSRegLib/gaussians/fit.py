@@ -204,22 +204,23 @@ def fit_gaussians(images: torch.Tensor, views: Sequence[View], shape, affine, co
     return FitResult(g, history, time.perf_counter() - t0)
 
 
-def recon_grid(grid_mm: float = 96.0, voxel_mm: float = 1.5):
-    """((n, n, n), affine): a cube of side ``grid_mm`` centred on the C-arm isocentre."""
+def recon_grid(grid_mm: float = 96.0, voxel_mm: float = 1.5, centre=(0.0, 0.0, 0.0)):
+    """((n, n, n), affine): a cube of side ``grid_mm`` centred on ``centre`` (C-arm mm;
+    default the isocentre)."""
     from ..volume import affine_from
 
     n = int(round(grid_mm / voxel_mm))
-    return (n, n, n), affine_from([-(n - 1) / 2 * voxel_mm] * 3, [voxel_mm] * 3)
+    return (n, n, n), affine_from(np.asarray(centre, dtype=np.float64) - (n - 1) / 2 * voxel_mm, [voxel_mm] * 3)
 
 
 def fit_case_xrays(case, config: FitConfig | None = None, *, pixels: int = 128, grid_mm: float = 96.0,
-                   voxel_mm: float = 1.5, progress=None):
+                   voxel_mm: float = 1.5, centre=(0.0, 0.0, 0.0), progress=None):
     """Fit Gaussians to a case's two X-rays (as line integrals, resized to ``pixels``) on
-    :func:`recon_grid`; returns (FitResult, recon Volume in the C-arm frame)."""
+    :func:`recon_grid` around ``centre``; returns (FitResult, recon Volume in the C-arm frame)."""
     from ..xray import as_line_integral, resize_view_image
     from . import to_volume, voxelize_model
 
-    shape, affine = recon_grid(grid_mm, voxel_mm)
+    shape, affine = recon_grid(grid_mm, voxel_mm, centre)
     imgs, views = [], []
     for name in ("ap", "lat"):
         img, v = resize_view_image(as_line_integral(case.xrays[name], case.image_kind), case.views[name], pixels)

@@ -202,8 +202,9 @@ def run(case: Case, config: RegisterConfig | None = None, log=None, *, net=None)
             log(f"  RadGS-Reg network: {runtime['learned']:.2f} s")
     if cfg.refine in ("3d", "both"):
         t = time.perf_counter()
-        if recon is None:
-            recon = reconstruct_volume(case, iterations=cfg.recon_iterations, log=log)
+        if recon is None:                       # no network: fit Gaussians around the current vertebra position
+            recon = reconstruct_volume(case, iterations=cfg.recon_iterations, log=log,
+                                       centre=tgt.centre @ T[:3, :3].T + T[:3, 3])
             runtime["reconstruction"] = time.perf_counter() - t
             t = time.perf_counter()
         if region is None:
@@ -240,20 +241,19 @@ def run(case: Case, config: RegisterConfig | None = None, log=None, *, net=None)
             warnings.append(f"doubtful result: final NCC {m:.2f} < {cfg.min_ncc}")
     if cfg.reconstruct and recon is None:
         t = time.perf_counter()
-        recon = reconstruct_volume(case, iterations=cfg.recon_iterations, log=log)
+        recon = reconstruct_volume(case, iterations=cfg.recon_iterations, log=log,
+                                   centre=tgt.centre @ T[:3, :3].T + T[:3, 3])
         runtime["reconstruction"] = time.perf_counter() - t
     runtime["total"] = time.perf_counter() - t0
     info["warnings"] = warnings
-    return Result(T_ct_to_carm=T, runtime_s=runtime, recon=recon if (cfg.reconstruct or mode == "learned") else None,
-                  info=info)
+    return Result(T_ct_to_carm=T, runtime_s=runtime, recon=recon, info=info)
 
 
-def reconstruct_volume(case: Case, *, iterations: int = 300, log=None) -> Volume:
+def reconstruct_volume(case: Case, *, iterations: int = 300, centre=(0.0, 0.0, 0.0), log=None) -> Volume:
     """Radiative Gaussians fitted to the case's two X-rays, voxelized on a 96 mm cube of
-    1.5 mm voxels around the isocentre (C-arm frame). The learned reconstruction replaces
-    this when it lands."""
+    1.5 mm voxels around ``centre`` (C-arm mm; the vertebra's estimated position)."""
     from ..gaussians.fit import FitConfig, fit_case_xrays
 
     if log:
         log(f"reconstructing: {iterations} iterations of Gaussian fitting")
-    return fit_case_xrays(case, FitConfig(iterations=iterations))[1]
+    return fit_case_xrays(case, FitConfig(iterations=iterations), centre=centre)[1]
