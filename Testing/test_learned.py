@@ -163,3 +163,35 @@ def test_register_with_a_model_writes_consistent_frames(small_phantom, tmp_path)
     centre = rec.index_to_world(np.array([7.5, 7.5, 7.5]))
     search_pose = np.array(res.info["search"][0]["search_shift_mm"])
     assert np.linalg.norm(centre - apply(case.initial_guess, seg.label_centroid(29)) - search_pose) < 25.0
+
+
+def test_stage2_trains_on_case_folders_and_stage3_on_a_ct(small_phantom, tmp_path):
+    """Stage 2 takes real-X-ray case folders with ground truth (their own images), stage 3
+    the patient's CT; both start from earlier weights."""
+    from RadGSRegLib.cases import CaseGenConfig, make_case
+    from RadGSRegLib.io import write_case, write_volume
+    from RadGSRegLib.learned.data import build_samples
+    from RadGSRegLib.learned.train import train
+
+    ct, seg = small_phantom
+    case = make_case(ct, seg, "L2", CaseGenConfig(pixels=96, seed=7), np.random.default_rng(7))
+    write_case(case, tmp_path / "case")
+    RadGSRegNet(ModelConfig(**TINY)).save(tmp_path / "w.pt")
+    cfg2 = TrainConfig(stage=2, out=str(tmp_path / "s2"), init=str(tmp_path / "w.pt"), case_dirs=[str(tmp_path / "case")],
+                       model=ModelConfig(**TINY), samples_per_ct=2, val_samples=1, rec_epochs=1, reg_epochs=0,
+                       joint_epochs=0, batch=2)
+    s = build_samples(cfg2, validation=False)
+    assert len(s) == 2
+    # the sample's images are the case's own X-rays, not a new simulation
+    from RadGSRegLib.learned.data import prepare_images
+
+    own, _, _ = prepare_images(case.xrays, case.views, case.image_kind, TINY["image_pixels"])
+    assert torch.allclose(s[0]["images"], own)
+    assert RadGSRegNet.load(train(cfg2, progress=False)).card["stage"] == 2
+    write_volume(ct, tmp_path / "ct.nrrd")
+    write_volume(seg, tmp_path / "seg.nrrd")
+    cfg3 = TrainConfig(stage=3, out=str(tmp_path / "s3"), init=str(tmp_path / "w.pt"),
+                       ct_dirs=[f"{tmp_path / 'ct.nrrd'}:{tmp_path / 'seg.nrrd'}"], levels=["L1", "L3"],
+                       model=ModelConfig(**TINY), samples_per_ct=2, val_samples=1, rec_epochs=0, reg_epochs=1,
+                       joint_epochs=0, batch=2)
+    assert RadGSRegNet.load(train(cfg3, progress=False)).card["train_samples"] == 2

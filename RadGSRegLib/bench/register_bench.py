@@ -43,6 +43,12 @@ def run_register_bench(suites: list[Path], methods: list[str], *, json_path: Pat
     from ..register import RegisterConfig, run
 
     torch.set_num_threads(1)
+    try:                        # the compiled projector is parallel too: one thread, as the table says
+        import numba
+
+        numba.set_num_threads(1)
+    except ImportError:
+        pass
     unknown = [m for m in methods if m not in METHODS]
     if unknown:
         raise ValueError(f"unknown method(s) {unknown}; choose from {sorted(METHODS)}")

@@ -195,7 +195,9 @@ def run(case: Case, config: RegisterConfig | None = None, log=None, *, net=None)
         pred = predict(net, case.xrays, case.views, case.image_kind, case.ct, case.seg, case.vertebra_label, T,
                        device=cfg.device)
         T, recon, region = pred.T_ct_to_carm, pred.recon, pred.region.crop
-        candidates = [(candidates[0][0], T, {"learned": True})] + candidates[1:]
+        # the network's pose goes first; the best search poses stay as further starts (a wrong
+        # network output cannot lose a case the search alone would have won), same count
+        candidates = [(candidates[0][0], T, {"learned": True})] + candidates[:max(cfg.refine2d.candidates - 1, 0)]
         info["learned"] = {"runtime_s": pred.runtime_s}
         runtime["learned"] = time.perf_counter() - t
         if log:
