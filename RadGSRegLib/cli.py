@@ -480,8 +480,11 @@ def _cmd_register(args):
     case = read_case(args.case)                    # never the ground truth
     if Path(args.out).exists() and not args.overwrite:
         raise FileExistsError(f"{args.out} exists; pass --overwrite to replace it")
-    cfg = RegisterConfig(init=args.init, refine=args.refine, model=args.model, device=args.device,
-                         reconstruct=args.reconstruct)
+    try:
+        cfg = RegisterConfig(init=args.init, refine=args.refine, model=args.model, device=args.device,
+                             reconstruct=args.reconstruct)
+    except ValueError as e:
+        raise SystemExit(f"radgsreg register: error: {e}") from None
     print(f"registering {args.case} ({case.vertebra_name or case.vertebra_label}), init={cfg.init_mode}, "
           f"refine={args.refine}{f', model {cfg.model_path()}' if args.model else ''}", flush=True)
     res = run(case, cfg, log=print)

@@ -92,7 +92,8 @@ class RegisterConfig:
         if self.refine not in REFINES:
             raise ValueError(f"refine must be one of {REFINES}, not {self.refine!r}")
         if self.init == "learned" and not self.model:
-            raise ValueError("init='learned' needs model weights (model='default' for the shipped ones)")
+            raise ValueError("init='learned' needs model weights: a .pt file, or 'default' for the shipped ones "
+                             "(CLI: --model default)")
 
     @property
     def init_mode(self) -> str:
