@@ -135,7 +135,9 @@ class ItkGeometry:
         return out
 
 
-def _itk_volume(ct: Volume, threshold_hu: float):
+def _itk_volume(ct: Volume):
+    """The CT as ITK's moving image: its voxel corner at the origin, direction ignored (the
+    module's convention; :class:`ItkGeometry` accounts for it)."""
     import itk
 
     vol = itk.image_from_array(np.ascontiguousarray(ct.array.astype(np.float32)))
@@ -175,7 +177,7 @@ def render_itk(ct: Volume, views: dict[str, View], T_ct_to_carm, pixels: int, *,
     import itk
 
     geo = ItkGeometry(views, ct)
-    vol = _itk_volume(ct, threshold_hu)
+    vol = _itk_volume(ct)
     tf = _transform(geo, geo.tr_from_pose(np.asarray(T_ct_to_carm, dtype=np.float64)))
     out = {}
     for name in ("ap", "lat"):
@@ -205,7 +207,7 @@ def register_itk(case: Case, *, pixels=(64, 128), slab_mm: float = 110.0, thresh
     centre = case.seg.label_centroid(case.vertebra_label)
     slab = slab_around(case.ct, centre, slab_mm)
     geo = ItkGeometry(case.views, slab)
-    vol = _itk_volume(slab, threshold_hu)
+    vol = _itk_volume(slab)
     Tr = geo.tr_from_pose(case.initial_guess)
     runtime = {"preprocessing": time.perf_counter() - t0}
     info = {"init": "none", "refine": "itk-two-projection", "levels": []}

@@ -38,17 +38,24 @@ METHODS = {
 
 def run_register_bench(suites: list[Path], methods: list[str], *, json_path: Path | None = None,
                        limit: int | None = None, model: str | None = None, log=print) -> dict:
+    """Run ``methods`` on every case of ``suites`` with torch and numba at one thread each
+    (restored afterwards); returns (and optionally writes) the per-case rows and summaries."""
+    import numba
     import torch
 
+    threads = torch.get_num_threads(), numba.get_num_threads()
+    torch.set_num_threads(1)
+    numba.set_num_threads(1)       # the compiled projector is parallel too: one thread, as the table says
+    try:
+        return _bench(suites, methods, json_path=json_path, limit=limit, model=model, log=log)
+    finally:
+        torch.set_num_threads(threads[0])
+        numba.set_num_threads(threads[1])
+
+
+def _bench(suites, methods, *, json_path, limit, model, log) -> dict:
     from ..register import RegisterConfig, run
 
-    torch.set_num_threads(1)
-    try:                        # the compiled projector is parallel too: one thread, as the table says
-        import numba
-
-        numba.set_num_threads(1)
-    except ImportError:
-        pass
     unknown = [m for m in methods if m not in METHODS]
     if unknown:
         raise ValueError(f"unknown method(s) {unknown}; choose from {sorted(METHODS)}")

@@ -88,8 +88,8 @@ class TrainConfig:
         model: the network (ignored when ``init`` is given: the weights carry theirs).
         phantoms / phantom_spacing_mm: stage 1: phantom CTs generated (seeded) and their
             voxel size.
-        ct_dirs: folders each holding a CT and a vertebra label map (``ct.nii.gz`` /
-            ``labels.nii.gz`` as in a case, or ``--ct/--seg`` style paths ``ct:seg``).
+        ct_dirs: CTs with vertebra label maps: ``CT:LABELS`` path pairs, or folders holding
+            ``ct.nrrd`` + ``seg.nrrd`` (a case folder, or ``radgsreg phantom``'s output).
         case_dirs: stage 2: case folders with ``ground_truth``.
         levels: vertebra levels to draw from.
         samples_per_ct: training samples drawn from each CT (pose, level, noise).

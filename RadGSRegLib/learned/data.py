@@ -128,16 +128,16 @@ def collate(samples: list[dict]) -> dict:
 
 
 def _ct_dir(spec: str):
-    """``ct:seg`` paths, or a folder with a CT and its labels (case-format names or the
-    sample data's)."""
+    """``CT:LABELS`` paths, or a folder with a CT and its labels under the case format's
+    names (``ct.nrrd`` + ``seg.nrrd``), the phantom command's, or the sample data's."""
     if ":" in spec and not Path(spec).exists():
         ct, seg = spec.split(":", 1)
         return Path(ct), Path(seg)
     d = Path(spec)
-    for ct, seg in (("ct.nii.gz", "labels.nii.gz"), ("ct.nrrd", "labels.nrrd"), ("example_ct.nii.gz", "totalseg.nii.gz")):
+    for ct, seg in (("ct.nrrd", "seg.nrrd"), ("ct.nii.gz", "seg.nii.gz"), ("example_ct.nii.gz", "totalseg.nii.gz")):
         if (d / ct).is_file() and (d / seg).is_file():
             return d / ct, d / seg
-    raise FileNotFoundError(f"{spec}: expected 'CT:LABELS' paths or a folder with ct.nii.gz + labels.nii.gz")
+    raise FileNotFoundError(f"{spec}: expected 'CT:LABELS' paths or a folder with ct.nrrd + seg.nrrd")
 
 
 def sample_sources(cfg: TrainConfig, *, validation: bool) -> Iterator[tuple[str, Callable]]:

@@ -84,6 +84,8 @@ def evaluate_samples(net: RadGSRegNet, samples: list, *, device="cpu", batch: in
     vertebra region's voxels), with the input mTRE for comparison."""
     from ..geometry import mtre
     from ..metrics import recon_metrics
+    from .model import voxelize_set
+    from .recm import roi_affine
 
     net.eval()
     psnr, ssim, e_in, e_out = [], [], [], []
@@ -91,9 +93,6 @@ def evaluate_samples(net: RadGSRegNet, samples: list, *, device="cpu", batch: in
         for i in range(0, len(samples), batch):
             b = _to(collate(samples[i:i + batch]), device)
             fact, _ = net.recm(b["images"], b["proj"], b["centre"])
-            from .model import voxelize_set
-            from .recm import roi_affine
-
             A = roi_affine(b["centre"].cpu(), net.cfg.roi_mm, net.cfg.voxels)
             rec = torch.stack([voxelize_set(g, A[k], net.cfg.voxels) for k, g in enumerate(fact)])[:, None]
             T = net.estimate(b, rec)

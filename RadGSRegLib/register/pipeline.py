@@ -226,11 +226,12 @@ def run(case: Case, config: RegisterConfig | None = None, log=None, *, net=None)
     if cfg.refine in ("2d", "both"):
         t = time.perf_counter()
         best = None
-        for score, Tc, _ in candidates:
+        for score, Tc, ci in candidates:
             Tr, ri = refine_lm(tgt, Tc, cfg.refine2d)
             m = float(np.mean(list(ri["levels"][-1]["ncc"].values())))
             if log:
-                log(f"  candidate (search score {score:.3f}): final NCC {m:.3f}")
+                what = "network pose" if ci.get("learned") else f"search score {score:.3f}"
+                log(f"  candidate ({what}): final NCC {m:.3f}")
             if best is None or m > best[0]:
                 best = (m, Tr, ri, Tc)
         m, Tr, ri, Tstart = best
