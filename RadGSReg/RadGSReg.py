@@ -28,7 +28,7 @@ from slicer.ScriptedLoadableModule import (ScriptedLoadableModule, ScriptedLoada
 from slicer.util import VTKObservationMixin
 
 #: Python packages RadGSRegLib needs beyond Slicer's own (torch comes from the PyTorch extension)
-REQUIREMENTS = ["numba>=0.60", "monai>=1.4", "roma>=1.5", "pynrrd>=1.0", "tqdm>=4.60"]
+REQUIREMENTS = ["numba>=0.60", "monai>=1.4", "roma>=1.5", "pynrrd>=1.0", "tqdm>=4.60", "einops>=0.7"]
 LEVEL_CHOICES = ["L1", "L2", "L3", "L4", "L5", "S1", "T12", "T11", "T10"]
 
 
@@ -300,7 +300,7 @@ class RadGSRegLogic(ScriptedLoadableModuleLogic):
             if not PyTorchUtils.PyTorchUtilsLogic().installTorch(askConfirmation=True):
                 raise RuntimeError("PyTorch is required (install the PyTorch extension)")
         missing = []
-        for req, mod in zip(REQUIREMENTS, ["numba", "monai", "roma", "nrrd", "tqdm"]):
+        for req, mod in zip(REQUIREMENTS, ["numba", "monai", "roma", "nrrd", "tqdm", "einops"]):
             try:
                 __import__(mod)
             except ImportError:
