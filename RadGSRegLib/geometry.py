@@ -30,7 +30,7 @@ __all__ = [
     "View", "biplanar_views", "c_arm_view",
     "euler_to_matrix", "matrix_to_euler", "pose_to_matrix", "matrix_to_pose",
     "translation", "compose", "invert", "is_rigid", "geodesic_deg", "mtre",
-    "sample_offsets", "apply",
+    "sample_offsets", "apply", "orthonormalized",
 ]
 
 _ORTHO_TOL = 1e-4
@@ -334,6 +334,15 @@ def is_rigid(T, tol: float = 1e-5) -> bool:
     R = T[:3, :3]
     return (np.allclose(R.T @ R, np.eye(3), atol=tol) and abs(np.linalg.det(R) - 1) < tol
             and np.allclose(T[3], [0, 0, 0, 1], atol=tol))
+
+
+def orthonormalized(T) -> np.ndarray:
+    """``T`` (4x4, float64 copy) with its rotation block replaced by the nearest orthonormal
+    matrix (SVD ``U V^T``): removes the drift of float32 compositions."""
+    out = np.array(T, dtype=np.float64)
+    u, _, vt = np.linalg.svd(out[:3, :3])
+    out[:3, :3] = u @ vt
+    return out
 
 
 def apply(T, points) -> np.ndarray:

@@ -73,12 +73,11 @@ def _bench(suites, methods, *, json_path, limit, model, log) -> dict:
         cases = case_dirs(suite)[:limit]
         if not cases:
             raise FileNotFoundError(f"{suite} holds no case folders (*/case.json)")
-        per = {}
-        for m in methods:
-            rows = []
-            for i, d in enumerate(cases):
-                truth = read_case(d, ground_truth=True)              # read once; the truth is for evaluation
-                case = replace(truth, ground_truth=None)             # what the method sees
+        rows = {m: [] for m in methods}
+        for i, d in enumerate(cases):
+            truth = read_case(d, ground_truth=True)              # read once per case; the truth is for evaluation
+            case = replace(truth, ground_truth=None)             # what the methods see
+            for m in methods:
                 t = time.perf_counter()
                 if m == "itk":
                     from .itk_peer import register_itk
@@ -92,10 +91,10 @@ def _bench(suites, methods, *, json_path, limit, model, log) -> dict:
                 wall = time.perf_counter() - t
                 row = case_row(truth, res, d.name)
                 row["wall_s"] = wall
-                rows.append(row)
+                rows[m].append(row)
                 log(f"  [{suite.name}] {m:<12} {i + 1:>3}/{len(cases)} {d.name}: {row['initial_mtre_mm']:6.1f} -> "
                     f"{row['mtre_mm']:7.2f} mm ({wall:.1f} s){' FLAGGED' if row['warnings'] else ''}")
-            per[m] = {"summary": summarize(rows), "cases": rows}
+        per = {m: {"summary": summarize(r), "cases": r} for m, r in rows.items()}
         result["suites"][suite.name] = per
     log("")
     log(f"Registration benchmark (CPU, 1 thread; RT excludes model loading{'; model ' + str(model) if model else ''})")

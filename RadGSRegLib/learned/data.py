@@ -31,7 +31,7 @@ from typing import Callable, Iterator
 import numpy as np
 import torch
 
-from ..drr import DRR, hu_to_mu
+from ..drr import DRR
 from ..geometry import View, apply, biplanar_views, compose, sample_offsets
 from ..simulate import XraySimConfig, simulate_xrays
 from ..volume import Volume, affine_from, resample_to_grid
@@ -78,14 +78,11 @@ class VertebraRegion:
 
     @classmethod
     def of(cls, ct: Volume, seg: Volume, label: int, cfg: ModelConfig, *, dilate_mm: float = 3.0):
-        from scipy import ndimage
+        from ..metrics import vertebra_region
 
-        mask = seg.array == label
-        if not mask.any():
+        if not np.any(seg.array == label):
             raise ValueError(f"label {label} is not in the label map")
-        it = max(1, int(round(dilate_mm / float(np.min(seg.spacing)))))
-        mask = ndimage.binary_dilation(mask, iterations=it)
-        region = Volume((hu_to_mu(ct.array) * mask).astype(np.float32), ct.affine)
+        region = vertebra_region(ct, seg, label, dilate_mm=dilate_mm)
         c = seg.label_centroid(label)
         side = 1.25 * cfg.roi_mm
         n = int(round(side / cfg.voxel_mm))

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from ..geometry import apply
+from ..geometry import apply, orthonormalized
 from ..volume import Volume
 from .data import VertebraRegion, prepare_images
 from .model import RadGSRegNet, voxelize_set
@@ -62,10 +62,7 @@ def predict(net: RadGSRegNet, xrays: dict, views: dict, image_kind: str, ct: Vol
         batch = {"ct": torch.as_tensor(vr.crop.array, dtype=torch.float32, device=device)[None],
                  "ct_affine": torch.as_tensor(vr.crop.affine, dtype=torch.float32, device=device)[None],
                  "T_in": torch.as_tensor(T_in, dtype=torch.float32, device=device)[None], "centre": c}
-        T = net.estimate(batch, rec[None, None]).cpu().numpy()[0].astype(np.float64)
+        T = orthonormalized(net.estimate(batch, rec[None, None]).cpu().numpy()[0])
         runtime["registration"] = time.perf_counter() - t
-    # re-orthonormalise (float32 composition)
-    u, _, vt = np.linalg.svd(T[:3, :3])
-    T[:3, :3] = u @ vt
     recon = Volume(rec.cpu().numpy().astype(np.float32), A[0].numpy().astype(np.float64))
     return Prediction(T, recon, fact[0], vr, runtime)

@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from ..drr import DRR, hu_to_mu
-from ..geometry import translation
+from ..geometry import apply, translation
 from ..io import Case, Result
 from ..volume import Volume
 from ..xray import as_line_integral
@@ -207,7 +207,7 @@ def run(case: Case, config: RegisterConfig | None = None, log=None, *, net=None)
         t = time.perf_counter()
         if recon is None:                       # no network: fit Gaussians around the current vertebra position
             recon = reconstruct_volume(case, iterations=cfg.recon_iterations, log=log,
-                                       centre=tgt.centre @ T[:3, :3].T + T[:3, 3])
+                                       centre=apply(T, tgt.centre))
             runtime["reconstruction"] = time.perf_counter() - t
             t = time.perf_counter()
         if region is None:
@@ -246,7 +246,7 @@ def run(case: Case, config: RegisterConfig | None = None, log=None, *, net=None)
     if cfg.reconstruct and recon is None:
         t = time.perf_counter()
         recon = reconstruct_volume(case, iterations=cfg.recon_iterations, log=log,
-                                   centre=tgt.centre @ T[:3, :3].T + T[:3, 3])
+                                   centre=apply(T, tgt.centre))
         runtime["reconstruction"] = time.perf_counter() - t
     runtime["total"] = time.perf_counter() - t0
     info["warnings"] = warnings

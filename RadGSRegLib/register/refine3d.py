@@ -16,6 +16,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..geometry import orthonormalized
 from ..volume import Volume
 
 __all__ = ["Refine3DConfig", "refine_3d"]
@@ -86,9 +87,7 @@ def refine_3d(recon: Volume, region: Volume, T: np.ndarray, config: Refine3DConf
         Tn = apply_correction(x * unit, T0, centre)
         sig = 0.0
         after = float(ncc(rec, Tn))
-    out = Tn[0].numpy().astype(np.float64)
-    u, _, vt = np.linalg.svd(out[:3, :3])
-    out[:3, :3] = u @ vt
+    out = orthonormalized(Tn[0].numpy())
     if after < before:                                         # never make it worse than the start
         return np.asarray(T, dtype=np.float64), {"ncc_before": before, "ncc_after": before, "kept_input": True}
     return out, {"ncc_before": before, "ncc_after": after, "kept_input": False}
