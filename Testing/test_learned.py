@@ -89,6 +89,52 @@ def test_training_steps_lower_the_losses(samples):
     assert np.isfinite(last) and last < 0.8 * first
 
 
+def test_perturbed_input_poses_stay_in_range(samples):
+    """RegM's input poses: drawn about the vertebra (its centre moves by the translation
+    only), within the configured range, and new ones each time the RegM phase asks."""
+    from RadGSRegLib.geometry import geodesic_deg
+    from RadGSRegLib.learned.data import perturb_pose
+    from RadGSRegLib.learned.train import _fresh_inputs
+
+    mc, ss = samples
+    rng = np.random.default_rng(0)
+    G, c = ss[0]["G"].double().numpy(), ss[0]["centroid"].double().numpy()
+    for _ in range(20):
+        T_in, centre = perturb_pose(G, c, rng, rot_deg=10.0, trans_mm=5.0)
+        assert np.allclose(centre, apply(T_in, c))
+        assert np.abs(centre - apply(G, c)).max() <= 5.0 + 1e-6
+        assert 0.0 < geodesic_deg(T_in[:3, :3], G[:3, :3]) <= 3 * 10.0 + 1e-3
+    b = collate(ss)
+    cfg = TrainConfig(input_rot_deg=8.0, input_trans_mm=8.0)
+    b1, b2 = _fresh_inputs(b, rng, cfg), _fresh_inputs(b, rng, cfg)
+    assert not torch.allclose(b1["T_in"], b2["T_in"]) and not torch.allclose(b1["T_in"], b["T_in"])
+    assert torch.equal(b1["G"], b["G"]) and torch.equal(b1["images"], b["images"])
+
+
+def test_regm_and_joint_phases_touch_what_they_should(tmp_path):
+    """Module-aware training: the RegM phase leaves RecM untouched (RegM learns on the frozen
+    RecM's reconstructions) and changes RegM; the joint phase changes RecM's weights too but
+    not its batch-norm statistics."""
+    from RadGSRegLib.learned.train import train
+
+    torch.manual_seed(0)
+    RadGSRegNet(ModelConfig(**TINY)).save(tmp_path / "w.pt")
+    before = RadGSRegNet.load(tmp_path / "w.pt")
+    common = dict(init=str(tmp_path / "w.pt"), model=ModelConfig(**TINY), phantoms=1, phantom_spacing_mm=4.0,
+                  samples_per_ct=2, val_samples=1, levels=["L3"], rec_epochs=0, batch=2,
+                  data_cache=str(tmp_path / "data"))
+    reg = RadGSRegNet.load(train(TrainConfig(out=str(tmp_path / "reg"), reg_epochs=2, joint_epochs=0, **common),
+                                 progress=False))
+    for (name, p0), p1 in zip(before.recm.state_dict().items(), reg.recm.state_dict().values()):
+        assert torch.equal(p0, p1), name
+    assert any(not torch.equal(p0, p1) for p0, p1 in zip(before.regm.parameters(), reg.regm.parameters()))
+    joint = RadGSRegNet.load(train(TrainConfig(out=str(tmp_path / "joint"), reg_epochs=0, joint_epochs=1, **common),
+                                   progress=False))
+    for (name, b0), b1 in zip(before.recm.named_buffers(), joint.recm.buffers()):
+        assert torch.equal(b0, b1), name
+    assert any(not torch.equal(p0, p1) for p0, p1 in zip(before.recm.parameters(), joint.recm.parameters()))
+
+
 def test_train_run_writes_resumes_and_refuses_another_config(tmp_path):
     from RadGSRegLib.learned.train import train
 

@@ -100,7 +100,8 @@ class TrainConfig:
         input_rot_deg / input_trans_mm: RegM's input pose, the truth perturbed about the
             vertebra (what the localisation step leaves).
         rec_epochs / reg_epochs / joint_epochs: module-aware phases: RecM alone, RegM alone
-            (on the ground-truth volume), then both with Eq. 4.
+            (on the frozen RecM's reconstruction, input poses redrawn every batch), then
+            both with Eq. 4.
         batch: samples per step. lr: Adam learning rate (halved every ``lr_halve_epochs``).
         lr_template: learning rate of RecM's per-anchor template (a shape prior that must
             move by several units; at ``lr`` it barely moves in a CPU-sized run, and raising

@@ -39,7 +39,8 @@ from ..xray import as_line_integral, resize_view_image
 from .config import ModelConfig, TrainConfig
 from .recm import roi_affine
 
-__all__ = ["prepare_images", "VertebraRegion", "make_sample", "collate", "sample_sources", "build_samples"]
+__all__ = ["prepare_images", "VertebraRegion", "perturb_pose", "make_sample", "collate", "sample_sources",
+           "build_samples"]
 
 
 def prepare_images(xrays: dict, views: dict, image_kind: str, pixels: int):
@@ -91,14 +92,25 @@ class VertebraRegion:
         return cls(ct, int(label), c, region, DRR(region.array, region.affine), crop)
 
 
+def perturb_pose(G: np.ndarray, centroid: np.ndarray, rng: np.random.Generator, *, rot_deg: float,
+                 trans_mm: float) -> tuple[np.ndarray, np.ndarray]:
+    """RegM's input pose: the truth ``G`` (4, 4) perturbed by a random rigid offset about the
+    vertebra (rotation uniform in ±``rot_deg`` per axis about where ``G`` puts ``centroid``
+    (3,) CT mm, translation uniform in ±``trans_mm`` per axis, C-arm frame).
+
+    Returns:
+        ``T_in`` (4, 4) and ``centre`` (3,): where ``T_in`` puts the centroid (C-arm mm).
+    """
+    D = sample_offsets(1, rng, rot_deg=rot_deg, trans_mm=trans_mm, center=apply(G, centroid))[0]
+    T_in = compose(D, G)
+    return T_in, apply(T_in, centroid)
+
+
 def make_sample(vr: VertebraRegion, G: np.ndarray, xrays: dict, views: dict, image_kind: str, cfg: ModelConfig,
                 rng: np.random.Generator, *, input_rot_deg: float, input_trans_mm: float) -> dict:
     """One training sample (see the module docstring) from X-rays taken at pose ``G``."""
     images, wviews, proj = prepare_images(xrays, views, image_kind, cfg.image_pixels)
-    c_true = apply(G, vr.centroid)
-    D = sample_offsets(1, rng, rot_deg=input_rot_deg, trans_mm=input_trans_mm, center=c_true)[0]
-    T_in = compose(D, G)
-    centre = apply(T_in, vr.centroid)
+    T_in, centre = perturb_pose(G, vr.centroid, rng, rot_deg=input_rot_deg, trans_mm=input_trans_mm)
     W = cfg.render_pixels
     targets, wins = [], []
     for name in ("ap", "lat"):

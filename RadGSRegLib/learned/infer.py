@@ -17,7 +17,7 @@ import torch
 from ..geometry import apply, orthonormalized
 from ..volume import Volume
 from .data import VertebraRegion, prepare_images
-from .model import RadGSRegNet, voxelize_set
+from .model import RadGSRegNet
 from .recm import GaussianSet, roi_affine
 
 __all__ = ["Prediction", "predict"]
@@ -54,15 +54,14 @@ def predict(net: RadGSRegNet, xrays: dict, views: dict, image_kind: str, ct: Vol
     with torch.no_grad():
         t = time.perf_counter()
         c = torch.as_tensor(centre, dtype=torch.float32, device=device)[None]
-        fact, _ = net.recm(images[None].to(device), proj[None].to(device), c)
+        fact, rec = net.reconstruct(images[None].to(device), proj[None].to(device), c)
         A = roi_affine(c.cpu(), cfg.roi_mm, cfg.voxels)
-        rec = voxelize_set(fact[0], A[0], cfg.voxels)
         runtime["reconstruction"] = time.perf_counter() - t
         t = time.perf_counter()
         batch = {"ct": torch.as_tensor(vr.crop.array, dtype=torch.float32, device=device)[None],
                  "ct_affine": torch.as_tensor(vr.crop.affine, dtype=torch.float32, device=device)[None],
                  "T_in": torch.as_tensor(T_in, dtype=torch.float32, device=device)[None], "centre": c}
-        T = orthonormalized(net.estimate(batch, rec[None, None]).cpu().numpy()[0])
+        T = orthonormalized(net.estimate(batch, rec).cpu().numpy()[0])
         runtime["registration"] = time.perf_counter() - t
-    recon = Volume(rec.cpu().numpy().astype(np.float32), A[0].numpy().astype(np.float64))
+    recon = Volume(rec[0, 0].cpu().numpy().astype(np.float32), A[0].numpy().astype(np.float64))
     return Prediction(T, recon, fact[0], vr, runtime)

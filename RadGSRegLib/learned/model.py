@@ -48,6 +48,21 @@ class RadGSRegNet(nn.Module):
         self.regm = RegM(self.cfg)
         self.card: dict = {}
 
+    def reconstruct(self, images: torch.Tensor, proj: torch.Tensor, centre: torch.Tensor):
+        """RecM's factual Gaussians and their voxelization.
+
+        Args:
+            images (B, 2, P, P), proj (B, 2, 3, 4): :func:`~.data.prepare_images`' output.
+            centre (B, 3): the reconstruction cubes' centres (C-arm mm).
+        Returns:
+            (list of B :class:`GaussianSet`, (B, 1, V, V, V) volumes in 1/mm on the grids
+            ``roi_affine(centre)``).
+        """
+        fact, _ = self.recm(images, proj, centre)
+        A = roi_affine(centre.cpu(), self.cfg.roi_mm, self.cfg.voxels)
+        rec = torch.stack([voxelize_set(g, A[k], self.cfg.voxels) for k, g in enumerate(fact)])[:, None]
+        return fact, rec.to(centre.device)
+
     # ------------------------------------------------------------------ losses
     def reconstruction_loss(self, batch: dict, *, lambda_ssim=0.2, lambda_tv=0.05, lambda_volume=10.0,
                             counterfactual: bool = True):
