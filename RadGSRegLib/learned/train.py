@@ -4,9 +4,9 @@ Module-aware phases (paper Sec. 2): RecM alone (Eq. 2), RegM alone (Eq. 3 on the
 RecM's own reconstruction, at input poses drawn anew every batch), then both together
 (Eq. 4: Eq. 2 + Eq. 3 on RecM's volume, gradients flowing into RecM; RecM's batch norm on its
 running statistics). RegM learns on what it will see at inference: trained on the
-ground-truth volume with the samples' fixed input poses instead, its validation mTRE stayed
-at 6.2-6.9 mm over 3 epochs against 5.7-5.9 mm this way (same data, re-initialised RegM;
-measured before this became the rule). Data-aware stages (Sec. 3.2) are
+ground-truth volume instead (with fixed or with fresh input poses), its validation mTRE
+stayed at 6.2-6.9 mm over 3 epochs against 5.7-5.9 mm this way (same data, re-initialised
+RegM; measured before this became the rule). Data-aware stages (Sec. 3.2) are
 separate runs (:class:`~.config.TrainConfig` ``stage``), each starting from the previous
 one's weights.
 
