@@ -241,3 +241,17 @@ def test_stage2_trains_on_case_folders_and_stage3_on_a_ct(small_phantom, tmp_pat
                        model=ModelConfig(**TINY), samples_per_ct=2, val_samples=1, rec_epochs=0, reg_epochs=1,
                        joint_epochs=0, batch=2)
     assert RadGSRegNet.load(train(cfg3, progress=False)).card["train_samples"] == 2
+
+
+@pytest.mark.parametrize("name", ["stage1_tiny", "stage3_tiny", "stage1_paper"])
+def test_shipped_configs_load_and_build(name):
+    """Every config in Resources/Models/configs is valid (no unknown key, consistent stage)
+    and builds its network; the paper's uses its backbone and Eq. 3 weight."""
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "Resources" / "Models" / "configs" / f"{name}.json"
+    cfg = load_train_config(path)
+    net = RadGSRegNet(cfg.model)
+    assert sum(p.numel() for p in net.parameters()) > 1e5
+    if name == "stage1_paper":
+        assert cfg.model.backbone == "resnet50" and cfg.lambda_geo == 0.02 and cfg.device == "cuda"
