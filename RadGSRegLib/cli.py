@@ -10,7 +10,9 @@ import sys
 import time
 from pathlib import Path
 
-__all__ = ["main", "build_parser"]
+from .register.config import DEVICES, INITS, REFINES, RegisterConfig
+
+__all__ = ["main", "build_parser", "register_config"]
 
 _EPILOG = """\
 examples:
@@ -82,6 +84,7 @@ def _add_geometry_args(p):
 
 
 def build_parser() -> argparse.ArgumentParser:
+    defaults = RegisterConfig()               # the one source of the registration defaults
     ap = argparse.ArgumentParser(
         prog="radgsreg", formatter_class=argparse.RawDescriptionHelpFormatter, epilog=_EPILOG,
         description="Register a spine CT to two intraoperative X-rays (AP + lateral) at one vertebra, "
@@ -174,18 +177,27 @@ def build_parser() -> argparse.ArgumentParser:
                               "  radgsreg register cases/case_000 --out res2 --model runs/stage3/model.pt --refine both")
     p.add_argument("case", type=Path)
     p.add_argument("--out", type=Path, required=True, help="result folder to write")
-    p.add_argument("--init", choices=["auto", "none", "search", "learned"], default="auto",
-                   help="initial pose: the case's guess, pose search, or search + network (default auto: learned "
-                        "with --model, else search)")
-    p.add_argument("--refine", choices=["none", "3d", "2d", "both"], default="2d",
-                   help="refinement after the initial pose (default 2d; 3d without --model fits Gaussians first, "
-                        "about a minute)")
+    p.add_argument("--config", type=Path, metavar="JSON",
+                   help="registration settings (RegisterConfig fields, e.g. {\"refine\": \"2d\", \"min_ncc\": 0.8}); "
+                        "the options below override it; unset fields keep their defaults")
+    p.add_argument("--init", choices=INITS, default=None,
+                   help=f"initial pose: the case's guess, pose search, or search + network (default "
+                        f"{defaults.init}: learned with --model, else search)")
+    p.add_argument("--refine", choices=REFINES, default=None,
+                   help=f"refinement after the initial pose (default {defaults.refine}; 3d without --model fits "
+                        "Gaussians first, about a minute)")
     p.add_argument("--model", help="RadGS-Reg weights (.pt), or 'default' for Resources/Models/radgsreg_stage1.pt")
-    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="device for the network (default cpu)")
-    p.add_argument("--reconstruct", action="store_true",
+    p.add_argument("--device", choices=DEVICES, default=None,
+                   help=f"device for the network (default {defaults.device})")
+    p.add_argument("--reconstruct", action="store_true", default=None,
                    help="also write the reconstruction (OUT/recon.nrrd): the network's, or without --model a "
                         "per-case Gaussian fit (about a minute on a CPU)")
+    p.add_argument("--drrs", action="store_true", default=None,
+                   help="also write DRRs of the CT at the result (OUT/drr_ap.nrrd, drr_lat.nrrd) for an overlay")
     p.add_argument("--threads", type=int, default=1, help="CPU threads for torch (default 1)")
+    p.add_argument("--progress", choices=["text", "json"], default="text",
+                   help="text (default): a human log on stdout; json: one JSON event per line on stdout "
+                        "(stage, fraction, message; see RadGSRegLib/progress.py) and the human log on stderr")
     p.add_argument("--overwrite", action="store_true")
 
     p = sub.add_parser("train", help="train the RadGS-Reg network (stage 1, 2 or 3)",
@@ -301,7 +313,8 @@ def _load_ct_seg(ct_path, seg_path, levels):
     if not seg.labelmap.same_grid(ct):
         raise CaseFormatError(seg_path, "--seg", f"not on the CT grid (labels {seg.labelmap.size} voxels, CT {ct.size}, "
                               "origin/spacing/direction must match); resample the label map onto the CT first")
-    labels = {lv: resolve_level(lv, seg.labelmap, seg.names, source=str(seg_path)) for lv in levels}
+    labels = {lv: resolve_level(lv, seg.labelmap, seg.names, source=str(seg_path), positional=seg.positional)
+              for lv in levels}
     return ct, seg.labelmap, labels
 
 
@@ -470,31 +483,69 @@ def _cmd_bench(args):
         raise SystemExit("choose a benchmark: radgsreg bench drr | gaussians | register")
 
 
+def register_config(args) -> RegisterConfig:
+    """The registration settings of ``radgsreg register``: RegisterConfig's defaults, then
+    ``--config``, then the options given on the command line."""
+    import dataclasses
+
+    from .register import read_config
+
+    cfg = read_config(args.config) if args.config else RegisterConfig()
+    given = {k: getattr(args, k) for k in ("init", "refine", "model", "device", "reconstruct", "drrs")
+             if getattr(args, k) is not None}
+    return dataclasses.replace(cfg, **given)
+
+
 def _cmd_register(args):
-    import torch
+    from .progress import ProgressEvent, Reporter, to_json_line
 
-    from .io import read_case, write_result
-    from .register import RegisterConfig, run
+    json_mode = args.progress == "json"
+    out = sys.stderr if json_mode else sys.stdout
 
-    torch.set_num_threads(args.threads)
-    case = read_case(args.case)                    # never the ground truth
-    if Path(args.out).exists() and not args.overwrite:
-        raise FileExistsError(f"{args.out} exists; pass --overwrite to replace it")
+    def log(line):
+        print(line, file=out, flush=True)
+
+    def emit(ev: ProgressEvent):
+        if json_mode:
+            print(to_json_line(ev), flush=True)
+
+    report = Reporter(emit)
     try:
-        cfg = RegisterConfig(init=args.init, refine=args.refine, model=args.model, device=args.device,
-                             reconstruct=args.reconstruct)
-    except ValueError as e:
-        raise SystemExit(f"radgsreg register: error: {e}") from None
-    print(f"registering {args.case} ({case.vertebra_name or case.vertebra_label}), init={cfg.init_mode}, "
-          f"refine={args.refine}{f', model {cfg.model_path()}' if args.model else ''}", flush=True)
-    res = run(case, cfg, log=print)
-    res.info.update({"case": str(args.case), "device": args.device, "threads": args.threads,
-                     "model": str(cfg.model_path()) if args.model else None})
-    write_result(res, args.out, overwrite=args.overwrite)
+        report.stage("start", "starting")
+        import torch
+
+        from .io import read_case, write_result
+        from .register import run
+
+        torch.set_num_threads(args.threads)
+        cfg = register_config(args)
+        if Path(args.out).exists() and not args.overwrite:
+            raise FileExistsError(f"{args.out} exists; pass --overwrite to replace it")
+        report.stage("read", f"reading {args.case}")
+        case = read_case(args.case)                    # never the ground truth
+        log(f"registering {args.case} ({case.vertebra_name or case.vertebra_label}), init={cfg.init_mode}, "
+            f"refine={cfg.refine}{f', model {cfg.model_path()}' if cfg.init_mode == 'learned' else ''}")
+        res = run(case, cfg, log=log, progress=emit)
+        res.info.update({"case": str(args.case), "device": cfg.device, "threads": args.threads,
+                         "model": str(cfg.model_path()) if cfg.init_mode == "learned" else None})
+        report.stage("write", f"writing {args.out}")
+        write_result(res, args.out, overwrite=args.overwrite)
+    except BaseException as e:
+        emit(ProgressEvent("error", "", report.fraction, _one_line(e)))
+        raise
     for w in res.info["warnings"]:
-        print(f"warning: {w}")
-    print(f"T_ct_to_carm written to {args.out}/result.json and transform.h5 in {res.runtime_s['total']:.1f} s "
-          f"({', '.join(f'{k} {v:.2f} s' for k, v in res.runtime_s.items() if k != 'total')})")
+        log(f"warning: {w}")
+    log(f"T_ct_to_carm written to {args.out}/result.json and transform.h5 in {res.runtime_s['total']:.1f} s "
+        f"({', '.join(f'{k} {v:.2f} s' for k, v in res.runtime_s.items() if k != 'total')})")
+    emit(ProgressEvent("done", "", 1.0, str(args.out)))
+
+
+def _one_line(e: BaseException) -> str:
+    """An exception as one line for a user: its message, or its type when it has none."""
+    if isinstance(e, KeyboardInterrupt):
+        return "interrupted"
+    text = " ".join(str(e).split())
+    return text or type(e).__name__
 
 
 def _cmd_train(args):
@@ -610,10 +661,11 @@ def main(argv=None) -> int:
         return 2
     from .io import CaseFormatError
     from .levels import LevelError
+    from .register import ConfigError
 
     try:
         _COMMANDS[args.command](args)
-    except (CaseFormatError, FileExistsError, FileNotFoundError, LevelError) as e:
+    except (CaseFormatError, ConfigError, FileExistsError, FileNotFoundError, LevelError) as e:
         print(f"radgsreg {args.command}: error: {e}", file=sys.stderr)
         return 1
     return 0

@@ -241,8 +241,17 @@ def c_arm_view(angle_deg: float = 0.0, *, sdd: float = 1124.0, sid: float = 700.
                 pixel_spacing=(su, sv), size=(cols, rows), name=name)
 
 
-def biplanar_views(*, sdd: float = 1124.0, sid: float = 700.0, pixels: int | tuple[int, int] = 976,
-                   detector_mm: float | tuple[float, float] = 292.8, isocentre=(0.0, 0.0, 0.0)) -> dict[str, View]:
+#: the standard C-arm of :func:`biplanar_views` (the paper's 976² detector of 0.3 mm pixels)
+STANDARD_SDD_MM = 1124.0
+STANDARD_SID_MM = 700.0
+STANDARD_PIXELS = 976
+STANDARD_PIXEL_MM = 0.3
+
+
+def biplanar_views(*, sdd: float = STANDARD_SDD_MM, sid: float = STANDARD_SID_MM,
+                   pixels: int | tuple[int, int] = STANDARD_PIXELS,
+                   detector_mm: float | tuple[float, float] = STANDARD_PIXELS * STANDARD_PIXEL_MM,
+                   isocentre=(0.0, 0.0, 0.0)) -> dict[str, View]:
     """The standard AP + lateral pair: ``{"ap": c_arm_view(0), "lat": c_arm_view(-90)}``.
 
     Defaults follow the paper (976x976 detector, 1124 mm source-to-detector) with a 0.3 mm

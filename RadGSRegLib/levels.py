@@ -7,7 +7,9 @@ extension names the segments ``vertebrae_L3`` etc. The phantom uses the same ids
 from __future__ import annotations
 
 __all__ = ["LEVELS", "TOTALSEG_IDS", "level_id", "level_name", "parse_levels", "resolve_level", "describe_labels",
-           "LevelError"]
+           "LevelError", "level_of_segment_name", "named_segment"]
+
+import re
 
 #: Level names from the top of the spine down.
 LEVELS = tuple([f"C{i}" for i in range(1, 8)] + [f"T{i}" for i in range(1, 13)] + [f"L{i}" for i in range(1, 6)] + ["S1"])
@@ -46,6 +48,59 @@ def parse_levels(text: str) -> list[str]:
     return [level_name(level_id(t)) for t in out]
 
 
+_SEGMENT_NAME = re.compile(r"(?:vertebrae?[\s_-]*)?([a-z]+[0-9]*)(?:[\s_-]*vertebrae?)?")
+_GENERIC_NAME = re.compile(r"(?:segment|label)[\s_-]*[0-9]+", re.IGNORECASE)
+
+
+_REGION_NAME = re.compile(r"(cervical|thoracic|lumbar|sacral)[\s_-]*vertebrae?[\s_-]*([0-9]{1,2})")
+_REGIONS = {"cervical": "C", "thoracic": "T", "lumbar": "L", "sacral": "S"}
+_VERTEBRAL = re.compile(r"vert|sacr|lumb|thorac|cervic|(^|[^a-z])[ctls][0-9]{1,2}($|[^0-9])")
+
+
+def level_of_segment_name(name: str) -> str | None:
+    """The level a segment's name stands for ("vertebrae_L3", "L3 vertebra", "l3", "lumbar
+    vertebra 3" -> "L3"; "sacrum" -> "sacrum"), or None for names that are not a level
+    ("Segment_29", "liver")."""
+    text = str(name).strip().lower()
+    m = _REGION_NAME.fullmatch(text)
+    if m:
+        key = _REGIONS[m.group(1)] + str(int(m.group(2)))
+    else:
+        m = _SEGMENT_NAME.fullmatch(text)
+        if not m:
+            return None
+        key = "sacrum" if m.group(1) == "sacrum" else m.group(1).upper()
+    return key if key in TOTALSEG_IDS else None
+
+
+def _names_another_structure(name: str, level: str) -> bool:
+    """Does a segment's own name say it is not ``level``: another level ("vertebrae_L4"), or a
+    structure that is no vertebra at all ("liver")? Generic names ("Segment_29") and vertebral
+    names we cannot parse ("vertebral body, third lumbar") do not."""
+    if _GENERIC_NAME.fullmatch(str(name).strip()):
+        return False
+    parsed = level_of_segment_name(name)
+    if parsed is not None:
+        return parsed != level
+    return not _VERTEBRAL.search(str(name).strip().lower())
+
+
+def named_segment(text: str, names: dict[int, str] | None) -> int | None:
+    """The label value of the segment ``text`` names: a segment whose name is ``text``
+    (any case), else one named for the same level ("L3" finds "vertebrae_L3" or "L3
+    vertebra"); None when no segment matches."""
+    text = str(text).strip()
+    for v, n in (names or {}).items():
+        if str(n).strip().lower() == text.lower():
+            return int(v)
+    wanted = level_of_segment_name(text)
+    if wanted:
+        for v, n in (names or {}).items():
+            if level_of_segment_name(n) == wanted:
+                return int(v)
+    return None
+
+
 class LevelError(ValueError):
     """A requested vertebra level that cannot be used (absent, cut by the scan's edge, unknown)."""
 
@@ -73,7 +128,7 @@ def _side(direction) -> str:
 
 
 def resolve_level(level, labelmap, names: dict[int, str] | None = None, *, source: str = "the segmentation",
-                  allow_cut: bool = False) -> int:
+                  allow_cut: bool = False, positional: bool = False) -> int:
     """The label value of a vertebra level in a label map.
 
     Args:
@@ -84,29 +139,41 @@ def resolve_level(level, labelmap, names: dict[int, str] | None = None, *, sourc
             (``vertebrae_L3`` or ``L3``) wins over TotalSegmentator numbering.
         source: how to name the segmentation in error messages (e.g. its file).
         allow_cut: accept a level whose voxels touch the edge of the scan.
+        positional: the label values are segment positions, not the segments' own values
+            (:attr:`~RadGSRegLib.io.segmentation.Segmentation.positional`): a level given as
+            a label value or a TotalSegmentator name is refused; segment names still work.
     Raises:
         LevelError: unknown name, level absent, or cut by the scan's edge.
     """
     import numpy as np
 
     present = np.unique(labelmap.array)
-    if isinstance(level, (int, np.integer)) or str(level).strip().isdigit():
+    numeric = isinstance(level, (int, np.integer)) or str(level).strip().isdigit()
+    if positional and numeric:
+        raise LevelError(f"{source} has segments that share a label value (several layers), so a label value "
+                         f"cannot name one; choose the vertebra by its segment name: "
+                         f"{', '.join(str(n) for n in (names or {}).values())}")
+    if numeric:
         value, what = int(level), f"label {int(level)}"
     else:
         text = str(level).strip()
-        value = None
-        if names:
-            want = {text.lower(), f"vertebrae_{text}".lower()}
-            for v, n in names.items():
-                if str(n).lower() in want:
-                    value = int(v)
-            what = f"level {text}"
+        value = named_segment(text, names)
+        if value is not None:
+            what = f"segment {names[value]!r}"
+        if value is None and positional:
+            raise LevelError(f"no segment of {source} is named for {text!r}, and its label values are positions, "
+                             f"not TotalSegmentator ids; segments: {', '.join(str(n) for n in (names or {}).values())}")
         if value is None:
             try:
                 value = level_id(text)
             except ValueError as e:
                 raise LevelError(str(e)) from None
             what = f"level {level_name(value)} (TotalSegmentator id {value})"
+            # a segment that names itself as something else is not this level
+            own = names.get(value) if names else None
+            if own is not None and _names_another_structure(own, level_name(value)):
+                raise LevelError(f"{what}: in {source} label {value} is the segment {own!r}, not this level; "
+                                 f"labels present: {describe_labels(present, names)}")
     if value not in present or value == 0:
         raise LevelError(f"{what} is absent from {source}; labels present: {describe_labels(present, names)}")
     if not allow_cut:

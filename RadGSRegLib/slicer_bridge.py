@@ -13,6 +13,7 @@ the registered CT and the reconstruction line up in the 3-D view.
 """
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import Callable
 
@@ -25,7 +26,8 @@ from .volume import Volume
 
 __all__ = ["RAS_FROM_LPS", "volume_to_node", "node_to_volume", "xray_to_node", "node_to_xray",
            "labelmap_from_node", "transform_to_node", "node_to_transform", "case_from_nodes", "register", "load_case",
-           "export_case", "source_markups", "run_self_test"]
+           "export_case", "source_markups", "result_to_nodes", "set_display_range", "vertebra_from_nodes",
+           "move_under", "array_from_vtk", "OVERLAY_COLOR_NODE_ID", "role_node", "ROLE_ATTRIBUTE"]
 
 RAS_FROM_LPS = np.diag([-1.0, -1.0, 1.0, 1.0])
 
@@ -36,7 +38,9 @@ def _slicer():
     return slicer
 
 
-def _matrix(node_getter) -> np.ndarray:
+def array_from_vtk(node_getter) -> np.ndarray:
+    """A (4, 4) array of the vtkMatrix4x4 that ``node_getter`` fills (e.g. a node's
+    ``GetIJKToRASMatrix`` or ``GetMatrixTransformToParent``)."""
     import vtk
 
     m = vtk.vtkMatrix4x4()
@@ -73,7 +77,7 @@ def node_to_volume(node, dtype=np.float32) -> Volume:
     arr = np.array(slicer.util.arrayFromVolume(node), dtype=dtype, copy=True)
     if arr.ndim != 3:
         raise ValueError(f"volume node '{node.GetName()}' is not a scalar 3-D volume (array shape {arr.shape})")
-    return Volume(arr, RAS_FROM_LPS @ _matrix(node.GetIJKToRASMatrix))
+    return Volume(arr, RAS_FROM_LPS @ array_from_vtk(node.GetIJKToRASMatrix))
 
 
 def xray_to_node(scene, image: np.ndarray, view: View, name: str, *, node=None):
@@ -95,28 +99,48 @@ def node_to_xray(node) -> np.ndarray:
     return arr[0]
 
 
-def labelmap_from_node(node, reference_node) -> Segmentation:
+def labelmap_from_node(node, reference_node, *, segment_ids=None) -> Segmentation:
     """Vertebra labels from a label map volume node or a segmentation node, on the grid of
-    ``reference_node`` (the CT). Segment names (``vertebrae_L3`` ...) are kept."""
+    ``reference_node`` (the CT).
+
+    A segmentation keeps each segment's own label value (``vtkSegment.GetLabelValue``: a
+    label map loaded as a segmentation, as Slicer's Sample Data and *Add data* do, has
+    segments ``Segment_26`` ... with values 26 ...; SlicerTotalSegmentator's have names such
+    as ``vertebrae_L3``) and its name (``Segmentation.names``). Only when segments share a
+    value (several layers of one-label segments) are they numbered 1..N in segment order
+    (``Segmentation.positional``); then only the names identify them, and a level given as a
+    label value is refused.
+    """
     slicer = _slicer()
     import vtk
 
     if node.IsA("vtkMRMLSegmentationNode"):
         seg = node.GetSegmentation()
+        chosen = list(segment_ids) if segment_ids is not None else \
+            [seg.GetNthSegmentID(i) for i in range(seg.GetNumberOfSegments())]
+        n = len(chosen)
+        if n == 0:
+            raise ValueError(f"segmentation '{node.GetName()}' has no segments")
         ids = vtk.vtkStringArray()
-        names = {}
-        for i in range(seg.GetNumberOfSegments()):
-            ids.InsertNextValue(seg.GetNthSegmentID(i))
-            names[i + 1] = seg.GetNthSegment(i).GetName()
+        values, seg_names = [], []
+        for sid in chosen:
+            ids.InsertNextValue(sid)
+            values.append(int(seg.GetSegment(sid).GetLabelValue()))
+            seg_names.append(seg.GetSegment(sid).GetName())
         scene = node.GetScene()
         tmp = scene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode", "RadGSReg temp labels")
         try:
+            # the export numbers the segments 1..N in the order of ``ids``
             if not slicer.vtkSlicerSegmentationsModuleLogic.ExportSegmentsToLabelmapNode(node, ids, tmp, reference_node):
                 raise ValueError(f"segmentation '{node.GetName()}' could not be exported to a label map")
             vol = node_to_volume(tmp, dtype=np.int32)
         finally:
             scene.RemoveNode(tmp)
-        return Segmentation(vol, names)
+        if len(set(values)) == n and min(values) > 0:          # each segment's own value
+            lut = np.zeros(n + 1, np.int32)
+            lut[1:] = values
+            return Segmentation(Volume(lut[np.clip(vol.array, 0, n)], vol.affine), dict(zip(values, seg_names)))
+        return Segmentation(vol, {i + 1: name for i, name in enumerate(seg_names)}, positional=True)
     vol = node_to_volume(node, dtype=np.int32)
     ref = node_to_volume(reference_node)
     if not vol.same_grid(ref):
@@ -135,12 +159,32 @@ def transform_to_node(scene, T_ct_to_carm: np.ndarray, name: str = "RadGSReg T_c
 
 def node_to_transform(node) -> np.ndarray:
     """``T_ct_to_carm`` (LPS) of a transform node made by :func:`transform_to_node`."""
-    return RAS_FROM_LPS @ _matrix(node.GetMatrixTransformToParent) @ RAS_FROM_LPS
+    return RAS_FROM_LPS @ array_from_vtk(node.GetMatrixTransformToParent) @ RAS_FROM_LPS
+
+
+#: node attribute that marks the nodes this module made for a purpose (reused, not piled up)
+ROLE_ATTRIBUTE = "RadGSReg.role"
+
+
+def role_node(scene, class_name: str, role: str, name: str):
+    """The node of ``class_name`` this module made for ``role`` (attribute
+    :data:`ROLE_ATTRIBUTE`), or a new one named ``name``: repeated registrations and
+    overlays update their nodes instead of adding new ones."""
+    nodes = scene.GetNodesByClass(class_name)
+    nodes.UnRegister(scene)                       # the method returns a new reference (as slicer.util does)
+    for i in range(nodes.GetNumberOfItems()):
+        node = nodes.GetItemAsObject(i)
+        if node.GetAttribute(ROLE_ATTRIBUTE) == role:
+            return node
+    node = scene.AddNewNodeByClass(class_name, name)
+    node.SetAttribute(ROLE_ATTRIBUTE, role)
+    return node
 
 
 def source_markups(scene, views: dict[str, View], name: str = "RadGSReg X-ray sources"):
-    """A point list with each view's X-ray source (RAS)."""
-    node = scene.AddNewNodeByClass("vtkMRMLMarkupsFiducialNode", name)
+    """A point list with each view's X-ray source (RAS); the same node on every call."""
+    node = role_node(scene, "vtkMRMLMarkupsFiducialNode", "sources", name)
+    node.RemoveAllControlPoints()
     for vn, v in views.items():
         p = apply(RAS_FROM_LPS, v.source)
         node.AddControlPoint(float(p[0]), float(p[1]), float(p[2]), f"source {vn}")
@@ -148,42 +192,66 @@ def source_markups(scene, views: dict[str, View], name: str = "RadGSReg X-ray so
 
 
 # ------------------------------------------------------------------ the work
+def vertebra_from_nodes(ct_node, seg_node, level) -> tuple[Volume, Volume, int]:
+    """(CT, label map on the CT grid, the level's label value) from the scene's nodes; the
+    level is resolved in the segmentation (segment names, label values or TotalSegmentator
+    ids; :func:`~RadGSRegLib.levels.resolve_level`)."""
+    from .levels import named_segment, resolve_level
+
+    seg = labelmap_from_node(seg_node, ct_node)
+    if seg.positional:
+        # overlapping segments: the merged label map may hide part of the chosen one; paint it on top
+        position = named_segment(str(level), seg.names)
+        if position is not None:
+            mask = labelmap_from_node(seg_node, ct_node, segment_ids=[_segment_id(seg_node, position - 1)])
+            arr = seg.labelmap.array.copy()
+            arr[mask.labelmap.array > 0] = position
+            seg = dataclasses.replace(seg, labelmap=Volume(arr, seg.labelmap.affine))
+    label = resolve_level(level, seg.labelmap, seg.names, source=f"segmentation '{seg_node.GetName()}'",
+                          positional=seg.positional)
+    return node_to_volume(ct_node), seg.labelmap, label
+
+
+def _segment_id(seg_node, index: int) -> str:
+    return seg_node.GetSegmentation().GetNthSegmentID(index)
+
+
 def case_from_nodes(ct_node, seg_node, level, ap_node, lat_node, views: dict[str, View], *,
                     image_kind: str = "line_integral") -> Case:
     """A :class:`~RadGSRegLib.io.Case` (LPS) from the scene's nodes; the level is resolved in
-    the segmentation (names or TotalSegmentator ids) and each X-ray checked against its view."""
-    from .levels import resolve_level
-
-    seg = labelmap_from_node(seg_node, ct_node)
-    label = resolve_level(level, seg.labelmap, seg.names, source=f"segmentation '{seg_node.GetName()}'")
+    the segmentation (:func:`vertebra_from_nodes`) and each X-ray checked against its view."""
+    ct, labels, label = vertebra_from_nodes(ct_node, seg_node, level)
     xrays = {"ap": node_to_xray(ap_node), "lat": node_to_xray(lat_node)}
     for vn in ("ap", "lat"):
         if xrays[vn].shape != views[vn].shape:
             raise ValueError(f"the {vn} X-ray is {xrays[vn].shape[1]} x {xrays[vn].shape[0]} pixels, "
                              f"its geometry says {views[vn].size[0]} x {views[vn].size[1]}")
-    return Case(ct=node_to_volume(ct_node), seg=seg.labelmap, vertebra_label=label, vertebra_name=str(level),
-                views=views, xrays=xrays, image_kind=image_kind)
+    return Case(ct=ct, seg=labels, vertebra_label=label, vertebra_name=str(level), views=views, xrays=xrays,
+                image_kind=image_kind)
 
 
 def register(scene, ct_node, seg_node, level, ap_node, lat_node, views: dict[str, View], *,
-             image_kind: str = "line_integral", config=None, log: Callable[[str], None] | None = None):
-    """Register the CT vertebra ``level`` to the two X-ray nodes.
+             image_kind: str = "line_integral", config=None, log: Callable[[str], None] | None = None,
+             progress=None, transform_node=None, recon_node=None):
+    """Register the CT vertebra ``level`` to the two X-ray nodes, in this process.
 
     Args:
         views: {"ap": View, "lat": View} (geometry.json, C-arm frame).
-        level: "L3", "vertebrae_L3" or an explicit label value.
-        config: :class:`~RadGSRegLib.register.RegisterConfig` (``reconstruct=True`` also
-            returns the reconstruction as a volume node).
+        level: "L3", "vertebrae_L3", a segment's name, or an explicit label value.
+        config: :class:`~RadGSRegLib.register.RegisterConfig` (default: its defaults;
+            ``reconstruct=True`` also returns the reconstruction as a volume node).
+        progress: a callable taking :class:`~RadGSRegLib.progress.ProgressEvent` s.
+        transform_node / recon_node: existing nodes to update instead of adding new ones.
     Returns:
         (transform node, reconstruction node or None, :class:`~RadGSRegLib.io.Result`).
     """
     from .register import RegisterConfig, run
 
     case = case_from_nodes(ct_node, seg_node, level, ap_node, lat_node, views, image_kind=image_kind)
-    result = run(case, config or RegisterConfig(), log=log)
-    tnode = transform_to_node(scene, result.T_ct_to_carm)
-    recon_node = volume_to_node(scene, result.recon, "RadGSReg reconstruction") if result.recon is not None else None
-    return tnode, recon_node, result
+    result = run(case, config or RegisterConfig(), log=log, progress=progress)
+    nodes = result_to_nodes(scene, result, views, image_kind=image_kind, transform_node=transform_node,
+                            recon_node=recon_node)
+    return nodes["transform"], nodes.get("recon"), result
 
 
 def load_case(scene, path) -> dict:
@@ -208,64 +276,56 @@ def export_case(path, ct_node, seg_node, level, ap_node, lat_node, views: dict[s
     return write_case(case, path, overwrite=overwrite)
 
 
-# ------------------------------------------------------------------ self-test
-def run_self_test(scene, workdir, log: Callable[[str], None] = print) -> dict:
-    """The module's self-test, Qt-free: builds a small phantom case, loads it into ``scene``,
-    registers it through :func:`register`, and checks the transform node against the truth in
-    RAS, then saves and reloads it with a storage node. Raises AssertionError on failure."""
-    from .cases import CaseGenConfig, make_case
-    from .levels import level_name
-    from .metrics import registration_errors, target_points
-    from .phantom import PhantomConfig, make_phantom
-    from .register import RegisterConfig
-    from .register.refine2d import Level, RefineConfig
-
+# ------------------------------------------------------------------ showing a result
+def set_display_range(node, low_percentile: float = 1.0, high_percentile: float = 99.5, *,
+                      nonzero: bool = False) -> tuple[float, float]:
+    """Window/level of a scalar volume node from percentiles of its voxels (of the non-zero
+    ones with ``nonzero``: a reconstruction is mostly empty space). Returns (min, max)."""
     slicer = _slicer()
-    workdir = Path(workdir)
-    log("self-test: building a phantom case")
-    ct, seg = make_phantom(PhantomConfig(spacing=(3.0, 3.0, 3.0), seed=5, n_vertebrae=3, top_level="L2"))
-    case = make_case(ct, seg, "L3", CaseGenConfig(rot_deg=4.0, trans_mm=8.0, pixels=128, seed=5),
-                     np.random.default_rng(5))
-    write_case(case, workdir / "case", overwrite=True)
-    nodes = load_case(scene, workdir / "case")
-    truth = read_case(workdir / "case", ground_truth=True)
-    # the case's labels arrive as a label map; also exercise the segmentation-node path
-    segnode = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "self-test segmentation")
-    assert slicer.vtkSlicerSegmentationsModuleLogic.ImportLabelmapToSegmentationNode(nodes["seg"], segnode)
-    s = segnode.GetSegmentation()
-    for i in range(s.GetNumberOfSegments()):
-        s.GetNthSegment(i).SetName(f"vertebrae_{level_name(s.GetNthSegment(i).GetLabelValue())}")
-    cfg = RegisterConfig(refine2d=RefineConfig(search_rot_deg=(0.0,), candidates=1,
-                                               levels=[Level(64, 10, 1.0, 1.0, 30.0, None),
-                                                       Level(128, 8, 0.5, 0.5, 20.0, 12.0)]))
-    log("self-test: registering")
-    tnode, _, result = register(scene, nodes["ct"], segnode, "L3", nodes["ap"], nodes["lat"], truth.views,
-                                config=cfg, log=log)
-    pts = target_points(truth.seg, truth.vertebra_label, max_points=2000)
-    T = node_to_transform(tnode)
-    err = registration_errors(T, truth.ground_truth, pts)["mtre_mm"]
-    err0 = registration_errors(truth.initial_guess, truth.ground_truth, pts)["mtre_mm"]
-    # in RAS: the transform node maps the CT's RAS points where the truth does
-    ras_pts = apply(RAS_FROM_LPS, pts)
-    F = _matrix(tnode.GetMatrixTransformToParent)
-    G_ras = RAS_FROM_LPS @ truth.ground_truth @ RAS_FROM_LPS
-    ras_err = float(np.linalg.norm(apply(F, ras_pts) - apply(G_ras, ras_pts), axis=1).mean())
-    assert abs(ras_err - err) < 1e-6, (ras_err, err)
-    assert err < 2.0, f"self-test registration error {err:.2f} mm (started at {err0:.2f} mm)"
-    # the CT can sit under the transform, as the module's overlay puts it
-    nodes["ct"].SetAndObserveTransformNodeID(tnode.GetID())
-    assert nodes["ct"].GetParentTransformNode() is tnode
-    # save and reload the transform with a storage node
-    storage = scene.AddNewNodeByClass("vtkMRMLTransformStorageNode")
-    storage.SetFileName(str(workdir / "result.h5"))
-    assert storage.WriteData(tnode), "writing the transform failed"
-    back = scene.AddNewNodeByClass("vtkMRMLLinearTransformNode", "reloaded")
-    reader = scene.AddNewNodeByClass("vtkMRMLTransformStorageNode")
-    reader.SetFileName(str(workdir / "result.h5"))
-    assert reader.ReadData(back), "reading the transform back failed"
-    assert np.allclose(node_to_transform(back), T, atol=1e-5)
-    from .io import read_transform
+    arr = np.asarray(slicer.util.arrayFromVolume(node), dtype=np.float64)
+    vals = arr[arr != 0] if nonzero and np.any(arr != 0) else arr.ravel()
+    lo, hi = (float(v) for v in np.percentile(vals, [low_percentile, high_percentile]))
+    if not hi > lo:
+        hi = lo + 1.0
+    if node.GetDisplayNode() is None:
+        node.CreateDefaultDisplayNodes()
+    display = node.GetDisplayNode()
+    display.SetAutoWindowLevel(False)
+    display.SetWindowLevelMinMax(lo, hi)
+    return lo, hi
 
-    assert np.allclose(read_transform(workdir / "result.h5"), T, atol=1e-5)   # Slicer's file = our convention
-    log(f"self-test passed: mTRE {err0:.2f} mm -> {err:.2f} mm")
-    return {"initial_mtre_mm": err0, "mtre_mm": err, "runtime_s": result.runtime_s}
+
+#: colour of the DRR drawn over each X-ray (a Slicer colour table node id)
+OVERLAY_COLOR_NODE_ID = "vtkMRMLColorTableNodeGreen"
+
+
+def result_to_nodes(scene, result, views: dict[str, View], *, image_kind: str = "line_integral",
+                    transform_node=None, recon_node=None, name: str = "RadGSReg") -> dict:
+    """Nodes showing a registration result: {"transform": linear transform node, "recon":
+    reconstruction (or absent), "drr_ap"/"drr_lat": the DRRs at the result on their detector
+    planes (or absent)}. Existing ``transform_node`` / ``recon_node`` are updated in place, and
+    the DRR nodes of an earlier result are reused (:func:`role_node`).
+
+    The reconstruction gets a window/level from its non-zero voxels; each DRR the X-ray's
+    polarity (``image_kind="intensity"``: exp(-line integral), bone dark) and
+    :data:`OVERLAY_COLOR_NODE_ID` as colour, for drawing it over its X-ray."""
+    nodes = {"transform": transform_to_node(scene, result.T_ct_to_carm, f"{name} T_ct_to_carm", node=transform_node)}
+    if result.recon is not None:
+        nodes["recon"] = volume_to_node(scene, result.recon, f"{name} reconstruction", node=recon_node)
+        set_display_range(nodes["recon"], 1.0, 99.5, nonzero=True)
+    for vn, image in (result.drrs or {}).items():
+        shown = np.exp(-np.asarray(image, np.float64)) if image_kind == "intensity" else image
+        node = xray_to_node(scene, shown, views[vn], f"{name} DRR {vn.upper()}",
+                            node=role_node(scene, "vtkMRMLScalarVolumeNode", f"drr_{vn}", f"{name} DRR {vn.upper()}"))
+        set_display_range(node, 0.5, 99.5)
+        node.GetDisplayNode().SetAndObserveColorNodeID(OVERLAY_COLOR_NODE_ID)
+        nodes[f"drr_{vn}"] = node
+    return nodes
+
+
+def move_under(transform_node, *nodes) -> None:
+    """Set ``transform_node`` as the parent of each node (None entries are skipped): the CT
+    and its segmentation then appear where the registration puts them, over the X-rays."""
+    for node in nodes:
+        if node is not None:
+            node.SetAndObserveTransformNodeID(transform_node.GetID() if transform_node is not None else None)

@@ -166,3 +166,59 @@ def test_evaluate_scores_result_folders(easy_case, tmp_path):
     assert out["summary"]["n"] == 1 and out["missing"] == []
     assert out["rows"][0]["mtre_mm"] == pytest.approx(expect["mtre_mm"])
     assert out["summary"]["sr_pct"] == (100.0 if expect["mtre_mm"] < 2 else 0.0)
+
+
+def test_every_answer_is_checked_even_without_refinement(easy_case):
+    """--refine none and --init none still report the similarity per view and flag a
+    doubtful answer: here the X-rays are swapped, which no pose explains."""
+    case = read_case(easy_case)
+    good = run(case, RegisterConfig(init="none", refine="none"))
+    assert set(good.info["final_ncc_views"]) == {"ap", "lat"} and "check" in good.runtime_s
+    case.xrays["ap"], case.xrays["lat"] = case.xrays["lat"], case.xrays["ap"]
+    bad = run(case, RegisterConfig(init="none", refine="none"))
+    assert bad.info["final_ncc"] < good.info["final_ncc"] and bad.info["doubtful"]
+    assert any(w.startswith("doubtful") for w in bad.info["warnings"])
+
+
+def test_register_config_json_round_trip_and_errors(tmp_path):
+    import json
+    from pathlib import Path
+
+    from RadGSRegLib.register import ConfigError, read_config
+    from RadGSRegLib.register.config import Refine3DConfig, config_to_dict
+
+    cfg = _fast_config(min_ncc=0.8, model=Path("w.pt"), device="cuda:1", refine3d=Refine3DConfig(iterations=(5, 6)))
+    (tmp_path / "c.json").write_text(json.dumps(config_to_dict(cfg)))
+    back = read_config(tmp_path / "c.json")
+    assert back.refine2d == cfg.refine2d and back.model == "w.pt" and back.refine3d.iterations == (5, 6)
+    assert RegisterConfig.from_dict({}) == RegisterConfig()                     # missing fields: defaults
+    bad = {"min_ncc": "high", "typo": 1, "refine2d": {"levels": [{"pixels": 64}]},
+           "refine3d": {"iterations": [1.5, 2]}, "init": "magic", "reconstruct": 1}
+    words = {"min_ncc": "must be a number", "typo": "unknown field 'typo'",
+             "refine2d": r"refine2d.levels\[0\] needs iterations, step_deg, step_mm",
+             "refine3d": "refine3d.iterations must be a list of integers", "init": "init must be one of",
+             "reconstruct": "must be true or false"}
+    for key, value in bad.items():
+        with pytest.raises(ConfigError, match=words[key]) as e:
+            RegisterConfig.from_dict({key: value}, source="my.json")
+        assert "my.json" in str(e.value)
+    (tmp_path / "broken.json").write_text("{not json")
+    with pytest.raises(ConfigError, match="broken.json: not valid JSON"):
+        read_config(tmp_path / "broken.json")
+
+
+def test_cli_settings_are_defaults_then_config_file_then_options(tmp_path, capsys):
+    import json
+
+    from RadGSRegLib.cli import build_parser, main, register_config
+
+    parse = build_parser().parse_args
+    assert register_config(parse(["register", "c", "--out", "o"])) == RegisterConfig()
+    (tmp_path / "c.json").write_text(json.dumps({"refine": "none", "min_ncc": 0.9}))
+    cfg = register_config(parse(["register", "c", "--out", "o", "--config", str(tmp_path / "c.json")]))
+    assert (cfg.refine, cfg.min_ncc, cfg.init) == ("none", 0.9, "auto")
+    cfg = register_config(parse(["register", "c", "--out", "o", "--config", str(tmp_path / "c.json"), "--refine", "2d"]))
+    assert (cfg.refine, cfg.min_ncc) == ("2d", 0.9)
+    (tmp_path / "bad.json").write_text(json.dumps({"refine": "sideways"}))
+    assert main(["register", "c", "--out", str(tmp_path / "o"), "--config", str(tmp_path / "bad.json")]) == 1
+    assert "bad.json" in capsys.readouterr().err

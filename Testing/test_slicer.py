@@ -42,7 +42,7 @@ def test_ijk_to_ras_matches_simpleitk_both_ways(scene, tmp_path, rng):
     reader.SetFileName(str(tmp_path / "v.nrrd"))
     assert reader.ReadData(node)
     img = sitk.ReadImage(str(tmp_path / "v.nrrd"))
-    ijk2ras = sb._matrix(node.GetIJKToRASMatrix)
+    ijk2ras = sb.array_from_vtk(node.GetIJKToRASMatrix)
     for ijk in [(0, 0, 0), (10, 8, 6), (3, 5, 2)]:
         lps = np.array(img.TransformIndexToPhysicalPoint(ijk))
         assert np.allclose(apply(ijk2ras, np.array(ijk, float)), apply(sb.RAS_FROM_LPS, lps), atol=1e-4)
@@ -62,7 +62,7 @@ def test_transform_node_convention(scene, rng):
     assert np.allclose(sb.node_to_transform(node), T)
     # in RAS, the node moves a CT point to where T puts it in the C-arm frame
     p_lps = rng.uniform(-50, 50, 3)
-    F = sb._matrix(node.GetMatrixTransformToParent)
+    F = sb.array_from_vtk(node.GetMatrixTransformToParent)
     assert np.allclose(apply(F, apply(sb.RAS_FROM_LPS, p_lps)), apply(sb.RAS_FROM_LPS, apply(T, p_lps)))
 
 
@@ -81,7 +81,7 @@ def test_xray_nodes_sit_on_their_detectors(scene, phantom_case):
     case = nodes["case"]
     for k in ("ap", "lat"):
         v = case.views[k]
-        M = sb._matrix(nodes[k].GetIJKToRASMatrix)
+        M = sb.array_from_vtk(nodes[k].GetIJKToRASMatrix)
         assert np.allclose(apply(M, np.array([5.0, 7.0, 0.0])), apply(sb.RAS_FROM_LPS, v.pixel_to_world(5, 7)))
         assert np.allclose(sb.node_to_xray(nodes[k]), case.xrays[k])
     src = slicer.util.arrayFromMarkupsControlPoints(nodes["sources"])
@@ -101,14 +101,14 @@ def test_logic_registers_on_mrml_and_places_the_reconstruction(scene, phantom_ca
 
     pts = target_points(truth.seg, truth.vertebra_label, max_points=2000)
     G_ras = sb.RAS_FROM_LPS @ truth.ground_truth @ sb.RAS_FROM_LPS
-    F = sb._matrix(tnode.GetMatrixTransformToParent)
+    F = sb.array_from_vtk(tnode.GetMatrixTransformToParent)
     ras = apply(sb.RAS_FROM_LPS, pts)
     assert np.linalg.norm(apply(F, ras) - apply(G_ras, ras), axis=1).mean() < 2.0
     assert registration_errors(truth.initial_guess, truth.ground_truth, pts)["mtre_mm"] > 4.0
     # the reconstruction: a 64^3 grid of 1.5 mm centred on the registered vertebra, in RAS
     arr = slicer.util.arrayFromVolume(rnode)
     assert arr.shape == (64, 64, 64)
-    M = sb._matrix(rnode.GetIJKToRASMatrix)
+    M = sb.array_from_vtk(rnode.GetIJKToRASMatrix)
     vertebra_ras = apply(sb.RAS_FROM_LPS @ result.T_ct_to_carm, truth.seg.label_points(truth.vertebra_label).mean(0))
     assert np.allclose(apply(M, np.full(3, 31.5)), vertebra_ras, atol=1.0) and np.allclose(np.abs(np.diag(M)[:3]), 1.5)
 
@@ -127,14 +127,9 @@ def test_export_case_round_trip(scene, phantom_case, tmp_path):
     back = read_case(tmp_path / "out")
     assert np.allclose(back.ct.affine, case.ct.affine, atol=1e-5)
     assert np.abs(back.ct.array - case.ct.array).max() <= 0.5 + 1e-3
-    # the label value is the segment's position in the segmentation; it marks the same voxels
-    assert np.array_equal(back.seg.array == back.vertebra_label, case.seg.array == 29)
+    # each segment keeps its own label value (not its position in the segmentation)
+    assert back.vertebra_label == 29 and np.array_equal(back.seg.array, case.seg.array)
     assert np.allclose(back.xrays["lat"], case.xrays["lat"])
-
-
-def test_self_test_runs_on_real_mrml(scene, tmp_path):
-    result = sb.run_self_test(scene, tmp_path, log=lambda *_: None)
-    assert result["mtre_mm"] < 2.0 < result["initial_mtre_mm"]
 
 
 def test_ui_holds_every_widget_the_module_uses():
@@ -157,6 +152,3 @@ def test_module_file_follows_the_template():
     assert order == ["RadGSReg", "RadGSRegWidget", "RadGSRegLogic", "RadGSRegTest"]
     cm = (ROOT / "RadGSReg" / "CMakeLists.txt").read_text()
     assert "slicerMacroBuildScriptedModule" in cm and "slicer_add_python_unittest" in cm
-    for res in re.findall(r"Resources/\S+", cm):
-        path = (ROOT / res.replace("${MODULE_NAME}", "RadGSReg"))
-        assert path.exists(), path

@@ -64,6 +64,9 @@ class Result:
     recon: Volume | None = None
     registered_ct: Volume | None = None
     info: dict = field(default_factory=dict)
+    #: DRRs of the CT at ``T_ct_to_carm``, {"ap", "lat"}: line integrals ``[row, column]`` on
+    #: each X-ray's pixel grid (``RegisterConfig.drrs``), for an X-ray/DRR overlay
+    drrs: dict | None = None
 
 
 # ------------------------------------------------------------------ helpers
@@ -276,7 +279,8 @@ def write_case(case: Case, path, *, overwrite: bool = False, ct_dtype: str = "in
 
 # ------------------------------------------------------------------ result
 def write_result(result: Result, path, *, overwrite: bool = False) -> Path:
-    """Write the result folder: result.json, transform.h5, recon.nrrd, registered_ct.nrrd."""
+    """Write the result folder: result.json, transform.h5, recon.nrrd, registered_ct.nrrd,
+    drr_ap.nrrd and drr_lat.nrrd (the last four when the result has them)."""
     from .. import __version__
 
     path = Path(path)
@@ -289,6 +293,8 @@ def write_result(result: Result, path, *, overwrite: bool = False) -> Path:
             write_volume(result.recon, tmp / "recon.nrrd")
         if result.registered_ct is not None:
             write_volume(result.registered_ct, tmp / "registered_ct.nrrd")
+        for name, image in (result.drrs or {}).items():
+            write_xray(image, tmp / f"drr_{name}.nrrd")
         out = {"T_ct_to_carm": T.tolist(),
                "runtime_s": {k: float(v) for k, v in result.runtime_s.items()},
                "version": __version__}
@@ -321,8 +327,10 @@ def read_result(path) -> Result:
             raise CaseFormatError(path / "transform.h5", None, "disagrees with result.json's T_ct_to_carm")
     recon = read_volume(path / "recon.nrrd", field="recon") if (path / "recon.nrrd").exists() else None
     reg = read_volume(path / "registered_ct.nrrd") if (path / "registered_ct.nrrd").exists() else None
+    drrs = {name: read_xray(path / f"drr_{name}.nrrd", field=f"drr_{name}")
+            for name in ("ap", "lat") if (path / f"drr_{name}.nrrd").exists()} or None
     info = {k: v for k, v in r.items() if k not in ("T_ct_to_carm", "runtime_s")}
     runtime = r.get("runtime_s", {})
     if not isinstance(runtime, dict) or not all(isinstance(v, (int, float)) and math.isfinite(v) for v in runtime.values()):
         raise CaseFormatError(rj, "runtime_s", "expected {stage: seconds}")
-    return Result(T_ct_to_carm=T, runtime_s=runtime, recon=recon, registered_ct=reg, info=info)
+    return Result(T_ct_to_carm=T, runtime_s=runtime, recon=recon, registered_ct=reg, info=info, drrs=drrs)

@@ -22,13 +22,19 @@ class Segmentation:
     labelmap: Volume
     names: dict[int, str] = field(default_factory=dict)
     path: Path | None = None
+    #: label values are segment positions 1..N, not the segments' own values (segments
+    #: that share a value on several layers): only the names identify them
+    positional: bool = False
 
 
 def read_segmentation(path, *, field: str | None = None) -> Segmentation:
     """Read a label map (NRRD, NIfTI, ...) or a Slicer ``.seg.nrrd``.
 
     A ``.seg.nrrd`` with several layers (overlapping segments) is merged into one label map
-    whose values are 1..N in segment order; a single-layer one keeps its label values.
+    (where segments overlap, the smaller one shows, so that a vertebra inside a larger
+    structure stays whole) that keeps the segments' label values when they differ,
+    and numbers them 1..N in segment order when some share a value (``positional``); a
+    single-layer one keeps its label values.
     """
     import SimpleITK as sitk
 
@@ -60,8 +66,13 @@ def read_segmentation(path, *, field: str | None = None) -> Segmentation:
         names = {v: n for n, v, _ in segs}
     else:
         lab = np.zeros(arr.shape[:-1], np.int32)
+        values = [value for _, value, _ in segs]
+        own = len(set(values)) == len(values)               # each segment keeps its value when they differ
         names = {}
-        for n_, (name, value, layer) in enumerate(segs, start=1):
-            lab[arr[..., layer] == value] = n_
-            names[n_] = name
+        masks = [(n_, name, value, arr[..., layer] == value) for n_, (name, value, layer) in enumerate(segs, start=1)]
+        for n_, name, value, mask in sorted(masks, key=lambda m: -int(m[3].sum())):   # larger first, smaller on top
+            lab[mask] = value if own else n_
+            names[value if own else n_] = name
+        names = dict(sorted(names.items()))
+        return Segmentation(Volume(lab, geom.affine), names, path, positional=not own)
     return Segmentation(Volume(lab, geom.affine), names, path)

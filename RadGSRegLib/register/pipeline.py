@@ -19,8 +19,6 @@ Never reads the case's ground truth.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 
@@ -29,84 +27,12 @@ from ..geometry import apply, translation
 from ..io import Case, Result
 from ..volume import Volume
 from ..xray import as_line_integral
-from .refine2d import RefineConfig, Target, block_average, refine_lm, search_pose, windowed_ncc
-from .refine3d import Refine3DConfig, refine_3d
+from .config import INITS, REFINES, RegisterConfig, default_model
+from .refine2d import Target, block_average, refine_lm, search_pose, windowed_ncc
+from .refine3d import refine_3d
 
 __all__ = ["RegisterConfig", "run", "slab_around", "reconstruct_volume", "default_model", "check_refinement",
            "make_target", "INITS", "REFINES"]
-
-INITS = ("auto", "none", "search", "learned")
-REFINES = ("none", "3d", "2d", "both")
-
-
-def default_model() -> Path | None:
-    """The shipped stage-1 weights (``Resources/Models/radgsreg_stage1.pt``), if present."""
-    p = Path(__file__).resolve().parents[2] / "Resources" / "Models" / "radgsreg_stage1.pt"
-    return p if p.is_file() else None
-
-
-@dataclass
-class RegisterConfig:
-    """Settings of :func:`run`.
-
-    Attributes:
-        init: "none" (the case's initial guess), "search" (pose search), "learned" (pose
-            search, then the RadGS-Reg network) or "auto" ("learned" when ``model`` is
-            given, else "search").
-        refine: "none", "3d" (NCC between the CT vertebra and the reconstruction), "2d"
-            (DRRs against both X-rays; the default: the most accurate) or "both" (3d then 2d).
-            "3d" without a model reconstructs by per-case Gaussian fitting (about a minute).
-        model: RadGS-Reg weights (``.pt``) for ``init="learned"``; "default": the shipped
-            stage-1 weights. device: "cpu" or "cuda" for the network.
-        slab_mm: half-height of the CT slab rendered around the vertebra (along the CT's
-            cranio-caudal axis). It must reach past the detector's field of view (about
-            ±90 mm at the isocentre) plus the pose offset: a slab whose cut ends show in the
-            image adds edges the X-ray does not have (70 mm: 20 % success on the real-CT
-            suite's first 10 cases, 150 mm: 70 %). Rays are mostly horizontal, so a taller
-            slab costs little.
-        refine2d / refine3d: the refinements' settings.
-        min_ncc: a result whose final windowed NCC (mean of both views) is below this is
-            flagged as doubtful in ``Result.info["warnings"]``.
-        reject_drop: a 2-D/3-D result whose windowed NCC is more than this below its
-            starting pose's is rejected (diverged) and the starting pose kept.
-        reconstruct: also return a reconstruction of the vertebra region (``Result.recon``,
-            C-arm frame): the network's when there is one, else radiative Gaussians fitted
-            for ``recon_iterations`` steps.
-    """
-
-    init: str = "auto"
-    refine: str = "2d"
-    model: str | None = None
-    device: str = "cpu"
-    slab_mm: float = 150.0
-    refine2d: RefineConfig = field(default_factory=RefineConfig)
-    refine3d: Refine3DConfig = field(default_factory=Refine3DConfig)
-    min_ncc: float = 0.75
-    reject_drop: float = 0.02
-    reconstruct: bool = False
-    recon_iterations: int = 300
-
-    def __post_init__(self):
-        if self.init not in INITS:
-            raise ValueError(f"init must be one of {INITS}, not {self.init!r}")
-        if self.refine not in REFINES:
-            raise ValueError(f"refine must be one of {REFINES}, not {self.refine!r}")
-        if self.init == "learned" and not self.model:
-            raise ValueError("init='learned' needs model weights: a .pt file, or 'default' for the shipped ones "
-                             "(CLI: --model default)")
-
-    @property
-    def init_mode(self) -> str:
-        return ("learned" if self.model else "search") if self.init == "auto" else self.init
-
-    def model_path(self) -> Path:
-        if self.model == "default":
-            p = default_model()
-            if p is None:
-                raise FileNotFoundError("the shipped weights Resources/Models/radgsreg_stage1.pt are missing; "
-                                        "give a weight file or train one (radgsreg train)")
-            return p
-        return Path(self.model)
 
 
 def slab_around(ct: Volume, centre_ct: np.ndarray, half_mm: float) -> Volume:
@@ -155,15 +81,27 @@ def make_target(case: Case, cfg: RegisterConfig) -> Target:
     return Target(DRR(mu, slab.affine), pts, images, case.views, coarse=coarse)
 
 
-def run(case: Case, config: RegisterConfig | None = None, log=None, *, net=None) -> Result:
+def run(case: Case, config: RegisterConfig | None = None, log=None, *, net=None, progress=None) -> Result:
     """Register a case. Returns a :class:`~RadGSRegLib.io.Result` with ``T_ct_to_carm``,
     per-stage ``runtime_s`` (model loading excluded) and ``info`` (similarities, warnings).
 
+    Every result is checked, whatever ``init``/``refine``: ``info["final_ncc_views"]`` is the
+    windowed NCC of each view at the final pose (finest refinement level),
+    ``info["final_ncc"]`` their mean; a mean below ``min_ncc`` sets ``info["doubtful"]`` and
+    adds a warning. ``info["diverged"]`` (2-D/3-D refinement only) says the refinement was
+    rejected.
+
     Args:
+        log: a callable taking one line of human-readable text, or None.
         net: an already loaded :class:`~RadGSRegLib.learned.RadGSRegNet` (batch use: load
             once); otherwise ``config.model`` is loaded.
+        progress: a callable taking :class:`~RadGSRegLib.progress.ProgressEvent` s (stage
+            starts, fractions of the whole job; see :mod:`RadGSRegLib.progress`), or None.
     """
+    from ..progress import Reporter
+
     cfg = config or RegisterConfig()
+    report = Reporter(progress)
     mode = cfg.init_mode
     if mode == "learned" and net is None:
         from ..learned.model import RadGSRegNet
@@ -175,6 +113,7 @@ def run(case: Case, config: RegisterConfig | None = None, log=None, *, net=None)
         if mode == "learned" or cfg.refine in ("3d", "both"):
             raise ValueError("the learned method and the 3-D/3-D refinement need the vertebra's label map")
         warnings.append("no vertebra label: the whole CT is the target")
+    report.stage("preprocessing", "preparing the CT and the X-rays")
     tgt = make_target(case, cfg)
     T = case.initial_guess if case.initial_guess is not None else translation(-tgt.centre)
     info["initial_pose_from"] = "case" if case.initial_guess is not None else "nominal (vertebra at the isocentre)"
@@ -182,7 +121,8 @@ def run(case: Case, config: RegisterConfig | None = None, log=None, *, net=None)
     candidates = [(0.0, T, {})]
     if mode in ("search", "learned"):
         t = time.perf_counter()
-        candidates = search_pose(tgt, T, cfg.refine2d)
+        candidates = search_pose(tgt, T, cfg.refine2d, progress=lambda i, n: report.stage(
+            "search", f"pose search: rotation hypothesis {i + 1}/{n}", within=(i, n)))
         T = candidates[0][1]
         info["search"] = [ci for _, _, ci in candidates]
         runtime["search"] = time.perf_counter() - t
@@ -192,6 +132,7 @@ def run(case: Case, config: RegisterConfig | None = None, log=None, *, net=None)
     if mode == "learned":
         from ..learned.infer import predict
 
+        report.stage("learned", "RadGS-Reg network")
         t = time.perf_counter()
         pred = predict(net, case.xrays, case.views, case.image_kind, case.ct, case.seg, case.vertebra_label, T,
                        device=cfg.device)
@@ -206,8 +147,10 @@ def run(case: Case, config: RegisterConfig | None = None, log=None, *, net=None)
     if cfg.refine in ("3d", "both"):
         t = time.perf_counter()
         if recon is None:                       # no network: fit Gaussians around the current vertebra position
-            recon = reconstruct_volume(case, iterations=cfg.recon_iterations, log=log,
-                                       centre=apply(T, tgt.centre))
+            recon = reconstruct_volume(case, iterations=cfg.recon_iterations, log=log, centre=apply(T, tgt.centre),
+                                       progress=lambda i, n: report.stage(
+                                           "reconstruct", f"reconstructing the vertebra (Gaussian fit {i}/{n})",
+                                           within=(i, n)))
             runtime["reconstruction"] = time.perf_counter() - t
             t = time.perf_counter()
         if region is None:
@@ -216,7 +159,9 @@ def run(case: Case, config: RegisterConfig | None = None, log=None, *, net=None)
 
             region = VertebraRegion.of(case.ct, case.seg, case.vertebra_label, ModelConfig()).crop
         refined = []
-        for score, Tc, ci in candidates:
+        for k, (score, Tc, ci) in enumerate(candidates):
+            report.stage("refine3d", f"3-D/3-D refinement: candidate {k + 1}/{len(candidates)}",
+                         within=(k, len(candidates)))
             T3, i3 = refine_3d(recon, region, Tc, cfg.refine3d)
             refined.append((score, T3, {**ci, "refine3d": i3}))
         candidates = refined
@@ -226,8 +171,13 @@ def run(case: Case, config: RegisterConfig | None = None, log=None, *, net=None)
     if cfg.refine in ("2d", "both"):
         t = time.perf_counter()
         best = None
-        for score, Tc, ci in candidates:
-            Tr, ri = refine_lm(tgt, Tc, cfg.refine2d)
+        n_levels = len(cfg.refine2d.levels)
+        for k, (score, Tc, ci) in enumerate(candidates):
+            def level_progress(i, n, k=k):
+                report.stage("refine2d", f"2-D/3-D refinement: candidate {k + 1}/{len(candidates)}, level {i + 1}/{n}",
+                             within=(k * n_levels + i, len(candidates) * n_levels))
+
+            Tr, ri = refine_lm(tgt, Tc, cfg.refine2d, progress=level_progress)
             m = float(np.mean(list(ri["levels"][-1]["ncc"].values())))
             if log:
                 what = "network pose" if ci.get("learned") else f"search score {score:.3f}"
@@ -236,28 +186,52 @@ def run(case: Case, config: RegisterConfig | None = None, log=None, *, net=None)
                 best = (m, Tr, ri, Tc)
         m, Tr, ri, Tstart = best
         info["refine2d"] = ri
+        report.stage("check", "checking the result")
         T, m, warn = check_refinement(tgt, Tstart, Tr, m, cfg)
+        info["diverged"] = warn is not None
         if warn:
             warnings.append(warn)
-        info["final_ncc"] = m
         runtime["refinement"] = time.perf_counter() - t
-        if m < cfg.min_ncc:
-            warnings.append(f"doubtful result: final NCC {m:.2f} < {cfg.min_ncc}")
+    # every answer is checked: the similarity the refinement maximises, at the final pose
+    report.stage("check", "checking the result")
+    t = time.perf_counter()
+    views_ncc = windowed_ncc(tgt, T, cfg.refine2d)
+    info["final_ncc_views"] = views_ncc
+    info["final_ncc"] = m = float(np.mean(list(views_ncc.values())))
+    info["min_ncc"] = cfg.min_ncc
+    info["doubtful"] = m < cfg.min_ncc
+    if m < cfg.min_ncc:
+        warnings.append(f"doubtful result: final NCC {m:.2f} < {cfg.min_ncc}")
+    drrs = {name: tgt.render(case.views[name], T) for name in ("ap", "lat")} if cfg.drrs else None
+    runtime["check"] = time.perf_counter() - t
     if cfg.reconstruct and recon is None:
         t = time.perf_counter()
-        recon = reconstruct_volume(case, iterations=cfg.recon_iterations, log=log,
-                                   centre=apply(T, tgt.centre))
+        recon = reconstruct_volume(case, iterations=cfg.recon_iterations, log=log, centre=apply(T, tgt.centre),
+                                   progress=lambda i, n: report.stage(
+                                       "output", f"reconstructing the vertebra for display (Gaussian fit {i}/{n})",
+                                       within=(i, n)))
         runtime["reconstruction"] = time.perf_counter() - t
     runtime["total"] = time.perf_counter() - t0
     info["warnings"] = warnings
-    return Result(T_ct_to_carm=T, runtime_s=runtime, recon=recon, info=info)
+    for w in warnings:
+        report.warning(w)
+    return Result(T_ct_to_carm=T, runtime_s=runtime, recon=recon, info=info, drrs=drrs)
 
 
-def reconstruct_volume(case: Case, *, iterations: int = 300, centre=(0.0, 0.0, 0.0), log=None) -> Volume:
+def reconstruct_volume(case: Case, *, iterations: int = 300, centre=(0.0, 0.0, 0.0), log=None,
+                       progress=None) -> Volume:
     """Radiative Gaussians fitted to the case's two X-rays, voxelized on a 96 mm cube of
-    1.5 mm voxels around ``centre`` (C-arm mm; the vertebra's estimated position)."""
+    1.5 mm voxels around ``centre`` (C-arm mm; the vertebra's estimated position).
+    ``progress(i, n)``, if given, is called (about 50 times) as fitting step ``i`` of ``n`` ends."""
     from ..gaussians.fit import FitConfig, fit_case_xrays
 
     if log:
         log(f"reconstructing: {iterations} iterations of Gaussian fitting")
-    return fit_case_xrays(case, FitConfig(iterations=iterations), centre=centre)[1]
+    every = max(1, iterations // 50)                     # about 50 reports, not one per step
+
+    def step(i, _rec):
+        if (i + 1) % every == 0 or i + 1 == iterations:
+            progress(i + 1, iterations)
+
+    return fit_case_xrays(case, FitConfig(iterations=iterations), centre=centre,
+                          progress=step if progress else None)[1]

@@ -19,14 +19,13 @@ in the C-arm frame about the vertebra's current centre.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 from ..drr import DRR
 from ..geometry import View, apply, compose, pose_to_matrix
+from .config import Level, RefineConfig
 
 __all__ = ["Level", "RefineConfig", "Target", "search_translation", "search_pose", "refine_lm", "block_average",
            "windowed_ncc"]
@@ -46,40 +45,6 @@ def block_average(mu: np.ndarray, affine: np.ndarray, target_mm: float) -> tuple
     A[:3, :3] = affine[:3, :3] * f[None, :]
     A[:3, 3] = affine[:3, :3] @ ((f - 1) / 2.0) + affine[:3, 3]
     return np.ascontiguousarray(b, dtype=np.float32), A
-
-
-@dataclass
-class Level:
-    """One resolution level: detector pixels per side (of the full detector), LM iterations,
-    finite-difference steps (deg, mm), the window margin around the vertebra (mm) and the
-    high-pass scale (mm at the vertebra; None: no high-pass) of both images."""
-
-    pixels: int
-    iterations: int
-    step_deg: float
-    step_mm: float
-    margin_mm: float = 20.0
-    highpass_mm: float | None = 8.0
-
-
-@dataclass
-class RefineConfig:
-    """Settings of the 2-D/3-D stages (see the module docstring)."""
-
-    search_pixels: int = 64
-    search_range_mm: float = 60.0
-    search_rot_deg: tuple = (-12.0, 0.0, 12.0)
-    search_prior: float = 0.1
-    candidates: int = 3
-    coarse_mm: float = 2.0
-    coarse_below_pixels: int = 128
-    search_margin_mm: float = 30.0
-    search_highpass_mm: float = 8.0
-    max_step_deg: float = 4.0
-    max_step_mm: float = 8.0
-    levels: list = field(default_factory=lambda: [Level(64, 15, 1.0, 1.0, 30.0, None), Level(128, 10, 0.5, 0.5, 20.0, 20.0),
-                                                  Level(256, 6, 0.25, 0.25, 15.0, 8.0)])
-    supersample: int = 2
 
 
 class Target:
@@ -210,15 +175,20 @@ def search_translation(tgt: Target, T: np.ndarray, cfg: RefineConfig) -> tuple[n
     return compose(pose_to_matrix([0, 0, 0, *d]), T), info
 
 
-def search_pose(tgt: Target, T: np.ndarray, cfg: RefineConfig) -> list[tuple[float, np.ndarray, dict]]:
+def search_pose(tgt: Target, T: np.ndarray, cfg: RefineConfig, progress=None) -> list[tuple[float, np.ndarray, dict]]:
     """Stage 1 over rotation hypotheses: every combination of ``search_rot_deg`` about the
     three axes (about the vertebra's centre), each followed by :func:`search_translation`.
-    Returns the ``candidates`` best (score, pose, info), best first."""
+    Returns the ``candidates`` best (score, pose, info), best first.
+
+    ``progress(i, n)``, if given, is called before hypothesis ``i`` of ``n``."""
     import itertools
 
     c = apply(T, tgt.centre)
     out = []
-    for rot in itertools.product(cfg.search_rot_deg, repeat=3):
+    hypotheses = list(itertools.product(cfg.search_rot_deg, repeat=3))
+    for i, rot in enumerate(hypotheses):
+        if progress:
+            progress(i, len(hypotheses))
         Tr = compose(pose_to_matrix([*rot, 0, 0, 0], center=c), T)
         Ts, info = search_translation(tgt, Tr, cfg)
         info["search_rot_deg"] = list(rot)
@@ -259,10 +229,14 @@ def windowed_ncc(tgt: Target, T: np.ndarray, cfg: RefineConfig, level: Level | N
     return {name: 1.0 - 0.5 * float(np.sum(seg ** 2)) for name, seg in zip(windows, parts)}
 
 
-def refine_lm(tgt: Target, T: np.ndarray, cfg: RefineConfig, log=None) -> tuple[np.ndarray, dict]:
-    """Stage 2: coarse-to-fine Levenberg-Marquardt on the windowed NCC of both views."""
+def refine_lm(tgt: Target, T: np.ndarray, cfg: RefineConfig, log=None, progress=None) -> tuple[np.ndarray, dict]:
+    """Stage 2: coarse-to-fine Levenberg-Marquardt on the windowed NCC of both views.
+
+    ``progress(i, n)``, if given, is called before level ``i`` of ``n``."""
     info = {"levels": []}
-    for level in cfg.levels:
+    for li, level in enumerate(cfg.levels):
+        if progress:
+            progress(li, len(cfg.levels))
         windows = _windows(tgt, T, level)
         steps = np.array([level.step_deg] * 3 + [level.step_mm] * 3)
         lam = 1e-2

@@ -10,28 +10,15 @@ as accurate as the reconstruction.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 from ..geometry import orthonormalized
 from ..volume import Volume
+from .config import Refine3DConfig
 
 __all__ = ["Refine3DConfig", "refine_3d"]
-
-
-@dataclass
-class Refine3DConfig:
-    """Settings of :func:`refine_3d`: Adam iterations per level, blur (voxels) per level,
-    step sizes (rad, mm per unit of the optimised variables), learning rate."""
-
-    iterations: tuple[int, ...] = (40, 40)
-    blur_voxels: tuple[float, ...] = (1.5, 0.0)
-    rot_unit: float = 0.05
-    trans_unit: float = 2.0
-    lr: float = 0.1
 
 
 def _blur(v: torch.Tensor, sigma: float) -> torch.Tensor:
