@@ -11,6 +11,8 @@ __all__ = ["LEVELS", "TOTALSEG_IDS", "level_id", "level_name", "parse_levels", "
 
 import re
 
+from .errors import InputError
+
 #: Level names from the top of the spine down.
 LEVELS = tuple([f"C{i}" for i in range(1, 8)] + [f"T{i}" for i in range(1, 13)] + [f"L{i}" for i in range(1, 6)] + ["S1"])
 
@@ -101,7 +103,7 @@ def named_segment(text: str, names: dict[int, str] | None) -> int | None:
     return None
 
 
-class LevelError(ValueError):
+class LevelError(InputError):
     """A requested vertebra level that cannot be used (absent, cut by the scan's edge, unknown)."""
 
 

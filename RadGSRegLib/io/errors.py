@@ -1,8 +1,10 @@
 """The error every reader raises for bad input: it names the file and the field."""
 from __future__ import annotations
 
+from ..errors import InputError
 
-class CaseFormatError(ValueError):
+
+class CaseFormatError(InputError):
     """Bad or missing input. ``file`` and ``field`` say where; the message says what was expected."""
 
     def __init__(self, file, field: str | None, message: str):

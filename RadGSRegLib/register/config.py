@@ -19,6 +19,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
+from ..errors import InputError
+
 __all__ = ["Level", "RefineConfig", "Refine3DConfig", "RegisterConfig", "INITS", "REFINES", "DEVICES",
            "default_model", "config_to_dict", "read_config", "ConfigError"]
 
@@ -30,7 +32,7 @@ REFINES = ("none", "3d", "2d", "both")
 DEVICES = ("cpu", "cuda")
 
 
-class ConfigError(ValueError):
+class ConfigError(InputError):
     """A registration setting that cannot be used (names the field and what was expected)."""
 
 
