@@ -602,8 +602,9 @@ class RadGSRegTest(ScriptedLoadableModuleTest):
         def register(ct, seg, level, ap, lat, views):
             return logic.register(ct, seg, level, ap, lat, views)[0]
 
-        rows = slicer_selftest.run_self_test(slicer.mrmlScene, register, ctNode, segNode,
-                                           tempfile.mkdtemp(prefix="RadGSRegTest-"), log=self.delayDisplay)
+        with tempfile.TemporaryDirectory(prefix="RadGSRegTest-") as workdir:      # removed afterwards
+            rows = slicer_selftest.run_self_test(slicer.mrmlScene, register, ctNode, segNode, workdir,
+                                                 log=self.delayDisplay)
         for row in rows:
             self.assertLess(row["mtre_mm"], 1.0)
         self.delayDisplay(_("Test passed"))

@@ -9,6 +9,7 @@ written as ``initial_guess``; registration must recover ``ground_truth``.
 """
 from __future__ import annotations
 
+import json
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -18,6 +19,8 @@ import numpy as np
 
 from .geometry import biplanar_views, compose, geodesic_deg, mtre, sample_offsets, translation
 from .io import Case, write_case
+from .io.atomic import atomic_dir
+from .io.outputs import check_output
 from .levels import level_id
 from .metrics import target_points
 from .simulate import XraySimConfig, simulate_xrays
@@ -78,8 +81,16 @@ def make_case(ct: Volume, seg: Volume, level: str, config: CaseGenConfig, rng: n
 
 def generate_cases(sources: Callable[[int], tuple[Volume, Volume, str]], levels: list[str], n: int,
                    out: Path, config: CaseGenConfig, *, labels: dict[str, int] | None = None,
-                   overwrite: bool = False, progress: Iterable | None = None) -> list[dict]:
-    """Write ``n`` cases ``out/case_000`` ... and return one summary row per case.
+                   overwrite: bool = False, progress: Iterable | None = None, inputs: Iterable = ()) -> list[dict]:
+    """Write the suite folder ``out``: ``n`` cases ``out/case_000`` ... and ``out/summary.json``
+    (one row per case, also returned).
+
+    The suite is written whole and atomically (a hidden temp folder beside ``out``, renamed
+    into place when every case and the summary are written; marker kind "suite"): an
+    interrupted run leaves ``out`` as it was. ``out`` is checked first
+    (:func:`~RadGSRegLib.io.outputs.check_output`): an existing folder is replaced only with
+    ``overwrite`` and only when it is a suite RadGSReg wrote; ``inputs`` (e.g. the CT and
+    label files) must not be, hold or contain it.
 
     Args:
         sources: ``i -> (ct, seg, source_name)``; called once per case (a fixed CT, or a new
@@ -89,26 +100,23 @@ def generate_cases(sources: Callable[[int], tuple[Volume, Volume, str]], levels:
         progress: optional wrapper for the case index iterator (e.g. ``tqdm``).
     """
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    check_output(out, "suite", overwrite=overwrite, inputs=inputs)
     names = [f"case_{i:03d}" for i in range(n)]
-    if not overwrite:
-        taken = [nm for nm in names if (out / nm).exists()]
-        if taken:
-            raise FileExistsError(f"{out} already holds {', '.join(taken[:3])}{'...' if len(taken) > 3 else ''}; "
-                                  "use --overwrite to replace them")
     rows = []
-    it = range(n) if progress is None else progress(range(n))
-    for i in it:
-        t = time.perf_counter()
-        ct, seg, src = sources(i)
-        level = levels[i % len(levels)]
-        rng = np.random.default_rng([config.seed, i])
-        case = make_case(ct, seg, level, config, rng, source=src, label=(labels or {}).get(level))
-        write_case(case, out / names[i], overwrite=overwrite)
-        pts = target_points(seg, case.vertebra_label, max_points=2000)
-        rows.append({"case": names[i], "level": level, "label": case.vertebra_label,
-                     "rot_offset_deg": case.extra["generator"]["offset_rot_deg"],
-                     "trans_offset_mm": case.extra["generator"]["offset_trans_mm"],
-                     "initial_mtre_mm": mtre(case.initial_guess, case.ground_truth, pts),
-                     "seconds": time.perf_counter() - t})
+    with atomic_dir(out, overwrite, kind="suite", inputs=inputs) as tmp:
+        it = range(n) if progress is None else progress(range(n))
+        for i in it:
+            t = time.perf_counter()
+            ct, seg, src = sources(i)
+            level = levels[i % len(levels)]
+            rng = np.random.default_rng([config.seed, i])
+            case = make_case(ct, seg, level, config, rng, source=src, label=(labels or {}).get(level))
+            write_case(case, tmp / names[i])
+            pts = target_points(seg, case.vertebra_label, max_points=2000)
+            rows.append({"case": names[i], "level": level, "label": case.vertebra_label,
+                         "rot_offset_deg": case.extra["generator"]["offset_rot_deg"],
+                         "trans_offset_mm": case.extra["generator"]["offset_trans_mm"],
+                         "initial_mtre_mm": mtre(case.initial_guess, case.ground_truth, pts),
+                         "seconds": time.perf_counter() - t})
+        (tmp / "summary.json").write_text(json.dumps(rows, indent=2))
     return rows

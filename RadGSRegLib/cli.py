@@ -5,11 +5,13 @@ Run ``radgsreg --help`` or ``radgsreg COMMAND --help``.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 import time
 from pathlib import Path
 
+from .errors import InputError, UsageError
 from .register.config import DEVICES, INITS, REFINES, RegisterConfig
 
 __all__ = ["main", "build_parser", "register_config"]
@@ -49,6 +51,44 @@ def _progress(desc: str):
     return lambda it: tqdm(it, desc=desc, unit="case", file=sys.stderr, dynamic_ncols=True)
 
 
+# ------------------------------------------------------------------ option values
+# argparse calls these with the text of an option; a ValueError/ArgumentTypeError becomes
+# "argument --pixels: must be an integer >= 1, not '0'" and exit code 2.
+def _integer(minimum: int):
+    def parse(text):
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be an integer, not {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be an integer >= {minimum}, not {text!r}")
+        return value
+    parse.__name__ = f"integer >= {minimum}"
+    return parse
+
+
+def _number(minimum: float, *, strict: bool = False, maximum: float | None = None):
+    def parse(text):
+        import math
+
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be a number, not {text!r}") from None
+        if not math.isfinite(value) or (value <= minimum if strict else value < minimum) \
+                or (maximum is not None and value > maximum):
+            bound = f"{'>' if strict else '>='} {minimum:g}" + (f" and <= {maximum:g}" if maximum is not None else "")
+            raise argparse.ArgumentTypeError(f"must be a number {bound}, not {text!r}")
+        return value
+    parse.__name__ = "number"
+    return parse
+
+
+_COUNT = _integer(1)
+_POSITIVE = _number(0.0, strict=True)
+_NONNEGATIVE = _number(0.0)
+
+
 def _sim_config(args):
     from .simulate import XraySimConfig
 
@@ -63,23 +103,23 @@ def _add_sim_args(p):
     g = p.add_argument_group("X-ray simulation (defaults: one lumbar fluoroscopy shot)")
     g.add_argument("--image-kind", choices=["line_integral", "intensity"], default="line_integral",
                    help="what the X-ray files hold: -ln(I/I0) (bone bright) or detector intensity (bone dark)")
-    g.add_argument("--dose", type=float, default=3000.0, metavar="PHOTONS_PER_MM2",
+    g.add_argument("--dose", type=_NONNEGATIVE, default=3000.0, metavar="PHOTONS_PER_MM2",
                    help="photons per mm² behind the patient that the exposure control aims at (centre of the "
                         "detector); 0 turns quantum noise off (default 3000)")
-    g.add_argument("--scatter", type=float, default=0.3, metavar="SPR", help="scatter-to-primary ratio (default 0.3)")
-    g.add_argument("--blur", type=float, default=0.4, metavar="MM", help="detector blur sigma in mm (default 0.4)")
+    g.add_argument("--scatter", type=_NONNEGATIVE, default=0.3, metavar="SPR", help="scatter-to-primary ratio (default 0.3)")
+    g.add_argument("--blur", type=_NONNEGATIVE, default=0.4, metavar="MM", help="detector blur sigma in mm (default 0.4)")
     g.add_argument("--no-beam-hardening", action="store_true", help="monochromatic line integrals")
     g.add_argument("--ideal", action="store_true", help="no physics at all: plain DRR line integrals")
 
 
 def _add_geometry_args(p):
     g = p.add_argument_group("C-arm and poses")
-    g.add_argument("--pixels", type=int, default=976, help="detector pixels per side (default 976, as in the paper)")
-    g.add_argument("--detector-mm", type=float, default=292.8, help="detector side in mm (default 292.8)")
-    g.add_argument("--sdd", type=float, default=1124.0, help="source-to-detector distance, mm (default 1124)")
-    g.add_argument("--sid", type=float, default=700.0, help="source-to-isocentre distance, mm (default 700)")
-    g.add_argument("--rot-deg", type=float, default=20.0, help="true-pose rotation offset range, ± deg per axis (default 20)")
-    g.add_argument("--trans-mm", type=float, default=50.0, help="true-pose translation offset range, ± mm per axis (default 50)")
+    g.add_argument("--pixels", type=_integer(16), default=976, help="detector pixels per side (default 976, as in the paper)")
+    g.add_argument("--detector-mm", type=_POSITIVE, default=292.8, help="detector side in mm (default 292.8)")
+    g.add_argument("--sdd", type=_POSITIVE, default=1124.0, help="source-to-detector distance, mm (default 1124)")
+    g.add_argument("--sid", type=_POSITIVE, default=700.0, help="source-to-isocentre distance, mm (default 700)")
+    g.add_argument("--rot-deg", type=_number(0.0, maximum=180.0), default=20.0, help="true-pose rotation offset range, ± deg per axis (default 20)")
+    g.add_argument("--trans-mm", type=_NONNEGATIVE, default=50.0, help="true-pose translation offset range, ± mm per axis (default 50)")
     g.add_argument("--seed", type=int, default=0, help="random seed (default 0); same seed, same cases")
 
 
@@ -92,6 +132,7 @@ def build_parser() -> argparse.ArgumentParser:
     from . import __version__
 
     ap.add_argument("--version", action="version", version=f"radgsreg {__version__}")
+    ap.add_argument("--debug", action="store_true", help="show the full traceback of an error")
     sub = ap.add_subparsers(dest="command", metavar="COMMAND")
 
     p = sub.add_parser("demo", help="the main job end to end on a demo case (the README's first command)",
@@ -102,9 +143,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--phantom", action="store_true", help="use a procedural phantom instead of the real CT")
     p.add_argument("--out", type=Path, default=Path("demo_out"), help="output folder (default demo_out)")
     p.add_argument("--level", default="L3", help="vertebra level (default L3)")
-    p.add_argument("--pixels", type=int, default=488, help="detector pixels per side (default 488, half of 976)")
-    p.add_argument("--rot-deg", type=float, default=10.0, help="true-pose rotation offset range, ± deg (default 10)")
-    p.add_argument("--trans-mm", type=float, default=20.0, help="true-pose translation offset range, ± mm (default 20)")
+    p.add_argument("--pixels", type=_integer(16), default=488, help="detector pixels per side (default 488, half of 976)")
+    p.add_argument("--rot-deg", type=_number(0.0, maximum=180.0), default=10.0,
+                   help="true-pose rotation offset range, ± deg (default 10)")
+    p.add_argument("--trans-mm", type=_NONNEGATIVE, default=20.0, help="true-pose translation offset range, ± mm (default 20)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
 
@@ -113,8 +155,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--top-level", default="L1", help="highest vertebra (default L1)")
-    p.add_argument("--n-vertebrae", type=int, default=5)
-    p.add_argument("--spacing", type=float, nargs=3, default=(1.0, 1.0, 1.0), metavar=("X", "Y", "Z"),
+    p.add_argument("--n-vertebrae", type=_COUNT, default=5, help="how many vertebrae, down from --top-level (default 5)")
+    p.add_argument("--spacing", type=_POSITIVE, nargs=3, default=(1.0, 1.0, 1.0), metavar=("X", "Y", "Z"),
                    help="voxel size in mm (default 1 1 1)")
     p.add_argument("--table", action="store_true", help="add a table under the back")
     p.add_argument("--overwrite", action="store_true")
@@ -133,9 +175,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--levels", default="L1,L2,L3,L4,L5",
                    help="comma-separated levels, e.g. L1,L2 (TotalSegmentator ids or segment names vertebrae_L1...), "
                         "or explicit label values, e.g. 12,13, for other numberings (default L1..L5)")
-    p.add_argument("--n", type=int, default=20, help="number of cases (default 20)")
+    p.add_argument("--n", type=_COUNT, default=20, help="number of cases (default 20)")
     p.add_argument("--out", type=Path, required=True, help="output folder; cases go to OUT/case_000 ...")
-    p.add_argument("--phantom-spacing", type=float, default=1.0, help="phantom voxel size in mm (default 1)")
+    p.add_argument("--phantom-spacing", type=_POSITIVE, default=1.0, help="phantom voxel size in mm (default 1)")
     p.add_argument("--overwrite", action="store_true", help="replace existing case folders")
     _add_geometry_args(p)
     _add_sim_args(p)
@@ -156,7 +198,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("case", type=Path)
     p.add_argument("--out", type=Path, help="PNG path (default CASE/preview.png)")
     p.add_argument("--result", type=Path, help="a result folder whose pose to show instead of the ground truth")
-    p.add_argument("--size", type=int, default=320, help="panel size in pixels (default 320)")
+    p.add_argument("--size", type=_integer(16), default=320, help="panel size in pixels (default 320)")
+    p.add_argument("--overwrite", action="store_true", help="replace a preview PNG written earlier by radgsreg show")
 
     p = sub.add_parser("register", help="register a case: CT vertebra -> the two X-rays (writes a result folder)",
                        formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -194,7 +237,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "per-case Gaussian fit (about a minute on a CPU)")
     p.add_argument("--drrs", action="store_true", default=None,
                    help="also write DRRs of the CT at the result (OUT/drr_ap.nrrd, drr_lat.nrrd) for an overlay")
-    p.add_argument("--threads", type=int, default=1, help="CPU threads for torch (default 1)")
+    p.add_argument("--threads", type=_COUNT, default=1, help="CPU threads for torch (default 1)")
     p.add_argument("--progress", choices=["text", "json"], default="text",
                    help="text (default): a human log on stdout; json: one JSON event per line on stdout "
                         "(stage, fraction, message; see RadGSRegLib/progress.py) and the human log on stderr")
@@ -224,8 +267,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cases", action="append", default=None, metavar="DIR",
                    help="stage 2: case folders with ground_truth (repeatable)")
     p.add_argument("--device", choices=["cpu", "cuda"])
-    p.add_argument("--threads", type=int)
-    p.add_argument("--seed", type=int)
+    p.add_argument("--threads", type=_COUNT)
+    p.add_argument("--seed", type=_integer(0))
     p.add_argument("--no-cal", action="store_true", help="train without counterfactual attention (ablation)")
 
     p = sub.add_parser("evaluate", help="score result folders against their cases' ground truth (Table 1 columns)",
@@ -249,26 +292,26 @@ def build_parser() -> argparse.ArgumentParser:
                                    "truth, the reconstruction is scored against it (PSNR, SSIM; metrics.md).")
     p.add_argument("case", type=Path)
     p.add_argument("--out", type=Path, required=True)
-    p.add_argument("--views", type=int, default=2, help="number of views (default 2: AP + lateral)")
+    p.add_argument("--views", type=_integer(2), default=2, help="number of views (default 2: AP + lateral)")
     p.add_argument("--simulated", action="store_true",
                    help="fit DRRs of the case's vertebra alone at its true pose instead of the X-rays (validation; "
                         "needs ground truth; with --views 2 they use the case's AP + lateral geometry, with more a "
                         "full orbit)")
-    p.add_argument("--iterations", type=int, default=800)
-    p.add_argument("--gaussians", type=int, default=3000, help="initial number of Gaussians (default 3000)")
-    p.add_argument("--pixels", type=int, default=128, help="working detector size (default 128)")
-    p.add_argument("--grid-mm", type=float, default=96.0, help="side of the reconstruction cube, mm (default 96)")
-    p.add_argument("--voxel-mm", type=float, default=1.5, help="voxel size of recon.nrrd, mm (default 1.5)")
+    p.add_argument("--iterations", type=_COUNT, default=800, help="fitting steps (default 800)")
+    p.add_argument("--gaussians", type=_COUNT, default=3000, help="initial number of Gaussians (default 3000)")
+    p.add_argument("--pixels", type=_integer(16), default=128, help="working detector size (default 128)")
+    p.add_argument("--grid-mm", type=_POSITIVE, default=96.0, help="side of the reconstruction cube, mm (default 96)")
+    p.add_argument("--voxel-mm", type=_POSITIVE, default=1.5, help="voxel size of recon.nrrd, mm (default 1.5)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--overwrite", action="store_true")
 
     p = sub.add_parser("bench", help="benchmarks (print a table, write JSON)")
     bsub = p.add_subparsers(dest="bench", metavar="BENCH")
     b = bsub.add_parser("drr", help="DRR speed and agreement: ours vs RTK's Joseph projector")
-    b.add_argument("--size", type=int, default=128, help="volume size per side (default 128)")
-    b.add_argument("--pixels", type=int, default=256, help="detector pixels per side (default 256)")
-    b.add_argument("--repeat", type=int, default=5)
-    b.add_argument("--threads", type=int, default=2, help="CPU threads for every method (default 2)")
+    b.add_argument("--size", type=_integer(8), default=128, help="volume size per side (default 128)")
+    b.add_argument("--pixels", type=_integer(16), default=256, help="detector pixels per side (default 256)")
+    b.add_argument("--repeat", type=_COUNT, default=5)
+    b.add_argument("--threads", type=_COUNT, default=2, help="CPU threads for every method (default 2)")
     b.add_argument("--json", type=Path, default=Path("bench_out/drr.json"))
     b = bsub.add_parser("register", help="every registration method on the same case suites: Table 1 columns",
                         description="Runs each method on each suite (a folder of case folders, e.g. from "
@@ -279,28 +322,46 @@ def build_parser() -> argparse.ArgumentParser:
                    help="comma-separated: initial, intensity-2d, search, ours-2d, gaussfit-3d, learned, learned-3d, "
                         "learned-2d, learned-both, itk (default initial,ours-2d)")
     b.add_argument("--model", help="weights for the learned methods (.pt, or 'default')")
-    b.add_argument("--limit", type=int, help="only the first N cases of each suite")
+    b.add_argument("--limit", type=_COUNT, help="only the first N cases of each suite")
     b.add_argument("--json", type=Path, default=Path("bench_out/register.json"))
     b = bsub.add_parser("gaussians", help="rasterizer and voxelizer speed and memory, vs a naive dense evaluation")
-    b.add_argument("--threads", type=int, default=1, help="CPU threads (default 1: fastest on 2 shared cores)")
-    b.add_argument("--repeat", type=int, default=5)
+    b.add_argument("--threads", type=_COUNT, default=1, help="CPU threads (default 1: fastest on 2 shared cores)")
+    b.add_argument("--repeat", type=_COUNT, default=5)
     b.add_argument("--json", type=Path, default=Path("bench_out/gaussians.json"))
+    for sp in list(sub.choices.values()) + list(bsub.choices.values()):     # `radgsreg CMD ... --debug` too
+        sp.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                        help="show the full traceback of an error")
     return ap
 
 
 # ------------------------------------------------------------------ commands
 def _cmd_phantom(args):
     from .io import write_volume
-    from .phantom import PhantomConfig, make_phantom
+    from .io.atomic import atomic_dir
+    from .io.outputs import check_output
+    from .phantom import make_phantom
 
-    cfg = PhantomConfig(top_level=args.top_level, n_vertebrae=args.n_vertebrae, spacing=tuple(args.spacing),
-                        table=args.table, seed=args.seed)
+    cfg = _phantom_config(top_level=args.top_level, n_vertebrae=args.n_vertebrae, spacing=tuple(args.spacing),
+                          table=args.table, seed=args.seed)
+    check_output(args.out, "phantom", overwrite=args.overwrite, option="--out")
     t = time.perf_counter()
     ct, seg = make_phantom(cfg)
-    write_volume(ct, args.out / "ct.nrrd", overwrite=args.overwrite)
-    write_volume(seg, args.out / "seg.nrrd", overwrite=args.overwrite)
+    with atomic_dir(args.out, args.overwrite, kind="phantom") as tmp:
+        write_volume(ct, tmp / "ct.nrrd")
+        write_volume(seg, tmp / "seg.nrrd")
     print(f"phantom {ct.size} voxels at {tuple(cfg.spacing)} mm, levels {', '.join(cfg.levels)} "
           f"({time.perf_counter() - t:.1f} s) -> {args.out}/ct.nrrd, seg.nrrd")
+
+
+def _phantom_config(**kw):
+    """A PhantomConfig from command-line values; what it refuses is a usage error."""
+    from .phantom import PhantomConfig
+
+    try:
+        return PhantomConfig(**kw)
+    except ValueError as e:
+        option = "--top-level" if "level" in str(e) or "vertebra" in str(e) else "--spacing"
+        raise UsageError(f"{option}: {e}") from None
 
 
 def _load_ct_seg(ct_path, seg_path, levels):
@@ -319,28 +380,28 @@ def _load_ct_seg(ct_path, seg_path, levels):
 
 
 def _cmd_simulate(args):
-    from .cases import CaseGenConfig, generate_cases
-    from .phantom import PhantomConfig, make_phantom
+    from .cases import generate_cases
+    from .io.outputs import check_output
+    from .phantom import make_phantom
 
-    levels = _parse_levels(args.levels)
-    if args.n < 1:
-        raise SystemExit("--n must be at least 1")
-    cfg = CaseGenConfig(rot_deg=args.rot_deg, trans_mm=args.trans_mm, pixels=args.pixels,
-                        detector_mm=args.detector_mm, sdd=args.sdd, sid=args.sid, sim=_sim_config(args), seed=args.seed)
+    levels = _parse_levels(args.levels, "--levels")
+    if args.phantom and args.seg is not None:
+        raise UsageError("--seg goes with --ct, not --phantom")
+    if not args.phantom and args.seg is None:
+        raise UsageError("--ct needs --seg (the vertebra label map on the CT grid)")
+    cfg = _case_config(args)
+    check_output(args.out, "suite", overwrite=args.overwrite, inputs=[args.ct, args.seg], option="--out")
     if args.phantom:
-        if args.seg is not None:
-            raise SystemExit("--seg goes with --ct, not --phantom")
+        probe = _phantom_config(seed=0, spacing=(args.phantom_spacing,) * 3)
+        missing = [lv for lv in levels if lv not in probe.levels]
+        if missing:
+            raise UsageError(f"--levels: the phantom spans {', '.join(probe.levels)}; not {', '.join(missing)}")
 
         def sources(i):
-            pc = PhantomConfig(seed=args.seed * 100003 + i, spacing=(args.phantom_spacing,) * 3)
-            missing = [lv for lv in levels if lv not in pc.levels]
-            if missing:
-                raise SystemExit(f"the phantom spans {', '.join(pc.levels)}; not {', '.join(missing)}")
+            pc = _phantom_config(seed=args.seed * 100003 + i, spacing=(args.phantom_spacing,) * 3)
             ct, seg = make_phantom(pc)
             return ct, seg, f"phantom seed {pc.seed}"
     else:
-        if args.seg is None:
-            raise SystemExit("--ct needs --seg (the vertebra label map on the CT grid)")
         ct, seg, labels = _load_ct_seg(args.ct, args.seg, levels)
         src_name = str(args.ct)
 
@@ -349,7 +410,7 @@ def _cmd_simulate(args):
 
     t = time.perf_counter()
     rows = generate_cases(sources, levels, args.n, args.out, cfg, labels=None if args.phantom else labels,
-                          overwrite=args.overwrite, progress=_progress("simulating"))
+                          overwrite=args.overwrite, progress=_progress("simulating"), inputs=[args.ct, args.seg])
     print(_table(rows, [("case", "case", "s"), ("level", "level", "s"), ("rot_offset_deg", "rot deg", ".1f"),
                         ("trans_offset_mm", "trans mm", ".1f"), ("initial_mtre_mm", "init mTRE mm", ".1f"),
                         ("seconds", "seconds", ".1f")]))
@@ -358,36 +419,58 @@ def _cmd_simulate(args):
     m = np.array([r["initial_mtre_mm"] for r in rows])
     print(f"{len(rows)} cases in {time.perf_counter() - t:.0f} s -> {args.out}; initial mTRE mean {m.mean():.1f} mm, "
           f"median {np.median(m):.1f} mm, range {m.min():.1f}-{m.max():.1f} mm")
-    (Path(args.out) / "summary.json").write_text(json.dumps(rows, indent=2))
 
 
-def _parse_levels(text) -> list[str]:
+def _case_config(args):
+    """The case generator's settings from the command line; an impossible C-arm is a usage
+    error naming the options (checks.check_view)."""
+    from .cases import CaseGenConfig
+    from .checks import check_view
+
+    cfg = CaseGenConfig(rot_deg=args.rot_deg, trans_mm=args.trans_mm, pixels=args.pixels, detector_mm=args.detector_mm,
+                        sdd=args.sdd, sid=args.sid, sim=_sim_config(args), seed=args.seed)
+    options = f"--sdd {args.sdd:g} / --sid {args.sid:g} / --pixels {args.pixels} / --detector-mm {args.detector_mm:g}"
+    try:
+        views = cfg.views()
+        for name, view in views.items():
+            for w in check_view(view, name):
+                print(f"warning: {options}: {w}", file=sys.stderr)
+    except (InputError, ValueError) as e:
+        raise UsageError(f"{options}: {e}") from None
+    return cfg
+
+
+def _parse_levels(text, option: str = "--level") -> list[str]:
     """Level names ("L1,L2") or explicit label values ("29,30") from the command line."""
     from .levels import parse_levels
 
     tokens = [t.strip() for t in str(text).split(",") if t.strip()]
     if tokens and all(t.isdigit() for t in tokens):
         return tokens
-    return parse_levels(text)
+    try:
+        return parse_levels(text)
+    except ValueError as e:
+        raise UsageError(f"{option}: {e}") from None
 
 
 def _cmd_sample_case(args):
     import numpy as np
 
-    from .cases import CaseGenConfig, make_case
+    from .cases import make_case
     from .io import write_case
+    from .io.outputs import check_output
     from .sample_data import lumbar_ct
 
     sd = lumbar_ct()
     level = _parse_levels(args.level)
     if len(level) != 1:
-        raise SystemExit("--level takes one level, e.g. --level L3")
+        raise UsageError("--level takes one level, e.g. --level L3")
+    cfg = _case_config(args)
+    check_output(args.out, "case", overwrite=args.overwrite, inputs=[sd.ct, sd.seg], option="--out")
     ct, seg, labels = _load_ct_seg(sd.ct, sd.seg, level)
-    cfg = CaseGenConfig(rot_deg=args.rot_deg, trans_mm=args.trans_mm, pixels=args.pixels, detector_mm=args.detector_mm,
-                        sdd=args.sdd, sid=args.sid, sim=_sim_config(args), seed=args.seed)
     case = make_case(ct, seg, level[0], cfg, np.random.default_rng(args.seed), label=labels[level[0]],
                      source="RadGSReg lumbar sample CT (TotalSegmentator 2.18.0 test data)")
-    write_case(case, args.out, overwrite=args.overwrite)
+    write_case(case, args.out, overwrite=args.overwrite, inputs=[sd.ct, sd.seg])
     print(f"wrote {args.out} ({level[0]}, label {labels[level[0]]}, {case.image_kind}, "
           f"{cfg.pixels}x{cfg.pixels} pixels); true pose offset {case.extra['generator']['offset_rot_deg']:.1f} deg, "
           f"{case.extra['generator']['offset_trans_mm']:.1f} mm")
@@ -395,13 +478,31 @@ def _cmd_sample_case(args):
 
 def _cmd_show(args):
     from .io import read_case, read_result
+    from .io.outputs import check_output_file
     from .preview import save_montage
 
-    case = read_case(args.case, ground_truth=True) if _has_gt(args.case) else read_case(args.case)
-    T = read_result(args.result).T_ct_to_carm if args.result else None
     out = args.out or Path(args.case) / "preview.png"
-    save_montage(case, out, size=args.size, T=T)
+    inputs = [args.case, args.result]
+    check_output_file(out, "preview", overwrite=args.overwrite or args.out is None, inputs=inputs,
+                      allow_in=[args.case], option="--out")
+    case = read_case(args.case, ground_truth=True) if _has_gt(args.case) else read_case(args.case)
+    T = None
+    if args.result:
+        result = read_result(args.result)
+        _check_result_belongs(args.case, args.result, result)
+        T = result.T_ct_to_carm
+    save_montage(case, out, size=args.size, T=T, overwrite=args.overwrite or args.out is None, inputs=inputs,
+                 allow_in=[args.case])
     print(f"wrote {out}")
+
+
+def _check_result_belongs(case_dir, result_dir, result) -> None:
+    """Refuse a result folder written for another case (evaluate.result_matches_case)."""
+    from .evaluate import result_matches_case
+
+    why = result_matches_case(case_dir, result)
+    if why:
+        raise InputError(f"{result_dir} is the result of another case, not {case_dir}: {why}")
 
 
 def _has_gt(path) -> bool:
@@ -418,40 +519,43 @@ def _cmd_demo(args):
 
     from .cases import CaseGenConfig, make_case
     from .io import read_case, write_case, write_result
+    from .io.atomic import atomic_dir
+    from .io.outputs import check_output
     from .metrics import registration_errors, target_points
     from .preview import save_montage
     from .register import RegisterConfig, run
 
     out = Path(args.out)
-    if out.exists() and not args.overwrite:
-        raise SystemExit(f"{out} exists; pass --overwrite to replace it")
-    t = time.perf_counter()
-    if args.phantom:
-        from .phantom import PhantomConfig, make_phantom
-
-        print("1/4 building a spine phantom (L1-L5, 1 mm) ...", flush=True)
-        ct, seg = make_phantom(PhantomConfig(seed=args.seed))
-        labels, source = {}, f"phantom seed {args.seed}"
-        level = _parse_levels(args.level)[0]
-    else:
+    level = _parse_levels(args.level)[0]
+    sd = None
+    if not args.phantom:
         from .sample_data import lumbar_ct
 
         sd = lumbar_ct()
+    check_output(out, "demo", overwrite=args.overwrite, inputs=[] if sd is None else [sd.ct, sd.seg], option="--out")
+    t = time.perf_counter()
+    if args.phantom:
+        from .phantom import make_phantom
+
+        print("1/4 building a spine phantom (L1-L5, 1 mm) ...", flush=True)
+        ct, seg = make_phantom(_phantom_config(seed=args.seed))
+        labels, source = {}, f"phantom seed {args.seed}"
+    else:
         print(f"1/4 loading the bundled lumbar CT ({sd.ct.name}, {sd.seg.name}) ...", flush=True)
-        level = _parse_levels(args.level)[0]
         ct, seg, labels = _load_ct_seg(sd.ct, sd.seg, [level])
         source = "RadGSReg lumbar sample CT (TotalSegmentator 2.18.0 test data)"
     print(f"2/4 simulating AP + lateral X-rays ({args.pixels}x{args.pixels}) of {level} at a pose up to "
           f"±{args.rot_deg:g} deg / ±{args.trans_mm:g} mm from the nominal one ...", flush=True)
     cfg = CaseGenConfig(pixels=args.pixels, seed=args.seed, rot_deg=args.rot_deg, trans_mm=args.trans_mm)
     case = make_case(ct, seg, level, cfg, np.random.default_rng(args.seed), label=labels.get(level), source=source)
-    write_case(case, out / "case", overwrite=args.overwrite)
-    print("3/4 registering (without the case's ground truth) ...", flush=True)
-    truth = read_case(out / "case", ground_truth=True)
-    result = run(replace(truth, ground_truth=None), RegisterConfig(), log=print)
-    write_result(result, out / "result", overwrite=args.overwrite)
-    print("4/4 writing the preview ...", flush=True)
-    save_montage(truth, out / "preview.png", T=result.T_ct_to_carm)
+    with atomic_dir(out, args.overwrite, kind="demo") as tmp:      # the whole demo folder appears at once
+        write_case(case, tmp / "case")
+        print("3/4 registering (without the case's ground truth) ...", flush=True)
+        truth = read_case(tmp / "case", ground_truth=True)
+        result = run(replace(truth, ground_truth=None), RegisterConfig(), log=print)
+        write_result(result, tmp / "result")
+        print("4/4 writing the preview ...", flush=True)
+        save_montage(truth, tmp / "preview.png", T=result.T_ct_to_carm)
     pts = target_points(truth.seg, truth.vertebra_label, max_points=2000)
     e0 = registration_errors(truth.initial_guess, truth.ground_truth, pts, truth.views)
     e1 = registration_errors(result.T_ct_to_carm, truth.ground_truth, pts, truth.views)
@@ -471,21 +575,32 @@ def _cmd_bench(args):
 
         run_drr_bench(n=args.size, pixels=args.pixels, repeat=args.repeat, threads=args.threads, json_path=args.json)
     elif args.bench == "register":
-        from .bench.register_bench import run_register_bench
+        from .bench.register_bench import METHODS, run_register_bench
+        from .evaluate import case_dirs
 
-        run_register_bench(list(args.cases), [m.strip() for m in args.methods.split(",") if m.strip()],
-                           json_path=args.json, limit=args.limit, model=args.model)
+        methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+        unknown = [m for m in methods if m not in METHODS]
+        if unknown or not methods:
+            raise UsageError(f"--methods: unknown method(s) {', '.join(unknown) or '(none given)'}; "
+                             f"choose from {', '.join(sorted(METHODS))}")
+        if any(m.startswith("learned") for m in methods) and not args.model:
+            raise UsageError("--methods learned*: give the network's weights with --model (a .pt file or 'default')")
+        for suite in args.cases:
+            if not case_dirs(suite):
+                raise InputError(f"--cases {suite}: holds no case folders (folders with a case.json)")
+        run_register_bench(list(args.cases), methods, json_path=args.json, limit=args.limit, model=args.model)
     elif args.bench == "gaussians":
         from .bench.gaussians_bench import run_gaussians_bench
 
         run_gaussians_bench(threads=args.threads, repeat=args.repeat, json_path=args.json)
     else:
-        raise SystemExit("choose a benchmark: radgsreg bench drr | gaussians | register")
+        raise UsageError("choose a benchmark: radgsreg bench drr | gaussians | register")
 
 
 def register_config(args) -> RegisterConfig:
     """The registration settings of ``radgsreg register``: RegisterConfig's defaults, then
-    ``--config``, then the options given on the command line."""
+    ``--config``, then the options given on the command line. Contradicting options are a
+    :class:`~RadGSRegLib.errors.UsageError`."""
     import dataclasses
 
     from .register import read_config
@@ -493,7 +608,26 @@ def register_config(args) -> RegisterConfig:
     cfg = read_config(args.config) if args.config else RegisterConfig()
     given = {k: getattr(args, k) for k in ("init", "refine", "model", "device", "reconstruct", "drrs")
              if getattr(args, k) is not None}
+    init, model = given.get("init", cfg.init), given.get("model", cfg.model)
+    if init == "learned" and not model:
+        raise UsageError("--init learned needs --model (a .pt weight file, or 'default' for the shipped weights)")
+    if init in ("none", "search") and "model" in given:
+        raise UsageError(f"--model is not used with --init {init} (the network runs only with --init learned or "
+                         "auto); drop --model, or choose --init learned")
     return dataclasses.replace(cfg, **given)
+
+
+def _check_device(device: str) -> None:
+    """Refuse a CUDA device PyTorch cannot see, before any work."""
+    if device.startswith("cuda"):
+        import torch
+
+        if not torch.cuda.is_available():
+            raise InputError(f"--device {device}: PyTorch sees no CUDA GPU here (torch {torch.__version__}); "
+                             "use --device cpu")
+        index = int(device.split(":")[1]) if ":" in device else 0
+        if index >= torch.cuda.device_count():
+            raise InputError(f"--device {device}: there are {torch.cuda.device_count()} CUDA GPU(s)")
 
 
 def _cmd_register(args):
@@ -508,28 +642,41 @@ def _cmd_register(args):
     def emit(ev: ProgressEvent):
         if json_mode:
             print(to_json_line(ev), flush=True)
+        if ev.event != "error":
+            _check_interrupted()
 
     report = Reporter(emit)
     try:
         report.stage("start", "starting")
+        cfg = register_config(args)
+        _check_device(cfg.device)
+        model = cfg.model_path() if cfg.init_mode == "learned" else None
+        from .io.outputs import check_output
+
+        check_output(args.out, "result", overwrite=args.overwrite, inputs=[args.case, args.config, model],
+                     option="--out")
         import torch
 
         from .io import read_case, write_result
         from .register import run
 
         torch.set_num_threads(args.threads)
-        cfg = register_config(args)
-        if Path(args.out).exists() and not args.overwrite:
-            raise FileExistsError(f"{args.out} exists; pass --overwrite to replace it")
         report.stage("read", f"reading {args.case}")
-        case = read_case(args.case)                    # never the ground truth
+        case = read_case(args.case)                    # never the ground truth; checked for plausibility
+        net = None
+        if model is not None:                          # the weights before the work: a bad file fails now
+            from .learned.model import RadGSRegNet
+
+            net = RadGSRegNet.load(model, device=cfg.device)
         log(f"registering {args.case} ({case.vertebra_name or case.vertebra_label}), init={cfg.init_mode}, "
-            f"refine={cfg.refine}{f', model {cfg.model_path()}' if cfg.init_mode == 'learned' else ''}")
-        res = run(case, cfg, log=log, progress=emit)
-        res.info.update({"case": str(args.case), "device": cfg.device, "threads": args.threads,
-                         "model": str(cfg.model_path()) if cfg.init_mode == "learned" else None})
+            f"refine={cfg.refine}{f', model {model}' if model else ''}")
+        res = run(case, cfg, log=log, progress=emit, net=net)
+        from .evaluate import case_fingerprint
+
+        res.info.update({"case": str(args.case), "case_fingerprint": case_fingerprint(args.case),
+                         "device": cfg.device, "threads": args.threads, "model": str(model) if model else None})
         report.stage("write", f"writing {args.out}")
-        write_result(res, args.out, overwrite=args.overwrite)
+        write_result(res, args.out, overwrite=args.overwrite, inputs=[args.case, args.config, model])
     except BaseException as e:
         emit(ProgressEvent("error", "", report.fraction, _one_line(e)))
         raise
@@ -549,9 +696,14 @@ def _one_line(e: BaseException) -> str:
 
 
 def _cmd_train(args):
+    import dataclasses
+
     from .learned.config import TrainConfig, load_train_config
     from .learned.train import train
 
+    if args.no_cal and args.init:
+        raise UsageError("--no-cal does not apply with --init: the network (with or without CAL) comes with the "
+                         "weights; train from scratch for the ablation")
     over = {"out": str(args.out), "stage": args.stage, "init": args.init, "device": args.device,
             "threads": args.threads, "seed": args.seed}
     if args.ct:
@@ -561,18 +713,20 @@ def _cmd_train(args):
     if args.config:
         cfg = load_train_config(args.config, **over)
     else:
-        cfg = TrainConfig(**{k: v for k, v in over.items() if v is not None})
+        cfg = TrainConfig.from_dict({k: v for k, v in over.items() if v is not None}, source="the command line")
     if args.no_cal:
-        cfg.model.cal = False
-    try:
-        train(cfg)
-    except ValueError as e:
-        raise SystemExit(f"radgsreg train: error: {e}") from None
+        cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, cal=False))
+    train(cfg)                       # checks the run folder, data, weights and device before any work
 
 
 def _cmd_evaluate(args):
-    from .evaluate import evaluate_results
+    from .evaluate import case_dirs, evaluate_results
 
+    for option, folder in (("CASES", args.cases), ("--results", args.results)):
+        if not Path(folder).is_dir():
+            raise InputError(f"{option} {folder}: folder not found")
+    if not case_dirs(args.cases):
+        raise InputError(f"CASES {args.cases}: holds no case folders (folders with a case.json)")
     evaluate_results(args.cases, args.results, json_path=args.json or Path(args.results) / "evaluation.json")
 
 
@@ -589,10 +743,11 @@ def _cmd_fit_gaussians(args):
     from .io.atomic import atomic_dir
     from .metrics import ground_truth_volume, recon_metrics
 
-    if args.views < 2:
-        raise SystemExit("--views must be at least 2")
     if args.views > 2 and not args.simulated:
-        raise SystemExit("a case has two X-rays; more --views need --simulated")
+        raise UsageError("--views: a case has two X-rays; more views need --simulated")
+    from .io.outputs import check_output
+
+    check_output(args.out, "fit", overwrite=args.overwrite, inputs=[args.case], option="--out")
     case = read_case(args.case, ground_truth=_has_gt(args.case))
     shape, affine = recon_grid(args.grid_mm, args.voxel_mm)
     n = shape[0]
@@ -601,7 +756,8 @@ def _cmd_fit_gaussians(args):
         gt = ground_truth_volume(case.ct, case.seg, case.vertebra_label, case.ground_truth, shape, affine)
     if args.simulated:
         if gt is None:
-            raise SystemExit("--simulated renders the case's vertebra at its true pose: the case needs ground truth and labels")
+            raise InputError(f"--simulated renders the case's vertebra at its true pose: {args.case} needs a "
+                             "ground_truth and vertebra labels")
         ref = case.views["ap"]
         if args.views == 2:
             views = [case.views[k].resized(args.pixels) for k in ("ap", "lat")]
@@ -637,7 +793,7 @@ def _cmd_fit_gaussians(args):
               "history": res.history}
     if gt is not None:
         report["metrics_vs_ground_truth"] = recon_metrics(recon.array, gt.array)
-    with atomic_dir(args.out, args.overwrite) as tmp:
+    with atomic_dir(args.out, args.overwrite, kind="fit", inputs=[args.case]) as tmp:
         res.gaussians.save(tmp / "gaussians.npz")
         write_volume(recon, tmp / "recon.nrrd")
         (tmp / "fit.json").write_text(json.dumps(report, indent=2, default=float))
@@ -654,21 +810,103 @@ _COMMANDS = {"demo": _cmd_demo, "phantom": _cmd_phantom, "simulate-cases": _cmd_
 
 
 def main(argv=None) -> int:
+    """Run one command; returns the exit code: 0 done, 1 bad input or failed job, 2 bad
+    usage, 130 interrupted. Errors are one line on stderr (with ``--debug``: the traceback);
+    an unexpected error also writes a full report to a file and says where."""
     parser = build_parser()
-    args = parser.parse_args(argv)
-    if args.command is None:
-        parser.print_help()
-        return 2
-    from .io import CaseFormatError
-    from .levels import LevelError
-    from .register import ConfigError
-
     try:
-        _COMMANDS[args.command](args)
-    except (CaseFormatError, ConfigError, FileExistsError, FileNotFoundError, LevelError) as e:
-        print(f"radgsreg {args.command}: error: {e}", file=sys.stderr)
+        args = parser.parse_args(argv)
+    except SystemExit as e:                        # --help, --version, or a usage error argparse printed
+        return e.code if isinstance(e.code, int) else 2
+    if args.command is None:
+        parser.print_usage(sys.stderr)
+        print("radgsreg: error: choose a COMMAND (radgsreg --help lists them)", file=sys.stderr)
+        return 2
+    name = f"radgsreg {args.command}"
+    try:
+        with _interruptible():
+            _COMMANDS[args.command](args)
+    except KeyboardInterrupt:
+        print(f"\n{name}: interrupted", file=sys.stderr)
+        return 130
+    except UsageError as e:
+        _debug_traceback(args)
+        print(f"{name}: error: {e} (see {name} --help)", file=sys.stderr)
+        return 2
+    except (InputError, OSError) as e:             # bad input, a refused output, a file system error
+        _debug_traceback(args)
+        print(f"{name}: error: {_one_line(e)}", file=sys.stderr)
+        return 1
+    except Exception as e:                         # a bug: one line here, the whole story in a file
+        report = _crash_report(argv, e)
+        _debug_traceback(args)
+        print(f"{name}: internal error: {type(e).__name__}: {_one_line(e)} (full report: {report}; please "
+              "include it when you report the problem)", file=sys.stderr)
         return 1
     return 0
+
+
+#: set when Ctrl-C arrives during a command: the progress callbacks raise KeyboardInterrupt
+#: even when Python swallowed the first one (raised inside a C callback or a finaliser)
+_INTERRUPTED = []
+
+
+@contextlib.contextmanager
+def _interruptible():
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum, frame):
+        _INTERRUPTED.append(signum)
+        raise KeyboardInterrupt
+
+    def unraisable(info, default=sys.unraisablehook):
+        # Ctrl-C that lands in a callback Python cannot raise from (e.g. llvmlite's object
+        # cache): not a traceback for the user; the next progress checkpoint stops the job
+        if not isinstance(info.exc_value, KeyboardInterrupt):
+            default(info)
+
+    previous, previous_hook = signal.signal(signal.SIGINT, handler), sys.unraisablehook
+    sys.unraisablehook = unraisable
+    _INTERRUPTED.clear()
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+        sys.unraisablehook = previous_hook
+
+
+def _check_interrupted():
+    """At a safe point of a long job: stop if Ctrl-C was pressed."""
+    if _INTERRUPTED:
+        raise KeyboardInterrupt
+
+
+def _debug_traceback(args):
+    if getattr(args, "debug", False):
+        import traceback
+
+        traceback.print_exc()
+
+
+def _crash_report(argv, error: BaseException) -> str:
+    """Write the traceback, the command line and the versions to a file; returns its path."""
+    import platform
+    import tempfile
+    import traceback
+
+    from . import __version__
+
+    text = "".join(traceback.format_exception(type(error), error, error.__traceback__))
+    fd, path = tempfile.mkstemp(prefix="radgsreg-crash-", suffix=".txt")
+    with open(fd, "w", encoding="utf-8") as f:
+        f.write(f"radgsreg {__version__}, Python {platform.python_version()}, {platform.platform()}\n")
+        f.write(f"command: radgsreg {' '.join(map(str, sys.argv[1:] if argv is None else argv))}\n\n{text}")
+    return path
 
 
 if __name__ == "__main__":

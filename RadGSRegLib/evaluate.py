@@ -5,21 +5,54 @@ these, so a number means the same wherever it is printed (``shared/docs/metrics.
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
 
+from .errors import InputError
 from .io import Case, Result
 from .metrics import (capture_range, ground_truth_volume, recon_metrics, registration_errors, success_rate,
                       target_points)
 
-__all__ = ["case_row", "summarize", "format_table", "evaluate_results", "case_dirs"]
+__all__ = ["case_row", "summarize", "format_table", "evaluate_results", "case_dirs", "case_fingerprint",
+           "result_matches_case"]
 
 
 def case_dirs(root: Path) -> list[Path]:
-    """The case folders (``*/case.json``) under ``root``, sorted."""
-    return sorted(p.parent for p in Path(root).glob("*/case.json"))
+    """The case folders (``*/case.json``) under ``root``, sorted; hidden ones (".NAME...",
+    e.g. the temp folder of an interrupted write) are not cases."""
+    return sorted(p.parent for p in Path(root).glob("*/case.json") if not p.parent.name.startswith("."))
+
+
+def case_fingerprint(case_dir) -> str:
+    """What identifies a case folder's registration problem: SHA-256 of its geometry.json
+    and of the two X-ray files it names. ``radgsreg register`` records it in result.json
+    (``case_fingerprint``); evaluation refuses a result whose fingerprint differs."""
+    import hashlib
+    import json
+
+    case_dir = Path(case_dir)
+    h = hashlib.sha256()
+    geometry = (case_dir / "geometry.json").read_bytes()
+    h.update(geometry)
+    views = json.loads(geometry).get("views", {})
+    for name in ("ap", "lat"):
+        h.update((case_dir / views.get(name, {}).get("image", f"xray_{name}.nrrd")).read_bytes())
+    return h.hexdigest()
+
+
+def result_matches_case(case_dir, res: Result) -> str | None:
+    """Why ``res`` was not computed on the case in ``case_dir`` (None when it was, or when
+    the result does not say): a different ``case_fingerprint``, or for results without one,
+    a ``case`` folder of another name."""
+    recorded = res.info.get("case_fingerprint")
+    if recorded:
+        return None if recorded == case_fingerprint(case_dir) else \
+            "its case's geometry and X-rays differ from this case's (case_fingerprint in result.json)"
+    case = res.info.get("case")
+    if case and Path(str(case)).name != Path(case_dir).name:
+        return f"result.json says it was computed for {case}"
+    return None
 
 
 def case_row(truth: Case, res: Result, name: str = "") -> dict:
@@ -27,7 +60,7 @@ def case_row(truth: Case, res: Result, name: str = "") -> dict:
     rotation / translation error, mPD, runtime per stage, warnings, and PSNR/SSIM of the
     reconstruction when there is one."""
     if truth.ground_truth is None:
-        raise ValueError(f"case {name or '?'} has no ground_truth to evaluate against")
+        raise InputError(f"case {name or '?'} has no ground_truth to evaluate against")
     pts = target_points(truth.seg, truth.vertebra_label, max_points=2000)
     e0 = registration_errors(truth.initial_guess, truth.ground_truth, pts)["mtre_mm"] \
         if truth.initial_guess is not None else float("nan")
@@ -91,17 +124,30 @@ def format_table(per_suite: dict[str, dict[str, dict]]) -> list[str]:
     return lines
 
 
-def evaluate_results(cases: Path, results: Path, *, json_path: Path | None = None, log=print) -> dict:
-    """Score every result folder in ``results`` whose name matches a case folder in ``cases``."""
-    from .io import read_case, read_result
+def evaluate_results(cases: Path, results: Path, *, json_path: Path | None = None, overwrite: bool = True,
+                     log=print) -> dict:
+    """Score every result folder in ``results`` whose name matches a case folder in ``cases``.
 
+    ``json_path`` is checked before any scoring (kind "evaluation"; it may lie directly in
+    ``results``, nowhere else inside ``cases`` or ``results``) and written atomically with a
+    ``"radgsreg"`` stamp; with ``overwrite`` (default) our own earlier evaluation file there
+    is replaced, any other file never is."""
+    from .io import read_case, read_result
+    from .io.outputs import check_output_file, write_json
+
+    if json_path is not None:
+        check_output_file(json_path, "evaluation", overwrite=overwrite, inputs=[cases, results], allow_in=[results])
     rows, missing = [], []
     for d in case_dirs(cases):
         r = Path(results) / d.name
         if not (r / "result.json").is_file():
             missing.append(d.name)
             continue
-        rows.append(case_row(read_case(d, ground_truth=True), read_result(r), d.name))
+        res = read_result(r)
+        why = result_matches_case(d, res)
+        if why:
+            raise InputError(f"{r} is the result of another case, not {d}: {why}")
+        rows.append(case_row(read_case(d, ground_truth=True), res, d.name))
     if not rows:
         raise FileNotFoundError(f"no result folder in {results} matches a case folder in {cases}")
     summary = summarize(rows)
@@ -111,7 +157,7 @@ def evaluate_results(cases: Path, results: Path, *, json_path: Path | None = Non
         log(f"{len(missing)} case(s) without a result: {', '.join(missing[:5])}{'...' if len(missing) > 5 else ''}")
     out = {"cases": str(cases), "results": str(results), "summary": summary, "rows": rows, "missing": missing}
     if json_path is not None:
-        Path(json_path).parent.mkdir(parents=True, exist_ok=True)
-        Path(json_path).write_text(json.dumps(out, indent=2, default=float))
+        write_json(json_path, out, "evaluation", overwrite=overwrite, inputs=[cases, results], allow_in=[results],
+                   default=float)
         log(f"wrote {json_path}")
     return out

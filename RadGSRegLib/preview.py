@@ -73,11 +73,17 @@ def case_montage(case: Case, *, size: int = 320, T=None) -> np.ndarray:
     return np.asarray(im)
 
 
-def save_montage(case: Case, path, **kw) -> Path:
-    """Write :func:`case_montage` as a PNG."""
-    from PIL import Image
+def save_montage(case: Case, path, *, overwrite: bool = True, inputs=(), allow_in=(), **kw) -> Path:
+    """Write :func:`case_montage` as a PNG, atomically, marked as RadGSReg's (tEXt
+    ``Software: RadGSReg <version>``).
+
+    The location is checked before the montage is rendered
+    (:func:`~RadGSRegLib.io.outputs.check_output_file`, kind "preview"): with ``overwrite``
+    (default) an existing preview that RadGSReg wrote is replaced; any other file never is.
+    """
+    from .io.outputs import check_output_file, write_png
 
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(case_montage(case, **kw)).save(path)
-    return path
+    check_output_file(path, "preview", overwrite=overwrite, inputs=inputs, allow_in=allow_in)
+    return write_png(case_montage(case, **kw), path, "preview", overwrite=overwrite, inputs=inputs,
+                     allow_in=allow_in)

@@ -19,6 +19,7 @@ from typing import Callable
 
 import numpy as np
 
+from .errors import InputError
 from .geometry import View, apply
 from .io import Case, read_case, write_case
 from .io.segmentation import Segmentation
@@ -219,15 +220,22 @@ def _segment_id(seg_node, index: int) -> str:
 def case_from_nodes(ct_node, seg_node, level, ap_node, lat_node, views: dict[str, View], *,
                     image_kind: str = "line_integral") -> Case:
     """A :class:`~RadGSRegLib.io.Case` (LPS) from the scene's nodes; the level is resolved in
-    the segmentation (:func:`vertebra_from_nodes`) and each X-ray checked against its view."""
+    the segmentation (:func:`vertebra_from_nodes`), each X-ray checked against its view and
+    everything for plausibility (:func:`RadGSRegLib.checks.check_case`: an impossible input
+    raises an InputError naming the field; warnings are in ``Case.warnings``)."""
+    from .checks import check_case
+
     ct, labels, label = vertebra_from_nodes(ct_node, seg_node, level)
     xrays = {"ap": node_to_xray(ap_node), "lat": node_to_xray(lat_node)}
     for vn in ("ap", "lat"):
         if xrays[vn].shape != views[vn].shape:
-            raise ValueError(f"the {vn} X-ray is {xrays[vn].shape[1]} x {xrays[vn].shape[0]} pixels, "
-                             f"its geometry says {views[vn].size[0]} x {views[vn].size[1]}")
-    return Case(ct=ct, seg=labels, vertebra_label=label, vertebra_name=str(level), views=views, xrays=xrays,
+            raise InputError(f"the {vn} X-ray '{(ap_node if vn == 'ap' else lat_node).GetName()}' is "
+                             f"{xrays[vn].shape[1]} x {xrays[vn].shape[0]} pixels, its geometry says "
+                             f"{views[vn].size[0]} x {views[vn].size[1]}")
+    case = Case(ct=ct, seg=labels, vertebra_label=label, vertebra_name=str(level), views=views, xrays=xrays,
                 image_kind=image_kind)
+    case.warnings = check_case(case)          # refuses what cannot be right, before any work
+    return case
 
 
 def register(scene, ct_node, seg_node, level, ap_node, lat_node, views: dict[str, View], *,

@@ -101,11 +101,11 @@ def test_transform_refuses_non_rigid(tmp_path):
 
 # ------------------------------------------------------------------ case folders
 def _tiny_case(rng):
-    ct = Volume(rng.uniform(-1000, 1000, (10, 12, 14)).astype(np.float32),
+    ct = Volume(rng.uniform(-1000, 1000, (16, 17, 18)).astype(np.float32),
                 affine_from([-20, -25, -15], [3.0, 3.0, 3.0], np.diag([-1.0, -1.0, 1.0])))
-    seg = np.zeros((10, 12, 14), np.int16)
-    seg[3:7, 4:8, 5:9] = 29
-    views = biplanar_views(pixels=(24, 20), detector_mm=(120.0, 100.0))
+    seg = np.zeros((16, 17, 18), np.int16)
+    seg[5:10, 6:11, 7:12] = 29
+    views = biplanar_views(pixels=(40, 32), detector_mm=(120.0, 96.0))
     xrays = {k: rng.uniform(0, 5, v.shape).astype(np.float32) for k, v in views.items()}
     return io.Case(ct=ct, seg=Volume(seg, ct.affine), vertebra_label=29, vertebra_name="L3", views=views,
                    xrays=xrays, initial_guess=pose_to_matrix([0, 0, 0, 1, 2, 3]),
@@ -128,7 +128,7 @@ def test_case_round_trip(case_dir):
     for k in ("ap", "lat"):
         assert np.allclose(back.xrays[k], case.xrays[k])
         assert np.allclose(back.views[k].projection_matrix(), case.views[k].projection_matrix())
-        assert back.views[k].size == (24, 20)
+        assert back.views[k].size == (40, 32)
     assert np.allclose(back.initial_guess, case.initial_guess)
     assert np.allclose(back.ground_truth, case.ground_truth)
     assert back.extra == {"note": "tiny"}

@@ -196,7 +196,7 @@ def test_register_config_json_round_trip_and_errors(tmp_path):
            "refine3d": {"iterations": [1.5, 2]}, "init": "magic", "reconstruct": 1}
     words = {"min_ncc": "must be a number", "typo": "unknown field 'typo'",
              "refine2d": r"refine2d.levels\[0\] needs iterations, step_deg, step_mm",
-             "refine3d": "refine3d.iterations must be a list of integers", "init": "init must be one of",
+             "refine3d": r"refine3d.iterations\[0\] must be an integer", "init": "init must be one of",
              "reconstruct": "must be true or false"}
     for key, value in bad.items():
         with pytest.raises(ConfigError, match=words[key]) as e:

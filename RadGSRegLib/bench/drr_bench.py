@@ -7,7 +7,6 @@ peak resident memory is its own; time is the median of ``repeat`` runs after one
 """
 from __future__ import annotations
 
-import json
 import multiprocessing as mp
 import resource
 import statistics
@@ -73,8 +72,16 @@ def _child(method: str, n: int, pixels: int, repeat: int, threads: int, q):
 
 
 def run_drr_bench(*, n: int = 128, pixels: int = 256, repeat: int = 5, threads: int = 2,
-                  methods=("joseph", "torch", "rtk"), json_path: Path | None = None, log=print) -> dict:
-    """Run the benchmark; print a table; return (and optionally write) the results."""
+                  methods=("joseph", "torch", "rtk"), json_path: Path | None = None, overwrite: bool = True,
+                  log=print) -> dict:
+    """Run the benchmark; print a table; return (and optionally write) the results.
+
+    ``json_path`` is checked before the benchmark runs (kind "bench-drr") and written
+    atomically with a ``"radgsreg"`` stamp; ``overwrite`` replaces only our own earlier file."""
+    from ..io.outputs import check_output_file, write_json
+
+    if json_path is not None:
+        check_output_file(json_path, "bench-drr", overwrite=overwrite)
     ctx = mp.get_context("spawn")
     rows = {}
     for m in methods:
@@ -101,7 +108,6 @@ def run_drr_bench(*, n: int = 128, pixels: int = 256, repeat: int = 5, threads: 
             f"{entry.get('ratio_vs_rtk', float('nan')):>8.2f} {entry.get('ncc_vs_rtk', float('nan')):>11.6f} "
             f"{entry.get('scale_vs_rtk', float('nan')):>13.5f}")
     if json_path is not None:
-        Path(json_path).parent.mkdir(parents=True, exist_ok=True)
-        Path(json_path).write_text(json.dumps(result, indent=2))
+        write_json(json_path, result, "bench-drr", overwrite=overwrite)
         log(f"wrote {json_path}")
     return result

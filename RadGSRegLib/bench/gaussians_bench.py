@@ -12,7 +12,6 @@ Gaussians), timed once on the same machine in the same run.
 """
 from __future__ import annotations
 
-import json
 import multiprocessing as mp
 import resource
 import statistics
@@ -92,7 +91,16 @@ def _child(kind, n, size, sigma, repeat, threads, dense, q):
     q.put(res)
 
 
-def run_gaussians_bench(*, threads: int = 1, repeat: int = 5, json_path: Path | None = None, log=print) -> dict:
+def run_gaussians_bench(*, threads: int = 1, repeat: int = 5, json_path: Path | None = None, overwrite: bool = True,
+                        log=print) -> dict:
+    """Run the benchmark; print a table; return (and optionally write) the results.
+
+    ``json_path`` is checked before the benchmark runs (kind "bench-gaussians") and written
+    atomically with a ``"radgsreg"`` stamp; ``overwrite`` replaces only our own earlier file."""
+    from ..io.outputs import check_output_file, write_json
+
+    if json_path is not None:
+        check_output_file(json_path, "bench-gaussians", overwrite=overwrite)
     ctx = mp.get_context("spawn")
     fixed, mixed = (1.5, 1.5), (1.0, 3.0)
     work = [("raster", 4000, 256, fixed, True), ("raster", 4000, 256, mixed, False),
@@ -121,7 +129,6 @@ def run_gaussians_bench(*, threads: int = 1, repeat: int = 5, json_path: Path | 
     result = {"threads": threads, "repeat": repeat, "rows": rows,
               "goals": {"raster_2x256_4k_forward_ms": 50, "voxel_64_4k_forward_ms": 50}}
     if json_path is not None:
-        Path(json_path).parent.mkdir(parents=True, exist_ok=True)
-        Path(json_path).write_text(json.dumps(result, indent=2))
+        write_json(json_path, result, "bench-gaussians", overwrite=overwrite)
         log(f"wrote {json_path}")
     return result

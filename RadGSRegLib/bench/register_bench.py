@@ -9,7 +9,6 @@ one. Prints a table and writes JSON.
 """
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -37,9 +36,17 @@ METHODS = {
 
 
 def run_register_bench(suites: list[Path], methods: list[str], *, json_path: Path | None = None,
-                       limit: int | None = None, model: str | None = None, log=print) -> dict:
+                       limit: int | None = None, model: str | None = None, overwrite: bool = True, log=print) -> dict:
     """Run ``methods`` on every case of ``suites`` with torch and numba at one thread each
-    (restored afterwards); returns (and optionally writes) the per-case rows and summaries."""
+    (restored afterwards); returns (and optionally writes) the per-case rows and summaries.
+
+    ``json_path`` is checked before anything runs (kind "bench-register"; not inside a
+    suite) and written atomically with a ``"radgsreg"`` stamp; ``overwrite`` replaces only
+    our own earlier file."""
+    from ..io.outputs import check_output_file
+
+    if json_path is not None:
+        check_output_file(json_path, "bench-register", overwrite=overwrite, inputs=list(suites))
     import numba
     import torch
 
@@ -47,13 +54,13 @@ def run_register_bench(suites: list[Path], methods: list[str], *, json_path: Pat
     torch.set_num_threads(1)
     numba.set_num_threads(1)       # the compiled projector is parallel too: one thread, as the table says
     try:
-        return _bench(suites, methods, json_path=json_path, limit=limit, model=model, log=log)
+        return _bench(suites, methods, json_path=json_path, limit=limit, model=model, overwrite=overwrite, log=log)
     finally:
         torch.set_num_threads(threads[0])
         numba.set_num_threads(threads[1])
 
 
-def _bench(suites, methods, *, json_path, limit, model, log) -> dict:
+def _bench(suites, methods, *, json_path, limit, model, overwrite, log) -> dict:
     from ..register import RegisterConfig, run
 
     unknown = [m for m in methods if m not in METHODS]
@@ -101,7 +108,8 @@ def _bench(suites, methods, *, json_path, limit, model, log) -> dict:
     for line in format_table({s: {m: d["summary"] for m, d in per.items()} for s, per in result["suites"].items()}):
         log(line)
     if json_path is not None:
-        Path(json_path).parent.mkdir(parents=True, exist_ok=True)
-        Path(json_path).write_text(json.dumps(result, indent=2, default=float))
+        from ..io.outputs import write_json
+
+        write_json(json_path, result, "bench-register", overwrite=overwrite, inputs=list(suites), default=float)
         log(f"wrote {json_path}")
     return result

@@ -142,34 +142,62 @@ class RadiativeGaussians(torch.nn.Module):
     # ------------------------------------------------------------ files
     def save(self, path) -> Path:
         """``.pt`` (torch) or ``.npz`` (readable arrays: positions, scales, rotations_xyzw,
-        densities, scale_range); both hold activated values in the C-arm frame, mm."""
+        densities, scale_range); both hold activated values in the C-arm frame, mm. Written
+        atomically (a temporary file beside, then renamed); an existing file is replaced."""
+        from ..io.atomic import atomic_file
+
         path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        vals = self.values()
-        if path.suffix == ".npz":
-            np.savez(path, **vals)
-        elif path.suffix == ".pt":
-            torch.save({k: torch.from_numpy(np.asarray(v)) for k, v in vals.items()}, path)
-        else:
+        if path.suffix not in (".npz", ".pt"):
             raise ValueError(f"save to .pt or .npz, not {path.suffix!r}")
+        vals = self.values()
+        with atomic_file(path, overwrite=True) as tmp:
+            if path.suffix == ".npz":
+                np.savez(tmp, **vals)
+            else:
+                torch.save({k: torch.from_numpy(np.asarray(v)) for k, v in vals.items()}, tmp)
         return path
 
     @classmethod
     def load(cls, path) -> "RadiativeGaussians":
+        """A set from :meth:`save`'s ``.pt`` or ``.npz``. Both are read without running
+        anything in the file (``torch.load(weights_only=True)``, ``np.load`` without pickles).
+
+        Raises:
+            InputError: (naming the file) missing, unreadable, unsafe, or without the arrays.
+        """
+        from ..errors import InputError
+
         path = Path(path)
-        if path.suffix == ".npz":
-            d = dict(np.load(path))
-        elif path.suffix == ".pt":
-            d = {k: v.numpy() for k, v in torch.load(path, map_location="cpu").items()}
-        else:
+        if path.suffix not in (".npz", ".pt"):
             raise ValueError(f"load from .pt or .npz, not {path.suffix!r}")
+        if not path.is_file():
+            raise InputError(f"{path}: Gaussians file not found")
+        try:
+            if path.suffix == ".npz":
+                with np.load(path, allow_pickle=False) as z:
+                    d = {k: z[k] for k in z.files}
+            else:
+                import warnings
+
+                with warnings.catch_warnings():
+                    warnings.filterwarnings("ignore", message=".*pickle protocol", category=UserWarning)
+                    blob = torch.load(path, map_location="cpu", weights_only=True)
+                if not isinstance(blob, dict):
+                    raise ValueError(f"holds a {type(blob).__name__}, not a dictionary of arrays")
+                d = {k: (v.numpy() if torch.is_tensor(v) else np.asarray(v)) for k, v in blob.items()}
+        except Exception as e:                                                 # noqa: BLE001
+            text = str(e)
+            if "Weights only load failed" in text or "WeightsUnpickler" in text:
+                text = "it holds something other than tensors and plain values; refused without running it"
+            else:
+                text = (text.strip().splitlines() or [type(e).__name__])[0][:200]
+            raise InputError(f"{path}: not a Gaussians file written by RadiativeGaussians.save ({text})") from None
         missing = {"positions", "scales", "rotations_xyzw", "densities"} - set(d)
         if missing:
-            raise ValueError(f"{path}: missing arrays {sorted(missing)}")
+            raise InputError(f"{path}: missing arrays {sorted(missing)}")
         return cls(d["positions"], d["scales"], d["rotations_xyzw"], d["densities"],
-                   scale_range=tuple(d.get("scale_range", (0.25, 40.0))))
+                   scale_range=tuple(float(x) for x in d.get("scale_range", (0.25, 40.0))))
 
-    # ------------------------------------------------------------ initialisation
     @classmethod
     def from_volume(cls, volume, n: int, rng: np.random.Generator, *, threshold: float | None = None,
                     T_to_carm=None, scale_range=(0.25, 40.0)) -> "RadiativeGaussians":

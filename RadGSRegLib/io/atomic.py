@@ -1,13 +1,30 @@
-"""Writers that never clobber: refuse to overwrite unless told, write to a temp name, rename."""
+"""Writers that never clobber: refuse to overwrite unless told, write to a temp name, rename.
+
+Temporary names start with "." (``.NAME.XXXXXXXX.tmp`` beside a folder, ``.NAME.XXXXXXXX.ext``
+beside a file) and are removed on every exception, KeyboardInterrupt included; the output
+appears only when complete, in one rename. A process killed outright (SIGKILL, power loss)
+can leave such a hidden temp behind, never a visible half-written output: delete it by hand.
+"""
 from __future__ import annotations
 
 import contextlib
+import json
 import os
+import secrets
 import shutil
+import signal
 import tempfile
+import threading
 from pathlib import Path
 
-__all__ = ["atomic_file", "atomic_dir", "full_suffix"]
+from ..errors import OutputError
+
+__all__ = ["atomic_file", "atomic_dir", "full_suffix", "OutputExistsError"]
+
+
+class OutputExistsError(OutputError, FileExistsError):
+    """The output exists and ``overwrite`` (``--overwrite``) was not given. Both an
+    :class:`~RadGSRegLib.errors.OutputError` and a ``FileExistsError``."""
 
 
 def _umask() -> int:
@@ -22,15 +39,49 @@ def full_suffix(path: Path) -> str:
     return s
 
 
+def _real(path) -> Path:
+    """The path with symbolic links resolved: a link to an output is written through, the
+    link itself is kept."""
+    return Path(os.path.realpath(os.path.abspath(os.fspath(path))))
+
+
+@contextlib.contextmanager
+def _sigint_deferred():
+    """Hold a Ctrl-C (SIGINT) that arrives inside the block until its end, so that a
+    two-step rename is never cut in half. Outside the main thread: no effect."""
+    got = []
+    prev = None
+    if threading.current_thread() is threading.main_thread():
+        try:
+            prev = signal.getsignal(signal.SIGINT)
+            if prev is not None:
+                signal.signal(signal.SIGINT, lambda s, f: got.append(s))
+        except (ValueError, OSError, AttributeError):      # pragma: no cover - embedded interpreters
+            prev = None
+    try:
+        yield
+    finally:
+        if prev is not None:
+            signal.signal(signal.SIGINT, prev)
+            if got:
+                if callable(prev):
+                    prev(signal.SIGINT, None)
+                elif prev == signal.SIG_DFL:
+                    raise KeyboardInterrupt
+
+
 @contextlib.contextmanager
 def atomic_file(path, overwrite: bool = False):
     """Yield a temporary path beside ``path`` (same extension); rename it onto ``path`` on success.
 
-    Raises FileExistsError if ``path`` exists and ``overwrite`` is False.
+    Raises :class:`OutputExistsError` (a FileExistsError) if ``path`` exists and
+    ``overwrite`` is False. Which files may be replaced at all is decided by
+    :func:`~RadGSRegLib.io.outputs.check_output_file`.
     """
-    path = Path(path)
-    if path.exists() and not overwrite:
-        raise FileExistsError(f"{path} exists; pass overwrite=True (--overwrite) to replace it")
+    shown = path
+    path = _real(path)
+    if os.path.lexists(path) and not overwrite:
+        raise OutputExistsError(f"{shown} exists; pass overwrite=True (--overwrite) to replace it")
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=full_suffix(path) or ".tmp", dir=path.parent)
     os.close(fd)
@@ -44,26 +95,57 @@ def atomic_file(path, overwrite: bool = False):
 
 
 @contextlib.contextmanager
-def atomic_dir(path, overwrite: bool = False):
+def atomic_dir(path, overwrite: bool = False, *, kind: str | None = None, inputs=()):
     """Yield a temporary folder beside ``path``; on success it replaces ``path`` whole.
 
-    An existing folder is kept until the new one is complete, then removed.
+    Args:
+        path: the output folder.
+        overwrite: replace an existing folder (with ``kind``: only our own previous output
+            of that kind).
+        kind: one of :data:`~RadGSRegLib.io.outputs.FOLDER_KINDS`. Given, the location is
+            checked first (:func:`~RadGSRegLib.io.outputs.check_output`: an error before
+            anything is written) and the marker ``.radgsreg.json`` is written into the
+            folder, last, so that it arrives with the complete folder.
+        inputs: the inputs :func:`check_output` protects (with ``kind``).
+
+    An existing folder is kept until the new one is complete, then removed. On any
+    exception (KeyboardInterrupt included) the temporary folder is removed and ``path`` is
+    left as it was.
     """
-    path = Path(path)
-    if path.exists() and not overwrite:
-        raise FileExistsError(f"{path} exists; pass overwrite=True (--overwrite) to replace it")
+    shown = path
+    if kind is not None:
+        from .outputs import check_output
+
+        check_output(path, kind, overwrite=overwrite, inputs=inputs)
+    path = _real(path)
+    if os.path.lexists(path) and not overwrite and not (path.is_dir() and not any(os.scandir(path))):
+        raise OutputExistsError(f"{shown} exists; pass overwrite=True (--overwrite) to replace it")
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    old = None
     try:
         yield tmp
+        if kind is not None:
+            from .outputs import MARKER, stamp
+
+            (tmp / MARKER).write_text(json.dumps(stamp(kind), indent=1))
         os.chmod(tmp, 0o777 & ~_umask())
-        old = None
-        if path.exists():
-            old = path.parent / f".{path.name}.old-{os.getpid()}"
-            os.replace(path, old)
-        os.replace(tmp, path)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True) if old.is_dir() else old.unlink()
+        with _sigint_deferred():
+            if os.path.lexists(path):
+                old = path.parent / f".{path.name}.old-{os.getpid()}-{secrets.token_hex(4)}"
+                os.replace(path, old)
+            try:
+                os.replace(tmp, path)
+            except BaseException:
+                if old is not None:
+                    os.replace(old, path)             # put the old folder back
+                    old = None
+                raise
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+        if old is not None and os.path.lexists(old):
+            if old.is_dir() and not old.is_symlink():
+                shutil.rmtree(old, ignore_errors=True)
+            else:
+                old.unlink()

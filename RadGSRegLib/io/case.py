@@ -1,8 +1,9 @@
 """The registration case folder and the result folder (``shared/docs/case-format.md``).
 
 Readers validate every field once, here, and raise :class:`CaseFormatError` naming the file
-and field. Writers refuse to overwrite an existing folder unless ``overwrite=True`` and
-write atomically (a temp folder renamed into place).
+and field. Writers refuse to overwrite an existing folder unless ``overwrite=True``, replace
+only a folder RadGSReg wrote as the same kind (:func:`~RadGSRegLib.io.outputs.check_output`),
+and write atomically (a temp folder, marked ``.radgsreg.json``, renamed into place).
 """
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ import numpy as np
 
 from ..geometry import View, is_rigid
 from ..volume import Volume
-from .atomic import atomic_dir
+from .atomic import atomic_dir, atomic_file
 from .errors import CaseFormatError
 from .images import read_label_map, read_volume, read_xray, write_volume, write_xray
 from .transforms import read_transform, write_transform
@@ -40,6 +41,8 @@ class Case:
         initial_guess: (4, 4) ``T_ct_to_carm`` to start from, or None.
         ground_truth: (4, 4) ``T_ct_to_carm``, only when read with ``ground_truth=True``.
         extra: other keys of case.json, kept as they are (e.g. generator provenance).
+        warnings: what :func:`read_case` found implausible but possible
+            (:func:`RadGSRegLib.checks.check_case`), in words; not written.
     """
 
     ct: Volume
@@ -53,6 +56,7 @@ class Case:
     ground_truth: np.ndarray | None = None
     extra: dict = field(default_factory=dict)
     path: Path | None = None
+    warnings: list = field(default_factory=list)
 
 
 @dataclass
@@ -159,7 +163,9 @@ def read_geometry(path) -> tuple[dict[str, View], dict[str, str | None], str]:
 
 def write_geometry(views: dict[str, View], path, *, image_kind: str = "line_integral",
                    images: dict[str, str] | None = None) -> None:
-    """Write ``geometry.json`` (with each view's projection matrix, for external tools)."""
+    """Write ``geometry.json`` (with each view's projection matrix, for external tools).
+
+    Atomically (a temp file renamed onto ``path``); an existing file is replaced."""
     if image_kind not in IMAGE_KINDS:
         raise ValueError(f"image_kind must be one of {IMAGE_KINDS}, got {image_kind!r}")
     out = {"image_kind": image_kind, "views": {}}
@@ -168,17 +174,25 @@ def write_geometry(views: dict[str, View], path, *, image_kind: str = "line_inte
         d.update(v.to_dict())
         d["projection_matrix"] = v.projection_matrix().tolist()
         out["views"][name] = d
-    Path(path).write_text(json.dumps(out, indent=2))
+    text = json.dumps(out, indent=2)
+    with atomic_file(path, overwrite=True) as tmp:
+        tmp.write_text(text)
 
 
 # ------------------------------------------------------------------ case
-def read_case(path, *, ground_truth: bool = False) -> Case:
-    """Read and validate a case folder.
+def read_case(path, *, ground_truth: bool = False, check: bool = True) -> Case:
+    """Read and validate a case folder: every field well formed and, with ``check``, every
+    input physically plausible (:mod:`RadGSRegLib.checks`: the C-arm, the CT in Hounsfield
+    units, the X-rays and their kind). What cannot be right raises
+    :class:`~RadGSRegLib.io.CaseFormatError` naming the file and field; what is only unusual
+    is kept in ``Case.warnings``.
 
     Args:
         path: the folder (or its case.json).
         ground_truth: also read ``ground_truth`` (evaluation only; registration never asks).
+        check: run the plausibility checks (off only for tests of the format itself).
     """
+    from .. import checks
     path = Path(path)
     if path.is_file() and path.name == "case.json":
         path = path.parent
@@ -191,6 +205,9 @@ def read_case(path, *, ground_truth: bool = False) -> Case:
     if not isinstance(ct_name, str):
         raise CaseFormatError(cj, "ct", "missing; expected the CT file name (e.g. \"ct.nrrd\")")
     ct = read_volume(path / ct_name, field="ct")
+    warnings = []
+    if check:
+        warnings += _plausible(lambda: checks.check_ct(ct), {"ct": path / ct_name})
 
     seg, label, name = None, None, c.get("vertebra_name")
     has_seg, has_label = c.get("segmentation") is not None, c.get("vertebra_label") is not None
@@ -216,6 +233,9 @@ def read_case(path, *, ground_truth: bool = False) -> Case:
     if not isinstance(g_name, str):
         raise CaseFormatError(cj, "geometry", "expected a file name")
     views, images, kind = read_geometry(path / g_name)
+    if check:
+        warnings += _plausible(lambda: [w for vn, v in views.items() for w in checks.check_view(v, vn)]
+                               + checks.check_pair(views), {"views": path / g_name})
     xrays = {}
     for vn, view in views.items():
         img_name = images[vn] or f"xray_{vn}.nrrd"
@@ -223,6 +243,9 @@ def read_case(path, *, ground_truth: bool = False) -> Case:
         if img.shape != view.shape:
             raise CaseFormatError(path / img_name, f"views.{vn}.size",
                                   f"image is {img.shape[1]} columns x {img.shape[0]} rows, geometry says {view.size[0]} x {view.size[1]}")
+        if check:
+            warnings += _plausible(lambda: checks.check_xray(img, kind, f"views.{vn}.image"),
+                                   {f"views.{vn}.image": path / img_name})
         xrays[vn] = img
 
     init = _pose(cj, "initial_guess", c["initial_guess"]) if c.get("initial_guess") is not None else None
@@ -233,15 +256,38 @@ def read_case(path, *, ground_truth: bool = False) -> Case:
         gt = _pose(cj, "ground_truth", c["ground_truth"])
     known = {"ct", "segmentation", "vertebra_label", "vertebra_name", "geometry", "initial_guess", "ground_truth"}
     extra = {k: v for k, v in c.items() if k not in known}
-    return Case(ct=ct, views=views, xrays=xrays, image_kind=kind, seg=seg, vertebra_label=label,
+    case = Case(ct=ct, views=views, xrays=xrays, image_kind=kind, seg=seg, vertebra_label=label,
                 vertebra_name=name, initial_guess=init, ground_truth=gt, extra=extra, path=path)
+    if check:
+        files = {"ct": path / ct_name, "views": path / g_name, "segmentation": cj, "vertebra_label": cj,
+                 "initial_guess": cj, **{f"views.{vn}.image": path / (images[vn] or f"xray_{vn}.nrrd")
+                                         for vn in views}}
+        more = _plausible(lambda: checks.check_case(case), files)
+        case.warnings = list(dict.fromkeys(warnings + more))          # each once, in order
+    return case
 
 
-def write_case(case: Case, path, *, overwrite: bool = False, ct_dtype: str = "int16") -> Path:
-    """Write a case folder atomically (ct.nrrd, seg.nrrd, xray_ap/lat.nrrd, geometry.json, case.json).
+def _plausible(run, files: dict) -> list:
+    """Run a plausibility check; its refusal becomes a CaseFormatError naming the file that
+    holds the field (the longest matching prefix of ``files``)."""
+    from ..checks import PlausibilityError
+
+    try:
+        return run()
+    except PlausibilityError as e:
+        key = max((k for k in files if e.field == k or e.field.startswith(k + ".") or e.field.startswith(k + "[")),
+                  key=len, default=None)
+        raise CaseFormatError(files[key] if key else "the case", e.field, e.detail) from None
+
+
+def write_case(case: Case, path, *, overwrite: bool = False, ct_dtype: str = "int16", inputs=()) -> Path:
+    """Write a case folder atomically (ct.nrrd, seg.nrrd, xray_ap/lat.nrrd, geometry.json, case.json,
+    and the marker .radgsreg.json of kind "case").
 
     ``ct_dtype="int16"`` (default) stores the CT as whole Hounsfield units, as scanners do
-    (a quarter of the float32 size); ``"float32"`` keeps it exactly.
+    (a quarter of the float32 size); ``"float32"`` keeps it exactly. ``overwrite`` replaces
+    only a case folder RadGSReg wrote; ``inputs`` (files and folders read to make the case)
+    must not be, hold or contain ``path`` (:func:`~RadGSRegLib.io.outputs.check_output`).
     """
     if ct_dtype not in ("int16", "float32"):
         raise ValueError(f"ct_dtype must be 'int16' or 'float32', not {ct_dtype!r}")
@@ -251,7 +297,7 @@ def write_case(case: Case, path, *, overwrite: bool = False, ct_dtype: str = "in
     for vn, v in case.views.items():
         if case.xrays[vn].shape != v.shape:
             raise ValueError(f"X-ray '{vn}' has shape {case.xrays[vn].shape}, its view expects {v.shape}")
-    with atomic_dir(path, overwrite) as tmp:
+    with atomic_dir(path, overwrite, kind="case", inputs=inputs) as tmp:
         ct_arr = case.ct.array
         if ct_dtype == "int16":
             ct_arr = np.clip(np.rint(ct_arr), -32768, 32767).astype(np.int16)
@@ -278,16 +324,18 @@ def write_case(case: Case, path, *, overwrite: bool = False, ct_dtype: str = "in
 
 
 # ------------------------------------------------------------------ result
-def write_result(result: Result, path, *, overwrite: bool = False) -> Path:
+def write_result(result: Result, path, *, overwrite: bool = False, inputs=()) -> Path:
     """Write the result folder: result.json, transform.h5, recon.nrrd, registered_ct.nrrd,
-    drr_ap.nrrd and drr_lat.nrrd (the last four when the result has them)."""
+    drr_ap.nrrd and drr_lat.nrrd (the last four when the result has them), and the marker
+    .radgsreg.json of kind "result". ``overwrite`` replaces only a result folder RadGSReg
+    wrote; ``inputs`` are protected as in :func:`~RadGSRegLib.io.outputs.check_output`."""
     from .. import __version__
 
     path = Path(path)
     T = np.asarray(result.T_ct_to_carm, dtype=np.float64)
     if not is_rigid(T):
         raise ValueError("result.T_ct_to_carm must be a rigid 4x4 matrix")
-    with atomic_dir(path, overwrite) as tmp:
+    with atomic_dir(path, overwrite, kind="result", inputs=inputs) as tmp:
         write_transform(T, tmp / "transform.h5")
         if result.recon is not None:
             write_volume(result.recon, tmp / "recon.nrrd")

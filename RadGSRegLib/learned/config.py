@@ -1,16 +1,33 @@
 """Configurations of the learned method: the network (:class:`ModelConfig`) and its training
 (:class:`TrainConfig`). Both are dataclasses, saved inside every checkpoint and readable
-from a JSON file (``radgsreg train --config FILE``), unknown keys refused by name."""
+from a JSON file (``radgsreg train --config FILE``).
+
+Every value is checked when the object is made (from JSON or in Python): a wrong type, an
+unknown key, a count below its minimum, an unknown backbone, stage or device raise
+:class:`~RadGSRegLib.configio.ConfigError` (an :class:`~RadGSRegLib.errors.InputError`)
+naming the file and the field path (``model.backbone``), before any work starts.
+"""
 from __future__ import annotations
 
-import json
-from dataclasses import asdict, dataclass, field, fields
+import re
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-__all__ = ["ModelConfig", "TrainConfig", "BACKBONES", "STAGES", "load_train_config"]
+from ..configio import ConfigError, build, check, read_json
+
+__all__ = ["ModelConfig", "TrainConfig", "BACKBONES", "STAGES", "DEVICES", "load_train_config", "ConfigError"]
 
 BACKBONES = ("small", "resnet50", "densenet121", "vit")
 STAGES = (1, 2, 3)
+#: ``TrainConfig.device`` values (also "cuda:N")
+DEVICES = ("cpu", "cuda")
+
+
+def _at_least(obj, names, low, what):
+    for name in names:
+        v = getattr(obj, name)
+        if v < low:
+            raise ConfigError(f"must be {what}, not {v}", field=name)
 
 
 @dataclass
@@ -52,15 +69,19 @@ class ModelConfig:
     regm_channels: tuple[int, int, int, int] = (16, 32, 64, 128)
 
     def __post_init__(self):
+        check(self)
         if self.backbone not in BACKBONES:
-            raise ValueError(f"backbone must be one of {BACKBONES}, not {self.backbone!r}")
-        for name in ("image_pixels", "features", "hidden", "anchors", "per_anchor", "voxels", "render_pixels"):
-            if int(getattr(self, name)) < 1:
-                raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)}")
+            raise ConfigError(f"must be one of {', '.join(BACKBONES)}, not {self.backbone!r}", field="backbone")
+        _at_least(self, ("image_pixels", "features", "hidden", "anchors", "per_anchor", "voxels", "render_pixels"),
+                  1, "a positive integer")
+        for name in ("roi_mm", "density_scale"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"must be positive, not {getattr(self, name)}", field=name)
         if not 0 < self.scale_mm[0] < self.scale_mm[1]:
-            raise ValueError(f"scale_mm must be 0 < min < max, got {self.scale_mm}")
-        self.scale_mm = tuple(float(x) for x in self.scale_mm)
-        self.regm_channels = tuple(int(x) for x in self.regm_channels)
+            raise ConfigError(f"must be [min, max] with 0 < min < max, not {list(self.scale_mm)}", field="scale_mm")
+        for i, c in enumerate(self.regm_channels):
+            if c < 1:
+                raise ConfigError(f"must be a positive integer, not {c}", field=f"regm_channels[{i}]")
 
     @property
     def voxel_mm(self) -> float:
@@ -70,8 +91,9 @@ class ModelConfig:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict) -> "ModelConfig":
-        return _from_dict(cls, d, "model")
+    def from_dict(cls, d: dict, *, source: str | None = None) -> "ModelConfig":
+        """From a JSON object; errors name ``source`` (a file) and the field."""
+        return build(cls, d, source=source, unknown="unknown model config key")
 
 
 @dataclass
@@ -149,42 +171,67 @@ class TrainConfig:
     data_cache: str | None = None
 
     def __post_init__(self):
-        if int(self.stage) not in STAGES:
-            raise ValueError(f"stage must be 1, 2 or 3, not {self.stage!r}")
-        if isinstance(self.model, dict):
-            self.model = ModelConfig.from_dict(self.model)
+        check(self)                    # types (and ``model`` given as a dict)
+        if self.stage not in STAGES:
+            raise ConfigError(f"must be 1, 2 or 3, not {self.stage!r}", field="stage")
+        if not self.out:
+            raise ConfigError("must name the run folder", field="out")
+        _at_least(self, ("phantoms", "val_samples", "rec_epochs", "reg_epochs", "joint_epochs", "seed"), 0,
+                  "an integer >= 0")
+        _at_least(self, ("samples_per_ct", "batch", "lr_halve_epochs", "threads"), 1, "an integer >= 1")
+        _at_least(self, ("pose_rot_deg", "pose_trans_mm", "input_rot_deg", "input_trans_mm", "lr_template",
+                         "lambda_ssim", "lambda_tv", "lambda_volume", "lambda_geo"), 0, ">= 0")
+        for name in ("phantom_spacing_mm", "lr"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"must be positive, not {getattr(self, name)}", field=name)
+        if self.device not in DEVICES and not re.fullmatch(r"cuda:\d+", self.device):
+            raise ConfigError(f"must be one of {', '.join(DEVICES)} (or cuda:N), not {self.device!r}", field="device")
+        if not self.levels:
+            raise ConfigError("must name at least one vertebra level (e.g. [\"L1\", \"L3\"])", field="levels")
+        from ..levels import level_id
+
+        for i, lv in enumerate(self.levels):
+            if not lv.strip().isdigit():
+                try:
+                    level_id(lv)
+                except ValueError:
+                    raise ConfigError(f"must be a vertebra level like L3, T12, C7, S1 (or a label value), not {lv!r}",
+                                      field=f"levels[{i}]") from None
+        if self.rec_epochs + self.reg_epochs + self.joint_epochs < 1:
+            raise ConfigError("rec_epochs, reg_epochs and joint_epochs are all 0: nothing to train")
+        if self.stage == 1 and self.phantoms < 1 and not self.ct_dirs:
+            raise ConfigError("stage 1 trains on phantoms and CTs: give phantoms >= 1 or ct_dirs")
         if self.stage == 2 and not self.case_dirs:
-            raise ValueError("stage 2 trains on real X-ray cases: give case_dirs (folders with ground_truth)")
+            raise ConfigError("stage 2 trains on real X-ray cases: give case_dirs (folders with ground_truth)")
         if self.stage == 3 and not self.ct_dirs:
-            raise ValueError("stage 3 is patient-specific: give the patient's CT in ct_dirs")
+            raise ConfigError("stage 3 is patient-specific: give the patient's CT in ct_dirs")
         if self.stage in (2, 3) and not self.init:
-            raise ValueError(f"stage {self.stage} fine-tunes earlier weights: give init (e.g. the shipped stage-1 model)")
-        if self.batch < 1:
-            raise ValueError(f"batch must be >= 1, got {self.batch}")
+            raise ConfigError(f"stage {self.stage} fine-tunes earlier weights: give init (e.g. the shipped stage-1 model)")
 
     def to_dict(self) -> dict:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict) -> "TrainConfig":
-        return _from_dict(cls, d, "train")
-
-
-def _from_dict(cls, d: dict, what: str):
-    names = {f.name for f in fields(cls)}
-    unknown = sorted(set(d) - names)
-    if unknown:
-        raise ValueError(f"unknown {what} config key(s) {unknown}; known: {sorted(names)}")
-    return cls(**d)
+    def from_dict(cls, d: dict, *, source: str | None = None) -> "TrainConfig":
+        """From a JSON object (``model`` nested); errors name ``source`` (a file) and the field."""
+        return build(cls, d, source=source, unknown="unknown train config key")
 
 
 def load_train_config(path, **overrides) -> TrainConfig:
     """A :class:`TrainConfig` from a JSON file, then ``overrides`` (keys of the dataclass;
-    None values are ignored)."""
+    None values are ignored: the command line's options).
+
+    Raises:
+        ConfigError: the file is missing or not JSON, or a value cannot be used; the message
+            names the file (or the override) and the field path.
+    """
     path = Path(path)
+    data = read_json(path)
+    over = {k: v for k, v in overrides.items() if v is not None}
     try:
-        d = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path}: not valid JSON ({e})") from None
-    d.update({k: v for k, v in overrides.items() if v is not None})
-    return TrainConfig.from_dict(d)
+        return TrainConfig.from_dict({**data, **over}, source=str(path))
+    except ConfigError as e:
+        key = (e.field or "").split(".")[0].split("[")[0]
+        if key in over and key not in data or (key in over and data.get(key) != over[key]):
+            raise ConfigError(e.problem, field=e.field, source=f"{key}={over[key]!r} (given over {path})") from None
+        raise

@@ -32,6 +32,7 @@ import numpy as np
 import torch
 
 from ..drr import DRR
+from ..errors import InputError
 from ..geometry import View, apply, biplanar_views, compose, sample_offsets
 from ..simulate import XraySimConfig, simulate_xrays
 from ..volume import Volume, affine_from, resample_to_grid
@@ -40,7 +41,12 @@ from .config import ModelConfig, TrainConfig
 from .recm import roi_affine
 
 __all__ = ["prepare_images", "VertebraRegion", "perturb_pose", "make_sample", "collate", "sample_sources",
-           "build_samples"]
+           "build_samples", "usable_levels", "CTSpecError", "SAMPLE_KEYS"]
+
+
+#: the entries of a sample (:func:`make_sample`)
+SAMPLE_KEYS = ("images", "proj", "views", "win", "target", "gt_volume", "ct", "ct_affine", "centroid", "G", "T_in",
+               "centre")
 
 
 def prepare_images(xrays: dict, views: dict, image_kind: str, pixels: int):
@@ -136,6 +142,10 @@ def collate(samples: list[dict]) -> dict:
     return out
 
 
+class CTSpecError(InputError, FileNotFoundError):
+    """A ``ct_dirs`` entry (``--ct``) that names no CT and label map."""
+
+
 def _ct_dir(spec: str):
     """``CT:LABELS`` paths, or a folder with a CT and its labels under the case format's
     names (``ct.nrrd`` + ``seg.nrrd``), the phantom command's, or the sample data's."""
@@ -146,12 +156,32 @@ def _ct_dir(spec: str):
     for ct, seg in (("ct.nrrd", "seg.nrrd"), ("ct.nii.gz", "seg.nii.gz"), ("example_ct.nii.gz", "totalseg.nii.gz")):
         if (d / ct).is_file() and (d / seg).is_file():
             return d / ct, d / seg
-    raise FileNotFoundError(f"{spec}: expected 'CT:LABELS' paths or a folder with ct.nrrd + seg.nrrd")
+    raise CTSpecError(f"ct_dirs (--ct) {spec!r}: expected 'CT:LABELS' paths or a folder with ct.nrrd + seg.nrrd")
+
+
+def usable_levels(seg, levels, source: str) -> dict:
+    """{level: label value} of the ``levels`` present and whole in the label map ``seg``.
+
+    Raises:
+        InputError: none is (names ``source`` and the levels).
+    """
+    from ..levels import LevelError, resolve_level
+
+    ok = {}
+    for lv in levels:
+        try:
+            ok[lv] = resolve_level(lv, seg, source=source)
+        except LevelError:
+            pass
+    if not ok:
+        raise InputError(f"{source}: none of the levels {', '.join(levels)} is present and whole "
+                         "(set levels to ones the label map holds)")
+    return ok
 
 
 def sample_sources(cfg: TrainConfig, *, validation: bool) -> Iterator[tuple[str, Callable]]:
     """(name, loader) pairs; each loader returns (ct, seg, levels) or, for stage 2, a case."""
-    from ..levels import LevelError, level_id, resolve_level
+    from ..levels import level_id
 
     if cfg.stage == 1:
         from ..phantom import PhantomConfig, make_phantom
@@ -176,15 +206,7 @@ def sample_sources(cfg: TrainConfig, *, validation: bool) -> Iterator[tuple[str,
             def load(spec=spec):
                 ct_p, seg_p = _ct_dir(spec)
                 ct, seg = read_volume(ct_p, field=str(ct_p)), read_label_map(seg_p, field=str(seg_p))
-                ok = {}
-                for lv in cfg.levels:
-                    try:
-                        ok[lv] = resolve_level(lv, seg, source=str(seg_p))
-                    except LevelError:
-                        pass
-                if not ok:
-                    raise ValueError(f"{seg_p}: none of the levels {cfg.levels} is present and whole")
-                return ct, seg, ok
+                return ct, seg, usable_levels(seg, cfg.levels, str(seg_p))
             yield f"CT {spec}", load
     if cfg.stage == 2:
         from ..io import read_case

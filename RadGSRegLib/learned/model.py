@@ -2,15 +2,19 @@
 
 A weight file (``.pt``) is a plain dictionary readable with ``torch.load(weights_only=True)``:
 ``format``, ``model_config`` (:class:`ModelConfig` as a dict), ``state_dict`` and ``card``
-(what it was trained on, how, and its validation metrics).
+(what it was trained on, how, and its validation metrics). Every ``.pt`` file of the
+learned method is read that way (:func:`load_plain`): a file holding anything but tensors
+and plain values is refused before any of it runs.
 """
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from ..errors import InputError
 from ..gaussians.rasterizer import rasterize
 from ..gaussians.voxelizer import voxelize
 from ..losses import projection_loss, ssim_loss, tv_3d
@@ -18,9 +22,70 @@ from .config import ModelConfig
 from .recm import GaussianSet, RecM, roi_affine
 from .regm import VOLUME_SCALE, RegM, apply_correction, ncc_3d, pose_loss, resample_ct
 
-__all__ = ["RadGSRegNet", "FORMAT", "render_windows", "voxelize_set"]
+__all__ = ["RadGSRegNet", "FORMAT", "render_windows", "voxelize_set", "load_plain", "UnsafeFileError",
+           "WeightFileError", "plain"]
 
 FORMAT = "radgsreg-model/1"
+
+
+class UnsafeFileError(Exception):
+    """A ``.pt`` file :func:`load_plain` refused; ``reason`` says why in a few words."""
+
+    def __init__(self, path, reason: str):
+        self.path, self.reason = Path(path), reason
+        super().__init__(f"{path}: {reason}")
+
+
+class WeightFileError(InputError):
+    """A weight file that is missing, unsafe or not RadGS-Reg's (names the file)."""
+
+
+class _WeightFileMissing(WeightFileError, FileNotFoundError):
+    pass
+
+
+def load_plain(path, *, map_location="cpu"):
+    """``torch.load(path, weights_only=True)``: tensors, dicts, lists, tuples, strings and
+    numbers only; nothing in the file runs. Raises :class:`UnsafeFileError` (with a short
+    reason) for a file that holds anything else or is not a torch file."""
+    import warnings
+
+    try:
+        with warnings.catch_warnings():           # torch's note on a foreign pickle protocol: we refuse or read anyway
+            warnings.filterwarnings("ignore", message=".*pickle protocol", category=UserWarning)
+            return torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as e:                                                     # noqa: BLE001
+        text = str(e)
+        m = re.search(r"WeightsUnpickler error:\s*([^\n]+)", text)
+        if m or "Weights only load failed" in text:
+            detail = re.split(r"\s*Please use", m.group(1))[0].strip() if m else ""
+            reason = ("it holds something other than tensors and plain values; refused without running it"
+                      + (f": {detail}" if detail else ""))
+        else:
+            first = text.strip().splitlines()[0] if text.strip() else ""
+            reason = f"not a readable torch file ({type(e).__name__}{': ' + first[:200] if first else ''})"
+        raise UnsafeFileError(path, reason) from None
+
+
+def plain(obj):
+    """``obj`` with NumPy arrays and scalars turned into lists and Python numbers (tensors
+    kept): what :func:`load_plain` can read back."""
+    import numpy as np
+
+    if torch.is_tensor(obj):
+        return obj
+    if isinstance(obj, dict):
+        return {k: plain(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        out = [plain(v) for v in obj]
+        return tuple(out) if isinstance(obj, tuple) else out
+    if isinstance(obj, np.ndarray):
+        return obj.tolist()
+    if isinstance(obj, np.generic):
+        return obj.item()
+    if isinstance(obj, Path):
+        return str(obj)
+    return obj
 
 
 def render_windows(g: GaussianSet, views: dict, win, size: int) -> torch.Tensor:
@@ -132,25 +197,42 @@ class RadGSRegNet(nn.Module):
 
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        blob = {"format": FORMAT, "model_config": self.cfg.to_dict(), "state_dict": self.state_dict(),
-                "card": card if card is not None else self.card}
+        blob = {"format": FORMAT, "model_config": plain(self.cfg.to_dict()), "state_dict": self.state_dict(),
+                "card": plain(card if card is not None else self.card)}
         with atomic_file(path, overwrite=overwrite) as tmp:
             torch.save(blob, tmp)
         return path
 
     @classmethod
     def load(cls, path, *, device="cpu") -> "RadGSRegNet":
+        """A network from a weight file (read with ``weights_only=True``: nothing in it runs).
+
+        Raises:
+            WeightFileError: (an InputError naming the file) missing, unsafe or not a
+                RadGSReg weight file, or weights that do not fit their own model config.
+        """
+        from .config import ConfigError
+
         path = Path(path)
         if not path.is_file():
-            raise FileNotFoundError(f"model weights not found: {path}")
+            raise _WeightFileMissing(f"{path}: model weights not found")
         try:
-            blob = torch.load(path, map_location=device, weights_only=True)
-        except Exception as e:                                                 # noqa: BLE001
-            raise ValueError(f"{path}: not a RadGSReg weight file ({e})") from None
+            blob = load_plain(path, map_location="cpu")
+        except UnsafeFileError as e:
+            raise WeightFileError(f"{path}: not a RadGSReg weight file ({e.reason}); use a weight file written by "
+                                  "radgsreg train") from None
         if not isinstance(blob, dict) or blob.get("format") != FORMAT:
-            raise ValueError(f"{path}: not a RadGSReg weight file (format {blob.get('format') if isinstance(blob, dict) else '?'}, "
-                             f"expected {FORMAT})")
-        net = cls(ModelConfig.from_dict(blob["model_config"]))
-        net.load_state_dict(blob["state_dict"])
-        net.card = blob.get("card", {})
+            raise WeightFileError(f"{path}: not a RadGSReg weight file (format "
+                                  f"{blob.get('format') if isinstance(blob, dict) else '?'}, expected {FORMAT})")
+        try:
+            net = cls(ModelConfig.from_dict(blob.get("model_config"), source=f"{path}, model_config"))
+        except ConfigError as e:
+            raise WeightFileError(f"not a usable RadGSReg weight file: {e}") from None
+        try:
+            net.load_state_dict(blob.get("state_dict"))
+        except (RuntimeError, TypeError, AttributeError) as e:
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise WeightFileError(f"{path}: the weights do not fit the file's model_config ({first[:300]})") from None
+        card = blob.get("card", {})
+        net.card = card if isinstance(card, dict) else {}
         return net.to(device)

@@ -12,14 +12,26 @@ one's weights.
 
 A run folder holds ``config.json``, ``checkpoint.pt`` (after every epoch: weights,
 optimiser, position, RNG states), ``log.jsonl`` (one line per epoch: losses, validation
-metrics, seconds), TensorBoard event files when ``tensorboard`` is installed, and, at the
-end, ``model.pt`` (the weight file with its model card). Running the same command again
-resumes from the checkpoint; a different configuration in the same folder is refused.
+metrics, seconds), TensorBoard event files (``tensorboard/``) when ``tensorboard`` is
+installed, the simulated samples (``data/``, unless ``data_cache`` is elsewhere) and, at
+the end, ``model.pt`` (the weight file with its model card). Running the same command again
+resumes from the checkpoint; a different configuration in a folder whose run has started
+(it holds ``checkpoint.pt`` or ``model.pt``) is refused, and a folder that holds files
+``train`` did not write is refused (so that a mistyped ``--out`` scatters nothing). Every
+file is written atomically (a temporary file beside it, then renamed) and read back with
+``torch.load(weights_only=True)``: nothing in a ``.pt`` file runs.
+
+Before any sample is simulated, :func:`check_run` checks everything that can fail: the
+output folder, the device, the ``init`` weights, every CT and label map, every case
+folder, and an existing checkpoint. ``config.json`` is written once those checks pass and
+the samples are ready.
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
+import os
 import random
 import time
 from pathlib import Path
@@ -27,13 +39,26 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..errors import InputError, OutputError
+from ..io.atomic import atomic_file
+from ..io.outputs import read_marker, write_marker
 from .config import TrainConfig
-from .data import build_samples, collate, perturb_pose
-from .model import RadGSRegNet
+from .data import SAMPLE_KEYS, build_samples, collate, perturb_pose
+from .model import RadGSRegNet, UnsafeFileError, load_plain, plain
 
-__all__ = ["train", "evaluate_samples", "PHASES"]
+__all__ = ["train", "check_run", "evaluate_samples", "PHASES", "RunFolderError", "CHECKPOINT_FORMAT",
+           "SAMPLES_FORMAT", "RUN_FILES"]
 
 PHASES = ("rec", "reg", "joint")
+CHECKPOINT_FORMAT = "radgsreg-checkpoint/1"
+SAMPLES_FORMAT = "radgsreg-samples/1"
+#: the files of a run folder (all it may hold is :mod:`RadGSRegLib.io.outputs`' "train" layout:
+#: these, ``data/`` sample caches, ``tensorboard/`` events, the marker, our own temp leftovers)
+RUN_FILES = ("config.json", "checkpoint.pt", "log.jsonl", "model.pt")
+
+
+class RunFolderError(OutputError, FileExistsError):
+    """A run folder that holds another run, or files ``radgsreg train`` did not write."""
 
 
 def _seed(seed: int):
@@ -50,23 +75,257 @@ def _data_key(cfg: TrainConfig) -> str:
     return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
+def _cache_path(cfg: TrainConfig) -> Path:
+    return Path(cfg.data_cache or Path(cfg.out) / "data") / f"samples-{_data_key(cfg)}.pt"
+
+
+def _read_cache(path: Path) -> tuple[list, list]:
+    """The samples in a cache file; ValueError (with the reason) if they cannot be used."""
+    try:
+        blob = load_plain(path)
+    except UnsafeFileError as e:
+        raise ValueError(e.reason) from None
+    if not isinstance(blob, dict) or blob.get("format", SAMPLES_FORMAT) != SAMPLES_FORMAT:
+        raise ValueError(f"not a sample cache of this version (expected format {SAMPLES_FORMAT})")
+    for part in ("train", "val"):
+        items = blob.get(part)
+        if not isinstance(items, list) or not all(isinstance(x, dict) and set(SAMPLE_KEYS) <= set(x) for x in items):
+            raise ValueError(f"its {part!r} samples are missing or incomplete")
+    return blob["train"], blob["val"]
+
+
 def _dataset(cfg: TrainConfig, log) -> tuple[list, list]:
-    cache = Path(cfg.data_cache or Path(cfg.out) / "data")
-    path = cache / f"samples-{_data_key(cfg)}.pt"
+    """The run's samples: from the cache when it holds them (read safely), else simulated
+    and cached (an unreadable cache is replaced, and the log says so)."""
+    path = _cache_path(cfg)
     if path.is_file():
-        blob = torch.load(path, weights_only=False)
-        log(f"data: {len(blob['train'])} training + {len(blob['val'])} validation samples from {path}")
-        return blob["train"], blob["val"]
+        try:
+            tr, va = _read_cache(path)
+        except ValueError as e:
+            log(f"data: ignoring the sample cache {path}: {e}; simulating the samples again (the file is replaced)")
+        else:
+            log(f"data: {len(tr)} training + {len(va)} validation samples from {path}")
+            return tr, va
     from tqdm import tqdm
 
     t = time.perf_counter()
     log("data: simulating training samples")
     tr = build_samples(cfg, validation=False, progress=lambda it: tqdm(it, desc="training data", unit="CT"))
     va = build_samples(cfg, validation=True, progress=lambda it: tqdm(it, desc="validation data", unit="CT"))
-    cache.mkdir(parents=True, exist_ok=True)
-    torch.save({"train": tr, "val": va}, path)
+    tr, va = plain(tr), plain(va)
+    with atomic_file(path, overwrite=True) as tmp:
+        torch.save({"format": SAMPLES_FORMAT, "key": _data_key(cfg), "train": tr, "val": va}, tmp)
     log(f"data: {len(tr)} training + {len(va)} validation samples in {time.perf_counter() - t:.0f} s -> {path}")
     return tr, va
+
+
+# ------------------------------------------------------------------ checks before any work
+def _cfg_json(cfg: TrainConfig) -> dict:
+    return json.loads(json.dumps(cfg.to_dict(), default=str))
+
+
+def _writable_location(path: Path, what: str) -> None:
+    """``path`` (a folder) exists and can be written, or can be created."""
+    p = path
+    while not p.exists():
+        if p.parent == p:
+            break
+        p = p.parent
+    if p.exists() and not p.is_dir():
+        raise OutputError(f"{what} {path}: cannot be a folder: {p} is a file")
+    if not os.access(p, os.W_OK | os.X_OK):
+        raise OutputError(f"{what} {path}: cannot be written ({p} is not writable)")
+
+
+def _started(out: Path) -> bool:
+    return (out / "checkpoint.pt").is_file() or (out / "model.pt").is_file()
+
+
+def _check_out(out: Path) -> None:
+    """The run folder is new, empty, or one a run wrote (RadGSRegLib.io.outputs' "train"
+    layout: config.json, checkpoint.pt, log.jsonl, model.pt, data/, tensorboard/)."""
+    from ..io.outputs import why_not_ours
+
+    if out.exists():
+        if not out.is_dir():
+            raise OutputError(f"run folder (--out) {out}: is a file; give a folder")
+        if any(out.iterdir()):
+            why = why_not_ours(out, "train")
+            if why:
+                raise RunFolderError(f"run folder (--out) {out} {why}; give a new or empty folder")
+    _writable_location(out, "run folder (--out)")
+
+
+def _check_device(name: str) -> torch.device:
+    if name.startswith("cuda"):
+        if not torch.cuda.is_available():
+            build = "a CPU-only build of torch" if torch.version.cuda is None else "no CUDA device is visible"
+            raise InputError(f"device {name!r}: CUDA is not available here ({build}, torch {torch.__version__}); "
+                             "use device 'cpu' (--device cpu)")
+        index = int(name.split(":")[1]) if ":" in name else 0
+        if index >= torch.cuda.device_count():
+            raise InputError(f"device {name!r}: only {torch.cuda.device_count()} CUDA device(s) here")
+    return torch.device(name)
+
+
+def _check_image(path: Path, what: str) -> None:
+    """A readable 3-D image (header only; DICOM folders: a series is there)."""
+    import SimpleITK as sitk
+
+    from ..io import CaseFormatError
+
+    if path.is_dir():
+        if not sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(path)):
+            raise CaseFormatError(path, what, "folder holds no DICOM series")
+        return
+    if not path.is_file():
+        raise CaseFormatError(path, what, "file not found")
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(str(path))
+    try:
+        reader.ReadImageInformation()
+    except RuntimeError as e:
+        raise CaseFormatError(path, what, f"cannot be read as an image ({str(e).strip().splitlines()[-1]})") from None
+    if reader.GetDimension() != 3:
+        raise CaseFormatError(path, what, f"expected a 3-D volume, got a {reader.GetDimension()}-D image")
+
+
+def _check_ct(spec: str, levels) -> None:
+    """A ``ct_dirs`` entry: the CT readable, the label map readable and holding a level."""
+    from ..io import read_label_map
+    from .data import _ct_dir, usable_levels
+
+    ct_p, seg_p = _ct_dir(spec)
+    _check_image(ct_p, "ct_dirs (--ct)")
+    seg = read_label_map(seg_p, field="ct_dirs (--ct), labels")
+    usable_levels(seg, levels, str(seg_p))
+
+
+def _check_case(d: str) -> None:
+    """A stage-2 case folder: case.json with ground truth and the vertebra's labels, its
+    CT, label map, geometry and X-rays present (images: headers only)."""
+    from ..io import CaseFormatError, read_geometry
+
+    path = Path(d)
+    if not path.is_dir():
+        raise CaseFormatError(path, "case_dirs (--cases)", "case folder not found")
+    cj = path / "case.json"
+    if not cj.is_file():
+        raise CaseFormatError(path, "case_dirs (--cases)", "not a case folder (no case.json)")
+    try:
+        c = json.loads(cj.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CaseFormatError(cj, None, f"not valid JSON ({e})") from None
+    if not isinstance(c, dict):
+        raise CaseFormatError(cj, None, "expected a JSON object")
+    gt = c.get("ground_truth")
+    if gt is None:
+        raise CaseFormatError(cj, "ground_truth", "missing: stage 2 trains on cases with a known pose")
+    try:
+        ok = isinstance(gt, dict) and np.asarray(gt.get("T_ct_to_carm"), dtype=np.float64).shape == (4, 4)
+    except (TypeError, ValueError):
+        ok = False
+    if not ok:
+        raise CaseFormatError(cj, "ground_truth", 'expected {"T_ct_to_carm": 4x4 matrix}')
+    for key in ("ct", "segmentation"):
+        if not isinstance(c.get(key), str):
+            raise CaseFormatError(cj, key, "missing: stage 2 needs the case's CT and its vertebra label map")
+    if not isinstance(c.get("vertebra_label"), int) or isinstance(c.get("vertebra_label"), bool):
+        raise CaseFormatError(cj, "vertebra_label", "missing: stage 2 needs the vertebra's label value")
+    _check_image(path / c["ct"], "ct")
+    _check_image(path / c["segmentation"], "segmentation")
+    g = c.get("geometry", "geometry.json")
+    if not isinstance(g, str):
+        raise CaseFormatError(cj, "geometry", "expected a file name")
+    views, images, _ = read_geometry(path / g)
+    for vn in ("ap", "lat"):
+        if vn not in views:
+            raise CaseFormatError(path / g, "views", f"the learned method needs an {vn!r} X-ray")
+        img = path / (images[vn] or f"xray_{vn}.nrrd")
+        if not img.is_file():
+            raise CaseFormatError(img, f"views.{vn}.image", "file not found")
+
+
+def _read_checkpoint(ckpt: Path) -> dict:
+    what = (f"{ckpt}: not a RadGSReg checkpoint (or one written by an older version); move it away to start over")
+    try:
+        blob = load_plain(ckpt)
+    except UnsafeFileError as e:
+        raise RunFolderError(f"{what} ({e.reason})") from None
+    need = ("state_dict", "position", "history", "seconds", "torch_rng")
+    if (not isinstance(blob, dict) or blob.get("format", CHECKPOINT_FORMAT) != CHECKPOINT_FORMAT
+            or any(k not in blob for k in need)):
+        raise RunFolderError(what)
+    return blob
+
+
+class _Run:
+    """What :func:`check_run` found: the effective config, the network, the checkpoint."""
+
+    def __init__(self, cfg, device, net, blob, replace_config):
+        self.cfg, self.device, self.net, self.blob, self.replace_config = cfg, device, net, blob, replace_config
+
+
+def check_run(cfg: TrainConfig, *, log=print) -> _Run:
+    """Every check that can be made before simulating a sample, in this order: the run
+    folder (new, empty or holding only what a run writes; writable), the data cache
+    folder, the device, the ``init`` weights (loaded), an existing checkpoint (read safely),
+    the run folder's configuration (the same one if its run has started; a ``config.json``
+    without a checkpoint or model belongs to a run that never started and will be
+    replaced), every CT + label map and case folder, and the checkpoint's weights (loaded
+    into the network). Writes nothing.
+
+    With ``init``, the network's settings come from the weights; the samples are made for
+    them (``model`` of the config is replaced by the weights' own).
+
+    Raises:
+        InputError: what cannot be used, naming the file, field or option
+            (:class:`~RadGSRegLib.errors.OutputError` / :class:`RunFolderError` for the run
+            folder).
+    """
+    out = Path(cfg.out)
+    _check_out(out)
+    if cfg.data_cache:
+        _writable_location(Path(cfg.data_cache), "data_cache folder")
+    device = _check_device(cfg.device)
+    if cfg.init:
+        net = RadGSRegNet.load(cfg.init)
+        if net.cfg != cfg.model:
+            log(f"init {cfg.init}: the network's settings come from the weights (the config's model settings "
+                "are not used)")
+            cfg = dataclasses.replace(cfg, model=net.cfg)
+    else:
+        net = None
+    cfg_path = out / "config.json"
+    ckpt = out / "checkpoint.pt"
+    blob = _read_checkpoint(ckpt) if ckpt.is_file() else None          # refuses an unsafe file unread
+    started = _started(out)
+    replace_config = True
+    if cfg_path.is_file():
+        try:
+            old = json.loads(cfg_path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError, OSError):
+            old = None
+        if old == _cfg_json(cfg):
+            replace_config = False
+        elif started:
+            raise RunFolderError(f"{out} holds a run with another configuration ({cfg_path}); "
+                                 "choose another --out, or delete the folder to start over")
+    elif started:
+        raise RunFolderError(f"{out} holds a run without its config.json; move it away to start over")
+    for spec in cfg.ct_dirs if cfg.stage in (1, 3) else ():
+        _check_ct(spec, cfg.levels)
+    for d in cfg.case_dirs if cfg.stage == 2 else ():
+        _check_case(d)
+    if net is None:
+        net = RadGSRegNet(cfg.model)
+    if blob is not None:
+        try:
+            net.load_state_dict(blob["state_dict"])
+        except (RuntimeError, TypeError, AttributeError):
+            raise RunFolderError(f"{ckpt}: its weights do not fit the network of {cfg_path}; move it away to "
+                                 "start over") from None
+    return _Run(cfg, device, net, blob, replace_config)
 
 
 def _to(batch: dict, device) -> dict:
@@ -126,8 +385,14 @@ def evaluate_samples(net: RadGSRegNet, samples: list, *, device="cpu", batch: in
 
 
 class _Logger:
-    def __init__(self, out: Path):
+    """``log.jsonl`` (rewritten from the checkpoint's history when a run starts or resumes,
+    so that it never holds an epoch the checkpoint lost) and TensorBoard when installed."""
+
+    def __init__(self, out: Path, history: list):
         self.path = out / "log.jsonl"
+        text = "".join(json.dumps(row, default=float) + "\n" for row in history)
+        with atomic_file(self.path, overwrite=True) as tmp:
+            tmp.write_text(text)
         self.tb = None
         try:
             from torch.utils.tensorboard import SummaryWriter
@@ -146,42 +411,67 @@ class _Logger:
             self.tb.flush()
 
 
+def _rng_states() -> dict:
+    """Python's, NumPy's (legacy global) and torch's RNG states as tensors and plain values."""
+    version, state, gauss = random.getstate()
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    return {"torch": torch.get_rng_state(), "python": [version, list(state), gauss],
+            "numpy": {"name": name, "keys": torch.from_numpy(np.asarray(keys, dtype=np.int64)), "pos": int(pos),
+                      "has_gauss": int(has_gauss), "cached_gaussian": float(cached)}}
+
+
+def _set_rng_states(blob: dict) -> None:
+    torch.set_rng_state(blob["torch_rng"])
+    st = blob.get("rng")
+    if isinstance(st, dict):
+        version, state, gauss = st["python"]
+        random.setstate((version, tuple(state), gauss))
+        n = st["numpy"]
+        np.random.set_state((n["name"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"],
+                             n["cached_gaussian"]))
+
+
 def train(cfg: TrainConfig, *, log=print, progress: bool = True) -> Path:
-    """Run (or resume) a training run; returns the path of its ``model.pt``."""
+    """Run (or resume) a training run; returns the path of its ``model.pt``.
+
+    Everything that can fail is checked first (:func:`check_run`); then the samples are
+    read from the cache or simulated, ``config.json`` is written, and the epochs run.
+
+    Raises:
+        InputError: from :func:`check_run` (before any work), or a CT / case that cannot
+            be simulated.
+    """
     from tqdm import tqdm
 
+    run = check_run(cfg, log=log)
+    cfg, device, net, blob = run.cfg, run.device, run.net, run.blob
     out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
-    cfg_path = out / "config.json"
-    if cfg_path.is_file():
-        old = json.loads(cfg_path.read_text())
-        if old != json.loads(json.dumps(cfg.to_dict(), default=str)):
-            raise FileExistsError(f"{out} holds a run with another configuration ({cfg_path}); "
-                                  "choose another --out, or delete the folder to start over")
-    else:
-        cfg_path.write_text(json.dumps(cfg.to_dict(), indent=2, default=str))
+    if read_marker(out) is None:                # mark the run folder as ours before anything is in it
+        out.mkdir(parents=True, exist_ok=True)
+        write_marker(out, "train")
     torch.set_num_threads(cfg.threads)
-    device = torch.device(cfg.device)
     _seed(cfg.seed)
     tr, va = _dataset(cfg, log)
+    cfg_path = out / "config.json"
+    if run.replace_config:
+        if cfg_path.is_file():
+            log(f"replacing {cfg_path}: its run never started (no checkpoint)")
+        text = json.dumps(_cfg_json(cfg), indent=2)
+        with atomic_file(cfg_path, overwrite=True) as tmp:
+            tmp.write_text(text)
     if cfg.init:
-        net = RadGSRegNet.load(cfg.init)
         log(f"starting from {cfg.init} (model config from the weights)")
-    else:
-        net = RadGSRegNet(cfg.model)
     net.to(device).train()
     model_cfg = net.cfg
     ckpt = out / "checkpoint.pt"
     schedule = [(p, n) for p, n in zip(PHASES, (cfg.rec_epochs, cfg.reg_epochs, cfg.joint_epochs)) if n > 0]
     start, history, seconds = (0, 0), [], 0.0
-    if ckpt.is_file():
-        blob = torch.load(ckpt, weights_only=False)
-        net.load_state_dict(blob["state_dict"])
-        start, history, seconds = tuple(blob["position"]), blob["history"], blob["seconds"]
-        torch.set_rng_state(blob["torch_rng"])
+    if blob is not None:
+        start, history, seconds = tuple(blob["position"]), list(blob["history"]), float(blob["seconds"])
+        _set_rng_states(blob)
         log(f"resuming {out} at phase {schedule[start[0]][0] if start[0] < len(schedule) else 'done'}, "
             f"epoch {start[1] + 1}")
-    logger = _Logger(out)
+    logger = _Logger(out, history)
     step = sum(1 for _ in history)
     for pi, (phase, epochs) in enumerate(schedule):
         if pi < start[0]:
@@ -195,7 +485,7 @@ def train(cfg: TrainConfig, *, log=print, progress: bool = True) -> Path:
         factor = 0.5 if phase == "joint" else 1.0
         opt = torch.optim.Adam([{**g, "lr": g["base"] * factor} for g in groups])
         first = start[1] if pi == start[0] else 0
-        if pi == start[0] and first and "opt_state" in blob:
+        if pi == start[0] and first and blob is not None and "opt_state" in blob:
             opt.load_state_dict(blob["opt_state"])
         for ep in range(first, epochs):
             for g in opt.param_groups:
@@ -249,18 +539,18 @@ def train(cfg: TrainConfig, *, log=print, progress: bool = True) -> Path:
                    "seconds": seconds}
             history.append(row)
             step += 1
+            nxt = (pi, ep + 1) if ep + 1 < epochs else (pi + 1, 0)
+            state = {"format": CHECKPOINT_FORMAT, "state_dict": net.state_dict(), "opt_state": opt.state_dict(),
+                     "position": list(nxt), "history": plain(history), "seconds": float(seconds),
+                     "torch_rng": torch.get_rng_state(), "rng": _rng_states()}
+            with atomic_file(ckpt, overwrite=True) as tmp:
+                torch.save(state, tmp)
             logger.write(row, step)
             log(f"{phase} epoch {ep + 1}/{epochs}: loss {row.get('loss', float('nan')):.4f}; validation "
                 f"PSNR {val.get('psnr_db', float('nan')):.2f} dB, SSIM {val.get('ssim_pct', float('nan')):.1f} %, "
                 f"mTRE {val.get('mtre_in_mm', float('nan')):.1f} -> {val.get('mtre_mm', float('nan')):.2f} mm "
                 f"({seconds:.0f} s)")
-            nxt = (pi, ep + 1) if ep + 1 < epochs else (pi + 1, 0)
-            blob = {"state_dict": net.state_dict(), "opt_state": opt.state_dict(), "position": nxt,
-                    "history": history, "seconds": seconds, "torch_rng": torch.get_rng_state()}
-            tmp = ckpt.with_suffix(".tmp")
-            torch.save(blob, tmp)
-            tmp.replace(ckpt)
-    card = {"stage": cfg.stage, "train_config": cfg.to_dict(), "train_samples": len(tr), "val_samples": len(va),
+    card = {"stage": cfg.stage, "train_config": _cfg_json(cfg), "train_samples": len(tr), "val_samples": len(va),
             "train_seconds": seconds, "device": str(device), "threads": cfg.threads,
             "validation": {k[4:]: v for k, v in (history[-1] if history else {}).items() if k.startswith("val_")},
             "history": history, "model_config": model_cfg.to_dict()}

@@ -8,7 +8,8 @@ dependency is installed.
 JSON form (``radgsreg register --config FILE``, :func:`config_to_dict`,
 :meth:`RegisterConfig.from_dict`): the dataclass fields by name, nested for ``refine2d``
 (with ``levels`` as a list of objects) and ``refine3d``; fields left out keep their
-defaults; an unknown field is an error that names it.
+defaults; every value is checked against its field's type and an unknown field is an
+error that names it (:mod:`RadGSRegLib.configio`).
 """
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
-from ..errors import InputError
+from ..configio import ConfigError, build, check, read_json
 
 __all__ = ["Level", "RefineConfig", "Refine3DConfig", "RegisterConfig", "INITS", "REFINES", "DEVICES",
            "default_model", "config_to_dict", "read_config", "ConfigError"]
@@ -30,10 +31,6 @@ INITS = ("auto", "none", "search", "learned")
 REFINES = ("none", "3d", "2d", "both")
 #: ``RegisterConfig.device`` values
 DEVICES = ("cpu", "cuda")
-
-
-class ConfigError(InputError):
-    """A registration setting that cannot be used (names the field and what was expected)."""
 
 
 def default_model() -> Optional[Path]:
@@ -55,6 +52,9 @@ class Level:
     margin_mm: float = 20.0
     highpass_mm: Optional[float] = 8.0
 
+    def __post_init__(self):
+        check(self)
+
 
 @dataclass
 class RefineConfig:
@@ -71,9 +71,15 @@ class RefineConfig:
     search_highpass_mm: float = 8.0
     max_step_deg: float = 4.0
     max_step_mm: float = 8.0
-    levels: list = field(default_factory=lambda: [Level(64, 15, 1.0, 1.0, 30.0, None), Level(128, 10, 0.5, 0.5, 20.0, 20.0),
-                                                  Level(256, 6, 0.25, 0.25, 15.0, 8.0)])
+    levels: list[Level] = field(default_factory=lambda: [Level(64, 15, 1.0, 1.0, 30.0, None),
+                                                         Level(128, 10, 0.5, 0.5, 20.0, 20.0),
+                                                         Level(256, 6, 0.25, 0.25, 15.0, 8.0)])
     supersample: int = 2
+
+    def __post_init__(self):
+        check(self)
+        if not self.levels:
+            raise ConfigError("must hold at least one level", field="levels")
 
 
 @dataclass
@@ -86,6 +92,9 @@ class Refine3DConfig:
     rot_unit: float = 0.05
     trans_unit: float = 2.0
     lr: float = 0.1
+
+    def __post_init__(self):
+        check(self)
 
 
 @dataclass
@@ -133,15 +142,16 @@ class RegisterConfig:
     drrs: bool = False
 
     def __post_init__(self):
+        check(self)
         if self.init not in INITS:
-            raise ConfigError(f"init must be one of {', '.join(INITS)}, not {self.init!r}")
+            raise ConfigError(f"must be one of {', '.join(INITS)}, not {self.init!r}", field="init")
         if self.refine not in REFINES:
-            raise ConfigError(f"refine must be one of {', '.join(REFINES)}, not {self.refine!r}")
+            raise ConfigError(f"must be one of {', '.join(REFINES)}, not {self.refine!r}", field="refine")
         if self.device not in DEVICES and not re.fullmatch(r"cuda:\d+", str(self.device)):
-            raise ConfigError(f"device must be one of {', '.join(DEVICES)} (or cuda:N), not {self.device!r}")
+            raise ConfigError(f"must be one of {', '.join(DEVICES)} (or cuda:N), not {self.device!r}", field="device")
         if self.init == "learned" and not self.model:
-            raise ConfigError("init='learned' needs model weights: a .pt file, or 'default' for the shipped ones "
-                              "(CLI: --model default)")
+            raise ConfigError("'learned' needs model weights: a .pt file, or 'default' for the shipped ones "
+                              "(CLI: --model default)", field="init")
 
     @property
     def init_mode(self) -> str:
@@ -162,7 +172,7 @@ class RegisterConfig:
     def from_dict(cls, data: dict, *, source: str = "the registration config") -> "RegisterConfig":
         """A config from its JSON form (see the module docstring); missing fields keep their
         defaults. Raises :class:`ConfigError` naming ``source`` and the field."""
-        return _build(cls, data, source, "")
+        return build(cls, data, source=source)
 
 
 def config_to_dict(cfg: RegisterConfig) -> dict:
@@ -172,82 +182,4 @@ def config_to_dict(cfg: RegisterConfig) -> dict:
 
 def read_config(path) -> RegisterConfig:
     """A :class:`RegisterConfig` from a JSON file (errors name the file and the field)."""
-    path = Path(path)
-    try:
-        data = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise ConfigError(f"{path}: file not found") from None
-    except json.JSONDecodeError as e:
-        raise ConfigError(f"{path}: not valid JSON (line {e.lineno}: {e.msg})") from None
-    return RegisterConfig.from_dict(data, source=str(path))
-
-
-# fields that hold another config
-_NESTED = {"refine2d": RefineConfig, "refine3d": Refine3DConfig}
-
-
-def _build(cls, data, source: str, prefix: str):
-    if not isinstance(data, dict):
-        raise ConfigError(f"{source}: {prefix.rstrip('.') or 'the top level'} must be a JSON object")
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - set(fields))
-    if unknown:
-        raise ConfigError(f"{source}: unknown field {prefix}{unknown[0]!r}; known fields: {', '.join(fields)}")
-    kwargs = {}
-    for name, value in data.items():
-        where = f"{prefix}{name}"
-        if cls is RegisterConfig and name in _NESTED:
-            kwargs[name] = _build(_NESTED[name], value, source, where + ".")
-        elif cls is RefineConfig and name == "levels":
-            if not isinstance(value, list) or not value:
-                raise ConfigError(f"{source}: {where} must be a non-empty list of levels")
-            kwargs[name] = [_build(Level, v, source, f"{where}[{i}].") for i, v in enumerate(value)]
-        else:
-            kwargs[name] = _value(cls, fields[name], value, source, where)
-    missing = [n for n, f in fields.items() if n not in kwargs and f.default is dataclasses.MISSING
-               and f.default_factory is dataclasses.MISSING]          # type: ignore[misc]
-    if missing:                                                       # e.g. a Level without its steps
-        raise ConfigError(f"{source}: {prefix.rstrip('.')} needs {', '.join(missing)}")
-    try:
-        return cls(**kwargs)
-    except ConfigError as e:
-        raise ConfigError(f"{source}: {e}") from None
-
-
-def _value(cls, f, value, source, where):
-    """Check one leaf value against the field's annotation (a string here: "int", "float",
-    "bool", "str", "tuple", "Optional[float]", ...)."""
-    annotation = str(f.type)
-    optional = annotation.startswith("Optional[")
-    kind = {"bool": bool, "int": int, "float": float, "str": str, "tuple": tuple}.get(
-        annotation[len("Optional["):-1] if optional else annotation)
-    if value is None:
-        if optional:
-            return None
-        raise ConfigError(f"{source}: {where} must not be null")
-    if kind is bool:
-        ok = isinstance(value, bool)
-    elif kind is int:
-        ok = isinstance(value, int) and not isinstance(value, bool)
-    elif kind is float:
-        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
-        value = float(value) if ok else value
-    elif kind is tuple:
-        default = f.default if f.default is not dataclasses.MISSING else ()
-        integers = bool(default) and all(isinstance(v, int) for v in default)     # e.g. iteration counts
-        allowed = int if integers else (int, float)
-        ok = isinstance(value, list) and all(isinstance(v, allowed) and not isinstance(v, bool) for v in value)
-        value = tuple(value) if ok else value
-        if not ok and integers:
-            raise ConfigError(f"{source}: {where} must be a list of integers, not {json.dumps(value)}")
-    elif kind is str:
-        ok = isinstance(value, str)
-    else:
-        raise AssertionError(f"config field {where} has an annotation the reader does not know: {annotation}")
-    if not ok:
-        raise ConfigError(f"{source}: {where} must be {_KIND_WORDS[kind]}, not {json.dumps(value)}")
-    return value
-
-
-_KIND_WORDS = {bool: "true or false", int: "an integer", float: "a number", tuple: "a list of numbers",
-               str: "a string"}
+    return RegisterConfig.from_dict(read_json(path), source=str(path))

@@ -85,7 +85,10 @@ def run(case: Case, config: RegisterConfig | None = None, log=None, *, net=None,
     """Register a case. Returns a :class:`~RadGSRegLib.io.Result` with ``T_ct_to_carm``,
     per-stage ``runtime_s`` (model loading excluded) and ``info`` (similarities, warnings).
 
-    Every result is checked, whatever ``init``/``refine``: ``info["final_ncc_views"]`` is the
+    The inputs are checked first (:func:`RadGSRegLib.checks.check_case`: what cannot be right
+    raises :class:`~RadGSRegLib.checks.PlausibilityError`, what is unusual becomes a warning;
+    a case read with :func:`~RadGSRegLib.io.read_case` brings its own). Every result is
+    checked, whatever ``init``/``refine``: ``info["final_ncc_views"]`` is the
     windowed NCC of each view at the final pose (finest refinement level),
     ``info["final_ncc"]`` their mean; a mean below ``min_ncc`` sets ``info["doubtful"]`` and
     adds a warning. ``info["diverged"]`` (2-D/3-D refinement only) says the refinement was
@@ -100,15 +103,19 @@ def run(case: Case, config: RegisterConfig | None = None, log=None, *, net=None,
     """
     from ..progress import Reporter
 
+    from ..checks import check_case
+
     cfg = config or RegisterConfig()
     report = Reporter(progress)
+    # the inputs first: what cannot be right is refused before any work, what is unusual is said
+    plausibility = list(case.warnings) or check_case(case)
     mode = cfg.init_mode
     if mode == "learned" and net is None:
         from ..learned.model import RadGSRegNet
 
         net = RadGSRegNet.load(cfg.model_path(), device=cfg.device)
     t0 = time.perf_counter()
-    runtime, info, warnings = {}, {"init": mode, "refine": cfg.refine}, []
+    runtime, info, warnings = {}, {"init": mode, "refine": cfg.refine}, list(plausibility)
     if case.seg is None or case.vertebra_label is None:
         if mode == "learned" or cfg.refine in ("3d", "both"):
             raise ValueError("the learned method and the 3-D/3-D refinement need the vertebra's label map")
