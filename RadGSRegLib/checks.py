@@ -332,10 +332,21 @@ def check_ct(volume, field: str = "ct") -> list[str]:
     if mx < LIMITS["ct_bone_min_hu"]:
         _fail(field, f"the largest value is {mx:.4g}: no voxel is above {LIMITS['ct_bone_min_hu']:g} HU, so there "
               "is no bone (cancellous bone 100-400 HU, cortical 700-1900). Is this a CT in HU?")
+    # padding (the scanner's -1024 ... -32768 outside the reconstruction circle) says nothing
+    # about the calibration: look at the smallest value that is not padding
+    body_min = mn
+    if mn <= -1500.0:
+        sample = np.asarray(arr[::max(1, arr.shape[0] // 32), ::4, ::4], dtype=np.float64)
+        rest = sample[sample > -1500.0]
+        body_min = float(rest.min()) if rest.size else mn
     if mn >= 0.0:
         warnings.append(f"{field}: no voxel is negative (values {mn:.4g} to {mx:.4g}): no air or fat, which a CT in HU "
                         "always shows; if the values are HU + 1024 (stored values without the DICOM rescale "
                         "intercept) subtract 1024, and check that this is a CT")
+    elif body_min >= 0.0:
+        warnings.append(f"{field}: no voxel outside the padding (values <= -1500) is negative (values {body_min:.4g} "
+                        f"to {mx:.4g}): no air or fat, which a CT in HU always shows; if the values are HU + 1024 "
+                        "(stored without the DICOM rescale intercept) subtract 1024, and check that this is a CT")
     elif mn > LIMITS["ct_air_warn_hu"]:
         warnings.append(f"{field}: no voxel below {LIMITS['ct_air_warn_hu']:g} HU (minimum {mn:.4g}): no air in the "
                         "field of view, a tightly cropped CT; the X-rays see more of the body than the CT holds")
@@ -418,7 +429,8 @@ def check_xray(image, kind: str, field: str = "xray") -> list[str]:
 
     Refuses: not 2-D; fewer than 32 pixels a side; NaN or infinite pixels; an empty (all
     zero) or constant image. ``line_integral``: a median above 20 or a maximum above 100
-    ("looks like detector intensities": -ln(I/I0) of a patient is 0 to ~10).
+    with the body dark ("looks like detector intensities": -ln(I/I0) of a patient is 0 to
+    ~10); with the body bright the same values are a rescaled log image: a warning.
     ``intensity``: more than 1 % of the pixels below -5 % of the bright level (photon counts
     cannot be negative).
     Warns: ``line_integral`` with more than 5 % of the pixels below -0.5 (negated or offset),
@@ -453,14 +465,24 @@ def check_xray(image, kind: str, field: str = "xray") -> list[str]:
     if mn == mx:
         _fail(field, f"is constant: every pixel is {mn:g}. Check the file (a failed export or a saturated frame).")
     warnings: list[str] = []
+    warnings_scaled = None
     s = _sample2d(a)
     p1, p50, p99 = (float(x) for x in np.percentile(s, [1, 50, 99]))
     floaty = a.dtype.kind == "f" and not np.allclose(s, np.round(s))
+    pol = xray_polarity(a)
     if kind == "line_integral":
         if p50 > L["li_refuse_median"] or mx > L["li_refuse_max"]:
-            _fail(field, f"values up to {mx:.5g} (median {p50:.4g}) for image_kind line_integral; -ln(I/I0) through a "
-                  "patient is 0 (air) to ~10: this looks like detector intensities; set image_kind to intensity "
-                  "(raw values, bone dark). If it is a log image rescaled for display, divide it back to -ln(I/I0).")
+            if pol["decided"] and pol["bright_min"] > 0.0:
+                # bone bright, large values: a log image rescaled (e.g. a vendor's 12/16-bit log output)
+                warnings_scaled = (f"{field}: values up to {mx:.5g} (median {p50:.4g}) with the body bright: a log "
+                                   "image rescaled, not -ln(I/I0) itself? The 2-D/3-D registration compares images "
+                                   "up to scale and offset and is unaffected; the learned method and the "
+                                   "reconstructions need -ln(I/I0): divide the scale back out for them.")
+            else:
+                _fail(field, f"values up to {mx:.5g} (median {p50:.4g}) for image_kind line_integral; -ln(I/I0) "
+                      "through a patient is 0 (air) to ~10: this looks like detector intensities; set image_kind to "
+                      "intensity (raw values, bone dark). If it is a log image rescaled for display, divide it back "
+                      "to -ln(I/I0).")
         neg = float(np.mean(s < L["li_negative_value"]))
         if neg > L["li_negative_warn_fraction"]:
             warnings.append(f"{field}: {neg:.0%} of the pixels are below {L['li_negative_value']:g} "
@@ -474,7 +496,8 @@ def check_xray(image, kind: str, field: str = "xray") -> list[str]:
             _fail(field, f"{neg:.0%} of the pixels are negative (minimum {mn:.4g}, 99th percentile {p99:.4g}) for "
                   "image_kind intensity; transmitted intensities cannot be negative beyond noise. If the image holds "
                   "line integrals or a processed (log, zero-mean) image, set image_kind to line_integral.")
-    pol = xray_polarity(a)
+    if warnings_scaled:
+        warnings.append(warnings_scaled)
     if kind == "line_integral" and p99 <= L["li_intensity_like_p99"] and mn >= -0.1 and pol["bright"] < 0:
         warnings.append(f"{field}: inverted polarity? Values {mn:.3g} to {mx:.3g} with the body darker than its "
                         "surroundings look like normalised intensities I/I0 (0..1, bone dark) or an inverted image, "
@@ -508,8 +531,12 @@ def check_xray(image, kind: str, field: str = "xray") -> list[str]:
 
 # ---------------------------------------------------------------------------- a case
 def _attenuation_p90(img: np.ndarray, kind: str, i0: float | None) -> float:
-    """90th percentile of -ln(I/I0) of an image (sampled to <= 256 pixels a side)."""
+    """90th percentile of -ln(I/I0) in the central 70 % of an image (sampled to <= 256
+    pixels a side): collimator shutters at the borders, fully dark, would say nothing about
+    the anatomy."""
     a = _sample2d(img)
+    r, c = a.shape
+    a = a[int(0.15 * r): r - int(0.15 * r) or None, int(0.15 * c): c - int(0.15 * c) or None]
     if kind == "intensity":
         a = -np.log(np.clip(a, i0 * 1e-6, None) / i0)
     return float(np.percentile(a, 90))

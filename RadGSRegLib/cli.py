@@ -369,7 +369,14 @@ def _load_ct_seg(ct_path, seg_path, levels):
     from .io import CaseFormatError, read_segmentation, read_volume
     from .levels import resolve_level
 
+    from .checks import PlausibilityError, check_ct
+
     ct = read_volume(ct_path, field="--ct")
+    try:
+        for w in check_ct(ct):
+            print(f"warning: {ct_path}: {w}", file=sys.stderr)
+    except PlausibilityError as e:
+        raise CaseFormatError(ct_path, "--ct", e.detail) from None
     seg = read_segmentation(seg_path, field="--seg")
     if not seg.labelmap.same_grid(ct):
         raise CaseFormatError(seg_path, "--seg", f"not on the CT grid (labels {seg.labelmap.size} voxels, CT {ct.size}, "
@@ -526,7 +533,12 @@ def _cmd_demo(args):
     from .register import RegisterConfig, run
 
     out = Path(args.out)
-    level = _parse_levels(args.level)[0]
+    levels = _parse_levels(args.level)
+    if len(levels) != 1:
+        raise UsageError("--level takes one level, e.g. --level L3")
+    level = levels[0]
+    if args.phantom and level not in _phantom_config(seed=args.seed).levels:
+        raise UsageError(f"--level {level}: the phantom spans {', '.join(_phantom_config(seed=args.seed).levels)}")
     sd = None
     if not args.phantom:
         from .sample_data import lumbar_ct
@@ -611,23 +623,11 @@ def register_config(args) -> RegisterConfig:
     init, model = given.get("init", cfg.init), given.get("model", cfg.model)
     if init == "learned" and not model:
         raise UsageError("--init learned needs --model (a .pt weight file, or 'default' for the shipped weights)")
-    if init in ("none", "search") and "model" in given:
-        raise UsageError(f"--model is not used with --init {init} (the network runs only with --init learned or "
-                         "auto); drop --model, or choose --init learned")
+    if init in ("none", "search") and model:
+        where = "--model" if "model" in given else f"\"model\" in {args.config}"
+        raise UsageError(f"{where} is not used with --init {init} (the network runs only with --init learned or "
+                         "auto); drop it, or choose --init learned")
     return dataclasses.replace(cfg, **given)
-
-
-def _check_device(device: str) -> None:
-    """Refuse a CUDA device PyTorch cannot see, before any work."""
-    if device.startswith("cuda"):
-        import torch
-
-        if not torch.cuda.is_available():
-            raise InputError(f"--device {device}: PyTorch sees no CUDA GPU here (torch {torch.__version__}); "
-                             "use --device cpu")
-        index = int(device.split(":")[1]) if ":" in device else 0
-        if index >= torch.cuda.device_count():
-            raise InputError(f"--device {device}: there are {torch.cuda.device_count()} CUDA GPU(s)")
 
 
 def _cmd_register(args):
@@ -649,7 +649,9 @@ def _cmd_register(args):
     try:
         report.stage("start", "starting")
         cfg = register_config(args)
-        _check_device(cfg.device)
+        from .device import resolve_device
+
+        resolve_device(cfg.device)
         model = cfg.model_path() if cfg.init_mode == "learned" else None
         from .io.outputs import check_output
 
@@ -663,6 +665,9 @@ def _cmd_register(args):
         torch.set_num_threads(args.threads)
         report.stage("read", f"reading {args.case}")
         case = read_case(args.case)                    # never the ground truth; checked for plausibility
+        from .evaluate import case_fingerprint
+
+        fingerprint = case_fingerprint(args.case)       # read now: nothing after the work can fail on it
         net = None
         if model is not None:                          # the weights before the work: a bad file fails now
             from .learned.model import RadGSRegNet
@@ -671,9 +676,7 @@ def _cmd_register(args):
         log(f"registering {args.case} ({case.vertebra_name or case.vertebra_label}), init={cfg.init_mode}, "
             f"refine={cfg.refine}{f', model {model}' if model else ''}")
         res = run(case, cfg, log=log, progress=emit, net=net)
-        from .evaluate import case_fingerprint
-
-        res.info.update({"case": str(args.case), "case_fingerprint": case_fingerprint(args.case),
+        res.info.update({"case": str(args.case), "case_fingerprint": fingerprint,
                          "device": cfg.device, "threads": args.threads, "model": str(model) if model else None})
         report.stage("write", f"writing {args.out}")
         write_result(res, args.out, overwrite=args.overwrite, inputs=[args.case, args.config, model])
@@ -716,6 +719,17 @@ def _cmd_train(args):
         cfg = TrainConfig.from_dict({k: v for k, v in over.items() if v is not None}, source="the command line")
     if args.no_cal:
         cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, cal=False))
+    from .io.outputs import check_output
+
+    from .learned.data import ct_spec_paths
+
+    inputs = [args.config, cfg.init, *cfg.case_dirs]
+    for spec in cfg.ct_dirs:
+        try:
+            inputs += list(ct_spec_paths(str(spec)))
+        except InputError:
+            pass                                           # train() names the bad --ct entry
+    check_output(cfg.out, "train", overwrite=True, inputs=[p for p in inputs if p], option="--out")
     train(cfg)                       # checks the run folder, data, weights and device before any work
 
 

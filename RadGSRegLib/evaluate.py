@@ -25,19 +25,24 @@ def case_dirs(root: Path) -> list[Path]:
 
 
 def case_fingerprint(case_dir) -> str:
-    """What identifies a case folder's registration problem: SHA-256 of its geometry.json
-    and of the two X-ray files it names. ``radgsreg register`` records it in result.json
-    (``case_fingerprint``); evaluation refuses a result whose fingerprint differs."""
+    """What identifies a case folder's registration problem: SHA-256 of its geometry.json,
+    the two X-ray files it names (as :func:`~RadGSRegLib.io.read_geometry` resolves them) and
+    the target in case.json (CT and label file names, ``vertebra_label``). ``radgsreg
+    register`` records it in result.json (``case_fingerprint``); evaluation and ``show
+    --result`` refuse a result whose fingerprint differs."""
     import hashlib
     import json
 
+    from .io import read_geometry
+
     case_dir = Path(case_dir)
-    h = hashlib.sha256()
-    geometry = (case_dir / "geometry.json").read_bytes()
-    h.update(geometry)
-    views = json.loads(geometry).get("views", {})
+    c = json.loads((case_dir / "case.json").read_text())
+    g_path = case_dir / c.get("geometry", "geometry.json")
+    _views, images, _kind = read_geometry(g_path)
+    h = hashlib.sha256(g_path.read_bytes())
     for name in ("ap", "lat"):
-        h.update((case_dir / views.get(name, {}).get("image", f"xray_{name}.nrrd")).read_bytes())
+        h.update((case_dir / (images.get(name) or f"xray_{name}.nrrd")).read_bytes())
+    h.update(json.dumps({k: c.get(k) for k in ("ct", "segmentation", "vertebra_label")}, sort_keys=True).encode())
     return h.hexdigest()
 
 
@@ -48,7 +53,7 @@ def result_matches_case(case_dir, res: Result) -> str | None:
     recorded = res.info.get("case_fingerprint")
     if recorded:
         return None if recorded == case_fingerprint(case_dir) else \
-            "its case's geometry and X-rays differ from this case's (case_fingerprint in result.json)"
+            "its case's geometry, X-rays or target vertebra differ from this case's (case_fingerprint in result.json)"
     case = res.info.get("case")
     if case and Path(str(case)).name != Path(case_dir).name:
         return f"result.json says it was computed for {case}"
@@ -143,11 +148,11 @@ def evaluate_results(cases: Path, results: Path, *, json_path: Path | None = Non
         if not (r / "result.json").is_file():
             missing.append(d.name)
             continue
-        res = read_result(r)
+        truth, res = read_case(d, ground_truth=True), read_result(r)
         why = result_matches_case(d, res)
         if why:
             raise InputError(f"{r} is the result of another case, not {d}: {why}")
-        rows.append(case_row(read_case(d, ground_truth=True), res, d.name))
+        rows.append(case_row(truth, res, d.name))
     if not rows:
         raise FileNotFoundError(f"no result folder in {results} matches a case folder in {cases}")
     summary = summarize(rows)

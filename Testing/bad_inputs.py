@@ -251,6 +251,37 @@ def _trained_run(ws):
     assert code in (0, None), "the tiny training run failed"
 
 
+def _hand_made_case(ws):
+    """A case folder someone made by hand (docs/case-format.md): our file names, no marker,
+    no generator record."""
+    ws.edit_json("case.json", lambda d: d.pop("generator"))
+    (ws.path("case") / ".radgsreg.json").unlink()
+
+
+def _patient_folder(ws):
+    """Someone's CT and labels in a folder of their own (what a phantom folder looks like)."""
+    (ws.inputs / "patient").mkdir()
+    shutil.copy(ws.path("ct"), ws.inputs / "patient" / "ct.nrrd")
+    shutil.copy(ws.path("seg"), ws.inputs / "patient" / "seg.nrrd")
+
+
+def _no_labels(ws):
+    def fn(d):
+        d.pop("segmentation")
+        d.pop("vertebra_label")
+    ws.edit_json("case.json", fn)
+
+
+def _normalised_ct_file(ws):
+    import SimpleITK as sitk
+
+    img = sitk.ReadImage(str(ws.path("ct")))
+    a = sitk.GetArrayFromImage(img).astype(np.float32)
+    new = sitk.GetImageFromArray((a - a.min()) / (a.max() - a.min()))
+    new.CopyInformation(img)
+    sitk.WriteImage(new, str(ws.inputs / "ct01.nrrd"))
+
+
 def _result_for_case(ws):
     """A result folder of ours for ``cases/case_000``, under the cases' results folder."""
     _cases_folder(ws)
@@ -373,7 +404,7 @@ ROWS = [
         ("train.json", "rec_epochs"), setup=lambda ws: _train_config(ws, rec_epochs="ten"), output="run",
         finding="traceback"),
     Row("train-config-unknown", ["train", "--config", "{root}/in/train.json", "--out", "{run}"], 1,
-        ("train.json", "epoch"), setup=lambda ws: _train_config(ws, epoch=3), output="run", finding="traceback"),
+        ("train.json", "'epoch'"), setup=lambda ws: _train_config(ws, epoch=3), output="run", finding="traceback"),
     Row("train-init-corrupt", ["train", "--config", "{root}/in/train.json", "--init", "{model}", "--out", "{run}"], 1,
         ("model.pt",), setup=_both(_train_config, _corrupt_file("model.pt")), output="run", finding="late"),
     Row("train-ct-missing", ["train", "--config", "{root}/in/train.json", "--ct", "{ct}x:{seg}", "--out", "{run}"],
@@ -431,6 +462,19 @@ ROWS = [
         setup=_foreign_folder, finding="loss"),
     Row("train-over-foreign", ["train", "--config", "{root}/in/train.json", "--out", "{foreign}"], 1,
         ("notes.txt",), setup=_both(_train_config, _foreign_folder), finding="loss"),
+    Row("out-hand-made-case", ["sample-case", "--out", "{case}", "--overwrite", "--pixels", "64"], 1,
+        ("--out", "nothing in it shows"), setup=_hand_made_case, finding="loss"),
+    Row("phantom-over-patient", ["phantom", "--out", "{root}/in/patient", "--overwrite"], 1,
+        ("--out", "nothing in it shows"), setup=_patient_folder, finding="loss"),
+    Row("out-empty", ["register", "{case}", "--out", ""], 1, ("--out", "current folder"), finding="traceback"),
+    Row("out-current-folder", ["register", "{case}", "--out", "."], 1, ("current folder",), finding="loss"),
+    Row("refine-3d-without-labels", REG + ["--refine", "3d"], 1, ("label",), setup=_no_labels, output="res",
+        finding="traceback"),
+    Row("demo-two-levels", ["demo", "--out", "{dir}", "--level", "L1,L2"], 2, ("--level",), output="dir",
+        finding="silent"),
+    Row("sim-ct-normalised", ["simulate-cases", "--ct", "{root}/in/ct01.nrrd", "--seg", "{seg}", "--n", "1",
+                              "--out", "{dir}"], 1, ("ct01.nrrd", "Hounsfield"), setup=_normalised_ct_file,
+        output="dir", finding="wrong"),
     # --- foreign code: a planted pickle never runs
     Row("planted-checkpoint", ["train", "--config", "{root}/in/train.json", "--out", "{run}"], 1, ("checkpoint.pt",),
         setup=_both(_train_config, _trained_run, lambda ws: ws.plant_pickle(ws.path("run") / "checkpoint.pt")),
@@ -479,14 +523,18 @@ def run_row(row: Row, ws: Workspace) -> Outcome:
     changed = sorted(k for k in set(before) | set(after) if before.get(k) != after.get(k)
                      and not (expected_new and (ws.root / k == expected_new or expected_new in (ws.root / k).parents)))
     partial = bool(out_path and code != 0 and not row.keep_output and out_path.exists())
-    return Outcome(code=int(code or 0), out=stdout.getvalue(), err=stderr.getvalue(), traceback=tb, changed=changed,
-                   partial=partial, planted_ran=ws.path("marker").exists())
+    # the row's folder is named after the row: take it out of the messages, so that a word
+    # the message must contain cannot be found in a path by accident
+    root = str(ws.root)
+    return Outcome(code=int(code or 0), out=stdout.getvalue().replace(root, "<row>"),
+                   err=stderr.getvalue().replace(root, "<row>"), traceback=tb, changed=changed, partial=partial,
+                   planted_ran=ws.path("marker").exists())
 
 
 def classify(row: Row, o: Outcome) -> str:
     if o.planted_ran:
         return "foreign code"
-    if o.traceback or "Traceback (most recent call last)" in o.err:
+    if o.traceback or "Traceback (most recent call last)" in o.err or "internal error" in o.err:
         return "traceback"
     if o.changed:
         return "data loss"

@@ -29,6 +29,7 @@ def test_bad_input(row, workspace):
     o = run_row(row, ws)
     assert not o.planted_ran, "a planted pickle ran"
     assert not o.traceback and "Traceback" not in o.err, o.traceback or o.err
+    assert "internal error" not in o.err, o.err                     # a bug, not a user error
     assert not o.changed, f"inputs changed: {o.changed}"
     assert not o.partial, "a partial output was left behind"
     assert o.code == row.code, (o.code, o.err[-2000:])

@@ -284,6 +284,10 @@ def test_unusual_cts_warn(lumbar):
     a = lumbar[0].array
     w = check_ct(_ct(np.clip(a, -1024, None) + 1024))                     # stored values without the rescale intercept
     assert len(w) == 1 and w[0].startswith("ct: no voxel is negative") and "subtract 1024" in w[0]
+    raw = np.clip(a, -1024, None) + 1024
+    raw[:, :4, :] = -2000                                                  # GE-style padding around it
+    w = check_ct(_ct(raw))
+    assert len(w) == 1 and "outside the padding" in w[0] and "subtract 1024" in w[0]
     w = check_ct(_ct(np.clip(a, -200, None)))           # field of view inside the body
     assert len(w) == 1 and w[0].startswith("ct: no voxel below -500 HU (minimum -200)")
     b = a.copy()
@@ -376,3 +380,22 @@ def test_case_level_checks(simulated):
                            views={"ap": case.views["lat"], "lat": case.views["ap"]},
                            xrays={"ap": case.xrays["lat"], "lat": case.xrays["ap"]}))
     assert [m.split(":")[0] for m in w] == ["ct", "views"]
+
+
+def test_rescaled_log_images_warn_and_shutters_do_not_fake_a_swap(simulated):
+    """A vendor's log image stored as 12/16-bit (bone bright, large values) is a warning,
+    not a refusal (NCC is scale-invariant); detector intensities labelled as line integrals
+    (bone dark) stay refused. Dark collimator shutters on one view do not make it 'attenuate
+    more' (the swap check looks at the centre)."""
+    for name, case in simulated:
+        if case.image_kind != "line_integral" or "ideal" in name:
+            continue
+        img = case.xrays["ap"]
+        w = check_xray(img * 4000.0 + 100.0, "line_integral", "views.ap.image")
+        assert any("rescaled" in x for x in w), (name, w)
+        with pytest.raises(PlausibilityError, match="looks like detector intensities"):
+            check_xray(np.exp(-img) * 4095.0, "line_integral", "views.ap.image")
+        shut = case.xrays["ap"].copy()
+        shut[:, : shut.shape[1] // 8] = shut.max() + 6.0          # shutters: no photons, -ln huge
+        shut[:, -shut.shape[1] // 8:] = shut.max() + 6.0
+        assert check_xray_pair({"ap": shut, "lat": case.xrays["lat"]}, "line_integral") == [], name

@@ -45,7 +45,7 @@ def _tiny_case(seed=0):
     xrays = {k: rng.uniform(0, 5, v.shape).astype(np.float32) for k, v in views.items()}
     return io.Case(ct=ct, seg=Volume(seg, ct.affine), vertebra_label=29, vertebra_name="L3", views=views,
                    xrays=xrays, initial_guess=pose_to_matrix([0, 0, 0, 1, 2, 3]),
-                   ground_truth=pose_to_matrix([5, 0, -3, 4, 5, 6]))
+                   ground_truth=pose_to_matrix([5, 0, -3, 4, 5, 6]), extra={"generator": {"source": "tiny"}})
 
 
 def _result(x=1.0):
@@ -130,8 +130,19 @@ def test_legacy_folders_without_marker(tmp_path):
     # result-folder file names but not the identifying result.json -> not ours
     (tmp_path / "partial").mkdir()
     (tmp_path / "partial" / "recon.nrrd").write_bytes(b"x")
-    _refused(lambda: check_output(tmp_path / "partial", "result", overwrite=True), "has neither .* nor result.json",
-             tmp_path)
+    _refused(lambda: check_output(tmp_path / "partial", "result", overwrite=True),
+             "nothing in it shows RadGSReg wrote it", tmp_path)
+    # the same file names written by hand prove nothing: a case folder without our generator record
+    hand = _tiny_case()
+    hand.extra = {}
+    io.write_case(hand, tmp_path / "mine")
+    (tmp_path / "mine" / MARKER).unlink()
+    _refused(lambda: check_output(tmp_path / "mine", "case", overwrite=True), "nothing in it shows", tmp_path)
+    # nor does a phantom folder: ct.nrrd + seg.nrrd could be anybody's
+    (tmp_path / "ph").mkdir()
+    for n in ("ct.nrrd", "seg.nrrd"):
+        (tmp_path / "ph" / n).write_bytes(b"x")
+    _refused(lambda: check_output(tmp_path / "ph", "phantom", overwrite=True), "nothing in it shows", tmp_path)
     # a legacy suite: case folders + summary.json; a stranger's file deep inside is named
     io.write_case(_tiny_case(), tmp_path / "suite" / "case_000")
     (tmp_path / "suite" / "case_000" / MARKER).unlink()
@@ -145,7 +156,8 @@ def test_legacy_folders_without_marker(tmp_path):
 def test_training_run_folder_layout(tmp_path):
     run = tmp_path / "run"
     (run / "data").mkdir(parents=True)
-    (run / "config.json").write_text("{}")
+    (run / "config.json").write_text(json.dumps({k: 1 for k in ("stage", "out", "data_cache", "lambda_ssim",
+                                                               "input_rot_deg", "rec_epochs", "seed")}))
     (run / "log.jsonl").write_text("")
     (run / "data" / "samples-0123456789abcdef.pt").write_bytes(b"x")
     (run / ".model.pt.k2j3h4.pt").write_bytes(b"x")          # our own interrupted atomic write

@@ -12,6 +12,7 @@ import torch
 
 from RadGSRegLib.configio import ConfigError
 from RadGSRegLib.errors import InputError, OutputError
+from RadGSRegLib.io.outputs import write_marker
 from RadGSRegLib.learned import train as T
 from RadGSRegLib.learned.config import ModelConfig, TrainConfig, load_train_config
 from RadGSRegLib.learned.model import RadGSRegNet, WeightFileError
@@ -79,6 +80,12 @@ def test_planted_checkpoint_is_refused_unread(tmp_path, how, no_simulation):
     run = pathlib.Path(cfg.out)
     plant(run / "checkpoint.pt", marker, how)
     (run / "config.json").write_text("{}")          # even with a config.json of another run: the checkpoint is named
+    # a folder with no marker and no proof of being a run is refused before anything in it is read
+    with pytest.raises(OutputError, match=r"nothing in it shows RadGSReg wrote it"):
+        T.train(cfg, log=lambda *_: None, progress=False)
+    from RadGSRegLib.io.outputs import write_marker
+
+    write_marker(run, "train")                      # a run folder of ours, with a planted checkpoint
     with pytest.raises(OutputError, match=r"checkpoint\.pt: not a RadGSReg checkpoint .*move it away") as e:
         T.train(cfg, log=lambda *_: None, progress=False)
     assert not marker.exists()
@@ -125,6 +132,7 @@ def test_planted_cache_is_replaced_checkpoints_are_atomic_and_resume_works(tmp_p
     cache = T._cache_path(cfg)
     assert cache.parent == tmp_path / "run" / "data" and cache.name.startswith("samples-")
     plant(cache, marker)
+    write_marker(tmp_path / "run", "train")         # the run folder as train makes it
     real_save = torch.save
     calls = []
 
@@ -226,10 +234,15 @@ def test_python_made_configs_are_checked_too():
 def _images(tmp_path, *, labels=0):
     import SimpleITK as sitk
 
-    ct = sitk.Image(8, 8, 8, sitk.sitkInt16)
-    seg = sitk.Image(8, 8, 8, sitk.sitkUInt8)
+    arr = np.full((20, 20, 20), -1000, np.int16)               # air, a body, a bone: plausible HU
+    arr[3:17, 3:17, 3:17] = 40
+    arr[7:13, 7:13, 7:13] = 700
+    ct = sitk.GetImageFromArray(arr)
+    ct.SetSpacing((2.0, 2.0, 2.0))
+    seg = sitk.Image(20, 20, 20, sitk.sitkUInt8)
+    seg.SetSpacing((2.0, 2.0, 2.0))
     if labels:
-        seg[2:6, 2:6, 2:6] = labels
+        seg[7:13, 7:13, 7:13] = labels
     sitk.WriteImage(ct, str(tmp_path / "ct.nrrd"))
     sitk.WriteImage(seg, str(tmp_path / "seg.nrrd"))
     return tmp_path / "ct.nrrd", tmp_path / "seg.nrrd"
@@ -272,7 +285,7 @@ def test_stage2_case_without_ground_truth_is_refused_first(tmp_path, small_phant
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="CUDA is available here")
 def test_cuda_without_cuda_is_refused_first(tmp_path, no_simulation):
-    with pytest.raises(InputError, match="device 'cuda': CUDA is not available"):
+    with pytest.raises(InputError, match="device .* cuda: CUDA is not available"):
         T.train(tiny(tmp_path, device="cuda"), progress=False)
     assert not (tmp_path / "run").exists()
 
@@ -293,6 +306,7 @@ def test_run_folder_that_is_not_ours_is_refused(tmp_path, no_simulation):
     assert sorted(p.name for p in run.iterdir()) == ["data", "model.pt"]
     (run / "data" / "photo.jpg").unlink()
     (run / "model.pt").unlink()
+    write_marker(run, "train")
     # what a run (or an interrupted one) leaves is ours
     for name in (".DS_Store", ".checkpoint.pt.ab12cd.pt", "checkpoint.tmp", "data/samples-0123.pt",
                  "data/.samples-0123.pt.x1.pt", "tensorboard/events.out.tfevents.1.host"):
@@ -320,6 +334,10 @@ def test_a_run_that_never_started_does_not_block_the_corrected_one(tmp_path, no_
     run.mkdir()
     (run / "config.json").write_text(json.dumps({"stage": 1, "lr": 9.0}))
     (run / "log.jsonl").write_text('{"phase": "rec"}\n')
+    # without the marker nothing shows that a run wrote this (a hand-written config.json): refused
+    with pytest.raises(OutputError, match="nothing in it shows RadGSReg wrote it"):
+        T.check_run(tiny(tmp_path))
+    write_marker(run, "train")                      # a run folder of ours whose run never started
     assert T.check_run(tiny(tmp_path)).replace_config
     # started (a checkpoint) with another config: refused, and the checkpoint is named safe first
     net = RadGSRegNet(ModelConfig(**TINY))

@@ -131,6 +131,19 @@ def atomic_dir(path, overwrite: bool = False, *, kind: str | None = None, inputs
             (tmp / MARKER).write_text(json.dumps(stamp(kind), indent=1))
         os.chmod(tmp, 0o777 & ~_umask())
         with _sigint_deferred():
+            # the location again, now: a long job may have been overtaken (another run wrote
+            # there, someone put files there); the new folder never replaces what it may not
+            if os.path.lexists(path) and not (path.is_dir() and not any(os.scandir(path))):
+                if not overwrite:
+                    raise OutputExistsError(f"{shown} was created while this job ran; its result is not written "
+                                            "(pass --overwrite to replace it)")
+                if kind is not None:
+                    from .outputs import why_not_ours
+
+                    why = why_not_ours(path, kind)
+                    if why is not None:
+                        raise OutputError(f"{shown} changed while this job ran and now {why}; its result is not "
+                                          "written")
             if os.path.lexists(path):
                 old = path.parent / f".{path.name}.old-{os.getpid()}-{secrets.token_hex(4)}"
                 os.replace(path, old)

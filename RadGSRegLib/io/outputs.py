@@ -29,9 +29,11 @@ output of kind ``K`` when
   drr_ap/lat.nrrd); sub-folders are checked the same way (a suite's ``case_NNN``
   folders as case folders), or
 * (legacy: written before markers existed) it has no marker, holds only entries kind
-  ``K`` writes, and holds the file that identifies the kind (case.json, result.json,
-  fit.json, ct.nrrd for a phantom, summary.json or a case_NNN folder for a suite, case/
-  for a demo, config.json, checkpoint.pt or a data/ cache for a training run).
+  ``K`` writes, and something in it proves that RadGSReg wrote it: our generator's
+  record in case.json, our version in result.json, fit.json's source and config, a
+  training config.json with every field as a run dumps it (see ``_provably_ours``). File names alone prove
+  nothing (a hand-made case folder has the same names), and a legacy phantom folder
+  (ct.nrrd + seg.nrrd) never counts as ours.
 
 A marker alone is not enough: a file someone added to one of our folders (notes.txt in a
 result folder) makes it foreign, so ``--overwrite`` never deletes it. Hidden leftovers of
@@ -62,6 +64,7 @@ from .atomic import OutputExistsError, atomic_file
 
 __all__ = ["MARKER", "FOLDER_KINDS", "FILE_KINDS", "LAYOUTS", "Layout", "stamp", "read_marker", "write_marker",
            "why_not_ours", "why_not_own_file", "check_output", "check_output_file", "write_json", "write_png",
+           "check_writable",
            "OutputExistsError"]
 
 #: the marker file in every folder RadGSReg writes
@@ -70,12 +73,10 @@ MARKER = ".radgsreg.json"
 
 @dataclass(frozen=True)
 class Layout:
-    """What a kind of folder holds: file name patterns, sub-folder patterns (-> their kind),
-    and the entries of which one identifies a legacy folder (no marker) as this kind."""
+    """What a kind of folder holds: file name patterns and sub-folder patterns (-> their kind)."""
 
     files: tuple[str, ...]
     dirs: dict = field(default_factory=dict)
-    required: tuple[str, ...] = ()
 
 
 _CASE_DIR = "case_[0-9][0-9][0-9]*"
@@ -84,15 +85,15 @@ _CASE_DIR = "case_[0-9][0-9][0-9]*"
 #: "tensorboard", only occur inside a training run)
 LAYOUTS: dict[str, Layout] = {
     "case": Layout(("case.json", "ct.nrrd", "seg.nrrd", "xray_ap.nrrd", "xray_lat.nrrd", "geometry.json",
-                    "preview.png"), {}, ("case.json",)),
+                    "preview.png")),
     "result": Layout(("result.json", "transform.h5", "recon.nrrd", "registered_ct.nrrd", "drr_ap.nrrd",
-                      "drr_lat.nrrd"), {}, ("result.json",)),
-    "fit": Layout(("gaussians.npz", "recon.nrrd", "fit.json"), {}, ("fit.json",)),
-    "phantom": Layout(("ct.nrrd", "seg.nrrd"), {}, ("ct.nrrd",)),
-    "suite": Layout(("summary.json",), {_CASE_DIR: "case"}, ("summary.json", _CASE_DIR)),
-    "demo": Layout(("preview.png",), {"case": "case", "result": "result"}, ("case",)),
+                      "drr_lat.nrrd")),
+    "fit": Layout(("gaussians.npz", "recon.nrrd", "fit.json")),
+    "phantom": Layout(("ct.nrrd", "seg.nrrd")),
+    "suite": Layout(("summary.json",), {_CASE_DIR: "case"}),
+    "demo": Layout(("preview.png",), {"case": "case", "result": "result"}),
     "train": Layout(("config.json", "checkpoint.pt", "checkpoint.tmp", "log.jsonl", "model.pt"),
-                    {"data": "train-data", "tensorboard": "tensorboard"}, ("config.json", "checkpoint.pt", "data")),
+                    {"data": "train-data", "tensorboard": "tensorboard"}),
     "train-data": Layout(("samples-*.pt",)),
     "tensorboard": Layout(("events.out.tfevents.*",)),
 }
@@ -177,8 +178,8 @@ def _foreign(folder: Path, kind: str, rel: str) -> list[str]:
             inner = _foreign(Path(e.path), sub, r + "/")
             if inner:
                 bad.extend(inner)
-            elif marker is None and not _has_required(Path(e.path), sub) and any(os.scandir(e.path)):
-                bad.append(f"{r}/ (no {LAYOUTS[sub].required[0]})")
+            elif marker is None and not _provably_ours(Path(e.path), sub) and any(os.scandir(e.path)):
+                bad.append(f"{r}/ (nothing in it shows RadGSReg wrote it)")
         elif e.is_file(follow_symlinks=False) and (_match(n, layout.files) or _our_leftover(n, layout)):
             continue
         else:
@@ -186,11 +187,43 @@ def _foreign(folder: Path, kind: str, rel: str) -> list[str]:
     return bad
 
 
-def _has_required(folder: Path, kind: str) -> bool:
-    req = LAYOUTS[kind].required
-    if not req:
+def _json_keys(path: Path) -> set:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return set()
+    return set(data) if isinstance(data, dict) else set()
+
+
+def _provably_ours(folder: Path, kind: str) -> bool:
+    """Is a folder without a marker (written before markers existed) provably ours? Only
+    what our writers put in a file counts, never file names alone (a hand-made case folder
+    has the same names): case.json with our generator's ``generator`` record, result.json
+    with our ``version``, fit.json with ``source`` and ``config``, a suite's summary.json
+    next to such cases, a demo's case/ and result/, a training run's config.json as a run
+    dumps it (every field). A phantom folder (ct.nrrd, seg.nrrd) holds nothing that proves
+    it: never. The parts of a training run (data/, tensorboard/) are judged by their files."""
+    if kind in ("train-data", "tensorboard"):
         return True
-    return any(_match(n, req) for n in os.listdir(folder))
+    if kind == "case":
+        return "generator" in _json_keys(folder / "case.json")
+    if kind == "result":
+        return "version" in _json_keys(folder / "result.json") and (folder / "transform.h5").is_file()
+    if kind == "fit":
+        return {"source", "config"} <= _json_keys(folder / "fit.json")
+    if kind == "suite":
+        cases = [d for d in folder.iterdir() if d.is_dir() and fnmatch.fnmatchcase(d.name, _CASE_DIR)]
+        return bool(cases) and all(_provably_ours(d, "case") for d in cases)
+    if kind == "demo":
+        return _provably_ours(folder / "case", "case") and (folder / "result").is_dir()
+    if kind == "train":                  # config.json as train dumps it: every field, e.g. these
+        return _TRAIN_CONFIG_KEYS <= _json_keys(folder / "config.json")
+    return False
+
+
+#: fields of the config.json a training run writes (all of TrainConfig's), which a config
+#: written by hand rarely has all of
+_TRAIN_CONFIG_KEYS = {"stage", "out", "data_cache", "lambda_ssim", "input_rot_deg", "rec_epochs"}
 
 
 def why_not_ours(folder, kind: str) -> str | None:
@@ -204,9 +237,8 @@ def why_not_ours(folder, kind: str) -> str | None:
     bad = _foreign(folder, kind, "")
     if bad:
         return f"holds files RadGSReg did not write (e.g. {', '.join(bad[:3])}{', ...' if len(bad) > 3 else ''})"
-    if marker is None and not _has_required(folder, kind):
-        return (f"has neither {MARKER} nor {LAYOUTS[kind].required[0]}: it is not a {kind} folder "
-                "RadGSReg wrote")
+    if marker is None and not _provably_ours(folder, kind):
+        return f"has no {MARKER} marker and nothing in it shows RadGSReg wrote it as a {kind} folder"
     return None
 
 
@@ -273,10 +305,14 @@ def _inputs(inputs) -> list[tuple[str, Path]]:
     return [(str(i), _resolve(i)) for i in (inputs or ()) if i is not None and str(i) != ""]
 
 
-def _check_writable(rp: Path, label: str) -> None:
+def check_writable(rp: Path, label: str, *, inside: bool = False) -> None:
     """Refuse when a folder above ``rp`` is a file, or the nearest existing one cannot be
-    written (a temp file is created and removed there)."""
-    anc = next((a for a in rp.parents if os.path.lexists(a)), None)
+    written (a temp file is created and removed there). ``inside``: files go into ``rp``
+    itself (a training run folder), so an existing ``rp`` is the one probed; otherwise the
+    folder is replaced from beside it (:func:`~RadGSRegLib.io.atomic.atomic_dir`)."""
+    rp = Path(rp)
+    candidates = ([rp] if inside else []) + list(rp.parents)
+    anc = next((a for a in candidates if os.path.lexists(a)), None)
     if anc is None:                                          # pragma: no cover - the root always exists
         raise OutputError(f"{label}: no existing folder above it")
     if not anc.is_dir():
@@ -305,11 +341,20 @@ def check_output(path, kind: str, *, overwrite: bool, inputs: Iterable = (), opt
     FileExistsError) when it exists without ``overwrite``, :class:`OutputError` otherwise.
     """
     _known_kind(kind)
+    if str(path).strip() == "":
+        raise OutputError(f"{option or 'the output'} is empty; give a folder path")
     p = Path(path)
     rp = _resolve(p)
     label = _label(p, option)
     if rp.parent == rp:
         raise OutputError(f"{label} is a filesystem root; choose a folder to write")
+    cwd = _resolve(Path.cwd())
+    if _same(rp, cwd) or _within(cwd, rp):
+        raise OutputError(f"{label} is (or holds) the current folder; replacing it would pull the folder from under "
+                          "you: choose a new folder")
+    if rp.is_dir() and rp.stat().st_dev != rp.parent.stat().st_dev:
+        raise OutputError(f"{label} is a mount point; RadGSReg writes a new folder beside the old one and swaps "
+                          "them, which a mount point does not allow: give a folder inside it")
     for name, ri in _inputs(inputs):
         if _same(rp, ri):
             raise OutputError(f"{label} is the input {name}; writing there would destroy it: choose another folder")
@@ -329,7 +374,7 @@ def check_output(path, kind: str, *, overwrite: bool, inputs: Iterable = (), opt
                                   "with --overwrite: choose another folder (or empty this one)")
             if not overwrite:
                 raise OutputExistsError(f"{label} exists; pass --overwrite to replace it")
-    _check_writable(rp, label)
+    check_writable(rp, label)
     return p
 
 
@@ -369,7 +414,7 @@ def check_output_file(path, kind: str, *, overwrite: bool, inputs: Iterable = ()
                               "choose another file")
         if not overwrite:
             raise OutputExistsError(f"{label} exists; pass --overwrite to replace it")
-    _check_writable(rp, label)
+    check_writable(rp, label)
     return p
 
 

@@ -41,7 +41,7 @@ from .config import ModelConfig, TrainConfig
 from .recm import roi_affine
 
 __all__ = ["prepare_images", "VertebraRegion", "perturb_pose", "make_sample", "collate", "sample_sources",
-           "build_samples", "usable_levels", "CTSpecError", "SAMPLE_KEYS"]
+           "build_samples", "usable_levels", "CTSpecError", "SAMPLE_KEYS", "ct_spec_paths"]
 
 
 #: the entries of a sample (:func:`make_sample`)
@@ -146,7 +146,7 @@ class CTSpecError(InputError, FileNotFoundError):
     """A ``ct_dirs`` entry (``--ct``) that names no CT and label map."""
 
 
-def _ct_dir(spec: str):
+def ct_spec_paths(spec: str):
     """``CT:LABELS`` paths, or a folder with a CT and its labels under the case format's
     names (``ct.nrrd`` + ``seg.nrrd``), the phantom command's, or the sample data's."""
     if ":" in spec and not Path(spec).exists():
@@ -204,7 +204,7 @@ def sample_sources(cfg: TrainConfig, *, validation: bool) -> Iterator[tuple[str,
 
         for spec in cfg.ct_dirs:
             def load(spec=spec):
-                ct_p, seg_p = _ct_dir(spec)
+                ct_p, seg_p = ct_spec_paths(spec)
                 ct, seg = read_volume(ct_p, field=str(ct_p)), read_label_map(seg_p, field=str(seg_p))
                 return ct, seg, usable_levels(seg, cfg.levels, str(seg_p))
             yield f"CT {spec}", load

@@ -31,7 +31,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import os
 import random
 import time
 from pathlib import Path
@@ -39,9 +38,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..errors import InputError, OutputError
+from ..device import resolve_device
+from ..errors import OutputError
 from ..io.atomic import atomic_file
-from ..io.outputs import read_marker, write_marker
+from ..io.outputs import check_writable, read_marker, write_marker
 from .config import TrainConfig
 from .data import SAMPLE_KEYS, build_samples, collate, perturb_pose
 from .model import RadGSRegNet, UnsafeFileError, load_plain, plain
@@ -124,19 +124,6 @@ def _cfg_json(cfg: TrainConfig) -> dict:
     return json.loads(json.dumps(cfg.to_dict(), default=str))
 
 
-def _writable_location(path: Path, what: str) -> None:
-    """``path`` (a folder) exists and can be written, or can be created."""
-    p = path
-    while not p.exists():
-        if p.parent == p:
-            break
-        p = p.parent
-    if p.exists() and not p.is_dir():
-        raise OutputError(f"{what} {path}: cannot be a folder: {p} is a file")
-    if not os.access(p, os.W_OK | os.X_OK):
-        raise OutputError(f"{what} {path}: cannot be written ({p} is not writable)")
-
-
 def _started(out: Path) -> bool:
     return (out / "checkpoint.pt").is_file() or (out / "model.pt").is_file()
 
@@ -153,19 +140,7 @@ def _check_out(out: Path) -> None:
             why = why_not_ours(out, "train")
             if why:
                 raise RunFolderError(f"run folder (--out) {out} {why}; give a new or empty folder")
-    _writable_location(out, "run folder (--out)")
-
-
-def _check_device(name: str) -> torch.device:
-    if name.startswith("cuda"):
-        if not torch.cuda.is_available():
-            build = "a CPU-only build of torch" if torch.version.cuda is None else "no CUDA device is visible"
-            raise InputError(f"device {name!r}: CUDA is not available here ({build}, torch {torch.__version__}); "
-                             "use device 'cpu' (--device cpu)")
-        index = int(name.split(":")[1]) if ":" in name else 0
-        if index >= torch.cuda.device_count():
-            raise InputError(f"device {name!r}: only {torch.cuda.device_count()} CUDA device(s) here")
-    return torch.device(name)
+    check_writable(out, f"run folder (--out) {out}", inside=True)
 
 
 def _check_image(path: Path, what: str) -> None:
@@ -193,10 +168,17 @@ def _check_image(path: Path, what: str) -> None:
 def _check_ct(spec: str, levels) -> None:
     """A ``ct_dirs`` entry: the CT readable, the label map readable and holding a level."""
     from ..io import read_label_map
-    from .data import _ct_dir, usable_levels
+    from .data import ct_spec_paths, usable_levels
 
-    ct_p, seg_p = _ct_dir(spec)
+    from ..checks import PlausibilityError, check_ct
+    from ..io import CaseFormatError, read_volume
+
+    ct_p, seg_p = ct_spec_paths(spec)
     _check_image(ct_p, "ct_dirs (--ct)")
+    try:
+        check_ct(read_volume(ct_p, field="ct_dirs (--ct)"))        # Hounsfield units, voxels: before any work
+    except PlausibilityError as e:
+        raise CaseFormatError(ct_p, "ct_dirs (--ct)", e.detail) from None
     seg = read_label_map(seg_p, field="ct_dirs (--ct), labels")
     usable_levels(seg, levels, str(seg_p))
 
@@ -286,8 +268,8 @@ def check_run(cfg: TrainConfig, *, log=print) -> _Run:
     out = Path(cfg.out)
     _check_out(out)
     if cfg.data_cache:
-        _writable_location(Path(cfg.data_cache), "data_cache folder")
-    device = _check_device(cfg.device)
+        check_writable(Path(cfg.data_cache), f"data_cache folder {cfg.data_cache}", inside=True)
+    device = resolve_device(cfg.device, "device (--device)")
     if cfg.init:
         net = RadGSRegNet.load(cfg.init)
         if net.cfg != cfg.model:

@@ -23,6 +23,7 @@ import time
 import numpy as np
 
 from ..drr import DRR, hu_to_mu
+from ..errors import InputError
 from ..geometry import apply, translation
 from ..io import Case, Result
 from ..volume import Volume
@@ -118,7 +119,9 @@ def run(case: Case, config: RegisterConfig | None = None, log=None, *, net=None,
     runtime, info, warnings = {}, {"init": mode, "refine": cfg.refine}, list(plausibility)
     if case.seg is None or case.vertebra_label is None:
         if mode == "learned" or cfg.refine in ("3d", "both"):
-            raise ValueError("the learned method and the 3-D/3-D refinement need the vertebra's label map")
+            raise InputError("the learned method (init learned) and the 3-D/3-D refinement (refine 3d/both) need "
+                             "the vertebra's label map: this case has no segmentation/vertebra_label; use --init "
+                             "search --refine 2d, or add the labels")
         warnings.append("no vertebra label: the whole CT is the target")
     report.stage("preprocessing", "preparing the CT and the X-rays")
     tgt = make_target(case, cfg)
