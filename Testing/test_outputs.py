@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from tiny_cases import tiny_case
 
 from RadGSRegLib import __version__, io
 from RadGSRegLib.errors import OutputError
@@ -19,7 +20,6 @@ from RadGSRegLib.geometry import biplanar_views, pose_to_matrix
 from RadGSRegLib.io import MARKER, OutputExistsError, check_output, check_output_file
 from RadGSRegLib.io.atomic import atomic_dir, atomic_file
 from RadGSRegLib.io.outputs import why_not_ours, why_not_own_file, write_json, write_marker, write_png
-from RadGSRegLib.volume import Volume, affine_from
 
 
 # ------------------------------------------------------------------ helpers
@@ -36,16 +36,7 @@ def _tree(root: Path) -> dict:
 
 
 def _tiny_case(seed=0):
-    rng = np.random.default_rng(seed)
-    ct = Volume(rng.uniform(-1000, 1000, (16, 17, 18)).astype(np.float32),
-                affine_from([-20, -25, -15], [3.0, 3.0, 3.0], np.diag([-1.0, -1.0, 1.0])))
-    seg = np.zeros((16, 17, 18), np.int16)
-    seg[5:10, 6:11, 7:12] = 29
-    views = biplanar_views(pixels=(40, 32), detector_mm=(120.0, 96.0))
-    xrays = {k: rng.uniform(0, 5, v.shape).astype(np.float32) for k, v in views.items()}
-    return io.Case(ct=ct, seg=Volume(seg, ct.affine), vertebra_label=29, vertebra_name="L3", views=views,
-                   xrays=xrays, initial_guess=pose_to_matrix([0, 0, 0, 1, 2, 3]),
-                   ground_truth=pose_to_matrix([5, 0, -3, 4, 5, 6]), extra={"generator": {"source": "tiny"}})
+    return tiny_case(np.random.default_rng(seed), extra={"generator": {"source": "tiny"}})
 
 
 def _result(x=1.0):
