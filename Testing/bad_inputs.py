@@ -255,7 +255,7 @@ def _hand_made_case(ws):
     """A case folder someone made by hand (docs/case-format.md): our file names, no marker,
     no generator record."""
     ws.edit_json("case.json", lambda d: d.pop("generator"))
-    (ws.path("case") / ".radgsreg.json").unlink()
+    (ws.path("case") / ".radgsreg.json").unlink(missing_ok=True)
 
 
 def _patient_folder(ws):
