@@ -366,10 +366,9 @@ def _phantom_config(**kw):
 
 def _load_ct_seg(ct_path, seg_path, levels):
     """CT, label map and {level: label value}; refuses absent or cut levels and off-grid labels."""
+    from .checks import PlausibilityError, check_ct
     from .io import CaseFormatError, read_segmentation, read_volume
     from .levels import resolve_level
-
-    from .checks import PlausibilityError, check_ct
 
     ct = read_volume(ct_path, field="--ct")
     try:
@@ -720,7 +719,6 @@ def _cmd_train(args):
     if args.no_cal:
         cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, cal=False))
     from .io.outputs import check_output
-
     from .learned.data import ct_spec_paths
 
     inputs = [args.config, cfg.init, *cfg.case_dirs]
