@@ -48,7 +48,7 @@ from .errors import InputError
 from .geometry import View, apply, is_rigid, translation
 
 __all__ = ["PlausibilityError", "check_view", "check_pair", "check_ct", "check_xray", "check_xray_pair",
-           "check_case", "xray_polarity", "LIMITS"]
+           "check_case", "check_consistency", "xray_polarity", "LIMITS"]
 
 
 class PlausibilityError(InputError):
@@ -621,7 +621,19 @@ def check_case(case) -> list[str]:
             shape = f"{img.shape[1]} columns x {img.shape[0]} rows" if img.ndim == 2 else f"shape {img.shape}"
             _fail(f"views.{vn}.size", f"the image is {shape}, the geometry says {view.size[0]} x {view.size[1]}")
         warnings += check_xray(img, kind, f"views.{vn}.image")
-    if not any("look swapped" in m for m in warnings):      # one warning for one cause
+    return warnings + check_consistency(case, warnings)
+
+
+def check_consistency(case, prior: list = ()) -> list[str]:
+    """The part of :func:`check_case` about how a case's parts fit together (the parts
+    themselves already checked, e.g. by :func:`~RadGSRegLib.io.read_case` as it reads them,
+    with the warnings ``prior``): the two images as a pair (unless ``prior`` already says they
+    look swapped), the segmentation on the CT grid with its label, a rigid initial guess, and
+    the vertebra projecting onto each detector. Returns its warnings; raises
+    :class:`PlausibilityError` as :func:`check_case` does."""
+    warnings: list[str] = []
+    kind = case.image_kind
+    if not any("look swapped" in m for m in prior):          # one warning for one cause
         warnings += check_xray_pair(case.xrays, kind)
 
     label = case.vertebra_label

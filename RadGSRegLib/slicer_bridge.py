@@ -235,6 +235,7 @@ def case_from_nodes(ct_node, seg_node, level, ap_node, lat_node, views: dict[str
     case = Case(ct=ct, seg=labels, vertebra_label=label, vertebra_name=str(level), views=views, xrays=xrays,
                 image_kind=image_kind)
     case.warnings = check_case(case)          # refuses what cannot be right, before any work
+    case.checked = True
     return case
 
 

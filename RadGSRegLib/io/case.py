@@ -43,6 +43,8 @@ class Case:
         extra: other keys of case.json, kept as they are (e.g. generator provenance).
         warnings: what :func:`read_case` found implausible but possible
             (:func:`RadGSRegLib.checks.check_case`), in words; not written.
+        checked: the plausibility checks ran (``warnings`` are their result), so that
+            :func:`RadGSRegLib.register.run` does not run them again.
     """
 
     ct: Volume
@@ -57,6 +59,7 @@ class Case:
     extra: dict = field(default_factory=dict)
     path: Path | None = None
     warnings: list = field(default_factory=list)
+    checked: bool = False
 
 
 @dataclass
@@ -262,8 +265,9 @@ def read_case(path, *, ground_truth: bool = False, check: bool = True) -> Case:
         files = {"ct": path / ct_name, "views": path / g_name, "segmentation": cj, "vertebra_label": cj,
                  "initial_guess": cj, **{f"views.{vn}.image": path / (images[vn] or f"xray_{vn}.nrrd")
                                          for vn in views}}
-        more = _plausible(lambda: checks.check_case(case), files)
+        more = _plausible(lambda: checks.check_consistency(case, warnings), files)   # the parts: checked above
         case.warnings = list(dict.fromkeys(warnings + more))          # each once, in order
+        case.checked = True
     return case
 
 

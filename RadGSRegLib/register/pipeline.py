@@ -109,7 +109,7 @@ def run(case: Case, config: RegisterConfig | None = None, log=None, *, net=None,
     cfg = config or RegisterConfig()
     report = Reporter(progress)
     # the inputs first: what cannot be right is refused before any work, what is unusual is said
-    plausibility = list(case.warnings) or check_case(case)
+    plausibility = list(case.warnings) if case.checked else check_case(case)
     mode = cfg.init_mode
     if mode == "learned" and net is None:
         from ..learned.model import RadGSRegNet
@@ -196,7 +196,6 @@ def run(case: Case, config: RegisterConfig | None = None, log=None, *, net=None,
                 best = (m, Tr, ri, Tc)
         m, Tr, ri, Tstart = best
         info["refine2d"] = ri
-        report.stage("check", "checking the result")
         T, m, warn = check_refinement(tgt, Tstart, Tr, m, cfg)
         info["diverged"] = warn is not None
         if warn:
