@@ -52,6 +52,7 @@ _ensure_lib_on_path()
 from RadGSRegLib.geometry import STANDARD_PIXEL_MM, STANDARD_SDD_MM, STANDARD_SID_MM, biplanar_views  # noqa: E402
 from RadGSRegLib.levels import LEVELS  # noqa: E402
 from RadGSRegLib.register.config import DEVICES, INITS, REFINES, RegisterConfig  # noqa: E402
+from RadGSRegLib.resources import find_resource, resource_path  # noqa: E402
 
 #: the levels the panel offers, the lumbar spine first
 PANEL_LEVELS = [lv for lv in LEVELS if lv[0] in "LS"] + [lv for lv in reversed(LEVELS) if lv[0] == "T"] + \
@@ -62,13 +63,10 @@ SAMPLE_NAME = "RadGSReg lumbar CT"
 
 
 def _resource(*parts) -> str:
-    """A file of the extension's Resources folder (next to this file in the built extension,
-    the checkout's top-level Resources in a source checkout)."""
-    here = Path(__file__).resolve().parent
-    for base in (here / "Resources", here.parent / "Resources"):
-        if base.joinpath(*parts).exists():
-            return str(base.joinpath(*parts))
-    return str(here / "Resources" / Path(*parts))
+    """A shipped file, e.g. ``_resource("UI", "RadGSReg.ui")``, found by RadGSRegLib.resources
+    (the Resources folder next to this file in the built extension, the checkout's top-level
+    Resources in a source checkout); its error names every place looked at."""
+    return str(resource_path("/".join(parts)))
 
 
 #
@@ -97,7 +95,7 @@ def sampleDataSource():
     """The keyword arguments of the 'RadGSReg lumbar CT' Sample Data entry (the bundled
     files, loaded the way Slicer loads a volume and a segmentation; names prefixed so that
     they cannot collide in Slicer's download cache; SHA-256 from SHA256SUMS)."""
-    d = Path(_resource("SampleData"))
+    d = Path(_resource("SampleData", "SHA256SUMS")).parent
     sums = dict(reversed(line.split()) for line in (d / "SHA256SUMS").read_text().splitlines() if line.strip())
     files = ["example_ct.nii.gz", "totalseg.nii.gz"]
     return dict(
@@ -116,7 +114,7 @@ def registerSampleData():
     """A 'RadGSReg lumbar CT' entry in the Sample Data module, from the bundled files (once)."""
     import SampleData
 
-    if not Path(_resource("SampleData", "example_ct.nii.gz")).exists():
+    if find_resource("SampleData/example_ct.nii.gz") is None:
         return
     try:
         known = SampleData.SampleDataLogic().sourceForSampleName(SAMPLE_NAME)

@@ -31,7 +31,7 @@ from pathlib import Path
 
 from .errors import InputError
 
-__all__ = ["ConfigError", "build", "check", "read_json"]
+__all__ = ["ConfigError", "build", "check", "at_least", "read_json"]
 
 
 class ConfigError(InputError):
@@ -103,6 +103,15 @@ def check(obj, *, error=ConfigError) -> None:
     ctx = _Ctx(None, error, module)
     for f in dataclasses.fields(obj):
         setattr(obj, f.name, _convert(getattr(obj, f.name), f.type, f.name, ctx, _default(f)))
+
+
+def at_least(obj, names, low, what: str, *, error=ConfigError) -> None:
+    """Refuse any of the fields ``names`` of ``obj`` below ``low`` (``what`` says what a
+    field must be, e.g. "a positive integer"); the error names the field."""
+    for name in names:
+        v = getattr(obj, name)
+        if v < low:
+            raise error(f"must be {what}, not {v}", field=name)
 
 
 # ------------------------------------------------------------------ internals

@@ -11,8 +11,8 @@ import numpy as np
 
 from .errors import InputError
 from .io import Case, Result
-from .metrics import (capture_range, ground_truth_volume, recon_metrics, registration_errors, success_rate,
-                      target_points)
+from .metrics import capture_range, recon_metrics, registration_errors, success_rate, target_points
+from .region import ground_truth_volume
 
 __all__ = ["case_row", "summarize", "format_table", "evaluate_results", "case_dirs", "case_fingerprint",
            "result_matches_case"]

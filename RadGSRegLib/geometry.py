@@ -11,12 +11,21 @@ Frames and units (see ``docs/frames.md`` and the case format):
   ``detector_origin + i*su*u + j*sv*v``. Image arrays are indexed ``[row, column]``.
 * A rigid pose is a 4x4 homogeneous matrix acting on column vectors; ``T_a_to_b`` maps
   points of frame *a* into frame *b*: ``x_b = T_a_to_b @ x_a``.
-* The 6-DOF vector used by this library is ``(rx, ry, rz, tx, ty, tz)``: Euler angles in
-  **degrees**, applied about the fixed x, then y, then z axes (``R = Rz @ Ry @ Rx``), and a
-  translation in mm. :func:`pose_to_matrix` / :func:`matrix_to_pose` convert, optionally
-  about a centre point.
+* Poses cross every boundary of the library as 4x4 matrices. A pose *change* about a
+  centre ``c`` (what a network or an optimiser outputs) is a **delta**: a 6-vector
+  ``(rotation vector [rad], translation [mm])`` acting as ``x -> R (x - c) + c + t`` in the
+  frame the pose maps into (:func:`delta_to_matrix`, :func:`matrix_to_delta`,
+  :func:`apply_delta`; :func:`apply_delta_torch` is the differentiable batch twin, via
+  roma). Optimisers may scale its components internally (3-D/3-D refinement).
+* Euler angles ``(rx, ry, rz, tx, ty, tz)`` (degrees, fixed x then y then z axes,
+  ``R = Rz @ Ry @ Rx``, translation mm; :func:`pose_to_matrix` / :func:`matrix_to_pose`)
+  remain where something is defined *per axis*: the random offsets of the case generator
+  (±N degrees per axis, the case format's contract), the pose search's hypothesis grid and
+  the 2-D/3-D refinement's finite-difference steps (a single-axis Euler step is the same
+  rotation as the rotation vector along that axis).
 
-Everything here is NumPy float64: geometry is exact bookkeeping, not a hot path.
+Everything here is NumPy float64 (geometry is exact bookkeeping, not a hot path), except
+:func:`apply_delta_torch`, which imports torch when called.
 """
 from __future__ import annotations
 
@@ -31,6 +40,8 @@ __all__ = [
     "euler_to_matrix", "matrix_to_euler", "pose_to_matrix", "matrix_to_pose",
     "translation", "compose", "invert", "is_rigid", "geodesic_deg", "mtre",
     "sample_offsets", "apply", "orthonormalized",
+    "rotvec_to_matrix", "matrix_to_rotvec", "delta_to_matrix", "matrix_to_delta", "apply_delta",
+    "apply_delta_torch",
 ]
 
 _ORTHO_TOL = 1e-4
@@ -286,6 +297,78 @@ def matrix_to_euler(R: np.ndarray) -> np.ndarray:
         rx = 0.0
         rz = math.atan2(-R[0, 1], R[1, 1])
     return np.rad2deg([rx, ry, rz])
+
+
+def rotvec_to_matrix(rotvec) -> np.ndarray:
+    """(3, 3) rotation by the rotation vector ``rotvec`` (3,) radians (Rodrigues)."""
+    v = np.asarray(rotvec, dtype=np.float64).reshape(3)
+    theta = float(np.linalg.norm(v))
+    K = np.array([[0.0, -v[2], v[1]], [v[2], 0.0, -v[0]], [-v[1], v[0], 0.0]])
+    if theta < 1e-12:
+        return np.eye(3) + K
+    return np.eye(3) + math.sin(theta) / theta * K + (1 - math.cos(theta)) / theta ** 2 * (K @ K)
+
+
+def matrix_to_rotvec(R) -> np.ndarray:
+    """Inverse of :func:`rotvec_to_matrix`: the rotation vector (3,) radians, angle in [0, pi]."""
+    R = np.asarray(R, dtype=np.float64)[:3, :3]
+    c = max(-1.0, min(1.0, (np.trace(R) - 1) / 2))
+    theta = math.acos(c)
+    w = np.array([R[2, 1] - R[1, 2], R[0, 2] - R[2, 0], R[1, 0] - R[0, 1]])
+    if theta < 1e-6:
+        return w / 2
+    if math.pi - theta < 1e-4:                               # near pi: the axis from R + I
+        B = (R + np.eye(3)) / 2
+        axis = B[int(np.argmax(np.diag(B)))]
+        axis = axis / np.linalg.norm(axis)
+        if np.dot(axis, w) < 0:
+            axis = -axis
+        return axis * theta
+    return w * theta / (2 * math.sin(theta))
+
+
+def delta_to_matrix(delta, center=None) -> np.ndarray:
+    """(4, 4) of the delta ``(rotation vector [rad], translation [mm])`` about ``center``
+    (3,) mm (default the origin): ``x -> R (x - c) + c + t``."""
+    d = np.asarray(delta, dtype=np.float64).reshape(-1)
+    if d.shape != (6,):
+        raise ValueError(f"a delta has 6 numbers (rotation vector rad, translation mm), got {d.shape}")
+    c = np.zeros(3) if center is None else _vec3(center, "center")
+    T = np.eye(4)
+    T[:3, :3] = rotvec_to_matrix(d[:3])
+    T[:3, 3] = c - T[:3, :3] @ c + d[3:]
+    return T
+
+
+def matrix_to_delta(D, center=None) -> np.ndarray:
+    """Inverse of :func:`delta_to_matrix` (same ``center``): (6,) rotation vector rad, mm."""
+    D = np.asarray(D, dtype=np.float64)
+    c = np.zeros(3) if center is None else _vec3(center, "center")
+    return np.concatenate([matrix_to_rotvec(D[:3, :3]), D[:3, 3] - c + D[:3, :3] @ c])
+
+
+def apply_delta(delta, T, center) -> np.ndarray:
+    """``delta_to_matrix(delta, center) @ T``: the pose ``T`` (4, 4) changed by ``delta``
+    about ``center`` (mm, in the frame ``T`` maps into)."""
+    return compose(delta_to_matrix(delta, center), T)
+
+
+def apply_delta_torch(delta, T, center):
+    """:func:`apply_delta` on torch batches, differentiable (roma's rotation vectors).
+
+    Args:
+        delta: (B, 6) rotation vector rad, translation mm. T: (B, 4, 4). center: (B, 3) mm.
+    Returns:
+        (B, 4, 4) ``delta ∘ T``.
+    """
+    import roma
+    import torch
+
+    R = roma.rotvec_to_rotmat(delta[:, :3])
+    out = T.clone()
+    out[:, :3, :3] = R @ T[:, :3, :3]
+    out[:, :3, 3] = torch.einsum("bij,bj->bi", R, T[:, :3, 3] - center) + center + delta[:, 3:]
+    return out
 
 
 def translation(t) -> np.ndarray:

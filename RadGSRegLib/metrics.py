@@ -11,8 +11,8 @@ import numpy as np
 from .geometry import apply, geodesic_deg, mtre
 from .volume import Volume
 
-__all__ = ["target_points", "mtre", "registration_errors", "SUCCESS_MM", "recon_metrics", "ground_truth_volume",
-           "success_rate", "capture_range", "vertebra_region"]
+__all__ = ["target_points", "mtre", "registration_errors", "SUCCESS_MM", "recon_metrics",
+           "success_rate", "capture_range"]
 
 SUCCESS_MM = 2.0
 
@@ -46,31 +46,6 @@ def registration_errors(T, G, points, views=None) -> dict:
             d.append(np.linalg.norm((a - b) * np.asarray(v.pixel_spacing), axis=1).mean())
         out["mpd_mm"] = float(np.mean(d))
     return out
-
-
-def vertebra_region(ct: Volume, seg: Volume, label: int, *, dilate_mm: float = 3.0) -> Volume:
-    """Attenuation (1/mm, float32) of the CT's vertebra region: CT x label dilated by
-    ``dilate_mm``, zero elsewhere; on the CT's grid (CT frame)."""
-    from scipy import ndimage
-
-    from .drr import hu_to_mu
-
-    it = max(1, int(round(dilate_mm / float(np.min(seg.spacing)))))
-    mask = ndimage.binary_dilation(seg.array == label, iterations=it)
-    return Volume((hu_to_mu(ct.array) * mask).astype(np.float32), ct.affine)
-
-
-def ground_truth_volume(ct: Volume, seg: Volume, label: int, T_ct_to_carm, shape, affine, *,
-                        dilate_mm: float = 3.0) -> Volume:
-    """The reconstruction target (metrics.md): :func:`vertebra_region` resampled at the
-    true pose onto a C-arm grid.
-
-    Returns:
-        Volume (shape, affine: voxel -> C-arm mm) in 1/mm (see :func:`~RadGSRegLib.drr.hu_to_mu`).
-    """
-    from .volume import resample_to_grid
-
-    return resample_to_grid(vertebra_region(ct, seg, label, dilate_mm=dilate_mm), shape, affine, T_ct_to_carm)
 
 
 def recon_metrics(recon: np.ndarray, gt: np.ndarray) -> dict:

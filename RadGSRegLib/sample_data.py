@@ -2,9 +2,9 @@
 
 From TotalSegmentator 2.18.0's source distribution (Apache-2.0; see
 ``Resources/SampleData/NOTICE``): 122 x 101 x 112 voxels at 3 mm, L1-L5 and S1 complete,
-T12 cut by the top of the scan. The files live in ``Resources/SampleData`` next to the
-package (source checkout, editable install, Slicer extension); ``RADGSREG_SAMPLE_DATA``
-points elsewhere.
+T12 cut by the top of the scan. The files are the shipped resources ``SampleData/...``
+(:mod:`RadGSRegLib.resources`: ``Resources/SampleData`` of a source checkout or the Slicer
+extension, package data of a wheel); ``RADGSREG_SAMPLE_DATA`` points elsewhere.
 """
 from __future__ import annotations
 
@@ -12,6 +12,8 @@ import hashlib
 import os
 from dataclasses import dataclass
 from pathlib import Path
+
+from .resources import ResourceNotFoundError, resource_path
 
 __all__ = ["SampleData", "lumbar_ct", "sample_data_dir", "verify_checksums", "LUMBAR_LEVELS"]
 
@@ -30,14 +32,18 @@ class SampleData:
 
 
 def sample_data_dir() -> Path:
-    """Where the sample files are (``$RADGSREG_SAMPLE_DATA`` or ``Resources/SampleData``)."""
+    """Where the sample files are: ``$RADGSREG_SAMPLE_DATA``, else the folder of the shipped
+    resource ``SampleData/example_ct.nii.gz`` (:func:`RadGSRegLib.resources.resource_path`)."""
+    hint = ("It ships with the source tree, the wheel and the Slicer extension; RADGSREG_SAMPLE_DATA can name "
+            "a folder holding example_ct.nii.gz and totalseg.nii.gz (Resources/SampleData/fetch_sample_data.py "
+            "in the source tree re-derives them).")
     env = os.environ.get("RADGSREG_SAMPLE_DATA")
-    d = Path(env) if env else Path(__file__).resolve().parents[1] / "Resources" / "SampleData"
+    if not env:
+        return resource_path("SampleData/example_ct.nii.gz", hint=hint).parent
+    d = Path(env)
     if not (d / "example_ct.nii.gz").is_file():
-        raise FileNotFoundError(
-            f"the RadGSReg sample data is not at {d} (expected example_ct.nii.gz and totalseg.nii.gz). "
-            "It ships with the source tree and the Slicer extension; with a plain wheel install set "
-            "RADGSREG_SAMPLE_DATA to a folder holding it (Resources/SampleData/fetch_sample_data.py re-derives it).")
+        raise ResourceNotFoundError("SampleData/example_ct.nii.gz",
+                                    [(d / "example_ct.nii.gz", "RADGSREG_SAMPLE_DATA")], hint=hint)
     return d
 
 

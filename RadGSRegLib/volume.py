@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-__all__ = ["Volume", "affine_from", "crop_to_label", "resample_to_grid"]
+__all__ = ["Volume", "affine_from", "resample_to_grid"]
 
 
 def affine_from(origin, spacing, direction=None) -> np.ndarray:
@@ -114,43 +114,6 @@ class Volume:
         if dtype is not None:
             arr = arr.astype(dtype, copy=False)
         return cls(arr, affine_from(img.GetOrigin(), img.GetSpacing(), img.GetDirection()))
-
-
-def crop_to_label(ct: Volume, seg: Volume, label: int, *, margin_mm: float = 10.0,
-                  spacing_mm: float = 1.0, mask: bool = False, background: float = -1000.0) -> Volume:
-    """The region of one label (its bounding box plus ``margin_mm``), resampled with linear
-    interpolation to an isotropic ``spacing_mm`` grid whose axes follow the CT's.
-
-    Args:
-        ct: the CT (HU), CT frame. seg: label map on the same grid.
-        label: the label value. mask: set voxels outside the (nearest-neighbour resampled)
-            label to ``background``.
-    Returns:
-        A Volume in the CT frame.
-    """
-    import SimpleITK as sitk
-
-    if not ct.same_grid(seg):
-        raise ValueError("the label map is not on the CT's grid (size, origin, spacing and direction must match)")
-    kji = np.argwhere(seg.array == label)
-    if len(kji) == 0:
-        raise ValueError(f"label {label} is not present in the label map")
-    lo, hi = kji.min(axis=0)[::-1], kji.max(axis=0)[::-1]  # (i, j, k)
-    sp = ct.spacing
-    lo_mm = lo * sp - margin_mm
-    hi_mm = hi * sp + margin_mm
-    n = np.maximum(1, np.ceil((hi_mm - lo_mm) / spacing_mm).astype(int) + 1)
-    origin = ct.index_to_world(lo_mm / sp)
-    ref = sitk.Image([int(x) for x in n], sitk.sitkFloat32)
-    ref.SetOrigin(tuple(origin))
-    ref.SetSpacing((spacing_mm,) * 3)
-    ref.SetDirection(tuple(ct.direction.reshape(-1)))
-    out = sitk.Resample(ct.to_sitk(), ref, sitk.Transform(), sitk.sitkLinear, float(background), sitk.sitkFloat32)
-    vol = Volume.from_sitk(out)
-    if mask:
-        lab = sitk.Resample(seg.to_sitk(), ref, sitk.Transform(), sitk.sitkNearestNeighbor, 0)
-        vol.array[sitk.GetArrayFromImage(lab) != label] = background
-    return vol
 
 
 def resample_to_grid(vol: Volume, shape, affine, T_src_to_grid=None, *, order: int = 1, cval: float = 0.0) -> Volume:

@@ -33,11 +33,15 @@ from typing import Callable, Optional
 import numpy as np
 
 #: a quick registration (one rotation hypothesis, two levels): rows that must run a registration
-FAST_CONFIG = {"refine2d": {"search_rot_deg": [0.0], "candidates": 1,
-                            "levels": [{"pixels": 48, "iterations": 5, "step_deg": 1.0, "step_mm": 1.0,
-                                        "margin_mm": 30.0, "highpass_mm": None},
-                                       {"pixels": 96, "iterations": 3, "step_deg": 0.5, "step_mm": 0.5,
-                                        "margin_mm": 20.0, "highpass_mm": 12.0}]}}
+_LEVELS = {"levels": [{"pixels": 48, "iterations": 5, "step_deg": 1.0, "step_mm": 1.0,
+                       "margin_mm": 30.0, "highpass_mm": None},
+                      {"pixels": 96, "iterations": 3, "step_deg": 0.5, "step_mm": 0.5,
+                       "margin_mm": 20.0, "highpass_mm": 12.0}]}
+try:                                  # the pose search's own settings (older checkouts: inside refine2d)
+    from RadGSRegLib.register.config import SearchConfig  # noqa: F401
+    FAST_CONFIG = {"search": {"rot_deg": [0.0], "candidates": 1}, "refine2d": _LEVELS}
+except ImportError:
+    FAST_CONFIG = {"refine2d": {"search_rot_deg": [0.0], "candidates": 1, **_LEVELS}}
 
 
 @dataclass

@@ -8,7 +8,7 @@ import SimpleITK as sitk
 from RadGSRegLib import io
 from RadGSRegLib.geometry import biplanar_views, invert, pose_to_matrix
 from RadGSRegLib.io import CaseFormatError
-from RadGSRegLib.volume import Volume, affine_from, crop_to_label
+from RadGSRegLib.volume import Volume, affine_from
 
 
 def _oblique_volume(rng, shape=(12, 10, 8)):
@@ -205,6 +205,24 @@ def test_ground_truth_missing_is_reported(case_dir):
     assert io.read_case(path).ground_truth is None
     with pytest.raises(CaseFormatError, match="no known answer"):
         io.read_case(path, ground_truth=True)
+    assert io.read_case(path, ground_truth="if-present").ground_truth is None
+
+
+def test_ground_truth_if_present(case_dir):
+    """"if-present" reads the truth a case has (as True does), is silent when it has none,
+    and validates it when it is there; the default never reads it."""
+    case, path = case_dir
+    back = io.read_case(path, ground_truth="if-present")
+    assert np.allclose(back.ground_truth, case.ground_truth)
+    assert io.read_case(path).ground_truth is None
+    _edit(path, "case.json", lambda d: d["ground_truth"].update(T_ct_to_carm=np.eye(4).tolist()[:3]))
+    with pytest.raises(CaseFormatError, match="shape") as e:
+        io.read_case(path, ground_truth="if-present")
+    assert e.value.field == "ground_truth.T_ct_to_carm"
+    assert io.read_case(path).ground_truth is None                   # registration never looks
+    for bad in ("yes", "if_present", None, 1):
+        with pytest.raises(ValueError, match="'if-present'"):
+            io.read_case(path, ground_truth=bad)
 
 
 def test_result_round_trip(tmp_path, rng):
@@ -221,25 +239,6 @@ def test_result_round_trip(tmp_path, rng):
     io.write_transform(np.eye(4), tmp_path / "out" / "transform.h5", overwrite=True)
     with pytest.raises(CaseFormatError, match="disagrees"):
         io.read_result(tmp_path / "out")
-
-
-def test_crop_to_label(rng):
-    case = _tiny_case(rng)
-    # a CT that is linear in world mm is reproduced exactly by linear resampling
-    ijk = np.stack(np.meshgrid(*[np.arange(n) for n in case.ct.size], indexing="ij"), -1).transpose(2, 1, 0, 3)
-    xyz = case.ct.index_to_world(ijk.astype(float))
-    ct = Volume((xyz @ [1.0, 2.0, 3.0]).astype(np.float32), case.ct.affine)
-    crop = crop_to_label(ct, case.seg, 29, margin_mm=3.0, spacing_mm=1.5)
-    assert np.allclose(crop.spacing, 1.5)
-    assert np.allclose(crop.direction, case.ct.direction)
-    cijk = np.stack(np.meshgrid(*[np.arange(n) for n in crop.size], indexing="ij"), -1).transpose(2, 1, 0, 3)
-    expected = crop.index_to_world(cijk.astype(float)) @ [1.0, 2.0, 3.0]
-    assert np.allclose(crop.array, expected, atol=1e-3)
-    # it covers every label voxel centre
-    pts = crop.world_to_index(case.seg.label_points(29))
-    assert np.all(pts >= -1e-6) and np.all(pts <= np.array(crop.size) - 1 + 1e-6)
-    with pytest.raises(ValueError, match="not present"):
-        crop_to_label(ct, case.seg, 30)
 
 
 def _dicom_xray(path, tags, spacing=0.3, size=(40, 30)):

@@ -15,16 +15,16 @@ from RadGSRegLib.cases import CaseGenConfig, make_case
 from RadGSRegLib.job import WORKSPACE_PREFIX, RegistrationJob, child_environment, remove_stale_workspaces
 from RadGSRegLib.progress import STAGES, ProgressEvent, parse_line, to_json_line
 from RadGSRegLib.register import RegisterConfig
-from RadGSRegLib.register.config import Level, RefineConfig
+from RadGSRegLib.register.config import Level, RefineConfig, SearchConfig
 
 pytestmark = pytest.mark.skipif(os.name == "nt", reason="process-group handling is tested on POSIX")
 
 #: a quick registration of the small phantom case (one rotation hypothesis, two levels)
-QUICK = RegisterConfig(refine2d=RefineConfig(search_rot_deg=(0.0,), candidates=1,
-                                             levels=[Level(48, 6, 1.0, 1.0, 30.0, None),
+QUICK = RegisterConfig(search=SearchConfig(rot_deg=(0.0,), candidates=1),
+                       refine2d=RefineConfig(levels=[Level(48, 6, 1.0, 1.0, 30.0, None),
                                                      Level(96, 4, 0.5, 0.5, 20.0, 12.0)]), drrs=True)
 #: a slow one, to cancel in the middle (27 rotation hypotheses)
-SLOW = RegisterConfig(refine2d=RefineConfig(search_rot_deg=(-12.0, 0.0, 12.0)))
+SLOW = RegisterConfig(search=SearchConfig(rot_deg=(-12.0, 0.0, 12.0)))
 
 
 @pytest.fixture(scope="module")

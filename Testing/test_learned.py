@@ -6,11 +6,12 @@ import pytest
 import torch
 
 from RadGSRegLib.geometry import apply, biplanar_views, compose, sample_offsets
-from RadGSRegLib.learned.config import ModelConfig, TrainConfig, load_train_config
-from RadGSRegLib.learned.data import VertebraRegion, collate, make_sample
+from RadGSRegLib.learned.config import ModelConfig
+from RadGSRegLib.region import VertebraRegion, cube_affine_batch, resample_region
+from RadGSRegLib.similarity import ncc_torch
+from RadGSRegLib.training.config import TrainConfig, load_train_config
+from RadGSRegLib.training.data import collate, make_sample
 from RadGSRegLib.learned.model import RadGSRegNet
-from RadGSRegLib.learned.recm import roi_affine
-from RadGSRegLib.learned.regm import ncc_3d, resample_ct
 from RadGSRegLib.simulate import XraySimConfig, simulate_xrays
 
 TINY = dict(anchors=4, per_anchor=1, image_pixels=64, features=8, hidden=16, voxels=16, render_pixels=32,
@@ -21,7 +22,7 @@ TINY = dict(anchors=4, per_anchor=1, image_pixels=64, features=8, hidden=16, vox
 def samples(small_phantom):
     ct, seg = small_phantom
     mc = ModelConfig(**TINY)
-    vr = VertebraRegion.of(ct, seg, 29, mc)
+    vr = VertebraRegion.of(ct, seg, 29, side_mm=mc.roi_mm, voxel_mm=mc.voxel_mm)
     views = biplanar_views(pixels=64)
     rng = np.random.default_rng(5)
     out = []
@@ -39,11 +40,11 @@ def test_sample_frames_agree(samples):
     the reconstruction cube is centred where T_in puts the vertebra."""
     mc, ss = samples
     b = collate(ss)
-    A = roi_affine(b["centre"], mc.roi_mm, mc.voxels)
-    at_truth = resample_ct(b["ct"][:, None], b["ct_affine"], b["G"], A, mc.voxels)
-    at_input = resample_ct(b["ct"][:, None], b["ct_affine"], b["T_in"], A, mc.voxels)
-    assert (ncc_3d(at_truth, b["gt_volume"][:, None]) > 0.97).all()
-    assert (ncc_3d(at_input, b["gt_volume"][:, None]) < ncc_3d(at_truth, b["gt_volume"][:, None]) - 0.05).all()
+    A = cube_affine_batch(b["centre"], mc.roi_mm, mc.voxels)
+    at_truth = resample_region(b["ct"][:, None], b["ct_affine"], b["G"], A, mc.voxels)
+    at_input = resample_region(b["ct"][:, None], b["ct_affine"], b["T_in"], A, mc.voxels)
+    assert (ncc_torch(at_truth, b["gt_volume"][:, None]) > 0.97).all()
+    assert (ncc_torch(at_input, b["gt_volume"][:, None]) < ncc_torch(at_truth, b["gt_volume"][:, None]) - 0.05).all()
     centre = A[:, :3, :3].sum(-1) * (mc.voxels - 1) / 2 + A[:, :3, 3]
     assert torch.allclose(centre, b["centre"], atol=1e-3)
     # the target window holds the vertebra's projection: most of its mass is inside
@@ -93,8 +94,8 @@ def test_perturbed_input_poses_stay_in_range(samples):
     """RegM's input poses: drawn about the vertebra (its centre moves by the translation
     only), within the configured range, and new ones each time the RegM phase asks."""
     from RadGSRegLib.geometry import geodesic_deg
-    from RadGSRegLib.learned.data import perturb_pose
-    from RadGSRegLib.learned.train import _fresh_inputs
+    from RadGSRegLib.training.data import perturb_pose
+    from RadGSRegLib.training.train import _fresh_inputs
 
     mc, ss = samples
     rng = np.random.default_rng(0)
@@ -115,7 +116,7 @@ def test_regm_and_joint_phases_touch_what_they_should(tmp_path):
     """Module-aware training: the RegM phase leaves RecM untouched (RegM learns on the frozen
     RecM's reconstructions) and changes RegM; the joint phase changes RecM's weights too but
     not its batch-norm statistics."""
-    from RadGSRegLib.learned.train import train
+    from RadGSRegLib.training.train import train
 
     torch.manual_seed(0)
     RadGSRegNet(ModelConfig(**TINY)).save(tmp_path / "w.pt")
@@ -136,7 +137,7 @@ def test_regm_and_joint_phases_touch_what_they_should(tmp_path):
 
 
 def test_train_run_writes_resumes_and_refuses_another_config(tmp_path):
-    from RadGSRegLib.learned.train import train
+    from RadGSRegLib.training.train import train
 
     cfg = TrainConfig(out=str(tmp_path / "run"), model=ModelConfig(**TINY), phantoms=1, phantom_spacing_mm=4.0,
                       samples_per_ct=2, val_samples=1, levels=["L3"], rec_epochs=1, reg_epochs=1, joint_epochs=0,
@@ -216,8 +217,8 @@ def test_stage2_trains_on_case_folders_and_stage3_on_a_ct(small_phantom, tmp_pat
     the patient's CT; both start from earlier weights."""
     from RadGSRegLib.cases import CaseGenConfig, make_case
     from RadGSRegLib.io import write_case, write_volume
-    from RadGSRegLib.learned.data import build_samples
-    from RadGSRegLib.learned.train import train
+    from RadGSRegLib.training.data import build_samples
+    from RadGSRegLib.training.train import train
 
     ct, seg = small_phantom
     case = make_case(ct, seg, "L2", CaseGenConfig(pixels=96, seed=7), np.random.default_rng(7))
@@ -229,7 +230,7 @@ def test_stage2_trains_on_case_folders_and_stage3_on_a_ct(small_phantom, tmp_pat
     s = build_samples(cfg2, validation=False)
     assert len(s) == 2
     # the sample's images are the case's own X-rays, not a new simulation
-    from RadGSRegLib.learned.data import prepare_images
+    from RadGSRegLib.learned.inputs import prepare_images
 
     own, _, _ = prepare_images(case.xrays, case.views, case.image_kind, TINY["image_pixels"])
     assert torch.allclose(s[0]["images"], own)

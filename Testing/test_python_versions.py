@@ -100,13 +100,13 @@ def _python39():
 
 _SMOKE = """
 import dataclasses, json, typing
-from RadGSRegLib.register.config import RegisterConfig, config_to_dict, Level, RefineConfig
+from RadGSRegLib.register.config import RegisterConfig, config_to_dict, Level, RefineConfig, SearchConfig
 from RadGSRegLib.levels import resolve_level, level_of_segment_name
 from RadGSRegLib.progress import ProgressEvent, Reporter, parse_line, to_json_line
 from RadGSRegLib import job, slicer_requirements
 cfg = RegisterConfig.from_dict(json.loads(json.dumps(config_to_dict(RegisterConfig(min_ncc=0.8)))))
 assert cfg.min_ncc == 0.8 and cfg.refine2d.levels[0].highpass_mm is None
-for cls in (RegisterConfig, RefineConfig, Level):
+for cls in (RegisterConfig, SearchConfig, RefineConfig, Level):
     typing.get_type_hints(cls)
 assert level_of_segment_name("vertebrae_L3") == "L3"
 events = []

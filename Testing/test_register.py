@@ -5,7 +5,7 @@ from RadGSRegLib.cases import CaseGenConfig, make_case
 from RadGSRegLib.io import read_case, write_case
 from RadGSRegLib.metrics import registration_errors, target_points
 from RadGSRegLib.register import RegisterConfig, run, slab_around
-from RadGSRegLib.register.refine2d import Level, RefineConfig
+from RadGSRegLib.register.config import Level, RefineConfig, SearchConfig
 
 
 @pytest.fixture(scope="module")
@@ -19,8 +19,8 @@ def easy_case(tmp_path_factory, small_phantom):
 
 
 def _fast_config(**kw):
-    return RegisterConfig(refine2d=RefineConfig(search_rot_deg=(0.0,), candidates=1,
-                                                levels=[Level(64, 10, 1.0, 1.0, 30.0, None), Level(128, 8, 0.5, 0.5, 20.0, 12.0)]),
+    return RegisterConfig(search=SearchConfig(rot_deg=(0.0,), candidates=1),
+                          refine2d=RefineConfig(levels=[Level(64, 10, 1.0, 1.0, 30.0, None), Level(128, 8, 0.5, 0.5, 20.0, 12.0)]),
                           **kw)
 
 
@@ -58,12 +58,13 @@ def test_none_keeps_the_initial_pose(easy_case):
 
 def test_divergence_check_rejects_a_corrupted_result(easy_case):
     from RadGSRegLib.geometry import compose, pose_to_matrix
-    from RadGSRegLib.register.pipeline import check_refinement, make_target
+    from RadGSRegLib.register.pipeline import check_refinement
     from RadGSRegLib.register.refine2d import windowed_ncc
+    from RadGSRegLib.register.target import make_target
 
     truth = read_case(easy_case, ground_truth=True)
     cfg = _fast_config()
-    tgt = make_target(truth, cfg)
+    tgt = make_target(truth, slab_mm=cfg.slab_mm, coarse_mm=cfg.coarse_mm)
     G = truth.ground_truth
     bad = compose(pose_to_matrix([6.0, -4.0, 0.0, 12.0, 0.0, -15.0], center=tgt.centre @ G[:3, :3].T + G[:3, 3]), G)
     ncc_bad = float(np.mean(list(windowed_ncc(tgt, bad, cfg.refine2d).values())))
@@ -79,17 +80,16 @@ def test_divergence_check_rejects_a_corrupted_result(easy_case):
 def test_3d_refinement_recovers_a_known_offset(small_phantom):
     from RadGSRegLib.geometry import apply, compose, mtre, pose_to_matrix
     from RadGSRegLib.learned.config import ModelConfig
-    from RadGSRegLib.learned.data import VertebraRegion
-    from RadGSRegLib.learned.recm import roi_affine
+    from RadGSRegLib.region import VertebraRegion, cube_affine_batch
     from RadGSRegLib.register.refine3d import refine_3d
     from RadGSRegLib.volume import resample_to_grid
 
     ct, seg = small_phantom
     mc = ModelConfig(voxels=32)
-    vr = VertebraRegion.of(ct, seg, 29, mc)
+    vr = VertebraRegion.of(ct, seg, 29, side_mm=mc.roi_mm, voxel_mm=mc.voxel_mm)
     G = compose(pose_to_matrix([3.0, -5.0, 8.0, 4.0, -3.0, 6.0]), np.eye(4))
     G[:3, 3] -= G[:3, :3] @ vr.centroid
-    A = roi_affine(apply(G, vr.centroid)[None], mc.roi_mm, mc.voxels)[0].numpy().astype(np.float64)
+    A = cube_affine_batch(apply(G, vr.centroid)[None], mc.roi_mm, mc.voxels)[0].numpy().astype(np.float64)
     recon = resample_to_grid(vr.region, (32, 32, 32), A, G)            # a perfect reconstruction
     start = compose(pose_to_matrix([4.0, 3.0, -4.0, 5.0, -4.0, 3.0], center=apply(G, vr.centroid)), G)
     pts = seg.label_points(29, max_points=2000)
@@ -136,7 +136,7 @@ def test_bench_register_reports_table_columns(easy_case, tmp_path):
 
 
 def test_block_average_keeps_the_physical_position():
-    from RadGSRegLib.register.refine2d import block_average
+    from RadGSRegLib.register.target import block_average
     from RadGSRegLib.volume import affine_from
 
     A = affine_from([10.0, -5.0, 3.0], [1.0, 1.0, 2.5], np.diag([-1.0, -1.0, 1.0]))
@@ -190,7 +190,7 @@ def test_register_config_json_round_trip_and_errors(tmp_path):
     cfg = _fast_config(min_ncc=0.8, model=Path("w.pt"), device="cuda:1", refine3d=Refine3DConfig(iterations=(5, 6)))
     (tmp_path / "c.json").write_text(json.dumps(config_to_dict(cfg)))
     back = read_config(tmp_path / "c.json")
-    assert back.refine2d == cfg.refine2d and back.model == "w.pt" and back.refine3d.iterations == (5, 6)
+    assert back.refine2d == cfg.refine2d and back.search == cfg.search and back.model == "w.pt" and back.refine3d.iterations == (5, 6)
     assert RegisterConfig.from_dict({}) == RegisterConfig()                     # missing fields: defaults
     bad = {"min_ncc": "high", "typo": 1, "refine2d": {"levels": [{"pixels": 64}]},
            "refine3d": {"iterations": [1.5, 2]}, "init": "magic", "reconstruct": 1}
@@ -205,6 +205,11 @@ def test_register_config_json_round_trip_and_errors(tmp_path):
     (tmp_path / "broken.json").write_text("{not json")
     with pytest.raises(ConfigError, match="broken.json: not valid JSON"):
         read_config(tmp_path / "broken.json")
+    # the pose search's settings moved out of refine2d: an old file is told where they went
+    for old, new in (("search_rot_deg", "search.rot_deg"), ("candidates", "search.candidates"),
+                     ("coarse_mm", "coarse_mm")):
+        with pytest.raises(ConfigError, match=rf"old.json: refine2d.{old} moved: .* write {new}"):
+            RegisterConfig.from_dict({"refine2d": {old: 1}}, source="old.json")
 
 
 def test_cli_settings_are_defaults_then_config_file_then_options(tmp_path, capsys):

@@ -17,7 +17,7 @@ from RadGSRegLib.cases import CaseGenConfig, make_case  # noqa: E402
 from RadGSRegLib.geometry import apply, pose_to_matrix  # noqa: E402
 from RadGSRegLib.io import read_case, read_volume, write_case, write_volume  # noqa: E402
 from RadGSRegLib.register import RegisterConfig  # noqa: E402
-from RadGSRegLib.register.refine2d import Level, RefineConfig  # noqa: E402
+from RadGSRegLib.register.config import Level, RefineConfig, SearchConfig  # noqa: E402
 from RadGSRegLib.volume import Volume, affine_from  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -91,8 +91,8 @@ def test_xray_nodes_sit_on_their_detectors(scene, phantom_case):
 def test_logic_registers_on_mrml_and_places_the_reconstruction(scene, phantom_case):
     nodes = sb.load_case(scene, phantom_case)
     truth = read_case(phantom_case, ground_truth=True)
-    cfg = RegisterConfig(refine2d=RefineConfig(search_rot_deg=(0.0,), candidates=1,
-                                               levels=[Level(64, 10, 1.0, 1.0, 30.0, None),
+    cfg = RegisterConfig(search=SearchConfig(rot_deg=(0.0,), candidates=1),
+                         refine2d=RefineConfig(levels=[Level(64, 10, 1.0, 1.0, 30.0, None),
                                                        Level(96, 8, 0.5, 0.5, 20.0, 12.0)]),
                          reconstruct=True, recon_iterations=3)
     tnode, rnode, result = sb.register(scene, nodes["ct"], nodes["seg"], "L3", nodes["ap"], nodes["lat"],

@@ -13,8 +13,9 @@ import torch
 from RadGSRegLib.configio import ConfigError
 from RadGSRegLib.errors import InputError, OutputError
 from RadGSRegLib.io.outputs import write_marker
-from RadGSRegLib.learned import train as T
-from RadGSRegLib.learned.config import ModelConfig, TrainConfig, load_train_config
+from RadGSRegLib.training import train as T
+from RadGSRegLib.learned.config import ModelConfig
+from RadGSRegLib.training.config import TrainConfig, load_train_config
 from RadGSRegLib.learned.model import RadGSRegNet, WeightFileError
 
 TINY = dict(anchors=4, per_anchor=1, image_pixels=64, features=8, hidden=16, voxels=16, render_pixels=32,

@@ -1,6 +1,6 @@
-"""Configurations of the learned method: the network (:class:`ModelConfig`) and its training
-(:class:`TrainConfig`). Both are dataclasses, saved inside every checkpoint and readable
-from a JSON file (``radgsreg train --config FILE``).
+"""Configuration of the learned method's network (:class:`ModelConfig`): a dataclass saved
+inside every weight file and readable from JSON (nested in a training config,
+:class:`RadGSRegLib.training.config.TrainConfig`).
 
 Every value is checked when the object is made (from JSON or in Python): a wrong type, an
 unknown key, a count below its minimum, an unknown backbone, stage or device raise
@@ -9,25 +9,13 @@ naming the file and the field path (``model.backbone``), before any work starts.
 """
 from __future__ import annotations
 
-import re
-from dataclasses import asdict, dataclass, field
-from pathlib import Path
+from dataclasses import asdict, dataclass
 
-from ..configio import ConfigError, build, check, read_json
+from ..configio import ConfigError, at_least, build, check
 
-__all__ = ["ModelConfig", "TrainConfig", "BACKBONES", "STAGES", "DEVICES", "load_train_config", "ConfigError"]
+__all__ = ["ModelConfig", "BACKBONES", "ConfigError"]
 
 BACKBONES = ("small", "resnet50", "densenet121", "vit")
-STAGES = (1, 2, 3)
-#: ``TrainConfig.device`` values (also "cuda:N")
-DEVICES = ("cpu", "cuda")
-
-
-def _at_least(obj, names, low, what):
-    for name in names:
-        v = getattr(obj, name)
-        if v < low:
-            raise ConfigError(f"must be {what}, not {v}", field=name)
 
 
 @dataclass
@@ -72,7 +60,7 @@ class ModelConfig:
         check(self)
         if self.backbone not in BACKBONES:
             raise ConfigError(f"must be one of {', '.join(BACKBONES)}, not {self.backbone!r}", field="backbone")
-        _at_least(self, ("image_pixels", "features", "hidden", "anchors", "per_anchor", "voxels", "render_pixels"),
+        at_least(self, ("image_pixels", "features", "hidden", "anchors", "per_anchor", "voxels", "render_pixels"),
                   1, "a positive integer")
         for name in ("roi_mm", "density_scale"):
             if getattr(self, name) <= 0:
@@ -94,144 +82,3 @@ class ModelConfig:
     def from_dict(cls, d: dict, *, source: str | None = None) -> "ModelConfig":
         """From a JSON object; errors name ``source`` (a file) and the field."""
         return build(cls, d, source=source, unknown="unknown model config key")
-
-
-@dataclass
-class TrainConfig:
-    """One training run (``radgsreg train``).
-
-    Attributes:
-        stage: 1 simulated X-rays of many CTs (phantoms and any ``ct_dirs``), 2 real
-            X-ray cases with known poses (``case_dirs``), 3 patient-specific (simulated
-            X-rays of the target patient's own CT, ``ct_dirs``; run before surgery).
-        out: run folder (checkpoints, ``log.jsonl``, TensorBoard events when available,
-            ``model.pt``); a run there is resumed, not overwritten.
-        init: weights to start from (stages 2-3 start from stage 1's); None: random.
-        model: the network (ignored when ``init`` is given: the weights carry theirs).
-        phantoms / phantom_spacing_mm: stage 1: phantom CTs generated (seeded) and their
-            voxel size.
-        ct_dirs: CTs with vertebra label maps: ``CT:LABELS`` path pairs, or folders holding
-            ``ct.nrrd`` + ``seg.nrrd`` (a case folder, or ``radgsreg phantom``'s output).
-        case_dirs: stage 2: case folders with ``ground_truth``.
-        levels: vertebra levels to draw from.
-        samples_per_ct: training samples drawn from each CT (pose, level, noise).
-        val_samples: held-out samples (stage 1: from phantoms of other seeds; otherwise
-            drawn from the same CTs with other poses).
-        pose_rot_deg / pose_trans_mm: ground-truth pose range about the nominal pose
-            (as the case generator's).
-        input_rot_deg / input_trans_mm: RegM's input pose, the truth perturbed about the
-            vertebra (what the localisation step leaves).
-        rec_epochs / reg_epochs / joint_epochs: module-aware phases: RecM alone, RegM alone
-            (on the frozen RecM's reconstruction, input poses redrawn every batch), then
-            both with Eq. 4.
-        batch: samples per step. lr: Adam learning rate (halved every ``lr_halve_epochs``).
-        lr_template: learning rate of RecM's per-anchor template (a shape prior that must
-            move by several units; at ``lr`` it barely moves in a CPU-sized run, and raising
-            ``lr`` for the whole network instead collapsed every density to zero).
-        lambda_ssim / lambda_tv: Eq. 2's weights (0.2, 0.05).
-        lambda_volume: weight of the volume loss against the ground-truth vertebra volume
-            (not in the paper's Eq. 2; available because the data are simulated).
-        lambda_geo: weight of the pose loss in Eq. 3 (the paper's 0.02). Its pose term
-            is the geodesic rotation error (rad) plus the translation error of the
-            vertebra's centre / 10 mm.
-        threads: torch CPU threads. device: "cpu" or "cuda". seed: everything is seeded.
-        data_cache: folder for generated samples (default ``out/data``); reused if the
-            data settings match.
-    """
-
-    stage: int = 1
-    out: str = "runs/stage1"
-    init: str | None = None
-    model: ModelConfig = field(default_factory=ModelConfig)
-    phantoms: int = 24
-    phantom_spacing_mm: float = 2.0
-    ct_dirs: list[str] = field(default_factory=list)
-    case_dirs: list[str] = field(default_factory=list)
-    levels: list[str] = field(default_factory=lambda: ["L1", "L2", "L3", "L4", "L5"])
-    samples_per_ct: int = 10
-    val_samples: int = 16
-    pose_rot_deg: float = 20.0
-    pose_trans_mm: float = 50.0
-    input_rot_deg: float = 10.0
-    input_trans_mm: float = 10.0
-    rec_epochs: int = 6
-    reg_epochs: int = 6
-    joint_epochs: int = 3
-    batch: int = 4
-    lr: float = 5e-4
-    lr_template: float = 0.03
-    lr_halve_epochs: int = 4
-    lambda_ssim: float = 0.2
-    lambda_tv: float = 0.05
-    lambda_volume: float = 10.0
-    lambda_geo: float = 0.02
-    threads: int = 1
-    device: str = "cpu"
-    seed: int = 0
-    data_cache: str | None = None
-
-    def __post_init__(self):
-        check(self)                    # types (and ``model`` given as a dict)
-        if self.stage not in STAGES:
-            raise ConfigError(f"must be 1, 2 or 3, not {self.stage!r}", field="stage")
-        if not self.out:
-            raise ConfigError("must name the run folder", field="out")
-        _at_least(self, ("phantoms", "val_samples", "rec_epochs", "reg_epochs", "joint_epochs", "seed"), 0,
-                  "an integer >= 0")
-        _at_least(self, ("samples_per_ct", "batch", "lr_halve_epochs", "threads"), 1, "an integer >= 1")
-        _at_least(self, ("pose_rot_deg", "pose_trans_mm", "input_rot_deg", "input_trans_mm", "lr_template",
-                         "lambda_ssim", "lambda_tv", "lambda_volume", "lambda_geo"), 0, ">= 0")
-        for name in ("phantom_spacing_mm", "lr"):
-            if getattr(self, name) <= 0:
-                raise ConfigError(f"must be positive, not {getattr(self, name)}", field=name)
-        if self.device not in DEVICES and not re.fullmatch(r"cuda:\d+", self.device):
-            raise ConfigError(f"must be one of {', '.join(DEVICES)} (or cuda:N), not {self.device!r}", field="device")
-        if not self.levels:
-            raise ConfigError("must name at least one vertebra level (e.g. [\"L1\", \"L3\"])", field="levels")
-        from ..levels import level_id
-
-        for i, lv in enumerate(self.levels):
-            if not lv.strip().isdigit():
-                try:
-                    level_id(lv)
-                except ValueError:
-                    raise ConfigError(f"must be a vertebra level like L3, T12, C7, S1 (or a label value), not {lv!r}",
-                                      field=f"levels[{i}]") from None
-        if self.rec_epochs + self.reg_epochs + self.joint_epochs < 1:
-            raise ConfigError("rec_epochs, reg_epochs and joint_epochs are all 0: nothing to train")
-        if self.stage == 1 and self.phantoms < 1 and not self.ct_dirs:
-            raise ConfigError("stage 1 trains on phantoms and CTs: give phantoms >= 1 or ct_dirs")
-        if self.stage == 2 and not self.case_dirs:
-            raise ConfigError("stage 2 trains on real X-ray cases: give case_dirs (folders with ground_truth)")
-        if self.stage == 3 and not self.ct_dirs:
-            raise ConfigError("stage 3 is patient-specific: give the patient's CT in ct_dirs")
-        if self.stage in (2, 3) and not self.init:
-            raise ConfigError(f"stage {self.stage} fine-tunes earlier weights: give init (e.g. the shipped stage-1 model)")
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict, *, source: str | None = None) -> "TrainConfig":
-        """From a JSON object (``model`` nested); errors name ``source`` (a file) and the field."""
-        return build(cls, d, source=source, unknown="unknown train config key")
-
-
-def load_train_config(path, **overrides) -> TrainConfig:
-    """A :class:`TrainConfig` from a JSON file, then ``overrides`` (keys of the dataclass;
-    None values are ignored: the command line's options).
-
-    Raises:
-        ConfigError: the file is missing or not JSON, or a value cannot be used; the message
-            names the file (or the override) and the field path.
-    """
-    path = Path(path)
-    data = read_json(path)
-    over = {k: v for k, v in overrides.items() if v is not None}
-    try:
-        return TrainConfig.from_dict({**data, **over}, source=str(path))
-    except ConfigError as e:
-        key = (e.field or "").split(".")[0].split("[")[0]
-        if key in over and key not in data or (key in over and data.get(key) != over[key]):
-            raise ConfigError(e.problem, field=e.field, source=f"{key}={over[key]!r} (given over {path})") from None
-        raise

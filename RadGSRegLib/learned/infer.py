@@ -1,10 +1,9 @@
 """Inference: a case's two X-rays and CT vertebra -> RadGS reconstruction + pose.
 
-Takes arrays and geometry (no files, no ground truth): X-rays, views, the CT and its label
-map, the vertebra's label and an input pose ``T_in`` (``T_ct_to_carm``) that puts the
-vertebra roughly where it is (the pose search's result in the registration pipeline; the
-reconstruction cube is centred where ``T_in`` puts the vertebra, so ``T_in`` must be within
-about ``roi_mm / 4`` of the truth).
+Takes a :class:`~RadGSRegLib.io.Case` (never its ground truth) and an input pose ``T_in``
+(``T_ct_to_carm``) that puts the vertebra roughly where it is (the pose search's result in
+the registration pipeline; the reconstruction cube is centred where ``T_in`` puts the
+vertebra, so ``T_in`` must be within about ``roi_mm / 4`` of the truth).
 """
 from __future__ import annotations
 
@@ -15,10 +14,11 @@ import numpy as np
 import torch
 
 from ..geometry import apply, orthonormalized
+from ..region import VertebraRegion, cube_affine_batch
 from ..volume import Volume
-from .data import VertebraRegion, prepare_images
+from .inputs import network_images, prepare_images
 from .model import RadGSRegNet
-from .recm import GaussianSet, roi_affine
+from .recm import GaussianSet
 
 __all__ = ["Prediction", "predict"]
 
@@ -40,22 +40,36 @@ class Prediction:
     runtime_s: dict
 
 
-def predict(net: RadGSRegNet, xrays: dict, views: dict, image_kind: str, ct: Volume, seg: Volume, label: int,
-            T_in: np.ndarray, *, device="cpu", region: VertebraRegion | None = None) -> Prediction:
-    """Run RecM then RegM once (see the module docstring)."""
+def predict(net: RadGSRegNet, case, T_in: np.ndarray, *, images: dict | None = None, device="cpu",
+            region: VertebraRegion | None = None) -> Prediction:
+    """Run RecM then RegM once (see the module docstring).
+
+    Args:
+        net: the loaded network. case: the :class:`~RadGSRegLib.io.Case` (CT, labels,
+            vertebra label, X-rays, views). T_in: (4, 4) input pose.
+        images: the X-rays already prepared as line integrals on the network's working
+            detector, {"ap", "lat"} -> (image (P, P), View) with ``P = net.cfg.image_pixels``
+            (e.g. the registration target's :meth:`~RadGSRegLib.register.target.Target.image`);
+            None: made from ``case.xrays``.
+        region: the vertebra region on the network's grid, if already built.
+    """
     cfg = net.cfg
     net.eval()
     t0 = time.perf_counter()
     runtime = {}
-    vr = region or VertebraRegion.of(ct, seg, label, cfg)
-    images, _, proj = prepare_images(xrays, views, image_kind, cfg.image_pixels)
+    vr = region or VertebraRegion.of(case.ct, case.seg, case.vertebra_label, side_mm=cfg.roi_mm,
+                                     voxel_mm=cfg.voxel_mm)
+    if images is None:
+        x, _, proj = prepare_images(case.xrays, case.views, case.image_kind, cfg.image_pixels)
+    else:
+        x, _, proj = network_images(images)
     centre = apply(T_in, vr.centroid)
     runtime["prepare"] = time.perf_counter() - t0
     with torch.no_grad():
         t = time.perf_counter()
         c = torch.as_tensor(centre, dtype=torch.float32, device=device)[None]
-        fact, rec = net.reconstruct(images[None].to(device), proj[None].to(device), c)
-        A = roi_affine(c.cpu(), cfg.roi_mm, cfg.voxels)
+        fact, rec = net.reconstruct(x[None].to(device), proj[None].to(device), c)
+        A = cube_affine_batch(c.cpu(), cfg.roi_mm, cfg.voxels)
         runtime["reconstruction"] = time.perf_counter() - t
         t = time.perf_counter()
         batch = {"ct": torch.as_tensor(vr.crop.array, dtype=torch.float32, device=device)[None],

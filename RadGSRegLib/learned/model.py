@@ -18,9 +18,12 @@ from ..errors import InputError
 from ..gaussians.rasterizer import rasterize
 from ..gaussians.voxelizer import voxelize
 from ..losses import projection_loss, ssim_loss, tv_3d
+from ..geometry import apply_delta_torch
+from ..region import cube_affine_batch, resample_region
+from ..similarity import ncc_torch
 from .config import ModelConfig
-from .recm import GaussianSet, RecM, roi_affine
-from .regm import VOLUME_SCALE, RegM, apply_correction, ncc_3d, pose_loss, resample_ct
+from .recm import GaussianSet, RecM
+from .regm import VOLUME_SCALE, RegM, pose_loss
 
 __all__ = ["RadGSRegNet", "FORMAT", "render_windows", "voxelize_set", "load_plain", "UnsafeFileError",
            "WeightFileError", "plain"]
@@ -121,10 +124,10 @@ class RadGSRegNet(nn.Module):
             centre (B, 3): the reconstruction cubes' centres (C-arm mm).
         Returns:
             (list of B :class:`GaussianSet`, (B, 1, V, V, V) volumes in 1/mm on the grids
-            ``roi_affine(centre)``).
+            ``region.cube_affine_batch(centre)``).
         """
         fact, _ = self.recm(images, proj, centre)
-        A = roi_affine(centre.cpu(), self.cfg.roi_mm, self.cfg.voxels)
+        A = cube_affine_batch(centre.cpu(), self.cfg.roi_mm, self.cfg.voxels)
         rec = torch.stack([voxelize_set(g, A[k], self.cfg.voxels) for k, g in enumerate(fact)])[:, None]
         return fact, rec.to(centre.device)
 
@@ -144,7 +147,7 @@ class RadGSRegNet(nn.Module):
         cfg = self.cfg
         fact, eff = self.recm(batch["images"], batch["proj"], batch["centre"],
                               counterfactual=counterfactual and self.recm.cal is not None)
-        A = roi_affine(batch["centre"], cfg.roi_mm, cfg.voxels)
+        A = cube_affine_batch(batch["centre"], cfg.roi_mm, cfg.voxels)
         total, vols, parts = 0.0, [], {"proj": 0.0, "tv": 0.0, "volume": 0.0, "effect": 0.0}
         B = len(fact)
         for b in range(B):
@@ -175,9 +178,9 @@ class RadGSRegNet(nn.Module):
         ``lambda_geo`` x the pose error. Returns (loss, T (B, 4, 4), parts)."""
         T = self.estimate(batch, recon)
         cfg = self.cfg
-        A = roi_affine(batch["centre"], cfg.roi_mm, cfg.voxels)
-        moved = resample_ct(batch["ct"][:, None], batch["ct_affine"], T, A, cfg.voxels)
-        lncc = (1 - ncc_3d(moved, recon)).mean()
+        A = cube_affine_batch(batch["centre"], cfg.roi_mm, cfg.voxels)
+        moved = resample_region(batch["ct"][:, None], batch["ct_affine"], T, A, cfg.voxels)
+        lncc = (1 - ncc_torch(moved, recon)).mean()
         lssim = ssim_loss(moved / VOLUME_SCALE, recon / VOLUME_SCALE, spatial_dims=3, data_range=1.5)
         lgeo = pose_loss(T, batch["G"], batch["centroid"]).mean()
         return lncc + lssim + lambda_geo * lgeo, T, {"ncc": float(lncc.detach()), "ssim": float(lssim.detach()), "geo": float(lgeo.detach())}
@@ -185,10 +188,10 @@ class RadGSRegNet(nn.Module):
     def estimate(self, batch: dict, recon: torch.Tensor) -> torch.Tensor:
         """(B, 4, 4) ``T_ct_to_carm`` from RegM, starting at ``batch["T_in"]``."""
         cfg = self.cfg
-        A = roi_affine(batch["centre"], cfg.roi_mm, cfg.voxels)
-        ct_in = resample_ct(batch["ct"][:, None], batch["ct_affine"], batch["T_in"], A, cfg.voxels)
+        A = cube_affine_batch(batch["centre"], cfg.roi_mm, cfg.voxels)
+        ct_in = resample_region(batch["ct"][:, None], batch["ct_affine"], batch["T_in"], A, cfg.voxels)
         delta = self.regm(recon, ct_in)
-        return apply_correction(delta, batch["T_in"], batch["centre"])
+        return apply_delta_torch(delta, batch["T_in"], batch["centre"])
 
     # ------------------------------------------------------------------ files
     def save(self, path, *, card: dict | None = None, overwrite: bool = False) -> Path:

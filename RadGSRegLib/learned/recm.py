@@ -28,7 +28,7 @@ from ..gaussians.model import covariance, precision, whitening
 from .config import ModelConfig
 from .encoders import make_encoder
 
-__all__ = ["GaussianSet", "RecM", "roi_affine"]
+__all__ = ["GaussianSet", "RecM"]
 
 _RAW = 11                    # 3 offset + 3 scale + 4 quaternion + 1 density
 
@@ -48,17 +48,6 @@ class GaussianSet:
         """(density, position, covariance, precision, whitening) for the rasterizer/voxelizer."""
         R = roma.unitquat_to_rotmat(self.quaternion)
         return self.density, self.position, covariance(self.scale, R), precision(self.scale, R), whitening(self.scale, R)
-
-
-def roi_affine(centre, roi_mm: float, voxels: int) -> torch.Tensor:
-    """(B, 4, 4) voxel (i, j, k) -> C-arm mm of the reconstruction grid: axis-aligned,
-    ``voxels`` per side of ``roi_mm``, centred on ``centre`` (B, 3) mm."""
-    centre = torch.as_tensor(centre, dtype=torch.float32).reshape(-1, 3)
-    sp = roi_mm / voxels
-    A = torch.eye(4).repeat(centre.shape[0], 1, 1)
-    A[:, :3, :3] *= sp
-    A[:, :3, 3] = centre - roi_mm / 2 + sp / 2
-    return A
 
 
 class RecM(nn.Module):

@@ -6,10 +6,12 @@ Torch-free on purpose: Slicer imports this when the module loads, before any hea
 dependency is installed.
 
 JSON form (``radgsreg register --config FILE``, :func:`config_to_dict`,
-:meth:`RegisterConfig.from_dict`): the dataclass fields by name, nested for ``refine2d``
-(with ``levels`` as a list of objects) and ``refine3d``; fields left out keep their
-defaults; every value is checked against its field's type and an unknown field is an
-error that names it (:mod:`RadGSRegLib.configio`).
+:meth:`RegisterConfig.from_dict`): the dataclass fields by name, nested for ``search``,
+``refine2d`` (with ``levels`` as a list of objects) and ``refine3d``; fields left out keep
+their defaults; every value is checked against its field's type and an unknown field is an
+error that names it (:mod:`RadGSRegLib.configio`). Files written before the pose search had
+its own settings (``refine2d.search_*``, ``refine2d.candidates``, ``refine2d.coarse_mm``)
+are refused with the key's new name.
 """
 from __future__ import annotations
 
@@ -22,7 +24,7 @@ from typing import Optional
 
 from ..configio import ConfigError, build, check, read_json
 
-__all__ = ["Level", "RefineConfig", "Refine3DConfig", "RegisterConfig", "INITS", "REFINES", "DEVICES",
+__all__ = ["Level", "SearchConfig", "RefineConfig", "Refine3DConfig", "RegisterConfig", "INITS", "REFINES", "DEVICES",
            "default_model", "config_to_dict", "read_config", "ConfigError"]
 
 #: ``RegisterConfig.init`` values
@@ -34,9 +36,11 @@ DEVICES = ("cpu", "cuda")
 
 
 def default_model() -> Optional[Path]:
-    """The shipped stage-1 weights (``Resources/Models/radgsreg_stage1.pt``), if present."""
-    p = Path(__file__).resolve().parents[2] / "Resources" / "Models" / "radgsreg_stage1.pt"
-    return p if p.is_file() else None
+    """The shipped stage-1 weights (resource ``Models/radgsreg_stage1.pt``, see
+    :mod:`RadGSRegLib.resources`), if present."""
+    from ..resources import find_resource
+
+    return find_resource("Models/radgsreg_stage1.pt")
 
 
 @dataclass
@@ -57,23 +61,49 @@ class Level:
 
 
 @dataclass
-class RefineConfig:
-    """Settings of the pose search and the 2-D/3-D refinement (:mod:`.refine2d`)."""
+class SearchConfig:
+    """Settings of the pose search (:mod:`.search`): rotation hypotheses, each followed by a
+    template-matched translation search.
 
-    search_pixels: int = 64
-    search_range_mm: float = 60.0
-    search_rot_deg: tuple = (-12.0, 0.0, 12.0)
-    search_prior: float = 0.1
+    Attributes:
+        rot_deg: angles (deg) tried about each of the three axes (every combination, about
+            the vertebra's centre).
+        pixels: detector pixels per side the search works at.
+        range_mm: translation searched, ± mm at the vertebra, per detector axis.
+        prior: penalty on a shift of the whole ``range_mm`` (NCC units, quadratic in the shift):
+            breaks near ties between look-alike neighbouring vertebrae in favour of the nearer.
+        candidates: best hypotheses kept for the refinement.
+        margin_mm: margin of the vertebra's window (mm at the vertebra).
+        highpass_mm: high-pass scale (mm at the vertebra) of both images.
+        supersample: rays per pixel side of the DRR templates.
+    """
+
+    rot_deg: tuple = (-12.0, 0.0, 12.0)
+    pixels: int = 64
+    range_mm: float = 60.0
+    prior: float = 0.1
     candidates: int = 3
-    coarse_mm: float = 2.0
-    coarse_below_pixels: int = 128
-    search_margin_mm: float = 30.0
-    search_highpass_mm: float = 8.0
-    max_step_deg: float = 4.0
-    max_step_mm: float = 8.0
+    margin_mm: float = 30.0
+    highpass_mm: float = 8.0
+    supersample: int = 2
+
+    def __post_init__(self):
+        check(self)
+
+
+@dataclass
+class RefineConfig:
+    """Settings of the 2-D/3-D Levenberg-Marquardt refinement (:mod:`.refine2d`): its
+    resolution levels, its trust region (``max_step_deg`` / ``max_step_mm`` per iteration),
+    the levels rendered from the block-averaged CT (detector sizes up to
+    ``coarse_below_pixels``) and the rays per pixel side at 64 px and below."""
+
     levels: list[Level] = field(default_factory=lambda: [Level(64, 15, 1.0, 1.0, 30.0, None),
                                                          Level(128, 10, 0.5, 0.5, 20.0, 20.0),
                                                          Level(256, 6, 0.25, 0.25, 15.0, 8.0)])
+    max_step_deg: float = 4.0
+    max_step_mm: float = 8.0
+    coarse_below_pixels: int = 128
     supersample: int = 2
 
     def __post_init__(self):
@@ -85,16 +115,24 @@ class RefineConfig:
 @dataclass
 class Refine3DConfig:
     """Settings of :func:`.refine3d.refine_3d`: Adam iterations per level, blur (voxels) per
-    level, step sizes (rad, mm per unit of the optimised variables), learning rate."""
+    level, step sizes (rad, mm per unit of the optimised variables), learning rate; and,
+    when no network made it, the CT vertebra region's cube (``region_mm`` side of the
+    reconstruction cube it serves, :data:`RadGSRegLib.region.CROP_FACTOR` times larger;
+    ``region_voxel_mm`` voxels)."""
 
     iterations: tuple = (40, 40)
     blur_voxels: tuple = (1.5, 0.0)
     rot_unit: float = 0.05
     trans_unit: float = 2.0
     lr: float = 0.1
+    region_mm: float = 96.0
+    region_voxel_mm: float = 3.0
 
     def __post_init__(self):
         check(self)
+        for name in ("region_mm", "region_voxel_mm"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"must be positive, not {getattr(self, name)}", field=name)
 
 
 @dataclass
@@ -116,7 +154,9 @@ class RegisterConfig:
             image adds edges the X-ray does not have (70 mm: 20 % success on the real-CT
             suite's first 10 cases, 150 mm: 70 %). Rays are mostly horizontal, so a taller
             slab costs little.
-        refine2d / refine3d: the refinements' settings.
+        coarse_mm: voxel size of the block-averaged copy of the slab that the search and the
+            coarse refinement levels render (faster, and smoother to match).
+        search: the pose search's settings. refine2d / refine3d: the refinements' settings.
         min_ncc: a result whose final windowed NCC (mean of both views) is below this is
             flagged as doubtful in ``Result.info["warnings"]``.
         reject_drop: a 2-D/3-D result whose windowed NCC is more than this below its
@@ -133,6 +173,8 @@ class RegisterConfig:
     model: Optional[str] = None
     device: str = "cpu"
     slab_mm: float = 150.0
+    coarse_mm: float = 2.0
+    search: SearchConfig = field(default_factory=SearchConfig)
     refine2d: RefineConfig = field(default_factory=RefineConfig)
     refine3d: Refine3DConfig = field(default_factory=Refine3DConfig)
     min_ncc: float = 0.75
@@ -161,18 +203,29 @@ class RegisterConfig:
     def model_path(self) -> Path:
         """The weight file ``model`` names ("default": the shipped one)."""
         if self.model == "default":
-            p = default_model()
-            if p is None:
-                raise FileNotFoundError("the shipped weights Resources/Models/radgsreg_stage1.pt are missing; "
-                                        "give a weight file or train one (radgsreg train)")
-            return p
+            from ..resources import resource_path
+
+            return resource_path("Models/radgsreg_stage1.pt",
+                                 hint="give a weight file or train one (radgsreg train)")
         return Path(self.model)
 
     @classmethod
     def from_dict(cls, data: dict, *, source: str = "the registration config") -> "RegisterConfig":
         """A config from its JSON form (see the module docstring); missing fields keep their
         defaults. Raises :class:`ConfigError` naming ``source`` and the field."""
+        old = data.get("refine2d") if isinstance(data, dict) else None
+        for key in (old if isinstance(old, dict) else ()):
+            new = _MOVED.get(key)
+            if new:
+                raise ConfigError(f"moved: the pose search has its own settings now; write {new} instead",
+                                  field=f"refine2d.{key}", source=source)
         return build(cls, data, source=source)
+
+
+#: keys of ``refine2d`` that moved (the pose search got its own settings) -> where they are
+_MOVED = {**{f"search_{k}": f"search.{k}" for k in ("pixels", "range_mm", "rot_deg", "prior", "margin_mm",
+                                                    "highpass_mm")},
+          "candidates": "search.candidates", "coarse_mm": "coarse_mm (top level)"}
 
 
 def config_to_dict(cfg: RegisterConfig) -> dict:

@@ -1,56 +1,107 @@
 """One registration, end to end: a case (CT, labels, two X-rays, geometry) -> ``T_ct_to_carm``.
 
-Stages, each timed and each switchable (:class:`RegisterConfig`):
+A registration is a list of *stages* run in order over one :class:`Registration` (the
+case, its prepared :class:`~.target.Target`, the settings, and the :class:`Candidate`
+poses on their way through); :func:`stages_for` picks them from :class:`RegisterConfig`:
 
-1. preprocessing: X-rays to line integrals, CT slab around the vertebra, target points;
-2. initial pose (``init``): the case's own guess ("none"); a pose search over rotation
-   hypotheses with template-matched translation ("search", :mod:`.refine2d`); or the
-   search followed by the learned RadGS-Reg network ("learned": RecM reconstructs the
-   vertebra from the X-rays around the searched position, RegM registers the CT to it);
-3. refinement (``refine``): 3-D/3-D ("3d", CT vertebra onto the reconstruction,
-   :mod:`.refine3d`), 2-D/3-D ("2d", DRRs against the X-rays, :mod:`.refine2d`), or both
-   in that order;
-4. checks: a 2-D/3-D result whose windowed NCC is worse than its starting pose's is
-   rejected (the starting pose is kept, and a warning says so); a final NCC below
-   ``min_ncc`` is flagged as doubtful.
+1. ``search`` (``init`` "search"/"learned"): rotation hypotheses with template-matched
+   translation (:mod:`.search`); the best ``search.candidates`` go on;
+2. ``learned`` (``init`` "learned"): the RadGS-Reg network (RecM reconstructs the vertebra
+   from the X-rays around the best searched position, RegM registers the CT to it); its
+   pose goes first, the best search poses stay as further starts;
+3. ``refine3d`` (``refine`` "3d"/"both"): each candidate's CT vertebra onto the
+   reconstruction (the network's, else a per-case Gaussian fit; :mod:`.refine3d`);
+4. ``refine2d`` (``refine`` "2d"/"both"): Levenberg-Marquardt on DRRs against both X-rays
+   from each candidate (:mod:`.refine2d`); the best final NCC wins, and a result worse than
+   its own start is rejected (the start is kept, and a warning says so);
+5. ``check`` (always): the windowed NCC at the final pose; below ``min_ncc`` the result is
+   flagged doubtful; the DRRs at the final pose if asked for;
+6. ``output`` (``reconstruct`` without a reconstruction yet): a Gaussian fit for display.
+
+Without ``search`` the case's own initial guess (or the vertebra at the isocentre) is the
+one candidate. A new stage is one function ``stage(reg: Registration) -> None`` that reads
+and replaces ``reg.candidates`` (best first) and records its ``info``/``runtime``.
 
 Never reads the case's ground truth.
 """
 from __future__ import annotations
 
 import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Callable, Optional
 
 import numpy as np
 
-from ..drr import DRR, hu_to_mu
 from ..errors import InputError
 from ..geometry import apply, translation
 from ..io import Case, Result
 from ..volume import Volume
-from ..xray import as_line_integral
 from .config import INITS, REFINES, RegisterConfig, default_model
-from .refine2d import Target, block_average, refine_lm, search_pose, windowed_ncc
+from .refine2d import refine_lm, windowed_ncc
 from .refine3d import refine_3d
+from .search import search_pose
+from .target import Target, make_target, slab_around
 
 __all__ = ["RegisterConfig", "run", "slab_around", "reconstruct_volume", "default_model", "check_refinement",
-           "make_target", "INITS", "REFINES"]
+           "make_target", "Candidate", "Registration", "stages_for", "INITS", "REFINES"]
 
 
-def slab_around(ct: Volume, centre_ct: np.ndarray, half_mm: float) -> Volume:
-    """The CT cropped to the slices within ``half_mm`` of ``centre_ct`` along the volume
-    axis closest to the patient's cranio-caudal (LPS z) direction; full in-plane extent."""
-    ax = int(np.argmax(np.abs(ct.direction[2])))          # volume axis (i, j, k) along z
-    n = ct.size[ax]
-    coord = ct.world_to_index(centre_ct)[ax]
-    half = half_mm / ct.spacing[ax]
-    lo, hi = int(max(0, np.floor(coord - half))), int(min(n, np.ceil(coord + half) + 1))
-    sl = [slice(None)] * 3
-    sl[2 - ax] = slice(lo, hi)
-    shift = np.zeros(3)
-    shift[ax] = lo
-    A = ct.affine.copy()
-    A[:3, 3] = ct.index_to_world(shift)
-    return Volume(np.ascontiguousarray(ct.array[tuple(sl)]), A)
+@dataclass
+class Candidate:
+    """A pose on its way through the stages.
+
+    Attributes:
+        T: (4, 4) ``T_ct_to_carm``. score: the pose search's score (mean NCC of both
+            views; 0 for a pose the search did not make). info: what the stages said about
+            it (the search's per-view NCC and shift, ``learned``, ``refine3d``).
+    """
+
+    T: np.ndarray
+    score: float = 0.0
+    info: dict = field(default_factory=dict)
+
+
+@dataclass
+class Registration:
+    """The state of one registration, shared by its stages.
+
+    ``candidates`` is the current list of poses, best first; ``recon`` / ``region`` the
+    reconstruction (C-arm frame) and the CT vertebra region (CT frame) once a stage made
+    them; ``info``, ``runtime`` (seconds per stage) and ``warnings`` become the
+    :class:`~RadGSRegLib.io.Result`'s."""
+
+    case: Case
+    cfg: RegisterConfig
+    target: Target
+    candidates: list
+    report: object
+    log: Optional[Callable] = None
+    net: object = None
+    info: dict = field(default_factory=dict)
+    runtime: dict = field(default_factory=dict)
+    warnings: list = field(default_factory=list)
+    recon: Optional[Volume] = None
+    region: Optional[Volume] = None
+    drrs: Optional[dict] = None
+
+    @property
+    def T(self) -> np.ndarray:
+        """The current best pose."""
+        return self.candidates[0].T
+
+    @contextmanager
+    def timed(self, key: str):
+        """Adds the seconds of the ``with`` block to ``runtime[key]``."""
+        t = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.runtime[key] = time.perf_counter() - t
+
+    def say(self, line: str) -> None:
+        if self.log:
+            self.log(line)
 
 
 def check_refinement(tgt: Target, T_start: np.ndarray, T_result: np.ndarray, ncc_result: float,
@@ -66,20 +117,135 @@ def check_refinement(tgt: Target, T_start: np.ndarray, T_result: np.ndarray, ncc
     return T_result, ncc_result, None
 
 
-def make_target(case: Case, cfg: RegisterConfig) -> Target:
-    """What the 2-D/3-D stages need for ``case``: the CT slab around its vertebra (and a
-    block-averaged copy for the coarse levels), the vertebra's points and the X-rays as
-    line integrals."""
-    if case.seg is not None and case.vertebra_label is not None:
-        pts = case.seg.label_points(case.vertebra_label, max_points=3000)
-    else:
-        pts = case.ct.index_to_world(np.array([[(n - 1) / 2 for n in case.ct.size]]))
-    images = {k: as_line_integral(case.xrays[k], case.image_kind) for k in ("ap", "lat")}
-    slab = slab_around(case.ct, pts.mean(axis=0), cfg.slab_mm)
-    mu = hu_to_mu(slab.array)
-    coarse_mu, coarse_affine = block_average(mu, slab.affine, cfg.refine2d.coarse_mm)
-    coarse = DRR(coarse_mu, coarse_affine) if coarse_mu is not mu else None
-    return Target(DRR(mu, slab.affine), pts, images, case.views, coarse=coarse)
+# ------------------------------------------------------------------ stages
+def search_stage(reg: Registration) -> None:
+    """The pose search from the current pose: its best hypotheses become the candidates."""
+    cfg = reg.cfg.search
+    with reg.timed("search"):
+        found = search_pose(reg.target, reg.T, cfg, progress=lambda i, n: reg.report.stage(
+            "search", f"pose search: rotation hypothesis {i + 1}/{n}", within=(i, n)))
+        reg.candidates = [Candidate(h.T, h.score, h.info) for h in found]
+        reg.info["search"] = [h.info for h in found]
+    reg.say(f"  pose search: best of {len(cfg.rot_deg) ** 3} rotations, score {found[0].score:.3f}")
+
+
+def learned_stage(reg: Registration) -> None:
+    """The RadGS-Reg network from the best candidate; its pose goes first, the best search
+    poses stay as further starts (a wrong network output cannot lose a case the search
+    alone would have won; same count)."""
+    from ..learned.infer import predict
+
+    reg.report.stage("learned", "RadGS-Reg network")
+    with reg.timed("learned"):
+        net = reg.net
+        images = {name: reg.target.image(name, net.cfg.image_pixels) for name in ("ap", "lat")}
+        pred = predict(net, reg.case, reg.T, images=images, device=reg.cfg.device)
+        reg.recon, reg.region = pred.recon, pred.region.crop
+        best = reg.candidates[0]
+        reg.candidates = ([Candidate(pred.T_ct_to_carm, best.score, {"learned": True})]
+                          + reg.candidates[:max(reg.cfg.search.candidates - 1, 0)])
+        reg.info["learned"] = {"runtime_s": pred.runtime_s}
+    reg.say(f"  RadGS-Reg network: {reg.runtime['learned']:.2f} s")
+
+
+def refine3d_stage(reg: Registration) -> None:
+    """Each candidate's CT vertebra onto the reconstruction (made here by a Gaussian fit
+    around the best candidate when no network made one)."""
+    from ..region import VertebraRegion
+
+    case, cfg = reg.case, reg.cfg
+    if reg.recon is None:
+        with reg.timed("reconstruction"):
+            reg.recon = reconstruct_volume(case, iterations=cfg.recon_iterations, log=reg.log,
+                                           centre=apply(reg.T, reg.target.centre),
+                                           progress=lambda i, n: reg.report.stage(
+                                               "reconstruct", f"reconstructing the vertebra (Gaussian fit {i}/{n})",
+                                               within=(i, n)))
+    with reg.timed("refinement3d"):
+        if reg.region is None:
+            reg.region = VertebraRegion.of(case.ct, case.seg, case.vertebra_label, side_mm=cfg.refine3d.region_mm,
+                                           voxel_mm=cfg.refine3d.region_voxel_mm).crop
+        refined = []
+        for k, c in enumerate(reg.candidates):
+            reg.report.stage("refine3d", f"3-D/3-D refinement: candidate {k + 1}/{len(reg.candidates)}",
+                             within=(k, len(reg.candidates)))
+            T3, i3 = refine_3d(reg.recon, reg.region, c.T, cfg.refine3d)
+            refined.append(Candidate(T3, c.score, {**c.info, "refine3d": i3}))
+        reg.candidates = refined
+        reg.info["refine3d"] = [c.info["refine3d"] for c in refined]
+
+
+def refine2d_stage(reg: Registration) -> None:
+    """Levenberg-Marquardt from each candidate; the best final NCC is kept unless it is
+    worse than its own start (:func:`check_refinement`)."""
+    cfg = reg.cfg
+    with reg.timed("refinement"):
+        best = None
+        n_levels, n = len(cfg.refine2d.levels), len(reg.candidates)
+        for k, c in enumerate(reg.candidates):
+            def level_progress(i, m, k=k):
+                reg.report.stage("refine2d", f"2-D/3-D refinement: candidate {k + 1}/{n}, level {i + 1}/{m}",
+                                 within=(k * n_levels + i, n * n_levels))
+
+            Tr, ri = refine_lm(reg.target, c.T, cfg.refine2d, progress=level_progress)
+            m = float(np.mean(list(ri["levels"][-1]["ncc"].values())))
+            what = "network pose" if c.info.get("learned") else f"search score {c.score:.3f}"
+            reg.say(f"  candidate ({what}): final NCC {m:.3f}")
+            if best is None or m > best[0]:
+                best = (m, Tr, ri, c)
+        m, Tr, ri, start = best
+        reg.info["refine2d"] = ri
+        T, m, warn = check_refinement(reg.target, start.T, Tr, m, cfg)
+        reg.info["diverged"] = warn is not None
+        if warn:
+            reg.warnings.append(warn)
+        reg.candidates = [Candidate(T, start.score, {**start.info, "refine2d": True})]
+
+
+def check_stage(reg: Registration) -> None:
+    """Every answer is checked: the similarity the refinement maximises, at the final pose."""
+    cfg = reg.cfg
+    reg.report.stage("check", "checking the result")
+    with reg.timed("check"):
+        views_ncc = windowed_ncc(reg.target, reg.T, cfg.refine2d)
+        reg.info["final_ncc_views"] = views_ncc
+        reg.info["final_ncc"] = m = float(np.mean(list(views_ncc.values())))
+        reg.info["min_ncc"] = cfg.min_ncc
+        reg.info["doubtful"] = m < cfg.min_ncc
+        if m < cfg.min_ncc:
+            reg.warnings.append(f"doubtful result: final NCC {m:.2f} < {cfg.min_ncc}")
+        if cfg.drrs:
+            reg.drrs = {name: reg.target.render(reg.case.views[name], reg.T) for name in ("ap", "lat")}
+
+
+def output_stage(reg: Registration) -> None:
+    """A reconstruction for display when asked for and no stage made one."""
+    if reg.recon is not None:
+        return
+    with reg.timed("reconstruction"):
+        reg.recon = reconstruct_volume(reg.case, iterations=reg.cfg.recon_iterations, log=reg.log,
+                                       centre=apply(reg.T, reg.target.centre),
+                                       progress=lambda i, n: reg.report.stage(
+                                           "output", f"reconstructing the vertebra for display (Gaussian fit {i}/{n})",
+                                           within=(i, n)))
+
+
+def stages_for(cfg: RegisterConfig) -> list:
+    """The stage functions a configuration runs, in order."""
+    mode = cfg.init_mode
+    stages = []
+    if mode in ("search", "learned"):
+        stages.append(search_stage)
+    if mode == "learned":
+        stages.append(learned_stage)
+    if cfg.refine in ("3d", "both"):
+        stages.append(refine3d_stage)
+    if cfg.refine in ("2d", "both"):
+        stages.append(refine2d_stage)
+    stages.append(check_stage)
+    if cfg.reconstruct:
+        stages.append(output_stage)
+    return stages
 
 
 def run(case: Case, config: RegisterConfig | None = None, log=None, *, net=None, progress=None) -> Result:
@@ -97,26 +263,24 @@ def run(case: Case, config: RegisterConfig | None = None, log=None, *, net=None,
 
     Args:
         log: a callable taking one line of human-readable text, or None.
-        net: an already loaded :class:`~RadGSRegLib.learned.RadGSRegNet` (batch use: load
-            once); otherwise ``config.model`` is loaded.
+        net: an already loaded :class:`~RadGSRegLib.learned.model.RadGSRegNet` (batch use:
+            load once); otherwise ``config.model`` is loaded.
         progress: a callable taking :class:`~RadGSRegLib.progress.ProgressEvent` s (stage
             starts, fractions of the whole job; see :mod:`RadGSRegLib.progress`), or None.
     """
-    from ..progress import Reporter
-
     from ..checks import check_case
+    from ..progress import Reporter
 
     cfg = config or RegisterConfig()
     report = Reporter(progress)
     # the inputs first: what cannot be right is refused before any work, what is unusual is said
-    plausibility = list(case.warnings) if case.checked else check_case(case)
+    warnings = list(case.warnings) if case.checked else check_case(case)
     mode = cfg.init_mode
     if mode == "learned" and net is None:
         from ..learned.model import RadGSRegNet
 
         net = RadGSRegNet.load(cfg.model_path(), device=cfg.device)
     t0 = time.perf_counter()
-    runtime, info, warnings = {}, {"init": mode, "refine": cfg.refine}, list(plausibility)
     if case.seg is None or case.vertebra_label is None:
         if mode == "learned" or cfg.refine in ("3d", "both"):
             raise InputError("the learned method (init learned) and the 3-D/3-D refinement (refine 3d/both) need "
@@ -124,107 +288,20 @@ def run(case: Case, config: RegisterConfig | None = None, log=None, *, net=None,
                              "search --refine 2d, or add the labels")
         warnings.append("no vertebra label: the whole CT is the target")
     report.stage("preprocessing", "preparing the CT and the X-rays")
-    tgt = make_target(case, cfg)
+    tgt = make_target(case, slab_mm=cfg.slab_mm, coarse_mm=cfg.coarse_mm)
     T = case.initial_guess if case.initial_guess is not None else translation(-tgt.centre)
-    info["initial_pose_from"] = "case" if case.initial_guess is not None else "nominal (vertebra at the isocentre)"
-    runtime["preprocessing"] = time.perf_counter() - t0
-    candidates = [(0.0, T, {})]
-    if mode in ("search", "learned"):
-        t = time.perf_counter()
-        candidates = search_pose(tgt, T, cfg.refine2d, progress=lambda i, n: report.stage(
-            "search", f"pose search: rotation hypothesis {i + 1}/{n}", within=(i, n)))
-        T = candidates[0][1]
-        info["search"] = [ci for _, _, ci in candidates]
-        runtime["search"] = time.perf_counter() - t
-        if log:
-            log(f"  pose search: best of {len(cfg.refine2d.search_rot_deg) ** 3} rotations, score {candidates[0][0]:.3f}")
-    recon, region = None, None
-    if mode == "learned":
-        from ..learned.infer import predict
-
-        report.stage("learned", "RadGS-Reg network")
-        t = time.perf_counter()
-        pred = predict(net, case.xrays, case.views, case.image_kind, case.ct, case.seg, case.vertebra_label, T,
-                       device=cfg.device)
-        T, recon, region = pred.T_ct_to_carm, pred.recon, pred.region.crop
-        # the network's pose goes first; the best search poses stay as further starts (a wrong
-        # network output cannot lose a case the search alone would have won), same count
-        candidates = [(candidates[0][0], T, {"learned": True})] + candidates[:max(cfg.refine2d.candidates - 1, 0)]
-        info["learned"] = {"runtime_s": pred.runtime_s}
-        runtime["learned"] = time.perf_counter() - t
-        if log:
-            log(f"  RadGS-Reg network: {runtime['learned']:.2f} s")
-    if cfg.refine in ("3d", "both"):
-        t = time.perf_counter()
-        if recon is None:                       # no network: fit Gaussians around the current vertebra position
-            recon = reconstruct_volume(case, iterations=cfg.recon_iterations, log=log, centre=apply(T, tgt.centre),
-                                       progress=lambda i, n: report.stage(
-                                           "reconstruct", f"reconstructing the vertebra (Gaussian fit {i}/{n})",
-                                           within=(i, n)))
-            runtime["reconstruction"] = time.perf_counter() - t
-            t = time.perf_counter()
-        if region is None:
-            from ..learned.config import ModelConfig
-            from ..learned.data import VertebraRegion
-
-            region = VertebraRegion.of(case.ct, case.seg, case.vertebra_label, ModelConfig()).crop
-        refined = []
-        for k, (score, Tc, ci) in enumerate(candidates):
-            report.stage("refine3d", f"3-D/3-D refinement: candidate {k + 1}/{len(candidates)}",
-                         within=(k, len(candidates)))
-            T3, i3 = refine_3d(recon, region, Tc, cfg.refine3d)
-            refined.append((score, T3, {**ci, "refine3d": i3}))
-        candidates = refined
-        T = candidates[0][1]
-        info["refine3d"] = [ci["refine3d"] for _, _, ci in candidates]
-        runtime["refinement3d"] = time.perf_counter() - t
-    if cfg.refine in ("2d", "both"):
-        t = time.perf_counter()
-        best = None
-        n_levels = len(cfg.refine2d.levels)
-        for k, (score, Tc, ci) in enumerate(candidates):
-            def level_progress(i, n, k=k):
-                report.stage("refine2d", f"2-D/3-D refinement: candidate {k + 1}/{len(candidates)}, level {i + 1}/{n}",
-                             within=(k * n_levels + i, len(candidates) * n_levels))
-
-            Tr, ri = refine_lm(tgt, Tc, cfg.refine2d, progress=level_progress)
-            m = float(np.mean(list(ri["levels"][-1]["ncc"].values())))
-            if log:
-                what = "network pose" if ci.get("learned") else f"search score {score:.3f}"
-                log(f"  candidate ({what}): final NCC {m:.3f}")
-            if best is None or m > best[0]:
-                best = (m, Tr, ri, Tc)
-        m, Tr, ri, Tstart = best
-        info["refine2d"] = ri
-        T, m, warn = check_refinement(tgt, Tstart, Tr, m, cfg)
-        info["diverged"] = warn is not None
-        if warn:
-            warnings.append(warn)
-        runtime["refinement"] = time.perf_counter() - t
-    # every answer is checked: the similarity the refinement maximises, at the final pose
-    report.stage("check", "checking the result")
-    t = time.perf_counter()
-    views_ncc = windowed_ncc(tgt, T, cfg.refine2d)
-    info["final_ncc_views"] = views_ncc
-    info["final_ncc"] = m = float(np.mean(list(views_ncc.values())))
-    info["min_ncc"] = cfg.min_ncc
-    info["doubtful"] = m < cfg.min_ncc
-    if m < cfg.min_ncc:
-        warnings.append(f"doubtful result: final NCC {m:.2f} < {cfg.min_ncc}")
-    drrs = {name: tgt.render(case.views[name], T) for name in ("ap", "lat")} if cfg.drrs else None
-    runtime["check"] = time.perf_counter() - t
-    if cfg.reconstruct and recon is None:
-        t = time.perf_counter()
-        recon = reconstruct_volume(case, iterations=cfg.recon_iterations, log=log, centre=apply(T, tgt.centre),
-                                   progress=lambda i, n: report.stage(
-                                       "output", f"reconstructing the vertebra for display (Gaussian fit {i}/{n})",
-                                       within=(i, n)))
-        runtime["reconstruction"] = time.perf_counter() - t
-    runtime["total"] = time.perf_counter() - t0
-    info["warnings"] = warnings
-    for w in warnings:
+    reg = Registration(case, cfg, tgt, [Candidate(T)], report, log=log, net=net, warnings=warnings,
+                       info={"init": mode, "refine": cfg.refine,
+                             "initial_pose_from": "case" if case.initial_guess is not None
+                             else "nominal (vertebra at the isocentre)"})
+    reg.runtime["preprocessing"] = time.perf_counter() - t0
+    for stage in stages_for(cfg):
+        stage(reg)
+    reg.runtime["total"] = time.perf_counter() - t0
+    reg.info["warnings"] = reg.warnings
+    for w in reg.warnings:
         report.warning(w)
-    return Result(T_ct_to_carm=T, runtime_s=runtime, recon=recon, info=info, drrs=drrs)
+    return Result(T_ct_to_carm=reg.T, runtime_s=reg.runtime, recon=reg.recon, info=reg.info, drrs=reg.drrs)
 
 
 def reconstruct_volume(case: Case, *, iterations: int = 300, centre=(0.0, 0.0, 0.0), log=None,

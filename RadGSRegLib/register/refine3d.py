@@ -2,7 +2,7 @@
 
 The reconstruction (learned RadGS or per-case Gaussian fit) lives on a cube in the C-arm
 frame; the CT vertebra region (attenuation of its dilated label, CT frame) is resampled
-there at a pose ``T`` with :func:`~RadGSRegLib.learned.regm.resample_ct` (trilinear,
+there at a pose ``T`` with :func:`~RadGSRegLib.region.resample_region` (trilinear,
 differentiable), and ``1 - NCC`` is minimised over a 6-DOF correction about the cube's
 centre with Adam, on a blurred copy first and then on the volumes themselves. Cheap (a 32^3
 grid: well under a second on a CPU) and independent of the X-ray/DRR domain gap, but only
@@ -14,7 +14,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..geometry import orthonormalized
+from ..geometry import apply_delta_torch, orthonormalized
+from ..region import resample_region
+from ..similarity import ncc_torch
 from ..volume import Volume
 from .config import Refine3DConfig
 
@@ -41,8 +43,6 @@ def refine_3d(recon: Volume, region: Volume, T: np.ndarray, config: Refine3DConf
     """Pose ``T_ct_to_carm`` that best aligns ``region`` (CT frame) with ``recon`` (C-arm
     frame cube, K = J = I) by NCC, starting at ``T``. Returns (T, info with the NCC before
     and after)."""
-    from ..learned.regm import apply_correction, ncc_3d, resample_ct
-
     cfg = config or Refine3DConfig()
     n = recon.array.shape[0]
     if recon.array.shape != (n, n, n):
@@ -57,7 +57,7 @@ def refine_3d(recon: Volume, region: Volume, T: np.ndarray, config: Refine3DConf
     unit = torch.tensor([cfg.rot_unit] * 3 + [cfg.trans_unit] * 3)
 
     def ncc(target, Tk):
-        return ncc_3d(_blur(resample_ct(ct, cta, Tk, ga, n), sig), target)[0]
+        return ncc_torch(_blur(resample_region(ct, cta, Tk, ga, n), sig), target)[0]
 
     sig = 0.0
     with torch.no_grad():
@@ -67,11 +67,11 @@ def refine_3d(recon: Volume, region: Volume, T: np.ndarray, config: Refine3DConf
         opt = torch.optim.Adam([x], lr=cfg.lr)
         for _ in range(iters):
             opt.zero_grad()
-            loss = 1 - ncc(target, apply_correction(x * unit, T0, centre))
+            loss = 1 - ncc(target, apply_delta_torch(x * unit, T0, centre))
             loss.backward()
             opt.step()
     with torch.no_grad():
-        Tn = apply_correction(x * unit, T0, centre)
+        Tn = apply_delta_torch(x * unit, T0, centre)
         sig = 0.0
         after = float(ncc(rec, Tn))
     out = orthonormalized(Tn[0].numpy())

@@ -42,9 +42,9 @@ from ..device import resolve_device
 from ..errors import OutputError
 from ..io.atomic import atomic_file
 from ..io.outputs import check_writable, read_marker, write_marker
+from ..learned.model import RadGSRegNet, UnsafeFileError, load_plain, plain
 from .config import TrainConfig
 from .data import SAMPLE_KEYS, build_samples, collate, perturb_pose
-from .model import RadGSRegNet, UnsafeFileError, load_plain, plain
 
 __all__ = ["train", "check_run", "evaluate_samples", "PHASES", "RunFolderError", "CHECKPOINT_FORMAT",
            "SAMPLES_FORMAT", "RUN_FILES"]

@@ -24,78 +24,28 @@ ground truth (their own X-rays); stage 3 the target patient's CT.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator
 
 import numpy as np
 import torch
 
-from ..drr import DRR
 from ..errors import InputError
 from ..geometry import View, apply, biplanar_views, compose, sample_offsets
+from ..learned.config import ModelConfig
+from ..learned.inputs import prepare_images
+from ..region import VertebraRegion, cube_affine_batch
 from ..simulate import XraySimConfig, simulate_xrays
-from ..volume import Volume, affine_from, resample_to_grid
-from ..xray import as_line_integral, resize_view_image
-from .config import ModelConfig, TrainConfig
-from .recm import roi_affine
+from ..volume import resample_to_grid
+from .config import TrainConfig
 
-__all__ = ["prepare_images", "VertebraRegion", "perturb_pose", "make_sample", "collate", "sample_sources",
+__all__ = ["perturb_pose", "make_sample", "collate", "sample_sources",
            "build_samples", "usable_levels", "CTSpecError", "SAMPLE_KEYS", "ct_spec_paths"]
 
 
 #: the entries of a sample (:func:`make_sample`)
 SAMPLE_KEYS = ("images", "proj", "views", "win", "target", "gt_volume", "ct", "ct_affine", "centroid", "G", "T_in",
                "centre")
-
-
-def prepare_images(xrays: dict, views: dict, image_kind: str, pixels: int):
-    """The network's view of two X-rays.
-
-    Args:
-        xrays: {"ap", "lat"} -> (rows, cols) images; views: {"ap", "lat"} -> View.
-        image_kind: "line_integral" or "intensity" (converted to line integrals).
-        pixels: working size.
-    Returns:
-        images (2, P, P) float32 tensor, each standardised (zero mean, unit variance: robust
-        to dose, windowing and scale), working views {name: View}, proj (2, 3, 4) tensor.
-    """
-    out, wviews = [], {}
-    for name in ("ap", "lat"):
-        if name not in xrays or name not in views:
-            raise ValueError(f"the learned method needs both an 'ap' and a 'lat' X-ray; missing {name!r}")
-        img, v = resize_view_image(as_line_integral(xrays[name], image_kind), views[name], pixels)
-        img = (img - img.mean()) / max(float(img.std()), 1e-6)
-        out.append(img)
-        wviews[name] = v
-    proj = np.stack([wviews[n].projection_matrix() for n in ("ap", "lat")])
-    return torch.from_numpy(np.stack(out).astype(np.float32)), wviews, torch.from_numpy(proj.astype(np.float32))
-
-
-@dataclass
-class VertebraRegion:
-    """One vertebra of one CT, prepared once and reused for all its samples."""
-
-    ct: Volume                  # HU
-    label: int
-    centroid: np.ndarray        # CT mm
-    region: Volume              # attenuation (1/mm) of the dilated label, CT grid
-    drr: DRR                    # projector of ``region``
-    crop: Volume                # ``region`` on a CT-frame cube around the centroid
-
-    @classmethod
-    def of(cls, ct: Volume, seg: Volume, label: int, cfg: ModelConfig, *, dilate_mm: float = 3.0):
-        from ..metrics import vertebra_region
-
-        if not np.any(seg.array == label):
-            raise ValueError(f"label {label} is not in the label map")
-        region = vertebra_region(ct, seg, label, dilate_mm=dilate_mm)
-        c = seg.label_centroid(label)
-        side = 1.25 * cfg.roi_mm
-        n = int(round(side / cfg.voxel_mm))
-        A = affine_from(c - side / 2 + cfg.voxel_mm / 2, (cfg.voxel_mm,) * 3)
-        crop = resample_to_grid(region, (n, n, n), A)
-        return cls(ct, int(label), c, region, DRR(region.array, region.affine), crop)
 
 
 def perturb_pose(G: np.ndarray, centroid: np.ndarray, rng: np.random.Generator, *, rot_deg: float,
@@ -125,7 +75,7 @@ def make_sample(vr: VertebraRegion, G: np.ndarray, xrays: dict, views: dict, ima
         c0, r0 = int(round(u - W / 2)), int(round(r - W / 2))
         wins.append((c0, r0))
         targets.append(vr.drr.render([v.cropped(c0, r0, W, W)], G)[0].numpy())
-    A = roi_affine(centre[None], cfg.roi_mm, cfg.voxels)[0].numpy().astype(np.float64)
+    A = cube_affine_batch(centre[None], cfg.roi_mm, cfg.voxels)[0].numpy().astype(np.float64)
     V = cfg.voxels
     gt = resample_to_grid(vr.region, (V, V, V), A, G)
     f32 = lambda a: torch.as_tensor(np.asarray(a), dtype=torch.float32)  # noqa: E731
@@ -232,7 +182,7 @@ def build_samples(cfg: TrainConfig, *, validation: bool, progress=None) -> list[
             case = obj
             if case.ground_truth is None:
                 raise ValueError(f"{name}: stage 2 needs cases with ground_truth")
-            vr = VertebraRegion.of(case.ct, case.seg, case.vertebra_label, mc)
+            vr = VertebraRegion.of(case.ct, case.seg, case.vertebra_label, side_mm=mc.roi_mm, voxel_mm=mc.voxel_mm)
             for _ in range(per if not validation else max(1, per // 4)):
                 out.append(make_sample(vr, case.ground_truth, case.xrays, case.views, case.image_kind, mc, rng,
                                        input_rot_deg=cfg.input_rot_deg, input_trans_mm=cfg.input_trans_mm))
@@ -243,7 +193,8 @@ def build_samples(cfg: TrainConfig, *, validation: bool, progress=None) -> list[
         for _ in range(n):
             lv = str(rng.choice(sorted(levels)))
             if lv not in regions:
-                regions[lv] = VertebraRegion.of(ct, seg, levels[lv], mc)
+                regions[lv] = VertebraRegion.of(ct, seg, levels[lv], side_mm=mc.roi_mm,
+                                                voxel_mm=mc.voxel_mm)
             vr = regions[lv]
             T0 = np.eye(4)
             T0[:3, 3] = -vr.centroid

@@ -1,0 +1,103 @@
+"""The pose search: where is the vertebra, roughly, and how is it turned?
+
+Every combination of :attr:`SearchConfig.rot_deg` about the three axes (about the
+vertebra's centre) is a rotation hypothesis; for each, :func:`search_translation` finds the
+shift that best aligns both views' vertebra windows, and the ``candidates`` best
+hypotheses (by the mean of both views' NCC) go on to the refinement. This stage decides
+whether a registration succeeds: it captures offsets of tens of mm in one step, and its
+typical failure is a look-alike neighbouring vertebra (``prior`` and the joint
+cranio-caudal shift below work against that).
+
+Works on the line-integral X-rays of a :class:`~.target.Target`, at ``SearchConfig.pixels``,
+high-passed, with DRR templates rendered from the block-averaged CT. Poses are
+``T_ct_to_carm``; hypotheses are Euler angles per axis (degrees, :mod:`RadGSRegLib.geometry`).
+"""
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+
+from ..geometry import apply, compose, pose_to_matrix
+from ..similarity import highpass, ncc_map
+from .config import SearchConfig
+from .target import Target
+
+__all__ = ["SearchConfig", "Hypothesis", "search_translation", "search_pose"]
+
+
+class Hypothesis:
+    """One result of the search: ``score`` (mean NCC of both views), pose ``T``
+    (``T_ct_to_carm``) and ``info`` (per-view NCC, shift mm, rotation deg)."""
+
+    __slots__ = ("score", "T", "info")
+
+    def __init__(self, score: float, T: np.ndarray, info: dict):
+        self.score, self.T, self.info = float(score), T, info
+
+
+def search_translation(tgt: Target, T: np.ndarray, cfg: SearchConfig) -> tuple[np.ndarray, dict]:
+    """The translation that best aligns both views' vertebra windows (C-arm frame).
+
+    Each view gives an NCC map over shifts (du along its u, dv along its v, in mm at the
+    vertebra); both views' rows run along the shared cranio-caudal axis, so the shift along
+    it is chosen jointly (sum of each view's best score at that shift), which keeps one
+    view from locking onto a neighbouring vertebra on its own. A mild prior,
+    ``prior * (shift / range_mm)^2`` subtracted from each view's NCC, breaks near ties
+    between neighbouring vertebrae (which look alike) in favour of the smaller shift.
+
+    Returns:
+        (``T`` shifted, info: ``search_ncc_ap``/``_lat``, ``search_shift_mm``, ``search_score``).
+    """
+    maps, info = {}, {}
+    for name in ("ap", "lat"):
+        img, view = tgt.image(name, cfg.pixels)
+        c0, r0, w, h = tgt.window(view, T, cfg.margin_mm)
+        px_mm = view.pixel_spacing[0] / tgt.magnification(view, T)                   # mm at the vertebra per pixel
+        sig = cfg.highpass_mm / px_mm
+        templ = highpass(tgt.render(view.cropped(c0, r0, w, h), T, cfg.supersample, coarse=True), sig)
+        rng_px = int(np.ceil(cfg.range_mm / px_mm))
+        pad = np.pad(highpass(img, sig), rng_px, mode="constant")
+        inside = np.pad(np.ones(img.shape, bool), rng_px, mode="constant")
+        sl = (slice(r0, r0 + h + 2 * rng_px), slice(c0, c0 + w + 2 * rng_px))
+        m = ncc_map(pad[sl], templ, inside[sl])                              # (2 rng + 1)^2
+        k = np.arange(-rng_px, rng_px + 1) / max(rng_px, 1)
+        m = m - cfg.prior * (k[:, None] ** 2 + k[None, :] ** 2)
+        maps[name] = (m, rng_px, px_mm, view)
+    # rows of both views run along -z: choose the row shift jointly
+    rng = min(maps["ap"][1], maps["lat"][1])
+    best_z, best = 0, -np.inf
+    for dv in range(-rng, rng + 1):
+        score = sum(m[dv + r_, :].max() for m, r_, _, _ in maps.values())
+        if score > best:
+            best, best_z = score, dv
+    d = np.zeros(3)
+    for name, (m, r_, px_mm, view) in maps.items():
+        du = int(np.argmax(m[best_z + r_, :])) - r_
+        info[f"search_ncc_{name}"] = float(m[best_z + r_, du + r_])
+        for vec, amount in ((view.u, du * px_mm), (view.v, best_z * px_mm / 2)):
+            ax = int(np.argmax(np.abs(vec)))
+            d[ax] += amount * np.sign(vec[ax])
+    info["search_shift_mm"] = d.tolist()
+    info["search_score"] = float(sum(info[f"search_ncc_{n}"] for n in ("ap", "lat")) / 2)
+    return compose(pose_to_matrix([0, 0, 0, *d]), T), info
+
+
+def search_pose(tgt: Target, T: np.ndarray, cfg: SearchConfig, progress=None) -> list[Hypothesis]:
+    """Every rotation hypothesis (``rot_deg`` about each axis, about where ``T`` puts the
+    vertebra's centre), each followed by :func:`search_translation`. Returns the
+    ``candidates`` best, best first.
+
+    ``progress(i, n)``, if given, is called before hypothesis ``i`` of ``n``."""
+    c = apply(T, tgt.centre)
+    out = []
+    hypotheses = list(itertools.product(cfg.rot_deg, repeat=3))
+    for i, rot in enumerate(hypotheses):
+        if progress:
+            progress(i, len(hypotheses))
+        Tr = compose(pose_to_matrix([*rot, 0, 0, 0], center=c), T)
+        Ts, info = search_translation(tgt, Tr, cfg)
+        info["search_rot_deg"] = list(rot)
+        out.append(Hypothesis(info["search_score"], Ts, info))
+    out.sort(key=lambda h: -h.score)
+    return out[: cfg.candidates]

@@ -1,0 +1,120 @@
+"""What the 2-D/3-D stages register against: a case prepared once.
+
+:class:`Target` holds a DRR projector of the CT slab around the vertebra (and of a
+block-averaged copy for the coarse stages), the vertebra's points (CT frame), the X-rays as
+line integrals (resized copies cached per detector size) and their views; it renders DRRs
+at a pose and finds the vertebra's window on a detector. :func:`make_target` builds it
+from a :class:`~RadGSRegLib.io.Case` (:func:`slab_around`, :func:`block_average`).
+
+Poses are ``T_ct_to_carm`` (4, 4); mm everywhere; images are ``[row, column]``.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch.nn.functional as F
+
+from ..drr import DRR, hu_to_mu
+from ..geometry import View, apply
+from ..volume import Volume
+from ..xray import as_line_integral
+
+__all__ = ["Target", "make_target", "slab_around", "block_average"]
+
+
+def slab_around(ct: Volume, centre_ct: np.ndarray, half_mm: float) -> Volume:
+    """The CT cropped to the slices within ``half_mm`` of ``centre_ct`` (3,) CT mm along the
+    volume axis closest to the patient's cranio-caudal (LPS z) direction; full in-plane
+    extent."""
+    ax = int(np.argmax(np.abs(ct.direction[2])))          # volume axis (i, j, k) along z
+    n = ct.size[ax]
+    coord = ct.world_to_index(centre_ct)[ax]
+    half = half_mm / ct.spacing[ax]
+    lo, hi = int(max(0, np.floor(coord - half))), int(min(n, np.ceil(coord + half) + 1))
+    sl = [slice(None)] * 3
+    sl[2 - ax] = slice(lo, hi)
+    shift = np.zeros(3)
+    shift[ax] = lo
+    A = ct.affine.copy()
+    A[:3, 3] = ct.index_to_world(shift)
+    return Volume(np.ascontiguousarray(ct.array[tuple(sl)]), A)
+
+
+def block_average(mu: np.ndarray, affine: np.ndarray, target_mm: float) -> tuple[np.ndarray, np.ndarray]:
+    """``mu`` ([k, j, i]) averaged over blocks of ``floor(target_mm / spacing)`` voxels per axis,
+    and its affine (voxel centres at the blocks' centres)."""
+    sp = np.linalg.norm(affine[:3, :3], axis=0)                      # (i, j, k)
+    f = np.maximum(1, np.floor(target_mm / sp).astype(int))
+    if np.all(f == 1):
+        return mu, affine
+    fk, fj, fi = f[2], f[1], f[0]
+    K, J, I = (n // m * m for n, m in zip(mu.shape, (fk, fj, fi)))
+    b = mu[:K, :J, :I].reshape(K // fk, fk, J // fj, fj, I // fi, fi).mean(axis=(1, 3, 5))
+    A = affine.copy()
+    A[:3, :3] = affine[:3, :3] * f[None, :]
+    A[:3, 3] = affine[:3, :3] @ ((f - 1) / 2.0) + affine[:3, 3]
+    return np.ascontiguousarray(b, dtype=np.float32), A
+
+
+class Target:
+    """What the 2-D/3-D stages need: a DRR of the CT, the vertebra's points (CT frame), the
+    X-rays (line integrals) and their views."""
+
+    def __init__(self, drr: DRR, points_ct: np.ndarray, images: dict[str, np.ndarray], views: dict[str, View],
+                 coarse: DRR | None = None):
+        self.drr = drr
+        self.coarse = coarse or drr
+        self.points = np.asarray(points_ct, dtype=np.float64)
+        self.centre = self.points.mean(axis=0)
+        self.images = images
+        self.views = views
+        self._cache = {}
+
+    def image(self, name: str, pixels: int) -> tuple[np.ndarray, View]:
+        """The X-ray resized to ``pixels`` per side (area-averaged) and its view."""
+        key = (name, pixels)
+        if key not in self._cache:
+            from ..xray import resize_view_image
+
+            self._cache[key] = resize_view_image(self.images[name], self.views[name], pixels)
+        return self._cache[key]
+
+    def magnification(self, view: View, T) -> float:
+        """Detector mm per mm at the vertebra's centre (pose ``T``) for ``view``."""
+        return abs(view.source_to_detector) / max(float(np.linalg.norm(view.source - apply(T, self.centre))), 1.0)
+
+    def window(self, view: View, T, margin_mm: float) -> tuple[int, int, int, int]:
+        """(col0, row0, cols, rows): bounding box of the projected vertebra + margin, clipped."""
+        uv = view.project(apply(T, self.points))
+        m = margin_mm * self.magnification(view, T) / view.pixel_spacing[0]
+        c0 = int(np.clip(np.floor(uv[:, 0].min() - m), 0, view.size[0] - 2))
+        r0 = int(np.clip(np.floor(uv[:, 1].min() - m), 0, view.size[1] - 2))
+        c1 = int(np.clip(np.ceil(uv[:, 0].max() + m), c0 + 2, view.size[0]))
+        r1 = int(np.clip(np.ceil(uv[:, 1].max() + m), r0 + 2, view.size[1]))
+        return c0, r0, c1 - c0, r1 - r0
+
+    def render(self, view: View, T, supersample: int = 1, coarse: bool = False) -> np.ndarray:
+        """DRR of ``view`` at pose ``T`` (area-averaged from ``supersample``^2 rays per pixel;
+        ``coarse``: from the block-averaged CT, for the low-resolution stages)."""
+        drr = self.coarse if coarse else self.drr
+        if supersample <= 1:
+            return drr.render([view], T)[0].numpy()
+        fine = view.resized((view.size[0] * supersample, view.size[1] * supersample))
+        img = drr.render([fine], T)[0]
+        return F.avg_pool2d(img[None, None], supersample)[0, 0].numpy()
+
+
+def make_target(case, *, slab_mm: float, coarse_mm: float) -> Target:
+    """The :class:`Target` of a :class:`~RadGSRegLib.io.Case`: the CT slab of ``slab_mm``
+    either side of its vertebra (and a copy block-averaged to about ``coarse_mm`` voxels),
+    the vertebra's points (the whole CT's centre without a label) and the X-rays as line
+    integrals."""
+    if case.seg is not None and case.vertebra_label is not None:
+        pts = case.seg.label_points(case.vertebra_label, max_points=3000)
+    else:
+        pts = case.ct.index_to_world(np.array([[(n - 1) / 2 for n in case.ct.size]]))
+    images = {k: as_line_integral(case.xrays[k], case.image_kind) for k in ("ap", "lat")}
+    slab = slab_around(case.ct, pts.mean(axis=0), slab_mm)
+    mu = hu_to_mu(slab.array)
+    coarse_mu, coarse_affine = block_average(mu, slab.affine, coarse_mm)
+    coarse = DRR(coarse_mu, coarse_affine) if coarse_mu is not mu else None
+    return Target(DRR(mu, slab.affine), pts, images, case.views, coarse=coarse)
