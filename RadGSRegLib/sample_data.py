@@ -8,14 +8,13 @@ extension, package data of a wheel); ``RADGSREG_SAMPLE_DATA`` points elsewhere.
 """
 from __future__ import annotations
 
-import hashlib
 import os
 from dataclasses import dataclass
 from pathlib import Path
 
 from .resources import ResourceNotFoundError, resource_path
 
-__all__ = ["SampleData", "lumbar_ct", "sample_data_dir", "verify_checksums", "LUMBAR_LEVELS"]
+__all__ = ["SampleData", "lumbar_ct", "sample_data_dir", "LUMBAR_LEVELS"]
 
 #: the complete vertebrae of the sample, top down
 LUMBAR_LEVELS = ("L1", "L2", "L3", "L4", "L5", "S1")
@@ -52,14 +51,3 @@ def lumbar_ct() -> SampleData:
     d = sample_data_dir()
     return SampleData(ct=d / "example_ct.nii.gz", seg=d / "totalseg.nii.gz", license=d / "LICENSE",
                       notice=d / "NOTICE")
-
-
-def verify_checksums(directory: Path | None = None) -> dict[str, bool]:
-    """SHA-256 of each file listed in ``SHA256SUMS`` against the record: {name: ok}."""
-    d = Path(directory) if directory else sample_data_dir()
-    out = {}
-    for line in (d / "SHA256SUMS").read_text().splitlines():
-        if line.strip():
-            digest, name = line.split()
-            out[name] = hashlib.sha256((d / name).read_bytes()).hexdigest() == digest
-    return out

@@ -1,3 +1,5 @@
+import hashlib
+
 import numpy as np
 import pytest
 import SimpleITK as sitk
@@ -7,7 +9,7 @@ from RadGSRegLib.cli import main
 from RadGSRegLib.drr import DRR, hu_to_mu
 from RadGSRegLib.io import read_case, read_segmentation, read_volume
 from RadGSRegLib.levels import LevelError, resolve_level
-from RadGSRegLib.sample_data import LUMBAR_LEVELS, lumbar_ct, verify_checksums
+from RadGSRegLib.sample_data import LUMBAR_LEVELS, lumbar_ct
 from RadGSRegLib.volume import Volume
 
 
@@ -18,8 +20,11 @@ def sample():
 
 
 def test_checksums_and_notice():
-    assert verify_checksums() == {"example_ct.nii.gz": True, "totalseg.nii.gz": True, "LICENSE": True}
     sd = lumbar_ct()
+    sums = dict(reversed(line.split()) for line in (sd.ct.parent / "SHA256SUMS").read_text().splitlines() if line.strip())
+    assert set(sums) == {"example_ct.nii.gz", "totalseg.nii.gz", "LICENSE"}
+    for name, digest in sums.items():
+        assert hashlib.sha256((sd.ct.parent / name).read_bytes()).hexdigest() == digest, name
     assert "Apache License" in sd.license.read_text()
     notice = sd.notice.read_text()
     assert "TotalSegmentator" in notice and "2.18.0" in notice and "10.1148/ryai.230024" in notice
