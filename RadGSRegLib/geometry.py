@@ -330,21 +330,36 @@ def matrix_to_rotvec(R) -> np.ndarray:
 def delta_to_matrix(delta, center=None) -> np.ndarray:
     """(4, 4) of the delta ``(rotation vector [rad], translation [mm])`` about ``center``
     (3,) mm (default the origin): ``x -> R (x - c) + c + t``."""
-    d = np.asarray(delta, dtype=np.float64).reshape(-1)
-    if d.shape != (6,):
-        raise ValueError(f"a delta has 6 numbers (rotation vector rad, translation mm), got {d.shape}")
-    c = np.zeros(3) if center is None else _vec3(center, "center")
-    T = np.eye(4)
-    T[:3, :3] = rotvec_to_matrix(d[:3])
-    T[:3, 3] = c - T[:3, :3] @ c + d[3:]
-    return T
+    d = _six(delta, "a delta has 6 numbers (rotation vector rad, translation mm)")
+    return _about(rotvec_to_matrix(d[:3]), d[3:], center)
 
 
 def matrix_to_delta(D, center=None) -> np.ndarray:
     """Inverse of :func:`delta_to_matrix` (same ``center``): (6,) rotation vector rad, mm."""
     D = np.asarray(D, dtype=np.float64)
+    return np.concatenate([matrix_to_rotvec(D[:3, :3]), _shift_about(D, center)])
+
+
+def _six(vector, what: str) -> np.ndarray:
+    v = np.asarray(vector, dtype=np.float64).reshape(-1)
+    if v.shape != (6,):
+        raise ValueError(f"{what}, got {v.shape}")
+    return v
+
+
+def _about(R: np.ndarray, t, center) -> np.ndarray:
+    """(4, 4) ``x -> R (x - c) + c + t`` (``c = center``, default the origin)."""
     c = np.zeros(3) if center is None else _vec3(center, "center")
-    return np.concatenate([matrix_to_rotvec(D[:3, :3]), D[:3, 3] - c + D[:3, :3] @ c])
+    T = np.eye(4)
+    T[:3, :3] = R
+    T[:3, 3] = c - R @ c + np.asarray(t, dtype=np.float64)
+    return T
+
+
+def _shift_about(T: np.ndarray, center) -> np.ndarray:
+    """The ``t`` of :func:`_about` for a rigid ``T`` and ``center``."""
+    c = np.zeros(3) if center is None else _vec3(center, "center")
+    return T[:3, 3] - c + T[:3, :3] @ c
 
 
 def apply_delta(delta, T, center) -> np.ndarray:
@@ -383,21 +398,14 @@ def pose_to_matrix(pose, center=None) -> np.ndarray:
 
     ``x' = R (x - c) + c + t`` with ``c = center`` (default the origin).
     """
-    p = np.asarray(pose, dtype=np.float64).reshape(-1)
-    if p.shape != (6,):
-        raise ValueError(f"a pose vector has 6 numbers (rx, ry, rz, tx, ty, tz), got {p.shape}")
-    c = np.zeros(3) if center is None else _vec3(center, "center")
-    T = np.eye(4)
-    T[:3, :3] = euler_to_matrix(p[:3])
-    T[:3, 3] = c - T[:3, :3] @ c + p[3:]
-    return T
+    p = _six(pose, "a pose vector has 6 numbers (rx, ry, rz, tx, ty, tz)")
+    return _about(euler_to_matrix(p[:3]), p[3:], center)
 
 
 def matrix_to_pose(T, center=None) -> np.ndarray:
     """Inverse of :func:`pose_to_matrix` (same ``center``)."""
     T = np.asarray(T, dtype=np.float64)
-    c = np.zeros(3) if center is None else _vec3(center, "center")
-    return np.concatenate([matrix_to_euler(T[:3, :3]), T[:3, 3] - c + T[:3, :3] @ c])
+    return np.concatenate([matrix_to_euler(T[:3, :3]), _shift_about(T, center)])
 
 
 def compose(*Ts) -> np.ndarray:
