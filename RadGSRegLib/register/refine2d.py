@@ -2,8 +2,8 @@
 
 Coarse to fine over :attr:`RefineConfig.levels` (:func:`refine_lm`): residuals are the
 normalised (zero mean, unit variance, :func:`~RadGSRegLib.similarity.zscore`) DRR minus the
-normalised X-ray inside a window around the projected vertebra (so the sum of squares is
-``2 N (1 - NCC)`` per view before the ``1/sqrt(N)`` weighting); the Jacobian comes from
+normalised X-ray inside a window around the projected vertebra, divided by the square root
+of the window's pixel count (so each view's sum of squares is ``2 (1 - NCC)``); the Jacobian comes from
 finite differences of the compiled Joseph projector (forward only, fast). The DRR is of
 the *whole* CT slab (neighbours, soft tissue), so it looks like the X-ray; only the
 similarity is restricted to the vertebra's window. :func:`windowed_ncc` is that similarity
@@ -52,7 +52,12 @@ def windowed_ncc(tgt: Target, T: np.ndarray, cfg: RefineConfig, level: Level | N
     ``level`` (default the finest): the similarity the refinement maximises."""
     level = level or cfg.levels[-1]
     windows = _windows(tgt, T, level)
-    r = _residuals(tgt, T, windows, cfg, level)
+    return _view_ncc(windows, _residuals(tgt, T, windows, cfg, level))
+
+
+def _view_ncc(windows: dict, r: np.ndarray) -> dict[str, float]:
+    """Each view's NCC from the stacked residuals ``r`` (each view's sum of squares is
+    ``2 (1 - NCC)``)."""
     parts = np.split(r, np.cumsum([w_[2].size for w_ in windows.values()])[:-1])
     return {name: 1.0 - 0.5 * float(np.sum(seg ** 2)) for name, seg in zip(windows, parts)}
 
@@ -96,8 +101,7 @@ def refine_lm(tgt: Target, T: np.ndarray, cfg: RefineConfig, log=None, progress=
                 lam *= 4
             if not improved or np.all(np.abs(delta) < 0.02 * steps):
                 break
-        ncc = {name: 1.0 - 0.5 * float(np.sum(seg ** 2)) for name, seg in
-               zip(windows, np.split(r, np.cumsum([w_[2].size for w_ in windows.values()])[:-1]))}
+        ncc = _view_ncc(windows, r)
         info["levels"].append({"pixels": level.pixels, "iterations": it + 1, "ncc": ncc})
         if log:
             log(f"  level {level.pixels}px: NCC ap {ncc['ap']:.3f}, lat {ncc['lat']:.3f}")
