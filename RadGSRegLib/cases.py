@@ -6,6 +6,11 @@ centroid at the C-arm isocentre, the CT's LPS axes along the C-arm axes), sample
 Euler angles in ±rot_deg and translations in ±trans_mm per axis), and render AP + lateral
 X-rays of the whole CT at the true pose with the realistic simulation. The nominal pose is
 written as ``initial_guess``; registration must recover ``ground_truth``.
+
+The CTs cases are made of: a CT file with its vertebra labels (:func:`load_labelled_ct`), or
+the bundled lumbar CT / a phantom (:func:`load_sample`, :func:`sample_case`: what ``radgsreg
+demo`` and ``radgsreg sample-case`` make). :func:`truth_errors` scores a pose against a
+case's truth.
 """
 from __future__ import annotations
 
@@ -17,16 +22,20 @@ from typing import Callable, Iterable
 
 import numpy as np
 
-from .geometry import biplanar_views, compose, geodesic_deg, mtre, sample_offsets, translation
+from .geometry import biplanar_views, compose, geodesic_deg, sample_offsets, translation
 from .io import Case, write_case
 from .io.atomic import atomic_dir
 from .io.outputs import check_output
-from .levels import level_id
-from .metrics import target_points
+from .levels import LevelError, level_id, level_name
+from .metrics import registration_errors, target_points
 from .simulate import XraySimConfig, simulate_xrays
 from .volume import Volume
 
-__all__ = ["CaseGenConfig", "nominal_pose", "make_case", "generate_cases"]
+__all__ = ["CaseGenConfig", "nominal_pose", "make_case", "generate_cases", "LabelledCT", "load_labelled_ct",
+           "sample_level", "load_sample", "sample_case", "truth_errors", "SAMPLE_SOURCE"]
+
+#: provenance of the cases made from the bundled lumbar CT (case.json ``generator.source``)
+SAMPLE_SOURCE = "RadGSReg lumbar sample CT (TotalSegmentator 2.18.0 test data)"
 
 
 @dataclass
@@ -112,11 +121,143 @@ def generate_cases(sources: Callable[[int], tuple[Volume, Volume, str]], levels:
             rng = np.random.default_rng([config.seed, i])
             case = make_case(ct, seg, level, config, rng, source=src, label=(labels or {}).get(level))
             write_case(case, tmp / names[i])
-            pts = target_points(seg, case.vertebra_label, max_points=2000)
             rows.append({"case": names[i], "level": level, "label": case.vertebra_label,
                          "rot_offset_deg": case.extra["generator"]["offset_rot_deg"],
                          "trans_offset_mm": case.extra["generator"]["offset_trans_mm"],
-                         "initial_mtre_mm": mtre(case.initial_guess, case.ground_truth, pts),
+                         "initial_mtre_mm": truth_errors(case, case.initial_guess)["mtre_mm"],
                          "seconds": time.perf_counter() - t})
         (tmp / "summary.json").write_text(json.dumps(rows, indent=2))
     return rows
+
+
+def truth_errors(case: Case, T) -> dict:
+    """How far the pose ``T`` (``T_ct_to_carm``) is from the case's ground truth:
+    :func:`~RadGSRegLib.metrics.registration_errors` (mTRE, rotation and translation errors,
+    mean projection distance over the case's views) on 2000 target points of its vertebra
+    (metrics.md). The case needs its ground truth and vertebra labels (a generated case, or
+    one read with ``ground_truth=True``)."""
+    if case.ground_truth is None or case.seg is None:
+        raise ValueError("truth_errors needs a case with its ground truth and vertebra labels")
+    pts = target_points(case.seg, case.vertebra_label, max_points=2000)
+    return registration_errors(T, case.ground_truth, pts, case.views)
+
+
+# ------------------------------------------------------------------ the CTs cases are made of
+@dataclass
+class LabelledCT:
+    """A CT with its vertebra labels, the levels asked for resolved: what :func:`make_case`
+    makes cases of.
+
+    Attributes:
+        ct: CT in HU (CT frame). seg: label map on the CT's grid.
+        labels: {level as asked (normalised, e.g. "L3", or digits "29"): its label value}.
+        source: provenance for case.json (``generator.source``).
+        warnings: what the CT's plausibility check found unusual, each "FILE: what".
+    """
+
+    ct: Volume
+    seg: Volume
+    labels: dict
+    source: str
+    warnings: list = field(default_factory=list)
+
+
+def load_labelled_ct(ct_path, seg_path, levels, *, fields=("ct", "segmentation"),
+                     source: str | None = None) -> LabelledCT:
+    """Read a CT (a file or DICOM folder, in HU) and its vertebra label map (a label map or a
+    Slicer ``.seg.nrrd``) and resolve each level to its label value
+    (:func:`~RadGSRegLib.levels.resolve_level`: segment names, TotalSegmentator ids, or label
+    values given as digits).
+
+    Refuses, naming the file and ``fields`` (the CT's, the labels'; the command line gives its
+    options, ``("--ct", "--seg")``): an unreadable file, a CT that is not plausibly in HU
+    (:func:`~RadGSRegLib.checks.check_ct`; :class:`~RadGSRegLib.io.CaseFormatError`), a label
+    map off the CT's grid, a level absent from it or cut by the scan's edge
+    (:class:`~RadGSRegLib.levels.LevelError`). ``source``: the provenance (default the CT's
+    path)."""
+    from .checks import PlausibilityError, check_ct
+    from .io import CaseFormatError, read_segmentation, read_volume
+    from .levels import resolve_level
+
+    ct_field, seg_field = fields
+    ct = read_volume(ct_path, field=ct_field)
+    try:
+        warnings = [f"{ct_path}: {w}" for w in check_ct(ct)]
+    except PlausibilityError as e:
+        raise CaseFormatError(ct_path, ct_field, e.detail) from None
+    seg = read_segmentation(seg_path, field=seg_field)
+    if not seg.labelmap.same_grid(ct):
+        raise CaseFormatError(seg_path, seg_field, f"not on the CT grid (labels {seg.labelmap.size} voxels, CT "
+                              f"{ct.size}, origin/spacing/direction must match); resample the label map onto the "
+                              "CT first")
+    labels = {lv: resolve_level(lv, seg.labelmap, seg.names, source=str(seg_path), positional=seg.positional)
+              for lv in levels}
+    return LabelledCT(ct, seg.labelmap, labels, str(ct_path) if source is None else source, warnings)
+
+
+def sample_level(level, *, phantom: bool = False) -> str:
+    """A level of :func:`load_sample`'s sources as they key it: a name normalised ("l3" ->
+    "L3"), or a label value's digits ("29"; the lumbar CT only). Raises
+    :class:`~RadGSRegLib.levels.LevelError` for an unknown name and, with ``phantom``, for a
+    level the phantom does not span ("C3: the phantom spans L1, ..."); whether the lumbar CT
+    has a level is known once it is loaded."""
+    text = str(level).strip()
+    if not text.isdigit():
+        try:
+            text = level_name(level_id(text))
+        except ValueError as e:
+            raise LevelError(str(e)) from None
+    if phantom:
+        from .phantom import PhantomConfig
+
+        spans = PhantomConfig().levels
+        if text not in spans:
+            raise LevelError(f"{text}: the phantom spans {', '.join(spans)}")
+    return text
+
+
+def load_sample(level: str = "L3", *, phantom: bool = False, seed: int = 0) -> LabelledCT:
+    """The CT a demo or sample case is made of, with ``level`` resolved in it: the bundled
+    lumbar CT (:func:`RadGSRegLib.sample_data.lumbar_ct`: L1-L5 and S1 complete; ``level`` a
+    name or a label value) or, with ``phantom``, the procedural spine of ``seed`` (L1-L5,
+    1 mm; a name). Raises :class:`~RadGSRegLib.levels.LevelError` for a level the source does
+    not have whole."""
+    level = sample_level(level, phantom=phantom)
+    if phantom:
+        from .phantom import PhantomConfig, make_phantom
+
+        ct, seg = make_phantom(PhantomConfig(seed=seed))
+        return LabelledCT(ct, seg, {level: level_id(level)}, f"phantom seed {seed}")
+    from .sample_data import lumbar_ct
+
+    sd = lumbar_ct()
+    return load_labelled_ct(sd.ct, sd.seg, [level], fields=(None, None), source=SAMPLE_SOURCE)
+
+
+def sample_case(level: str = "L3", config: CaseGenConfig | None = None, *, phantom: bool = False,
+                sample: LabelledCT | None = None) -> Case:
+    """A case of one vertebra of the bundled lumbar CT, or with ``phantom`` of the phantom
+    seeded ``config.seed`` (:func:`load_sample`): what ``radgsreg sample-case`` writes and
+    ``radgsreg demo`` registers. :func:`make_case` with the true pose drawn by
+    ``numpy.random.default_rng(config.seed)``: the same level, config and seed give the same
+    case.
+
+    Args:
+        level: "L3" (a name) or, for the lumbar CT, a label value ("29").
+        config: the C-arm, the pose offsets, the X-ray simulation and the seed (default
+            :class:`CaseGenConfig`).
+        sample: what :func:`load_sample` returned for this level and seed, when the caller
+            loaded it first (e.g. to report progress in between).
+
+    Returns:
+        the :class:`~RadGSRegLib.io.Case` in memory, with its ground truth; ``warnings``: what
+        the CT's plausibility check found unusual.
+    """
+    config = config or CaseGenConfig()
+    level = sample_level(level)
+    if sample is None:
+        sample = load_sample(level, phantom=phantom, seed=config.seed)
+    case = make_case(sample.ct, sample.seg, level, config, np.random.default_rng(config.seed),
+                     label=sample.labels[level], source=sample.source)
+    case.warnings = list(sample.warnings)
+    return case

@@ -248,7 +248,7 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Module-aware training (RecM alone, RegM alone, then both: paper Eq. 2-4) on "
                                    "one data stage: 1 simulated X-rays of phantoms and any CTs with vertebra labels; "
                                    "2 real X-ray cases with known poses; 3 the target patient's own CT (before "
-                                   "surgery). Settings come from a JSON config (keys of learned.config.TrainConfig; "
+                                   "surgery). Settings come from a JSON config (keys of training.config.TrainConfig; "
                                    "Resources/Models/configs/ has the shipped ones) and the options below. OUT gets "
                                    "config.json, checkpoint.pt (every epoch), log.jsonl, and model.pt at the end; "
                                    "running the same command again resumes.",
@@ -364,29 +364,17 @@ def _phantom_config(**kw):
         raise UsageError(f"{option}: {e}") from None
 
 
-def _load_ct_seg(ct_path, seg_path, levels):
-    """CT, label map and {level: label value}; refuses absent or cut levels and off-grid labels."""
-    from .checks import PlausibilityError, check_ct
-    from .io import CaseFormatError, read_segmentation, read_volume
-    from .levels import resolve_level
+def _say(line: str) -> None:
+    """A progress line on stdout, at once."""
+    print(line, flush=True)
 
-    ct = read_volume(ct_path, field="--ct")
-    try:
-        for w in check_ct(ct):
-            print(f"warning: {ct_path}: {w}", file=sys.stderr)
-    except PlausibilityError as e:
-        raise CaseFormatError(ct_path, "--ct", e.detail) from None
-    seg = read_segmentation(seg_path, field="--seg")
-    if not seg.labelmap.same_grid(ct):
-        raise CaseFormatError(seg_path, "--seg", f"not on the CT grid (labels {seg.labelmap.size} voxels, CT {ct.size}, "
-                              "origin/spacing/direction must match); resample the label map onto the CT first")
-    labels = {lv: resolve_level(lv, seg.labelmap, seg.names, source=str(seg_path), positional=seg.positional)
-              for lv in levels}
-    return ct, seg.labelmap, labels
+
+def _warn(text: str) -> None:
+    print(f"warning: {text}", file=sys.stderr)
 
 
 def _cmd_simulate(args):
-    from .cases import generate_cases
+    from .cases import generate_cases, load_labelled_ct
     from .io.outputs import check_output
     from .phantom import make_phantom
 
@@ -408,11 +396,13 @@ def _cmd_simulate(args):
             ct, seg = make_phantom(pc)
             return ct, seg, f"phantom seed {pc.seed}"
     else:
-        ct, seg, labels = _load_ct_seg(args.ct, args.seg, levels)
-        src_name = str(args.ct)
+        src = load_labelled_ct(args.ct, args.seg, levels, fields=("--ct", "--seg"))
+        for w in src.warnings:
+            _warn(w)
+        labels = src.labels
 
         def sources(i):
-            return ct, seg, src_name
+            return src.ct, src.seg, src.source
 
     t = time.perf_counter()
     rows = generate_cases(sources, levels, args.n, args.out, cfg, labels=None if args.phantom else labels,
@@ -459,27 +449,30 @@ def _parse_levels(text, option: str = "--level") -> list[str]:
         raise UsageError(f"{option}: {e}") from None
 
 
-def _cmd_sample_case(args):
-    import numpy as np
+def _one_level(text) -> str:
+    levels = _parse_levels(text)
+    if len(levels) != 1:
+        raise UsageError("--level takes one level, e.g. --level L3")
+    return levels[0]
 
-    from .cases import make_case
+
+def _cmd_sample_case(args):
+    from .cases import sample_case
     from .io import write_case
     from .io.outputs import check_output
     from .sample_data import lumbar_ct
 
     sd = lumbar_ct()
-    level = _parse_levels(args.level)
-    if len(level) != 1:
-        raise UsageError("--level takes one level, e.g. --level L3")
+    level = _one_level(args.level)
     cfg = _case_config(args)
     check_output(args.out, "case", overwrite=args.overwrite, inputs=[sd.ct, sd.seg], option="--out")
-    ct, seg, labels = _load_ct_seg(sd.ct, sd.seg, level)
-    case = make_case(ct, seg, level[0], cfg, np.random.default_rng(args.seed), label=labels[level[0]],
-                     source="RadGSReg lumbar sample CT (TotalSegmentator 2.18.0 test data)")
+    case = sample_case(level, cfg)
+    for w in case.warnings:
+        _warn(w)
     write_case(case, args.out, overwrite=args.overwrite, inputs=[sd.ct, sd.seg])
-    print(f"wrote {args.out} ({level[0]}, label {labels[level[0]]}, {case.image_kind}, "
-          f"{cfg.pixels}x{cfg.pixels} pixels); true pose offset {case.extra['generator']['offset_rot_deg']:.1f} deg, "
-          f"{case.extra['generator']['offset_trans_mm']:.1f} mm")
+    gen = case.extra["generator"]
+    print(f"wrote {args.out} ({level}, label {case.vertebra_label}, {case.image_kind}, {cfg.pixels}x{cfg.pixels} "
+          f"pixels); true pose offset {gen['offset_rot_deg']:.1f} deg, {gen['offset_trans_mm']:.1f} mm")
 
 
 def _cmd_show(args):
@@ -491,7 +484,7 @@ def _cmd_show(args):
     inputs = [args.case, args.result]
     check_output_file(out, "preview", overwrite=args.overwrite or args.out is None, inputs=inputs,
                       allow_in=[args.case], option="--out")
-    case = read_case(args.case, ground_truth=True) if _has_gt(args.case) else read_case(args.case)
+    case = read_case(args.case, ground_truth="if-present")
     T = None
     if args.result:
         result = read_result(args.result)
@@ -511,73 +504,27 @@ def _check_result_belongs(case_dir, result_dir, result) -> None:
         raise InputError(f"{result_dir} is the result of another case, not {case_dir}: {why}")
 
 
-def _has_gt(path) -> bool:
-    try:
-        return json.loads((Path(path) / "case.json").read_text()).get("ground_truth") is not None
-    except (OSError, json.JSONDecodeError):
-        return False
-
-
 def _cmd_demo(args):
-    from dataclasses import replace
+    from .cases import sample_level
+    from .demo import run_demo
+    from .levels import LevelError
 
-    import numpy as np
-
-    from .cases import CaseGenConfig, make_case
-    from .io import read_case, write_case, write_result
-    from .io.atomic import atomic_dir
-    from .io.outputs import check_output
-    from .metrics import registration_errors, target_points
-    from .preview import save_montage
-    from .register import RegisterConfig, run
-
-    out = Path(args.out)
-    levels = _parse_levels(args.level)
-    if len(levels) != 1:
-        raise UsageError("--level takes one level, e.g. --level L3")
-    level = levels[0]
-    if args.phantom and level not in _phantom_config(seed=args.seed).levels:
-        raise UsageError(f"--level {level}: the phantom spans {', '.join(_phantom_config(seed=args.seed).levels)}")
-    sd = None
-    if not args.phantom:
-        from .sample_data import lumbar_ct
-
-        sd = lumbar_ct()
-    check_output(out, "demo", overwrite=args.overwrite, inputs=[] if sd is None else [sd.ct, sd.seg], option="--out")
-    t = time.perf_counter()
-    if args.phantom:
-        from .phantom import make_phantom
-
-        print("1/4 building a spine phantom (L1-L5, 1 mm) ...", flush=True)
-        ct, seg = make_phantom(_phantom_config(seed=args.seed))
-        labels, source = {}, f"phantom seed {args.seed}"
-    else:
-        print(f"1/4 loading the bundled lumbar CT ({sd.ct.name}, {sd.seg.name}) ...", flush=True)
-        ct, seg, labels = _load_ct_seg(sd.ct, sd.seg, [level])
-        source = "RadGSReg lumbar sample CT (TotalSegmentator 2.18.0 test data)"
-    print(f"2/4 simulating AP + lateral X-rays ({args.pixels}x{args.pixels}) of {level} at a pose up to "
-          f"±{args.rot_deg:g} deg / ±{args.trans_mm:g} mm from the nominal one ...", flush=True)
-    cfg = CaseGenConfig(pixels=args.pixels, seed=args.seed, rot_deg=args.rot_deg, trans_mm=args.trans_mm)
-    case = make_case(ct, seg, level, cfg, np.random.default_rng(args.seed), label=labels.get(level), source=source)
-    with atomic_dir(out, args.overwrite, kind="demo") as tmp:      # the whole demo folder appears at once
-        write_case(case, tmp / "case")
-        print("3/4 registering (without the case's ground truth) ...", flush=True)
-        truth = read_case(tmp / "case", ground_truth=True)
-        result = run(replace(truth, ground_truth=None), RegisterConfig(), log=print)
-        write_result(result, tmp / "result")
-        print("4/4 writing the preview ...", flush=True)
-        save_montage(truth, tmp / "preview.png", T=result.T_ct_to_carm)
-    pts = target_points(truth.seg, truth.vertebra_label, max_points=2000)
-    e0 = registration_errors(truth.initial_guess, truth.ground_truth, pts, truth.views)
-    e1 = registration_errors(result.T_ct_to_carm, truth.ground_truth, pts, truth.views)
-    print(f"case: {out / 'case'} ({level}, label {truth.vertebra_label}); result: {out / 'result'}; "
-          f"picture: {out / 'preview.png'}")
+    level = _one_level(args.level)
+    try:
+        level = sample_level(level, phantom=args.phantom)
+    except LevelError as e:
+        raise UsageError(f"--level {e}") from None
+    d = run_demo(args.out, level=level, phantom=args.phantom, pixels=args.pixels, rot_deg=args.rot_deg,
+                 trans_mm=args.trans_mm, seed=args.seed, overwrite=args.overwrite, option="--out", log=_say, warn=_warn)
+    e0, e1 = d.before, d.after
+    print(f"case: {d.out / 'case'} ({d.level}, label {d.label}); result: {d.out / 'result'}; "
+          f"picture: {d.out / 'preview.png'}")
     print(f"initial guess: mTRE {e0['mtre_mm']:.1f} mm (rotation {e0['rot_err_deg']:.1f} deg, translation "
           f"{e0['trans_err_mm']:.1f} mm)")
     print(f"registered:    mTRE {e1['mtre_mm']:.2f} mm (rotation {e1['rot_err_deg']:.2f} deg, translation "
-          f"{e1['trans_err_mm']:.2f} mm) in {result.runtime_s['total']:.1f} s"
-          + ("" if not result.info["warnings"] else f"; warning: {'; '.join(result.info['warnings'])}"))
-    print(f"done in {time.perf_counter() - t:.0f} s")
+          f"{e1['trans_err_mm']:.2f} mm) in {d.register_s:.1f} s"
+          + ("" if not d.warnings else f"; warning: {'; '.join(d.warnings)}"))
+    print(f"done in {d.seconds:.0f} s")
 
 
 def _cmd_bench(args):
@@ -700,8 +647,8 @@ def _one_line(e: BaseException) -> str:
 def _cmd_train(args):
     import dataclasses
 
-    from .learned.config import TrainConfig, load_train_config
-    from .learned.train import train
+    from .training.config import TrainConfig, load_train_config
+    from .training.train import train
 
     if args.no_cal and args.init:
         raise UsageError("--no-cal does not apply with --init: the network (with or without CAL) comes with the "
@@ -719,7 +666,7 @@ def _cmd_train(args):
     if args.no_cal:
         cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, cal=False))
     from .io.outputs import check_output
-    from .learned.data import ct_spec_paths
+    from .training.data import ct_spec_paths
 
     inputs = [args.config, cfg.init, *cfg.case_dirs]
     for spec in cfg.ct_dirs:
@@ -743,75 +690,47 @@ def _cmd_evaluate(args):
 
 
 def _cmd_fit_gaussians(args):
-    import numpy as np
-    import torch
     from tqdm import tqdm
 
-    from .drr import DRR
-    from .gaussians import to_volume, voxelize_model
-    from .gaussians.fit import FitConfig, fit_case_xrays, fit_gaussians, recon_grid
-    from .geometry import c_arm_view
+    from .gaussians.fit import FitConfig, fit_case
     from .io import read_case, write_volume
     from .io.atomic import atomic_dir
-    from .metrics import ground_truth_volume, recon_metrics
+    from .io.outputs import check_output
 
     if args.views > 2 and not args.simulated:
         raise UsageError("--views: a case has two X-rays; more views need --simulated")
-    from .io.outputs import check_output
-
     check_output(args.out, "fit", overwrite=args.overwrite, inputs=[args.case], option="--out")
-    case = read_case(args.case, ground_truth=_has_gt(args.case))
-    shape, affine = recon_grid(args.grid_mm, args.voxel_mm)
-    n = shape[0]
-    gt = None
-    if case.ground_truth is not None and case.seg is not None:
-        gt = ground_truth_volume(case.ct, case.seg, case.vertebra_label, case.ground_truth, shape, affine)
-    if args.simulated:
-        if gt is None:
-            raise InputError(f"--simulated renders the case's vertebra at its true pose: {args.case} needs a "
-                             "ground_truth and vertebra labels")
-        ref = case.views["ap"]
-        if args.views == 2:
-            views = [case.views[k].resized(args.pixels) for k in ("ap", "lat")]
-        else:
-            views = [c_arm_view(a, sdd=abs(ref.source_to_detector), sid=float(np.linalg.norm(ref.source)),
-                                pixels=args.pixels, pixel_spacing=ref.pixel_spacing[0] * ref.size[0] / args.pixels)
-                     for a in np.linspace(0.0, 360.0, args.views, endpoint=False)]
-        images = DRR(gt.array, gt.affine).render(views)
-        source = f"{args.views} DRRs of the vertebra alone at its true pose (validation of the fitting)"
-    else:
-        source = "the case's AP + lateral X-rays"
-    torch.manual_seed(args.seed)
+    case = read_case(args.case, ground_truth="if-present")
+    if args.simulated and (case.ground_truth is None or case.seg is None):
+        raise InputError(f"--simulated renders the case's vertebra at its true pose: {args.case} needs a "
+                         "ground_truth and vertebra labels")
     cfg = FitConfig(iterations=args.iterations, n_gaussians=args.gaussians, max_gaussians=5 * args.gaussians,
                     views_per_step=4, seed=args.seed)
-    print(f"fitting {args.gaussians} Gaussians to {source}, {args.pixels}x{args.pixels} pixels, "
-          f"{args.iterations} iterations, grid {n}^3 at {args.voxel_mm} mm", flush=True)
-    bar = tqdm(total=args.iterations, file=sys.stderr, unit="it", dynamic_ncols=True)
+    bar = []
+
+    def starting(line):                      # what is fitted, then the progress bar under it
+        _say(line)
+        bar.append(tqdm(total=args.iterations, file=sys.stderr, unit="it", dynamic_ncols=True))
 
     def progress(step, rec):
-        bar.update(1)
+        bar[0].update(1)
         if step % 10 == 0:
-            bar.set_postfix(loss=f"{rec['loss']:.4f}", n=rec["n"])
+            bar[0].set_postfix(loss=f"{rec['loss']:.4f}", n=rec["n"])
 
-    if args.simulated:
-        res = fit_gaussians(images, views, shape, affine, cfg, progress=progress)
-        with torch.no_grad():
-            recon = to_volume(voxelize_model(res.gaussians, shape, affine), affine)
-    else:
-        res, recon = fit_case_xrays(case, cfg, pixels=args.pixels, grid_mm=args.grid_mm, voxel_mm=args.voxel_mm,
-                                    progress=progress)
-    bar.close()
-    report = {"source": source, "config": cfg.to_dict(), "seconds": res.seconds, "n_gaussians": len(res.gaussians),
-              "history": res.history}
-    if gt is not None:
-        report["metrics_vs_ground_truth"] = recon_metrics(recon.array, gt.array)
+    try:
+        fit = fit_case(case, cfg, simulated=args.simulated, views=args.views, pixels=args.pixels,
+                       grid_mm=args.grid_mm, voxel_mm=args.voxel_mm, log=starting, progress=progress)
+    finally:
+        for b in bar:
+            b.close()
     with atomic_dir(args.out, args.overwrite, kind="fit", inputs=[args.case]) as tmp:
-        res.gaussians.save(tmp / "gaussians.npz")
-        write_volume(recon, tmp / "recon.nrrd")
-        (tmp / "fit.json").write_text(json.dumps(report, indent=2, default=float))
-    msg = f"{len(res.gaussians)} Gaussians in {res.seconds:.0f} s -> {args.out}/gaussians.npz, recon.nrrd, fit.json"
-    if gt is not None:
-        m = report["metrics_vs_ground_truth"]
+        fit.result.gaussians.save(tmp / "gaussians.npz")
+        write_volume(fit.recon, tmp / "recon.nrrd")
+        (tmp / "fit.json").write_text(json.dumps(fit.report, indent=2, default=float))
+    msg = (f"{len(fit.result.gaussians)} Gaussians in {fit.result.seconds:.0f} s -> {args.out}/gaussians.npz, "
+           "recon.nrrd, fit.json")
+    m = fit.report.get("metrics_vs_ground_truth")
+    if m is not None:
         msg += f"; against the true vertebra volume: PSNR {m['psnr_db']:.2f} dB, SSIM {m['ssim_pct']:.1f} %"
     print(msg)
 

@@ -54,7 +54,9 @@ def simulate_xray_nodes(scene, ct_node, seg_node, level, *, rot_deg: float = 5.0
     for its self-test. ``sim``: the X-ray formation (default
     :class:`~RadGSRegLib.simulate.XraySimConfig`: beam hardening, scatter, noise, blur).
     Returns {"ap", "lat": X-ray nodes on their detector planes, "views", "ground_truth": the
-    true ``T_ct_to_carm``, "label": the vertebra's label value}."""
+    true ``T_ct_to_carm``, "label": the vertebra's label value, "case": the simulated
+    :class:`~RadGSRegLib.io.Case` (LPS, with its truth; made by
+    :func:`~RadGSRegLib.cases.make_case` as every generated case is)}."""
     from .cases import CaseGenConfig, make_case
     from .simulate import XraySimConfig
 
@@ -64,7 +66,7 @@ def simulate_xray_nodes(scene, ct_node, seg_node, level, *, rot_deg: float = 5.0
     sim = make_case(ct, labels, str(level), cfg, np.random.default_rng(seed), label=label)
     return {"ap": xray_to_node(scene, sim.xrays["ap"], sim.views["ap"], f"{name} AP"),
             "lat": xray_to_node(scene, sim.xrays["lat"], sim.views["lat"], f"{name} LAT"),
-            "views": sim.views, "ground_truth": sim.ground_truth, "label": label}
+            "views": sim.views, "ground_truth": sim.ground_truth, "label": label, "case": sim}
 
 
 def check_registration(transform_node, ground_truth: np.ndarray, seg: Volume, label: int, *,
@@ -128,23 +130,21 @@ def run_self_test(scene, register_fn, ct_node, seg_node, workdir, *, levels=tupl
     - Slicer's transform writer and our reader agree on the ``.h5`` file.
 
     Raises AssertionError on failure; returns one dict of numbers per level."""
-    from .cases import nominal_pose
+    from .cases import truth_errors
     from .io import read_transform
-    from .metrics import registration_errors, target_points
 
     workdir = Path(workdir)
-    ct, labels, _ = vertebra_from_nodes(ct_node, seg_node, levels[0])
     rows = []
     for level in levels:
         log(f"self-test {level}: simulating an AP + lateral pair")
         sim = simulate_xray_nodes(scene, ct_node, seg_node, level, seed=SELF_TEST_SEEDS.get(level, 0),
                                   sim=self_test_simulation(), name=f"self-test {level}")
-        err0 = registration_errors(nominal_pose(labels, sim["label"]), sim["ground_truth"],
-                                   target_points(labels, sim["label"], max_points=2000))["mtre_mm"]
+        case = sim["case"]
+        err0 = truth_errors(case, case.initial_guess)["mtre_mm"]
         log(f"self-test {level}: registering (error before: {err0:.1f} mm)")
         tnode = register_fn(ct_node, seg_node, level, sim["ap"], sim["lat"], sim["views"])
         move_under(tnode, ct_node, seg_node)
-        check = check_registration(tnode, sim["ground_truth"], labels, sim["label"], ct_node=ct_node)
+        check = check_registration(tnode, case.ground_truth, case.seg, case.vertebra_label, ct_node=ct_node)
         log(f"self-test {level}: error after registration {check['mtre_mm']:.2f} mm")
         assert check["mtre_mm"] < min(tolerance_mm, err0), \
             f"{level}: error after registration {check['mtre_mm']:.2f} mm (before {err0:.2f} mm)"

@@ -100,3 +100,104 @@ def test_help_teaches():
     text = build_parser().format_help()
     for word in ("simulate-cases", "show", "bench", "demo", "examples", "T_ct_to_carm"):
         assert word in text
+
+
+# ------------------------------------------------------------------ the CTs cases are made of
+def _same_case(a, b):
+    assert a.vertebra_label == b.vertebra_label and a.vertebra_name == b.vertebra_name
+    assert np.array_equal(a.ct.array, b.ct.array) and np.array_equal(a.seg.array, b.seg.array)
+    assert np.array_equal(a.initial_guess, b.initial_guess) and np.array_equal(a.ground_truth, b.ground_truth)
+    for k in ("ap", "lat"):
+        assert np.array_equal(a.xrays[k], b.xrays[k])
+    assert a.extra == b.extra
+
+
+def test_sample_case_is_the_recipe_sample_case_and_demo_used():
+    """sample_case makes exactly what `radgsreg sample-case` and `radgsreg demo` made before it
+    was shared: the bundled files, the level's label, make_case with default_rng(seed)."""
+    from RadGSRegLib.cases import SAMPLE_SOURCE, CaseGenConfig, make_case, sample_case
+    from RadGSRegLib.io import read_segmentation, read_volume
+    from RadGSRegLib.sample_data import lumbar_ct
+
+    cfg = CaseGenConfig(pixels=40, seed=5)
+    case = sample_case("l2", cfg)                           # names are normalised
+    sd = lumbar_ct()
+    before = make_case(read_volume(sd.ct), read_segmentation(sd.seg).labelmap, "L2", cfg,
+                       np.random.default_rng(5), label=30, source=SAMPLE_SOURCE)
+    _same_case(case, before)
+    assert case.warnings == []                             # the bundled CT is plausible
+    by_value = sample_case("30", cfg)                      # a label value
+    _same_case(by_value, sample_case("30", cfg))            # seeded: the same case again
+    assert by_value.vertebra_name == "30" and by_value.vertebra_label == 30
+    other = sample_case("L2", CaseGenConfig(pixels=40, seed=6))
+    assert not np.array_equal(other.ground_truth, case.ground_truth)
+
+
+def test_sample_case_of_a_phantom_builds_the_seeded_phantom(monkeypatch, small_phantom):
+    import RadGSRegLib.phantom as phantom
+    from RadGSRegLib.cases import CaseGenConfig, make_case, sample_case
+
+    built = []
+    monkeypatch.setattr(phantom, "make_phantom", lambda cfg: built.append(cfg) or small_phantom)
+    cfg = CaseGenConfig(pixels=32, seed=7)
+    case = sample_case("L4", cfg, phantom=True)
+    assert [c.seed for c in built] == [7] and built[0].spacing == (1.0, 1.0, 1.0)
+    _same_case(case, make_case(*small_phantom, "L4", cfg, np.random.default_rng(7), source="phantom seed 7"))
+
+
+def test_sample_levels_are_checked_before_loading():
+    from RadGSRegLib.cases import sample_level
+    from RadGSRegLib.levels import LevelError
+
+    assert sample_level(" l3") == "L3" and sample_level("vertebrae_S1") == "S1" and sample_level("29") == "29"
+    assert sample_level("L5", phantom=True) == "L5"
+    with pytest.raises(LevelError, match=r"^C3: the phantom spans L1, L2, L3, L4, L5$"):
+        sample_level("C3", phantom=True)
+    with pytest.raises(LevelError, match="the phantom spans"):
+        sample_level("29", phantom=True)
+    with pytest.raises(LevelError, match="unknown vertebra level 'X9'"):
+        sample_level("X9")
+
+
+def test_load_labelled_ct_names_the_fields_it_is_given(generated, tmp_path):
+    from RadGSRegLib.cases import load_labelled_ct
+    from RadGSRegLib.io import CaseFormatError, read_volume
+    from RadGSRegLib.levels import LevelError
+    from RadGSRegLib.volume import Volume
+
+    ct_path, seg_path = generated / "ct.nrrd", generated / "seg.nii.gz"
+    src = load_labelled_ct(ct_path, seg_path, ["L2", "vertebrae_L4", "29"])
+    assert src.labels == {"L2": 30, "vertebrae_L4": 28, "29": 29}
+    assert src.source == str(ct_path) and src.warnings == []
+    assert src.seg.same_grid(src.ct)
+    seg = read_volume(seg_path)
+    write_volume(Volume(seg.array[1:], seg.affine), tmp_path / "cut.nrrd")
+    with pytest.raises(CaseFormatError, match="not on the CT grid") as e:
+        load_labelled_ct(ct_path, tmp_path / "cut.nrrd", ["L2"])
+    assert e.value.field == "segmentation"
+    with pytest.raises(CaseFormatError) as e:
+        load_labelled_ct(ct_path, tmp_path / "cut.nrrd", ["L2"], fields=("--ct", "--seg"))
+    assert e.value.field == "--seg"
+    ct = read_volume(ct_path)
+    write_volume(Volume(ct.array / 1000.0, ct.affine), tmp_path / "not_hu.nrrd")        # a normalised CT
+    with pytest.raises(CaseFormatError) as e:
+        load_labelled_ct(tmp_path / "not_hu.nrrd", seg_path, ["L2"], fields=("--ct", "--seg"))
+    assert e.value.field == "--ct" and "not_hu.nrrd" in str(e.value)
+    with pytest.raises(LevelError, match="T5"):
+        load_labelled_ct(ct_path, seg_path, ["T5"])
+
+
+def test_truth_errors_score_a_pose_against_the_case(generated):
+    from RadGSRegLib.cases import truth_errors
+    from RadGSRegLib.metrics import registration_errors, target_points
+
+    rows = json.loads((generated / "cases" / "summary.json").read_text())
+    case = read_case(generated / "cases" / "case_001", ground_truth=True)
+    at_truth = truth_errors(case, case.ground_truth)
+    assert at_truth["mtre_mm"] == pytest.approx(0, abs=1e-9) and at_truth["mpd_mm"] == pytest.approx(0, abs=1e-9)
+    before = truth_errors(case, case.initial_guess)
+    assert before["mtre_mm"] == pytest.approx(rows[1]["initial_mtre_mm"])      # the generator's own number
+    pts = target_points(case.seg, case.vertebra_label, max_points=2000)
+    assert before == registration_errors(case.initial_guess, case.ground_truth, pts, case.views)
+    with pytest.raises(ValueError, match="ground truth"):
+        truth_errors(read_case(generated / "cases" / "case_001"), case.initial_guess)

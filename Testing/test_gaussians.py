@@ -204,3 +204,35 @@ def test_fit_gaussians_command_writes_a_placed_reconstruction(tmp_path):
 
     report = json.loads((tmp_path / "fit" / "fit.json").read_text())
     assert "psnr_db" in report["metrics_vs_ground_truth"] and report["config"]["iterations"] == 15
+
+
+def test_fit_case_fits_scores_and_says_what_it_fits():
+    """fit_case: the per-case fit of `radgsreg fit-gaussians` as a library call: DRRs of the
+    vertebra at the truth (an orbit here) or the X-rays, scored when the case has a truth,
+    seeded (the same config, the same fit)."""
+    import dataclasses
+
+    from RadGSRegLib.cases import CaseGenConfig, sample_case
+    from RadGSRegLib.gaussians.fit import FitConfig, fit_case
+
+    case = sample_case("L3", CaseGenConfig(pixels=64, rot_deg=5.0, trans_mm=5.0))     # the vertebra in the cube
+    cfg = FitConfig(iterations=3, n_gaussians=100, max_gaussians=500, seed=1)
+    lines, steps = [], []
+    fit = fit_case(case, cfg, simulated=True, views=3, pixels=32, grid_mm=48.0, voxel_mm=3.0, log=lines.append,
+                   progress=lambda step, rec: steps.append(step))
+    assert lines == ["fitting 100 Gaussians to 3 DRRs of the vertebra alone at its true pose (validation of the "
+                     "fitting), 32x32 pixels, 3 iterations, grid 16^3 at 3.0 mm"]
+    assert steps == [0, 1, 2] and fit.recon.array.shape == (16, 16, 16)
+    assert set(fit.report) == {"source", "config", "seconds", "n_gaussians", "history", "metrics_vs_ground_truth"}
+    assert fit.report["n_gaussians"] == len(fit.result.gaussians) and fit.report["config"] == cfg.to_dict()
+    assert np.isfinite(fit.report["metrics_vs_ground_truth"]["psnr_db"])
+    again = fit_case(case, cfg, simulated=True, views=3, pixels=32, grid_mm=48.0, voxel_mm=3.0)
+    assert again.report["history"] == fit.report["history"]
+    # without a truth: the X-rays only, and no score
+    blind = dataclasses.replace(case, ground_truth=None)
+    xr = fit_case(blind, cfg, pixels=32, grid_mm=48.0, voxel_mm=3.0)
+    assert xr.report["source"] == "the case's AP + lateral X-rays" and "metrics_vs_ground_truth" not in xr.report
+    with pytest.raises(ValueError, match="ground truth and vertebra labels"):
+        fit_case(blind, cfg, simulated=True, pixels=32, grid_mm=48.0, voxel_mm=3.0)
+    with pytest.raises(ValueError, match="views=3"):
+        fit_case(case, cfg, views=3, pixels=32)

@@ -22,11 +22,13 @@ import torch
 
 from ..geometry import View
 from ..losses import projection_loss, tv_3d
+from ..volume import Volume
 from .model import RadiativeGaussians
 from .rasterizer import rasterize
 from .voxelizer import voxelize
 
-__all__ = ["FitConfig", "FitResult", "fit_gaussians", "backprojection_init", "recon_grid", "fit_case_xrays"]
+__all__ = ["FitConfig", "FitResult", "fit_gaussians", "backprojection_init", "recon_grid", "fit_case_xrays",
+           "CaseFit", "fit_case"]
 
 
 @dataclass
@@ -205,12 +207,11 @@ def fit_gaussians(images: torch.Tensor, views: Sequence[View], shape, affine, co
 
 
 def recon_grid(grid_mm: float = 96.0, voxel_mm: float = 1.5, centre=(0.0, 0.0, 0.0)):
-    """((n, n, n), affine): a cube of side ``grid_mm`` centred on ``centre`` (C-arm mm;
-    default the isocentre)."""
-    from ..volume import affine_from
+    """((n, n, n), affine): the fit's reconstruction cube, :func:`RadGSRegLib.region.cube_affine`
+    of side ``grid_mm`` at ``voxel_mm`` centred on ``centre`` (C-arm mm; default the isocentre)."""
+    from ..region import cube_affine
 
-    n = int(round(grid_mm / voxel_mm))
-    return (n, n, n), affine_from(np.asarray(centre, dtype=np.float64) - (n - 1) / 2 * voxel_mm, [voxel_mm] * 3)
+    return cube_affine(centre, grid_mm, voxel_mm)
 
 
 def fit_case_xrays(case, config: FitConfig | None = None, *, pixels: int = 128, grid_mm: float = 96.0,
@@ -229,3 +230,81 @@ def fit_case_xrays(case, config: FitConfig | None = None, *, pixels: int = 128, 
     res = fit_gaussians(torch.from_numpy(np.stack(imgs)), views, shape, affine, config, progress=progress)
     with torch.no_grad():
         return res, to_volume(voxelize_model(res.gaussians, shape, affine), affine)
+
+
+@dataclass
+class CaseFit:
+    """What :func:`fit_case` returns: the fit, its voxelized reconstruction (C-arm frame, on
+    :func:`recon_grid`) and the report ``radgsreg fit-gaussians`` writes as fit.json."""
+
+    result: FitResult
+    recon: Volume
+    #: {"source": what was fitted, "config": FitConfig.to_dict(), "seconds", "n_gaussians",
+    #: "history", and with a ground truth "metrics_vs_ground_truth": PSNR/SSIM (metrics.md)}
+    report: dict
+
+
+def fit_case(case, config: FitConfig | None = None, *, simulated: bool = False, views: int = 2,
+             pixels: int = 128, grid_mm: float = 96.0, voxel_mm: float = 1.5,
+             log: Callable[[str], None] | None = None,
+             progress: Callable[[int, dict], None] | None = None) -> CaseFit:
+    """Fit Gaussians to one case (``radgsreg fit-gaussians``) on a cube of side ``grid_mm``
+    at ``voxel_mm`` around the isocentre, and score the reconstruction against the truth
+    when the case has one (a case read with ``ground_truth=True`` or ``"if-present"``, with
+    vertebra labels): :func:`RadGSRegLib.region.ground_truth_volume` on the same cube,
+    :func:`RadGSRegLib.metrics.recon_metrics`.
+
+    Args:
+        case: a :class:`~RadGSRegLib.io.Case`.
+        config: the fit (default :class:`FitConfig`); ``torch.manual_seed(config.seed)`` first.
+        simulated: fit DRRs of the case's vertebra alone at its true pose instead of its X-rays
+            (a validation of the fitting; needs the truth and labels): ``views`` of them, 2 the
+            case's AP + lateral geometry resized to ``pixels``, more a full orbit of the same
+            C-arm (source and detector distances, field of view) at ``pixels``.
+        pixels: the detector size worked at (the X-rays are resized to it).
+        log: gets one line saying what is fitted, before the fit.
+        progress: called as ``progress(step, {"loss", "n"})`` each step.
+    """
+    from ..drr import DRR
+    from ..geometry import c_arm_view
+    from ..metrics import recon_metrics
+    from ..region import ground_truth_volume
+    from . import to_volume, voxelize_model
+
+    cfg = config or FitConfig()
+    if views < 2 or (views > 2 and not simulated):
+        raise ValueError(f"views={views}: a case has two X-rays; more views are simulated (simulated=True)")
+    shape, affine = recon_grid(grid_mm, voxel_mm)
+    gt = None
+    if case.ground_truth is not None and case.seg is not None:
+        gt = ground_truth_volume(case.ct, case.seg, case.vertebra_label, case.ground_truth, shape, affine)
+    if simulated:
+        if gt is None:
+            raise ValueError("simulated views render the case's vertebra at its true pose: the case needs its "
+                             "ground truth and vertebra labels")
+        ref = case.views["ap"]
+        if views == 2:
+            fit_views = [case.views[k].resized(pixels) for k in ("ap", "lat")]
+        else:
+            fit_views = [c_arm_view(a, sdd=abs(ref.source_to_detector), sid=float(np.linalg.norm(ref.source)),
+                                    pixels=pixels, pixel_spacing=ref.pixel_spacing[0] * ref.size[0] / pixels)
+                         for a in np.linspace(0.0, 360.0, views, endpoint=False)]
+        images = DRR(gt.array, gt.affine).render(fit_views)
+        source = f"{views} DRRs of the vertebra alone at its true pose (validation of the fitting)"
+    else:
+        source = "the case's AP + lateral X-rays"
+    torch.manual_seed(cfg.seed)
+    if log is not None:
+        log(f"fitting {cfg.n_gaussians} Gaussians to {source}, {pixels}x{pixels} pixels, "
+            f"{cfg.iterations} iterations, grid {shape[0]}^3 at {voxel_mm} mm")
+    if simulated:
+        res = fit_gaussians(images, fit_views, shape, affine, cfg, progress=progress)
+        with torch.no_grad():
+            recon = to_volume(voxelize_model(res.gaussians, shape, affine), affine)
+    else:
+        res, recon = fit_case_xrays(case, cfg, pixels=pixels, grid_mm=grid_mm, voxel_mm=voxel_mm, progress=progress)
+    report = {"source": source, "config": cfg.to_dict(), "seconds": res.seconds, "n_gaussians": len(res.gaussians),
+              "history": res.history}
+    if gt is not None:
+        report["metrics_vs_ground_truth"] = recon_metrics(recon.array, gt.array)
+    return CaseFit(res, recon, report)

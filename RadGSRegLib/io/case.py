@@ -39,7 +39,8 @@ class Case:
         xrays: {"ap": (rows, cols) float32, "lat": ...}.
         image_kind: "line_integral" (bone bright) or "intensity" (bone dark).
         initial_guess: (4, 4) ``T_ct_to_carm`` to start from, or None.
-        ground_truth: (4, 4) ``T_ct_to_carm``, only when read with ``ground_truth=True``.
+        ground_truth: (4, 4) ``T_ct_to_carm``, only when read with ``ground_truth=True`` (or
+            ``"if-present"`` and the case has one).
         extra: other keys of case.json, kept as they are (e.g. generator provenance).
         warnings: what :func:`read_case` found implausible but possible
             (:func:`RadGSRegLib.checks.check_case`), in words; not written.
@@ -69,7 +70,6 @@ class Result:
     T_ct_to_carm: np.ndarray
     runtime_s: dict = field(default_factory=dict)
     recon: Volume | None = None
-    registered_ct: Volume | None = None
     info: dict = field(default_factory=dict)
     #: DRRs of the CT at ``T_ct_to_carm``, {"ap", "lat"}: line integrals ``[row, column]`` on
     #: each X-ray's pixel grid (``RegisterConfig.drrs``), for an X-ray/DRR overlay
@@ -183,7 +183,7 @@ def write_geometry(views: dict[str, View], path, *, image_kind: str = "line_inte
 
 
 # ------------------------------------------------------------------ case
-def read_case(path, *, ground_truth: bool = False, check: bool = True) -> Case:
+def read_case(path, *, ground_truth: bool | str = False, check: bool = True) -> Case:
     """Read and validate a case folder: every field well formed and, with ``check``, every
     input physically plausible (:mod:`RadGSRegLib.checks`: the C-arm, the CT in Hounsfield
     units, the X-rays and their kind). What cannot be right raises
@@ -192,10 +192,17 @@ def read_case(path, *, ground_truth: bool = False, check: bool = True) -> Case:
 
     Args:
         path: the folder (or its case.json).
-        ground_truth: also read ``ground_truth`` (evaluation only; registration never asks).
+        ground_truth: whether to read case.json's ``ground_truth`` into ``Case.ground_truth``:
+            ``False`` (default) leaves it out, whatever the file holds: registration never asks
+            for it; ``True`` requires it (evaluation, training: a case without one is a
+            CaseFormatError); ``"if-present"`` reads it when the case has one and leaves
+            ``None`` otherwise (tools that show or score the truth when there is one: ``show``,
+            ``fit-gaussians``). A ground truth that is there is validated in both modes.
         check: run the plausibility checks (off only for tests of the format itself).
     """
     from .. import checks
+    if not (isinstance(ground_truth, bool) or ground_truth == "if-present"):
+        raise ValueError(f"ground_truth must be False, True or 'if-present', not {ground_truth!r}")
     path = Path(path)
     if path.is_file() and path.name == "case.json":
         path = path.parent
@@ -253,9 +260,9 @@ def read_case(path, *, ground_truth: bool = False, check: bool = True) -> Case:
 
     init = _pose(cj, "initial_guess", c["initial_guess"]) if c.get("initial_guess") is not None else None
     gt = None
-    if ground_truth:
-        if c.get("ground_truth") is None:
-            raise CaseFormatError(cj, "ground_truth", "missing (this case has no known answer)")
+    if ground_truth is True and c.get("ground_truth") is None:
+        raise CaseFormatError(cj, "ground_truth", "missing (this case has no known answer)")
+    if ground_truth and c.get("ground_truth") is not None:
         gt = _pose(cj, "ground_truth", c["ground_truth"])
     known = {"ct", "segmentation", "vertebra_label", "vertebra_name", "geometry", "initial_guess", "ground_truth"}
     extra = {k: v for k, v in c.items() if k not in known}
@@ -329,8 +336,8 @@ def write_case(case: Case, path, *, overwrite: bool = False, ct_dtype: str = "in
 
 # ------------------------------------------------------------------ result
 def write_result(result: Result, path, *, overwrite: bool = False, inputs=()) -> Path:
-    """Write the result folder: result.json, transform.h5, recon.nrrd, registered_ct.nrrd,
-    drr_ap.nrrd and drr_lat.nrrd (the last four when the result has them), and the marker
+    """Write the result folder: result.json, transform.h5, recon.nrrd, drr_ap.nrrd and
+    drr_lat.nrrd (the last three when the result has them), and the marker
     .radgsreg.json of kind "result". ``overwrite`` replaces only a result folder RadGSReg
     wrote; ``inputs`` are protected as in :func:`~RadGSRegLib.io.outputs.check_output`."""
     from .. import __version__
@@ -343,8 +350,6 @@ def write_result(result: Result, path, *, overwrite: bool = False, inputs=()) ->
         write_transform(T, tmp / "transform.h5")
         if result.recon is not None:
             write_volume(result.recon, tmp / "recon.nrrd")
-        if result.registered_ct is not None:
-            write_volume(result.registered_ct, tmp / "registered_ct.nrrd")
         for name, image in (result.drrs or {}).items():
             write_xray(image, tmp / f"drr_{name}.nrrd")
         out = {"T_ct_to_carm": T.tolist(),
@@ -378,11 +383,10 @@ def read_result(path) -> Result:
         if not np.allclose(T, T2, atol=1e-4):
             raise CaseFormatError(path / "transform.h5", None, "disagrees with result.json's T_ct_to_carm")
     recon = read_volume(path / "recon.nrrd", field="recon") if (path / "recon.nrrd").exists() else None
-    reg = read_volume(path / "registered_ct.nrrd") if (path / "registered_ct.nrrd").exists() else None
     drrs = {name: read_xray(path / f"drr_{name}.nrrd", field=f"drr_{name}")
             for name in ("ap", "lat") if (path / f"drr_{name}.nrrd").exists()} or None
     info = {k: v for k, v in r.items() if k not in ("T_ct_to_carm", "runtime_s")}
     runtime = r.get("runtime_s", {})
     if not isinstance(runtime, dict) or not all(isinstance(v, (int, float)) and math.isfinite(v) for v in runtime.values()):
         raise CaseFormatError(rj, "runtime_s", "expected {stage: seconds}")
-    return Result(T_ct_to_carm=T, runtime_s=runtime, recon=recon, registered_ct=reg, info=info, drrs=drrs)
+    return Result(T_ct_to_carm=T, runtime_s=runtime, recon=recon, info=info, drrs=drrs)
