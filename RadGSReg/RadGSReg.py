@@ -95,8 +95,10 @@ def sampleDataSource():
     """The keyword arguments of the 'RadGSReg lumbar CT' Sample Data entry (the bundled
     files, loaded the way Slicer loads a volume and a segmentation; names prefixed so that
     they cannot collide in Slicer's download cache; SHA-256 from SHA256SUMS)."""
+    from RadGSRegLib.sample_data import recorded_checksums
+
     d = Path(_resource("SampleData", "SHA256SUMS")).parent
-    sums = dict(reversed(line.split()) for line in (d / "SHA256SUMS").read_text().splitlines() if line.strip())
+    sums = recorded_checksums(d)
     files = ["example_ct.nii.gz", "totalseg.nii.gz"]
     return dict(
         category="RadGSReg",

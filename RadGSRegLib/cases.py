@@ -9,8 +9,7 @@ written as ``initial_guess``; registration must recover ``ground_truth``.
 
 The CTs cases are made of: a CT file with its vertebra labels (:func:`load_labelled_ct`), or
 the bundled lumbar CT / a phantom (:func:`load_sample`, :func:`sample_case`: what ``radgsreg
-demo`` and ``radgsreg sample-case`` make). :func:`truth_errors` scores a pose against a
-case's truth.
+demo`` and ``radgsreg sample-case`` make).
 """
 from __future__ import annotations
 
@@ -27,12 +26,12 @@ from .io import Case, write_case
 from .io.atomic import atomic_dir
 from .io.outputs import check_output
 from .levels import LevelError, level_id, level_name
-from .metrics import registration_errors, target_points
+from .metrics import truth_errors
 from .simulate import XraySimConfig, simulate_xrays
 from .volume import Volume
 
 __all__ = ["CaseGenConfig", "nominal_pose", "make_case", "generate_cases", "LabelledCT", "load_labelled_ct",
-           "sample_level", "load_sample", "sample_case", "truth_errors", "SAMPLE_SOURCE"]
+           "sample_level", "load_sample", "sample_case", "SAMPLE_SOURCE"]
 
 #: provenance of the cases made from the bundled lumbar CT (case.json ``generator.source``)
 SAMPLE_SOURCE = "RadGSReg lumbar sample CT (TotalSegmentator 2.18.0 test data)"
@@ -128,18 +127,6 @@ def generate_cases(sources: Callable[[int], tuple[Volume, Volume, str]], levels:
                          "seconds": time.perf_counter() - t})
         (tmp / "summary.json").write_text(json.dumps(rows, indent=2))
     return rows
-
-
-def truth_errors(case: Case, T) -> dict:
-    """How far the pose ``T`` (``T_ct_to_carm``) is from the case's ground truth:
-    :func:`~RadGSRegLib.metrics.registration_errors` (mTRE, rotation and translation errors,
-    mean projection distance over the case's views) on 2000 target points of its vertebra
-    (metrics.md). The case needs its ground truth and vertebra labels (a generated case, or
-    one read with ``ground_truth=True``)."""
-    if case.ground_truth is None or case.seg is None:
-        raise ValueError("truth_errors needs a case with its ground truth and vertebra labels")
-    pts = target_points(case.seg, case.vertebra_label, max_points=2000)
-    return registration_errors(T, case.ground_truth, pts, case.views)
 
 
 # ------------------------------------------------------------------ the CTs cases are made of

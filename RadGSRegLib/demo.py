@@ -5,7 +5,7 @@ A case of one vertebra of the bundled lumbar CT or of a phantom
 (without its ground truth), registered with :class:`~RadGSRegLib.register.RegisterConfig`'s
 defaults, and pictured (:func:`~RadGSRegLib.preview.save_montage`: the X-rays, DRRs at the
 initial and registered pose, edge overlay); the initial guess and the result are scored
-against the truth (:func:`~RadGSRegLib.cases.truth_errors`). The demo folder ``case/``,
+against the truth (:func:`~RadGSRegLib.metrics.truth_errors`). The demo folder ``case/``,
 ``result/``, ``preview.png`` appears whole (marker kind "demo"), or not at all.
 """
 from __future__ import annotations
@@ -25,7 +25,7 @@ class DemoResult:
     Attributes:
         out: the demo folder (``case/``, ``result/``, ``preview.png``).
         level / label: the vertebra registered and its label value.
-        before / after: :func:`~RadGSRegLib.cases.truth_errors` of the initial guess and of the
+        before / after: :func:`~RadGSRegLib.metrics.truth_errors` of the initial guess and of the
             result (``mtre_mm``, ``rot_err_deg``, ``trans_err_mm``, ``mpd_mm``).
         register_s: the registration's run time (``runtime_s["total"]``), seconds.
         warnings: the registration's warnings (as in ``result/result.json``).
@@ -62,7 +62,8 @@ def run_demo(out, *, level: str = "L3", phantom: bool = False, pixels: int = 488
     Raises:
         LevelError (a level the source lacks), OutputError (a refused ``out``) before the work.
     """
-    from .cases import CaseGenConfig, load_sample, sample_case, sample_level, truth_errors
+    from .cases import CaseGenConfig, load_sample, sample_case, sample_level
+    from .metrics import truth_errors
     from .io import read_case, write_case, write_result
     from .io.atomic import atomic_dir
     from .io.outputs import check_output

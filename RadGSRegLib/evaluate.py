@@ -11,7 +11,7 @@ import numpy as np
 
 from .errors import InputError
 from .io import Case, Result
-from .metrics import capture_range, recon_metrics, registration_errors, success_rate, target_points
+from .metrics import capture_range, recon_metrics, success_rate, truth_errors
 from .region import ground_truth_volume
 
 __all__ = ["case_row", "summarize", "format_table", "evaluate_results", "case_dirs", "case_fingerprint",
@@ -66,10 +66,8 @@ def case_row(truth: Case, res: Result, name: str = "") -> dict:
     reconstruction when there is one."""
     if truth.ground_truth is None:
         raise InputError(f"case {name or '?'} has no ground_truth to evaluate against")
-    pts = target_points(truth.seg, truth.vertebra_label, max_points=2000)
-    e0 = registration_errors(truth.initial_guess, truth.ground_truth, pts)["mtre_mm"] \
-        if truth.initial_guess is not None else float("nan")
-    e = registration_errors(res.T_ct_to_carm, truth.ground_truth, pts, truth.views)
+    e0 = truth_errors(truth, truth.initial_guess)["mtre_mm"] if truth.initial_guess is not None else float("nan")
+    e = truth_errors(truth, res.T_ct_to_carm)
     row = {"case": name, "initial_mtre_mm": e0, **e, "runtime_s": dict(res.runtime_s),
            "warnings": list(res.info.get("warnings", []))}
     if res.recon is not None:

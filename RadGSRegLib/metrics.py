@@ -11,7 +11,7 @@ import numpy as np
 from .geometry import apply, geodesic_deg, mtre
 from .volume import Volume
 
-__all__ = ["target_points", "mtre", "registration_errors", "SUCCESS_MM", "recon_metrics",
+__all__ = ["target_points", "mtre", "registration_errors", "truth_errors", "SUCCESS_MM", "recon_metrics",
            "success_rate", "capture_range"]
 
 SUCCESS_MM = 2.0
@@ -46,6 +46,18 @@ def registration_errors(T, G, points, views=None) -> dict:
             d.append(np.linalg.norm((a - b) * np.asarray(v.pixel_spacing), axis=1).mean())
         out["mpd_mm"] = float(np.mean(d))
     return out
+
+
+def truth_errors(case, T) -> dict:
+    """How far the pose ``T`` (``T_ct_to_carm``) is from the case's ground truth:
+    :func:`registration_errors` (mTRE, rotation and translation errors,
+    mean projection distance over the case's views) on 2000 target points of its vertebra
+    (metrics.md). ``case``: a :class:`~RadGSRegLib.io.Case` with its ground truth and vertebra
+    labels (a generated case, or one read with ``ground_truth=True``)."""
+    if case.ground_truth is None or case.seg is None:
+        raise ValueError("truth_errors needs a case with its ground truth and vertebra labels")
+    pts = target_points(case.seg, case.vertebra_label, max_points=2000)
+    return registration_errors(T, case.ground_truth, pts, case.views)
 
 
 def recon_metrics(recon: np.ndarray, gt: np.ndarray) -> dict:

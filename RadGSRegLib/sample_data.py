@@ -14,7 +14,7 @@ from pathlib import Path
 
 from .resources import ResourceNotFoundError, resource_path
 
-__all__ = ["SampleData", "lumbar_ct", "sample_data_dir", "LUMBAR_LEVELS"]
+__all__ = ["SampleData", "lumbar_ct", "sample_data_dir", "recorded_checksums", "LUMBAR_LEVELS"]
 
 #: the complete vertebrae of the sample, top down
 LUMBAR_LEVELS = ("L1", "L2", "L3", "L4", "L5", "S1")
@@ -51,3 +51,12 @@ def lumbar_ct() -> SampleData:
     d = sample_data_dir()
     return SampleData(ct=d / "example_ct.nii.gz", seg=d / "totalseg.nii.gz", license=d / "LICENSE",
                       notice=d / "NOTICE")
+
+
+def recorded_checksums(directory: Path | None = None) -> dict:
+    """{file name: SHA-256 hex digest} as ``SHA256SUMS`` in ``directory`` (default
+    :func:`sample_data_dir`) records them (``sha256sum`` format): what the Slicer Sample Data
+    entry gives Slicer to check its downloads with."""
+    d = Path(directory) if directory else sample_data_dir()
+    return {name: digest for digest, name in
+            (line.split() for line in (d / "SHA256SUMS").read_text().splitlines() if line.strip())}

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["zscore", "ncc", "ncc_torch", "ncc_map", "highpass"]
+__all__ = ["zscore", "ncc", "ncc_residuals", "ncc_from_residuals", "ncc_torch", "ncc_map", "highpass"]
 
 
 def zscore(a: np.ndarray) -> np.ndarray:
@@ -29,6 +29,18 @@ def ncc(a: np.ndarray, b: np.ndarray) -> float:
     if a.shape != b.shape:
         raise ValueError(f"ncc needs arrays of one shape, got {a.shape} and {b.shape}")
     return float(np.mean(zscore(a) * zscore(b)))
+
+
+def ncc_residuals(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """The residual vector whose sum of squares is ``2 (1 - NCC(a, b))``:
+    ``(zscore(a) - zscore(b)) / sqrt(N)`` for two arrays of ``N`` values (what a
+    least-squares optimiser minimises to maximise the NCC)."""
+    return (zscore(a) - zscore(b)) / np.sqrt(np.asarray(b).size)
+
+
+def ncc_from_residuals(r: np.ndarray) -> float:
+    """The NCC that :func:`ncc_residuals` ``r`` stand for: ``1 - |r|^2 / 2``."""
+    return 1.0 - 0.5 * float(np.sum(np.asarray(r) ** 2))
 
 
 def ncc_torch(a, b):

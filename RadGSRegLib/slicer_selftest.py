@@ -130,7 +130,7 @@ def run_self_test(scene, register_fn, ct_node, seg_node, workdir, *, levels=tupl
     - Slicer's transform writer and our reader agree on the ``.h5`` file.
 
     Raises AssertionError on failure; returns one dict of numbers per level."""
-    from .cases import truth_errors
+    from .metrics import truth_errors
     from .io import read_transform
 
     workdir = Path(workdir)

@@ -188,7 +188,7 @@ def test_load_labelled_ct_names_the_fields_it_is_given(generated, tmp_path):
 
 
 def test_truth_errors_score_a_pose_against_the_case(generated):
-    from RadGSRegLib.cases import truth_errors
+    from RadGSRegLib.metrics import truth_errors
     from RadGSRegLib.metrics import registration_errors, target_points
 
     rows = json.loads((generated / "cases" / "summary.json").read_text())

@@ -7,7 +7,7 @@ import json
 import pytest
 
 import RadGSRegLib.register as register
-from RadGSRegLib.cases import truth_errors
+from RadGSRegLib.metrics import truth_errors
 from RadGSRegLib.cli import main
 from RadGSRegLib.demo import run_demo
 from RadGSRegLib.geometry import matrix_to_pose, pose_to_matrix

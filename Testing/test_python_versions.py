@@ -102,6 +102,9 @@ _SMOKE = """
 import dataclasses, json, typing
 from RadGSRegLib.register.config import RegisterConfig, config_to_dict, Level, RefineConfig, SearchConfig
 from RadGSRegLib.levels import resolve_level, level_of_segment_name
+from RadGSRegLib.resources import find_resource
+from RadGSRegLib.sample_data import recorded_checksums
+assert find_resource("Models/radgsreg_stage1.pt") is not None and "example_ct.nii.gz" in recorded_checksums()
 from RadGSRegLib.progress import ProgressEvent, Reporter, parse_line, to_json_line
 from RadGSRegLib import job, slicer_requirements
 cfg = RegisterConfig.from_dict(json.loads(json.dumps(config_to_dict(RegisterConfig(min_ncc=0.8)))))

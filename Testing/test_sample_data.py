@@ -9,7 +9,7 @@ from RadGSRegLib.cli import main
 from RadGSRegLib.drr import DRR, hu_to_mu
 from RadGSRegLib.io import read_case, read_segmentation, read_volume
 from RadGSRegLib.levels import LevelError, resolve_level
-from RadGSRegLib.sample_data import LUMBAR_LEVELS, lumbar_ct
+from RadGSRegLib.sample_data import LUMBAR_LEVELS, lumbar_ct, recorded_checksums
 from RadGSRegLib.volume import Volume
 
 
@@ -21,7 +21,7 @@ def sample():
 
 def test_checksums_and_notice():
     sd = lumbar_ct()
-    sums = dict(reversed(line.split()) for line in (sd.ct.parent / "SHA256SUMS").read_text().splitlines() if line.strip())
+    sums = recorded_checksums()
     assert set(sums) == {"example_ct.nii.gz", "totalseg.nii.gz", "LICENSE"}
     for name, digest in sums.items():
         assert hashlib.sha256((sd.ct.parent / name).read_bytes()).hexdigest() == digest, name

@@ -2,7 +2,7 @@
 import numpy as np
 import torch
 
-from RadGSRegLib.similarity import highpass, ncc, ncc_map, ncc_torch, zscore
+from RadGSRegLib.similarity import highpass, ncc, ncc_from_residuals, ncc_map, ncc_residuals, ncc_torch, zscore
 
 
 def _ncc_ref(a, b):
@@ -20,6 +20,7 @@ def test_global_ncc_numpy_and_torch_match_the_definition(rng):
     assert np.allclose(t.numpy(), [_ncc_ref(a, b), _ncc_ref(-a, b)])
     # the residual form the 2-D/3-D refinement minimises: 1 - NCC = |z(a) - z(b)|^2 / (2 N)
     assert np.isclose(1 - ncc(a, b), np.sum((zscore(a) - zscore(b)) ** 2) / (2 * a.size))
+    assert np.isclose(ncc_from_residuals(ncc_residuals(a, b)), _ncc_ref(a, b))
     assert np.all(zscore(np.full(5, 3.0)) == 0)                           # constant: zeros, not NaN
 
 

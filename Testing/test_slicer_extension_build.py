@@ -151,16 +151,14 @@ def test_package_runs_from_the_scripted_modules_folder(dest, tmp_path):
                        if Path(p or ".").resolve() == dest or not (Path(p or ".") / "RadGSRegLib").exists()]
         sys.meta_path[:] = [f for f in sys.meta_path if "__editable__" not in (getattr(f, "__module__", "") or "")]
         import RadGSRegLib.sample_data as sd
-        from RadGSRegLib.register.pipeline import default_model
+        from RadGSRegLib.register.config import default_model
         s = sd.lumbar_ct()
         mods = [m.__file__ for n, m in sys.modules.items()
                 if n.split(".")[0] == "RadGSRegLib" and getattr(m, "__file__", None)]
         print(json.dumps({"modules": mods, "ct": str(s.ct), "seg": str(s.seg), "license": str(s.license),
                           "notice": str(s.notice), "model": str(default_model()),
                           "checksums": {n: hashlib.sha256((s.ct.parent / n).read_bytes()).hexdigest() == d
-                                        for d, n in (line.split() for line in
-                                                     (s.ct.parent / "SHA256SUMS").read_text().splitlines()
-                                                     if line.strip())}}))
+                                        for n, d in sd.recorded_checksums().items()}}))
         """)
     env = {k: v for k, v in os.environ.items() if k not in ("RADGSREG_SAMPLE_DATA", "PYTHONHOME")}
     env.update(PYTHONPATH=str(dest), PYTHONDONTWRITEBYTECODE="1")

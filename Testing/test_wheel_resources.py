@@ -175,8 +175,7 @@ _CHILD = textwrap.dedent("""
         "weights": str(weights), "ct": str(ct), "sample_dir": str(sample_data.sample_data_dir()),
         "sha256": {"weights": sha(weights), "example_ct.nii.gz": sha(sd.ct), "totalseg.nii.gz": sha(sd.seg),
                    "LICENSE": sha(sd.license)},
-        "checksums": {n: sha(sd.ct.parent / n) == d for d, n in
-                      (line.split() for line in (sd.ct.parent / "SHA256SUMS").read_text().splitlines() if line.strip())},
+        "checksums": {n: sha(sd.ct.parent / n) == d for n, d in sample_data.recorded_checksums().items()},
         "ct_size": list(reader.GetSize()), "ct_spacing": list(reader.GetSpacing()),
         "format": state["format"], "tensors": len(tensors), "parameters": int(sum(t.numel() for t in tensors)),
         "config_keys": sorted(config),

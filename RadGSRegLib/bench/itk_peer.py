@@ -201,7 +201,7 @@ def register_itk(case: Case, *, pixels=(64, 128), slab_mm: float = 110.0, thresh
     docstring). Returns a :class:`~RadGSRegLib.io.Result` like :func:`RadGSRegLib.register.run`."""
     import itk
 
-    from ..register.pipeline import slab_around
+    from ..register.target import slab_around
 
     t0 = time.perf_counter()
     centre = case.seg.label_centroid(case.vertebra_label)

@@ -25,8 +25,7 @@ the temporary folder, so it arrives with the complete folder. A folder is our pr
 output of kind ``K`` when
 
 * its marker says ``K`` and every entry is one kind ``K`` writes (:data:`LAYOUTS`: e.g. a
-  result folder holds result.json, transform.h5, recon.nrrd, registered_ct.nrrd,
-  drr_ap/lat.nrrd); sub-folders are checked the same way (a suite's ``case_NNN``
+  result folder holds result.json, transform.h5, recon.nrrd, drr_ap/lat.nrrd); sub-folders are checked the same way (a suite's ``case_NNN``
   folders as case folders), or
 * (legacy: written before markers existed) it has no marker, holds only entries kind
   ``K`` writes, and something in it proves that RadGSReg wrote it: our generator's
@@ -86,8 +85,7 @@ _CASE_DIR = "case_[0-9][0-9][0-9]*"
 LAYOUTS: dict[str, Layout] = {
     "case": Layout(("case.json", "ct.nrrd", "seg.nrrd", "xray_ap.nrrd", "xray_lat.nrrd", "geometry.json",
                     "preview.png")),
-    "result": Layout(("result.json", "transform.h5", "recon.nrrd", "registered_ct.nrrd", "drr_ap.nrrd",
-                      "drr_lat.nrrd")),
+    "result": Layout(("result.json", "transform.h5", "recon.nrrd", "drr_ap.nrrd", "drr_lat.nrrd")),
     "fit": Layout(("gaussians.npz", "recon.nrrd", "fit.json")),
     "phantom": Layout(("ct.nrrd", "seg.nrrd")),
     "suite": Layout(("summary.json",), {_CASE_DIR: "case"}),

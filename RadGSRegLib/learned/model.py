@@ -120,7 +120,7 @@ class RadGSRegNet(nn.Module):
         """RecM's factual Gaussians and their voxelization.
 
         Args:
-            images (B, 2, P, P), proj (B, 2, 3, 4): :func:`~.data.prepare_images`' output.
+            images (B, 2, P, P), proj (B, 2, 3, 4): :func:`~.inputs.network_images`' output, batched.
             centre (B, 3): the reconstruction cubes' centres (C-arm mm).
         Returns:
             (list of B :class:`GaussianSet`, (B, 1, V, V, V) volumes in 1/mm on the grids

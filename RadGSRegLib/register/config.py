@@ -96,7 +96,8 @@ class RefineConfig:
     """Settings of the 2-D/3-D Levenberg-Marquardt refinement (:mod:`.refine2d`): its
     resolution levels, its trust region (``max_step_deg`` / ``max_step_mm`` per iteration),
     the levels rendered from the block-averaged CT (detector sizes up to
-    ``coarse_below_pixels``) and the rays per pixel side at 64 px and below."""
+    ``coarse_below_pixels``) and the rays per pixel side at 64 px and below (``supersample``:
+    the refinement's only; the search has its own, :attr:`SearchConfig.supersample`)."""
 
     levels: list[Level] = field(default_factory=lambda: [Level(64, 15, 1.0, 1.0, 30.0, None),
                                                          Level(128, 10, 0.5, 0.5, 20.0, 20.0),
@@ -116,9 +117,10 @@ class RefineConfig:
 class Refine3DConfig:
     """Settings of :func:`.refine3d.refine_3d`: Adam iterations per level, blur (voxels) per
     level, step sizes (rad, mm per unit of the optimised variables), learning rate; and,
-    when no network made it, the CT vertebra region's cube (``region_mm`` side of the
-    reconstruction cube it serves, :data:`RadGSRegLib.region.CROP_FACTOR` times larger;
-    ``region_voxel_mm`` voxels)."""
+    when no network made the reconstruction: the side of the cube the Gaussian fit
+    reconstructs on (``region_mm``, 1.5 mm voxels, around the best candidate's vertebra) and
+    the voxel size of the CT vertebra region built for it (``region_voxel_mm``; a cube
+    :data:`RadGSRegLib.region.CROP_FACTOR` times larger)."""
 
     iterations: tuple = (40, 40)
     blur_voxels: tuple = (1.5, 0.0)
@@ -206,7 +208,7 @@ class RegisterConfig:
             from ..resources import resource_path
 
             return resource_path("Models/radgsreg_stage1.pt",
-                                 hint="give a weight file or train one (radgsreg train)")
+                                 hint="Give a weight file or train one (radgsreg train)")
         return Path(self.model)
 
     @classmethod

@@ -37,14 +37,14 @@ from ..errors import InputError
 from ..geometry import apply, translation
 from ..io import Case, Result
 from ..volume import Volume
-from .config import INITS, REFINES, RegisterConfig, default_model
+from .config import RegisterConfig
 from .refine2d import refine_lm, windowed_ncc
 from .refine3d import refine_3d
 from .search import search_pose
-from .target import Target, make_target, slab_around
+from .target import Target, make_target
 
-__all__ = ["RegisterConfig", "run", "slab_around", "reconstruct_volume", "default_model", "check_refinement",
-           "make_target", "Candidate", "Registration", "stages_for", "INITS", "REFINES"]
+__all__ = ["run", "reconstruct_volume", "check_refinement", "Candidate", "Registration", "stages_for",
+           "search_stage", "learned_stage", "refine3d_stage", "refine2d_stage", "check_stage", "output_stage"]
 
 
 @dataclass
@@ -54,7 +54,7 @@ class Candidate:
     Attributes:
         T: (4, 4) ``T_ct_to_carm``. score: the pose search's score (mean NCC of both
             views; 0 for a pose the search did not make). info: what the stages said about
-            it (the search's per-view NCC and shift, ``learned``, ``refine3d``).
+            it (the search's per-view NCC and shift, ``learned``, ``refine3d``, ``refine2d``).
     """
 
     T: np.ndarray
@@ -157,7 +157,7 @@ def refine3d_stage(reg: Registration) -> None:
     if reg.recon is None:
         with reg.timed("reconstruction"):
             reg.recon = reconstruct_volume(case, iterations=cfg.recon_iterations, log=reg.log,
-                                           centre=apply(reg.T, reg.target.centre),
+                                           centre=apply(reg.T, reg.target.centre), grid_mm=cfg.refine3d.region_mm,
                                            progress=lambda i, n: reg.report.stage(
                                                "reconstruct", f"reconstructing the vertebra (Gaussian fit {i}/{n})",
                                                within=(i, n)))
@@ -224,7 +224,7 @@ def output_stage(reg: Registration) -> None:
         return
     with reg.timed("reconstruction"):
         reg.recon = reconstruct_volume(reg.case, iterations=reg.cfg.recon_iterations, log=reg.log,
-                                       centre=apply(reg.T, reg.target.centre),
+                                       centre=apply(reg.T, reg.target.centre), grid_mm=reg.cfg.refine3d.region_mm,
                                        progress=lambda i, n: reg.report.stage(
                                            "output", f"reconstructing the vertebra for display (Gaussian fit {i}/{n})",
                                            within=(i, n)))
@@ -304,9 +304,9 @@ def run(case: Case, config: RegisterConfig | None = None, log=None, *, net=None,
     return Result(T_ct_to_carm=reg.T, runtime_s=reg.runtime, recon=reg.recon, info=reg.info, drrs=reg.drrs)
 
 
-def reconstruct_volume(case: Case, *, iterations: int = 300, centre=(0.0, 0.0, 0.0), log=None,
-                       progress=None) -> Volume:
-    """Radiative Gaussians fitted to the case's two X-rays, voxelized on a 96 mm cube of
+def reconstruct_volume(case: Case, *, iterations: int = 300, centre=(0.0, 0.0, 0.0), grid_mm: float = 96.0,
+                       log=None, progress=None) -> Volume:
+    """Radiative Gaussians fitted to the case's two X-rays, voxelized on a ``grid_mm`` cube of
     1.5 mm voxels around ``centre`` (C-arm mm; the vertebra's estimated position).
     ``progress(i, n)``, if given, is called (about 50 times) as fitting step ``i`` of ``n`` ends."""
     from ..gaussians.fit import FitConfig, fit_case_xrays
@@ -319,5 +319,5 @@ def reconstruct_volume(case: Case, *, iterations: int = 300, centre=(0.0, 0.0, 0
         if (i + 1) % every == 0 or i + 1 == iterations:
             progress(i + 1, iterations)
 
-    return fit_case_xrays(case, FitConfig(iterations=iterations), centre=centre,
+    return fit_case_xrays(case, FitConfig(iterations=iterations), centre=centre, grid_mm=grid_mm,
                           progress=step if progress else None)[1]

@@ -18,7 +18,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..geometry import apply, compose, pose_to_matrix
-from ..similarity import highpass, zscore
+from ..similarity import highpass, ncc_from_residuals, ncc_residuals
 from .config import Level, RefineConfig
 from .target import Target
 
@@ -31,7 +31,7 @@ def _residuals(tgt: Target, T, windows, cfg: RefineConfig, level: Level) -> np.n
         drr = tgt.render(view.cropped(*win), T, cfg.supersample if level.pixels <= 64 else 1,
                          coarse=level.pixels <= cfg.coarse_below_pixels)
         drr = highpass(drr, sig) if sig else drr
-        out.append((zscore(drr) - zscore(img_win)) / np.sqrt(img_win.size))
+        out.append(ncc_residuals(drr, img_win))
     return np.concatenate(out)
 
 
@@ -56,10 +56,10 @@ def windowed_ncc(tgt: Target, T: np.ndarray, cfg: RefineConfig, level: Level | N
 
 
 def _view_ncc(windows: dict, r: np.ndarray) -> dict[str, float]:
-    """Each view's NCC from the stacked residuals ``r`` (each view's sum of squares is
-    ``2 (1 - NCC)``)."""
+    """Each view's NCC from the stacked residuals ``r`` (:func:`~RadGSRegLib.similarity.ncc_residuals`
+    of each view's window, in ``windows``' order)."""
     parts = np.split(r, np.cumsum([w_[2].size for w_ in windows.values()])[:-1])
-    return {name: 1.0 - 0.5 * float(np.sum(seg ** 2)) for name, seg in zip(windows, parts)}
+    return {name: ncc_from_residuals(seg) for name, seg in zip(windows, parts)}
 
 
 def refine_lm(tgt: Target, T: np.ndarray, cfg: RefineConfig, log=None, progress=None) -> tuple[np.ndarray, dict]:

@@ -15,6 +15,7 @@ high-passed, with DRR templates rendered from the block-averaged CT. Poses are
 from __future__ import annotations
 
 import itertools
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -26,14 +27,14 @@ from .target import Target
 __all__ = ["SearchConfig", "Hypothesis", "search_translation", "search_pose"]
 
 
+@dataclass
 class Hypothesis:
     """One result of the search: ``score`` (mean NCC of both views), pose ``T``
-    (``T_ct_to_carm``) and ``info`` (per-view NCC, shift mm, rotation deg)."""
+    (``T_ct_to_carm``, (4, 4)) and ``info`` (per-view NCC, shift mm, rotation deg)."""
 
-    __slots__ = ("score", "T", "info")
-
-    def __init__(self, score: float, T: np.ndarray, info: dict):
-        self.score, self.T, self.info = float(score), T, info
+    score: float
+    T: np.ndarray
+    info: dict
 
 
 def search_translation(tgt: Target, T: np.ndarray, cfg: SearchConfig) -> tuple[np.ndarray, dict]:
