@@ -21,6 +21,7 @@ from typing import Callable, Iterable
 
 import numpy as np
 
+from .articulation import ArticulationConfig, articulate
 from .geometry import biplanar_views, compose, geodesic_deg, sample_offsets, translation
 from .io import Case, write_case
 from .io.atomic import atomic_dir
@@ -45,6 +46,9 @@ class CaseGenConfig:
         rot_deg / trans_mm: offset ranges (± per axis) of the true pose from the nominal.
         pixels / detector_mm / sdd / sid: the biplanar C-arm (see ``biplanar_views``).
         sim: the X-ray formation model.
+        articulation: how much each intervertebral joint moves between the CT and the
+            X-rays (:mod:`RadGSRegLib.articulation`; default none); the target vertebra is
+            exactly at the true pose, its neighbours are not.
         seed: base seed; case i uses ``(seed, i)``.
     """
 
@@ -55,6 +59,7 @@ class CaseGenConfig:
     sdd: float = 1124.0
     sid: float = 700.0
     sim: XraySimConfig = field(default_factory=XraySimConfig)
+    articulation: ArticulationConfig = field(default_factory=ArticulationConfig)
     seed: int = 0
 
     def views(self):
@@ -79,10 +84,13 @@ def make_case(ct: Volume, seg: Volume, level: str, config: CaseGenConfig, rng: n
     T0 = nominal_pose(seg, label)
     D = sample_offsets(1, rng, rot_deg=config.rot_deg, trans_mm=config.trans_mm)[0]
     G = compose(D, T0)
-    xr = simulate_xrays(ct, list(views.values()), G, config.sim, rng)
+    art = articulate(ct, seg, label, config.articulation, rng) if config.articulation.enabled else None
+    xr = simulate_xrays(ct, list(views.values()), G, config.sim, rng, articulation=art)
     extra = {"generator": {"source": source, "level": level, "config": config.to_dict(),
                            "offset_rot_deg": geodesic_deg(D, np.eye(4)),
                            "offset_trans_mm": float(np.linalg.norm(D[:3, 3]))}}
+    if art is not None:                   # the neighbours' true poses: G @ motion (CT frame motion)
+        extra["generator"]["articulation"] = art.to_dict()
     return Case(ct=ct, seg=seg, vertebra_label=label, vertebra_name=level, views=views, xrays=xr,
                 image_kind=config.sim.output, initial_guess=T0, ground_truth=G, extra=extra)
 

@@ -9,6 +9,7 @@ import contextlib
 import json
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 from .errors import InputError, UsageError
@@ -93,10 +94,11 @@ def _sim_config(args):
     from .simulate import XraySimConfig
 
     if args.ideal:
-        return XraySimConfig.ideal(output=args.image_kind)
+        return replace(XraySimConfig.ideal(output=args.image_kind), field_diameter_mm=args.field_mm)
     return XraySimConfig(beam_hardening=not args.no_beam_hardening,
                          photons_per_mm2=None if args.dose == 0 else args.dose,
-                         scatter_to_primary=args.scatter, blur_sigma_mm=args.blur, output=args.image_kind)
+                         scatter_to_primary=args.scatter, blur_sigma_mm=args.blur, field_diameter_mm=args.field_mm,
+                         output=args.image_kind)
 
 
 def _add_sim_args(p):
@@ -110,6 +112,16 @@ def _add_sim_args(p):
     g.add_argument("--blur", type=_NONNEGATIVE, default=0.4, metavar="MM", help="detector blur sigma in mm (default 0.4)")
     g.add_argument("--no-beam-hardening", action="store_true", help="monochromatic line integrals")
     g.add_argument("--ideal", action="store_true", help="no physics at all: plain DRR line integrals")
+    g = p.add_argument_group("operating-room effects (default: none)")
+    g.add_argument("--field-mm", type=_POSITIVE, default=None, metavar="MM",
+                   help="a circular field of this diameter (mm at the detector, centred), black outside, as an "
+                        "image intensifier gives (e.g. 230 for a 9-inch intensifier)")
+    g.add_argument("--joint-deg", type=_number(0.0, maximum=30.0), default=0.0, metavar="DEG",
+                   help="a bending spine: each intervertebral joint turns by up to ± DEG per axis between the CT "
+                        "and the X-rays, accumulating away from the target vertebra, which stays exactly at its "
+                        "true pose (recorded in case.json's generator.articulation); e.g. 2")
+    g.add_argument("--joint-mm", type=_NONNEGATIVE, default=0.0, metavar="MM",
+                   help="... and shifts by up to ± MM per axis (e.g. 1)")
 
 
 def _add_geometry_args(p):
@@ -423,8 +435,11 @@ def _case_config(args):
     from .cases import CaseGenConfig
     from .checks import check_view
 
+    from .articulation import ArticulationConfig
+
     cfg = CaseGenConfig(rot_deg=args.rot_deg, trans_mm=args.trans_mm, pixels=args.pixels, detector_mm=args.detector_mm,
-                        sdd=args.sdd, sid=args.sid, sim=_sim_config(args), seed=args.seed)
+                        sdd=args.sdd, sid=args.sid, sim=_sim_config(args),
+                        articulation=ArticulationConfig(args.joint_deg, args.joint_mm), seed=args.seed)
     options = f"--sdd {args.sdd:g} / --sid {args.sid:g} / --pixels {args.pixels} / --detector-mm {args.detector_mm:g}"
     try:
         views = cfg.views()

@@ -17,13 +17,18 @@ from scipy import ndimage
 
 from .drr import DRR
 from .io import Case
-from .xray import as_line_integral, resize_view_image
+from .xray import as_line_integral, resize_view_image, signal_mask
 
 __all__ = ["case_montage", "save_montage"]
 
 
-def _window(a: np.ndarray) -> np.ndarray:
-    lo, hi = np.percentile(a, [1.0, 99.5])
+def _window(a: np.ndarray, ref: np.ndarray | None = None) -> np.ndarray:
+    """``a`` scaled to 0..1 between the 1st and 99.5th percentiles of ``ref`` (default ``a``)
+    over its pixels that carry a signal (not the black outside a circular field,
+    :func:`~RadGSRegLib.xray.signal_mask`)."""
+    ref = a if ref is None else ref
+    ok = signal_mask(ref)
+    lo, hi = np.percentile(ref[ok] if ok.any() else ref, [1.0, 99.5])
     return np.clip((a - lo) / max(hi - lo, 1e-6), 0, 1)
 
 
@@ -46,8 +51,9 @@ def case_montage(case: Case, *, size: int = 320, T=None) -> np.ndarray:
     shown = T if T is not None else case.ground_truth
     rows = []
     for name in ("ap", "lat"):
-        img, view = resize_view_image(as_line_integral(case.xrays[name], case.image_kind), case.views[name], size)
-        panels = [_window(img)]
+        li = as_line_integral(case.xrays[name], case.image_kind)
+        img, view = resize_view_image(li, case.views[name], size)
+        panels = [_window(img, li)]
         init = None
         if case.initial_guess is not None:
             init = drr.render([view], case.initial_guess)[0].numpy()
@@ -56,7 +62,7 @@ def case_montage(case: Case, *, size: int = 320, T=None) -> np.ndarray:
             panels.append(np.zeros_like(img))
         truth = drr.render([view], shown)[0].numpy() if shown is not None else None
         panels.append(_window(truth) if truth is not None else np.zeros_like(img))
-        rgb = np.repeat(_window(img)[..., None], 3, axis=-1) * 0.8
+        rgb = np.repeat(panels[0][..., None], 3, axis=-1) * 0.8
         if init is not None:
             rgb[_edges(init)] = (1.0, 0.15, 0.15)
         if truth is not None:

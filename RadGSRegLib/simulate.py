@@ -15,9 +15,14 @@ Pipeline for one view (each step has a switch in :class:`XraySimConfig`):
    by a ``scatter_sigma_mm`` Gaussian (the low-frequency haze an anti-scatter grid leaves).
 5. **Quantum noise** (``photons_per_mm2`` not None): Poisson counts.
 6. **Detector blur** (``blur_sigma_mm``): Gaussian point-spread function.
-7. **Output**: ``"line_integral"``: ``-ln(I / N0)`` (log-converted, flat-field corrected,
-   bone bright); ``"intensity"``: ``I / N0`` scaled to 0..4095 like a 12-bit detector
-   (bone dark).
+7. **Circular field** (``field_diameter_mm``): an image intensifier's round field; outside
+   it the detector records nothing (black: no counts).
+8. **Output**: ``"line_integral"``: ``-ln(I / N0)`` (log-converted, flat-field corrected,
+   bone bright; no counts gives ``-ln(0.5 / N0)``, the largest value); ``"intensity"``:
+   ``I / N0`` scaled to 0..4095 like a 12-bit detector (bone dark).
+
+A bending spine (:mod:`RadGSRegLib.articulation`) enters at step 1: each vertebra's bone
+part is projected at its own pose and the line integrals summed.
 
 Defaults aim at a single lumbar fluoroscopy shot with an anti-scatter grid.
 """
@@ -33,7 +38,7 @@ from .drr import DRR, MU_WATER
 from .geometry import View
 from .volume import Volume
 
-__all__ = ["XraySimConfig", "split_soft_bone", "simulate_xrays", "formation", "OUTPUTS"]
+__all__ = ["XraySimConfig", "split_soft_bone", "simulate_xrays", "formation", "field_mask", "OUTPUTS"]
 
 OUTPUTS = ("line_integral", "intensity")
 # spectrum bins (keV), relative photon weights, and mass-attenuation ratios mu(E)/mu(60 keV)
@@ -55,6 +60,8 @@ class XraySimConfig:
         scatter_to_primary: scatter-to-primary ratio of the additive haze (0: none).
         scatter_sigma_mm: width (mm at the detector) of the scatter kernel.
         blur_sigma_mm: detector PSF sigma (mm); 0: none.
+        field_diameter_mm: diameter (mm at the detector, centred) of a circular field, as
+            an image intensifier gives; None: the whole detector.
         output: "line_integral" or "intensity".
     """
 
@@ -63,6 +70,7 @@ class XraySimConfig:
     scatter_to_primary: float = 0.3
     scatter_sigma_mm: float = 40.0
     blur_sigma_mm: float = 0.4
+    field_diameter_mm: float | None = None
     output: str = "line_integral"
 
     def __post_init__(self):
@@ -73,6 +81,8 @@ class XraySimConfig:
         for name in ("scatter_to_primary", "scatter_sigma_mm", "blur_sigma_mm"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.field_diameter_mm is not None and not self.field_diameter_mm > 0:
+            raise ValueError(f"field_diameter_mm must be positive or None, got {self.field_diameter_mm}")
 
     @classmethod
     def ideal(cls, output: str = "line_integral") -> "XraySimConfig":
@@ -119,27 +129,50 @@ def formation(L_soft: np.ndarray, L_bone: np.ndarray, view: View, config: XraySi
     counts = rng.poisson(expected).astype(np.float64) if config.photons_per_mm2 is not None else expected
     if config.blur_sigma_mm > 0:
         counts = ndimage.gaussian_filter(counts, (config.blur_sigma_mm / sv, config.blur_sigma_mm / su), mode="nearest")
+    inside = None if config.field_diameter_mm is None else field_mask(view, config.field_diameter_mm)
+    if inside is not None:
+        counts = np.where(inside, counts, 0.0)
     rel = np.maximum(counts, 0.5) / n0
     if config.output == "line_integral":
         return (-np.log(rel)).astype(np.float32)
+    if inside is not None:
+        rel = np.where(inside, rel, 0.0)                 # black outside the field
     return (np.clip(rel, 0, 1) * 4095.0).astype(np.float32)
+
+
+def field_mask(view: View, diameter_mm: float) -> np.ndarray:
+    """(rows, cols) bool: the pixels whose centres lie within a circle of ``diameter_mm``
+    (detector mm) around the detector's centre."""
+    cols, rows = view.size
+    su, sv = view.pixel_spacing
+    u = (np.arange(cols) - (cols - 1) / 2) * su
+    v = (np.arange(rows) - (rows - 1) / 2) * sv
+    return (u[None, :] ** 2 + v[:, None] ** 2) <= (diameter_mm / 2) ** 2
 
 
 def simulate_xrays(ct: Volume, views: Sequence[View], T_ct_to_carm, config: XraySimConfig | None = None,
                    rng: np.random.Generator | None = None, *, mu_water: float = MU_WATER,
-                   backend: str = "auto") -> dict[str, np.ndarray]:
+                   backend: str = "auto", articulation=None) -> dict[str, np.ndarray]:
     """Realistic X-rays of a CT (HU) placed in the C-arm frame by ``T_ct_to_carm``.
 
     Args:
         ct: CT in HU (CT frame). views: views of equal size (C-arm frame).
         T_ct_to_carm: (4, 4). config: the formation model (default :class:`XraySimConfig`).
         rng: random generator for the noise (default seeded 0).
+        articulation: a :class:`~RadGSRegLib.articulation.Articulation` of this CT: each
+            vertebra's bone is projected at ``T_ct_to_carm @ motion`` (None: the CT is rigid).
     Returns:
         {view.name or index: (rows, cols) float32 image}.
     """
     config = config or XraySimConfig()
     rng = rng or np.random.default_rng(0)
     soft, bone = split_soft_bone(ct.array, mu_water)
-    L_s = DRR(soft, ct.affine, backend=backend).render(views, T_ct_to_carm).numpy().astype(np.float64)
-    L_b = DRR(bone, ct.affine, backend=backend).render(views, T_ct_to_carm).numpy().astype(np.float64)
+    T = np.asarray(T_ct_to_carm, dtype=np.float64)
+    L_s = DRR(soft, ct.affine, backend=backend).render(views, T).numpy().astype(np.float64)
+    if articulation is None:
+        L_b = DRR(bone, ct.affine, backend=backend).render(views, T).numpy().astype(np.float64)
+    else:                                   # each vertebra's bone at its own pose, the rest rigid
+        L_b = 0.0
+        for _, b, A, M in articulation.parts(bone, ct.affine):
+            L_b = L_b + DRR(b, A, backend=backend).render(views, T @ M).numpy().astype(np.float64)
     return {(v.name or str(i)): formation(L_s[i], L_b[i], v, config, rng) for i, v in enumerate(views)}

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 from .geometry import View
 
-__all__ = ["as_line_integral", "resize_view_image"]
+__all__ = ["as_line_integral", "resize_view_image", "signal_mask"]
 
 
 def as_line_integral(image: np.ndarray, kind: str, *, i0_percentile: float = 99.9) -> np.ndarray:
@@ -30,6 +30,21 @@ def as_line_integral(image: np.ndarray, kind: str, *, i0_percentile: float = 99.
     if i0 <= 0:
         raise ValueError("an intensity image must have positive values")
     return (-np.log(np.clip(img, i0 * 1e-6, None) / i0)).astype(np.float32)
+
+
+def signal_mask(line_integral: np.ndarray, *, min_fraction: float = 0.01) -> np.ndarray:
+    """(rows, cols) bool: the pixels that carry a signal. A detector records nothing outside
+    an image intensifier's circular field or behind a shutter, and a log-converted image
+    holds its largest value there, on a plateau: when at least ``min_fraction`` of the
+    pixels share the image's maximum exactly, those pixels (and non-finite ones) are no
+    signal; otherwise every finite pixel is."""
+    a = np.asarray(line_integral)
+    ok = np.isfinite(a)
+    if not ok.any():
+        return ok
+    top = a[ok].max()
+    plateau = ok & (a == top)
+    return ok & ~plateau if plateau.mean() >= min_fraction else ok
 
 
 def resize_view_image(image: np.ndarray, view: View, size) -> tuple[np.ndarray, View]:
