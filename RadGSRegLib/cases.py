@@ -21,10 +21,11 @@ from typing import Callable, Iterable
 
 import numpy as np
 
-from .articulation import ArticulationConfig, articulate
+from .articulation import ArticulationConfig, articulate, vertebra_labels
 from .geometry import biplanar_views, compose, geodesic_deg, sample_offsets, translation
 from .io import Case, write_case
 from .io.atomic import atomic_dir
+from .instruments import InstrumentsConfig, place_instruments
 from .io.outputs import check_output
 from .levels import LevelError, level_id, level_name
 from .metrics import truth_errors
@@ -49,6 +50,8 @@ class CaseGenConfig:
         articulation: how much each intervertebral joint moves between the CT and the
             X-rays (:mod:`RadGSRegLib.articulation`; default none); the target vertebra is
             exactly at the true pose, its neighbours are not.
+        instruments: metal in the X-rays that the CT does not have (screws, K-wires,
+            retractor blades; :mod:`RadGSRegLib.instruments`; default none).
         seed: base seed; case i uses ``(seed, i)``.
     """
 
@@ -60,6 +63,7 @@ class CaseGenConfig:
     sid: float = 700.0
     sim: XraySimConfig = field(default_factory=XraySimConfig)
     articulation: ArticulationConfig = field(default_factory=ArticulationConfig)
+    instruments: InstrumentsConfig = field(default_factory=InstrumentsConfig)
     seed: int = 0
 
     def views(self):
@@ -85,12 +89,19 @@ def make_case(ct: Volume, seg: Volume, level: str, config: CaseGenConfig, rng: n
     D = sample_offsets(1, rng, rot_deg=config.rot_deg, trans_mm=config.trans_mm)[0]
     G = compose(D, T0)
     art = articulate(ct, seg, label, config.articulation, rng) if config.articulation.enabled else None
-    xr = simulate_xrays(ct, list(views.values()), G, config.sim, rng, articulation=art)
+    tools = []
+    if config.instruments.enabled:
+        order = art.labels if art is not None else sorted(vertebra_labels(seg), key=lambda lb: seg.label_centroid(lb)[2])
+        k = order.index(label)
+        tools = place_instruments(seg, label, config.instruments, rng, neighbours=order[max(k - 1, 0):k] + order[k + 1:k + 2])
+    xr = simulate_xrays(ct, list(views.values()), G, config.sim, rng, articulation=art, instruments=tools)
     extra = {"generator": {"source": source, "level": level, "config": config.to_dict(),
                            "offset_rot_deg": geodesic_deg(D, np.eye(4)),
                            "offset_trans_mm": float(np.linalg.norm(D[:3, 3]))}}
     if art is not None:                   # the neighbours' true poses: G @ motion (CT frame motion)
         extra["generator"]["articulation"] = art.to_dict()
+    if tools:                             # CT frame of the vertebra each is attached to
+        extra["generator"]["instruments"] = [asdict(t) for t in tools]
     return Case(ct=ct, seg=seg, vertebra_label=label, vertebra_name=level, views=views, xrays=xr,
                 image_kind=config.sim.output, initial_guess=T0, ground_truth=G, extra=extra)
 

@@ -122,6 +122,12 @@ def _add_sim_args(p):
                         "true pose (recorded in case.json's generator.articulation); e.g. 2")
     g.add_argument("--joint-mm", type=_NONNEGATIVE, default=0.0, metavar="MM",
                    help="... and shifts by up to ± MM per axis (e.g. 1)")
+    g.add_argument("--screws", choices=["none", "neighbours", "target", "both"], default="none",
+                   help="titanium pedicle screws (two per vertebra, absent from the CT) in the target's neighbours, "
+                        "the target or both (recorded in case.json's generator.instruments)")
+    g.add_argument("--kwires", type=int, choices=[0, 1, 2], default=0, help="steel K-wires leaving the target's pedicles")
+    g.add_argument("--retractors", type=int, choices=[0, 1, 2], default=0,
+                   help="steel retractor blades beside the spinous processes")
 
 
 def _add_geometry_args(p):
@@ -436,10 +442,12 @@ def _case_config(args):
     from .checks import check_view
 
     from .articulation import ArticulationConfig
+    from .instruments import InstrumentsConfig
 
     cfg = CaseGenConfig(rot_deg=args.rot_deg, trans_mm=args.trans_mm, pixels=args.pixels, detector_mm=args.detector_mm,
                         sdd=args.sdd, sid=args.sid, sim=_sim_config(args),
-                        articulation=ArticulationConfig(args.joint_deg, args.joint_mm), seed=args.seed)
+                        articulation=ArticulationConfig(args.joint_deg, args.joint_mm),
+                        instruments=InstrumentsConfig(args.screws, args.kwires, args.retractors), seed=args.seed)
     options = f"--sdd {args.sdd:g} / --sid {args.sid:g} / --pixels {args.pixels} / --detector-mm {args.detector_mm:g}"
     try:
         views = cfg.views()

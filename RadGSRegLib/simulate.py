@@ -38,11 +38,13 @@ from .drr import DRR, MU_WATER
 from .geometry import View
 from .volume import Volume
 
-__all__ = ["XraySimConfig", "split_soft_bone", "simulate_xrays", "formation", "field_mask", "OUTPUTS"]
+__all__ = ["XraySimConfig", "split_soft_bone", "simulate_xrays", "formation", "field_mask", "OUTPUTS", "SPECTRUM_KEV"]
 
 OUTPUTS = ("line_integral", "intensity")
 # spectrum bins (keV), relative photon weights, and mass-attenuation ratios mu(E)/mu(60 keV)
 _E = np.array([40.0, 50.0, 60.0, 80.0, 100.0])
+#: the spectrum's energies (keV); materials give their attenuation at these
+SPECTRUM_KEV = tuple(float(e) for e in _E)
 _W = np.array([0.15, 0.30, 0.30, 0.20, 0.05])
 _R_WATER = np.array([0.268, 0.227, 0.206, 0.184, 0.171]) / 0.206
 _R_BONE = np.array([0.665, 0.424, 0.315, 0.223, 0.186]) / 0.315
@@ -103,13 +105,21 @@ def split_soft_bone(hu: np.ndarray, mu_water: float = MU_WATER) -> tuple[np.ndar
 
 
 def formation(L_soft: np.ndarray, L_bone: np.ndarray, view: View, config: XraySimConfig,
-              rng: np.random.Generator) -> np.ndarray:
-    """Steps 2-7 for one view: (rows, cols) line integrals -> (rows, cols) image."""
+              rng: np.random.Generator, L_metal: dict | None = None) -> np.ndarray:
+    """Steps 2-8 for one view: (rows, cols) line integrals -> (rows, cols) image.
+
+    ``L_metal``: {material name: (rows, cols) line integral at 60 keV} of instruments
+    (:mod:`RadGSRegLib.instruments`), hardened with each metal's own energy dependence."""
+    metal = [(np.asarray(L, dtype=np.float64), _metal_ratios(m)) for m, L in (L_metal or {}).items()]
     if config.beam_hardening:
-        att = np.exp(-(L_soft[None] * _R_WATER[:, None, None] + L_bone[None] * _R_BONE[:, None, None]))
-        p = -np.log(np.tensordot(_W, att, axes=1))
+        x = L_soft[None] * _R_WATER[:, None, None] + L_bone[None] * _R_BONE[:, None, None]
+        for L, r in metal:
+            x = x + L[None] * r[:, None, None]
+        p = -np.log(np.tensordot(_W, np.exp(-x), axes=1))
     else:
         p = L_soft + L_bone
+        for L, _ in metal:
+            p = p + L
     su, sv = view.pixel_spacing
     h, w = p.shape
     centre = np.exp(-p[h // 3: h - h // 3 or None, w // 3: w - w // 3 or None]).mean()
@@ -140,6 +150,12 @@ def formation(L_soft: np.ndarray, L_bone: np.ndarray, view: View, config: XraySi
     return (np.clip(rel, 0, 1) * 4095.0).astype(np.float32)
 
 
+def _metal_ratios(material: str) -> np.ndarray:
+    from .instruments import MATERIALS
+
+    return MATERIALS[material].ratios()
+
+
 def field_mask(view: View, diameter_mm: float) -> np.ndarray:
     """(rows, cols) bool: the pixels whose centres lie within a circle of ``diameter_mm``
     (detector mm) around the detector's centre."""
@@ -152,7 +168,7 @@ def field_mask(view: View, diameter_mm: float) -> np.ndarray:
 
 def simulate_xrays(ct: Volume, views: Sequence[View], T_ct_to_carm, config: XraySimConfig | None = None,
                    rng: np.random.Generator | None = None, *, mu_water: float = MU_WATER,
-                   backend: str = "auto", articulation=None) -> dict[str, np.ndarray]:
+                   backend: str = "auto", articulation=None, instruments=()) -> dict[str, np.ndarray]:
     """Realistic X-rays of a CT (HU) placed in the C-arm frame by ``T_ct_to_carm``.
 
     Args:
@@ -161,6 +177,8 @@ def simulate_xrays(ct: Volume, views: Sequence[View], T_ct_to_carm, config: Xray
         rng: random generator for the noise (default seeded 0).
         articulation: a :class:`~RadGSRegLib.articulation.Articulation` of this CT: each
             vertebra's bone is projected at ``T_ct_to_carm @ motion`` (None: the CT is rigid).
+        instruments: :mod:`RadGSRegLib.instruments` solids (CT frame), each moving with the
+            vertebra it is attached to.
     Returns:
         {view.name or index: (rows, cols) float32 image}.
     """
@@ -175,4 +193,11 @@ def simulate_xrays(ct: Volume, views: Sequence[View], T_ct_to_carm, config: Xray
         L_b = 0.0
         for _, b, A, M in articulation.parts(bone, ct.affine):
             L_b = L_b + DRR(b, A, backend=backend).render(views, T @ M).numpy().astype(np.float64)
-    return {(v.name or str(i)): formation(L_s[i], L_b[i], v, config, rng) for i, v in enumerate(views)}
+    metal = {}
+    if instruments:
+        from .instruments import instrument_line_integrals
+
+        metal = instrument_line_integrals(instruments, list(views), T,
+                                          motions=articulation.motions if articulation is not None else None)
+    return {(v.name or str(i)): formation(L_s[i], L_b[i], v, config, rng, {m: L[i] for m, L in metal.items()})
+            for i, v in enumerate(views)}
