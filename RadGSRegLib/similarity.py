@@ -77,10 +77,20 @@ def ncc_map(image: np.ndarray, template: np.ndarray, valid: np.ndarray | None = 
     return torch.where(n >= min_overlap * template.size, out, torch.full_like(out, -1.0))[0, 0].numpy()
 
 
-def highpass(a: np.ndarray, sigma_px: float) -> np.ndarray:
+def highpass(a: np.ndarray, sigma_px: float, valid: np.ndarray | None = None) -> np.ndarray:
     """``a`` minus its Gaussian blur (sigma in pixels), float64: keeps bone edges, drops the
-    smooth soft-tissue and scatter background that otherwise dominates a correlation."""
+    smooth soft-tissue and scatter background that otherwise dominates a correlation.
+
+    ``valid`` (same shape, bool): only these pixels carry a signal (e.g. inside an image
+    intensifier's round field); the blur is then normalised over them (``blur(a m) /
+    blur(m)``), so the black outside does not bleed in. Pixels outside ``valid`` come back 0.
+    Without ``valid`` (or all true), the plain filter."""
     from scipy import ndimage
 
     a = a.astype(np.float64)
-    return a - ndimage.gaussian_filter(a, sigma_px, mode="nearest")
+    if valid is None or valid.all():
+        return a - ndimage.gaussian_filter(a, sigma_px, mode="nearest")
+    m = valid.astype(np.float64)
+    num = ndimage.gaussian_filter(a * m, sigma_px, mode="nearest")
+    den = ndimage.gaussian_filter(m, sigma_px, mode="nearest")
+    return np.where(valid, a - num / np.maximum(den, 1e-6), 0.0)

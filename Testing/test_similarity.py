@@ -46,3 +46,15 @@ def test_highpass_removes_smooth_background(rng):
     edge = (xx > 32).astype(float)
     out = highpass(edge + 0.01 * yy + 0.02 * xx, 4.0)
     assert abs(out[10:54, 5:25].mean()) < 0.05 and np.ptp(out[32, 28:38]) > 0.5
+
+
+def test_masked_highpass_ignores_what_lies_outside(rng):
+    a = rng.normal(size=(40, 40)).cumsum(axis=1)
+    yy, xx = np.mgrid[:40, :40]
+    inside = (yy - 20) ** 2 + (xx - 20) ** 2 < 15 ** 2
+    b = np.where(inside, a, 1e3)                                        # the black outside an intensifier's field
+    c = np.where(inside, a, -7.0)
+    hb, hc = highpass(b, 3.0, inside), highpass(c, 3.0, inside)
+    assert np.allclose(hb, hc) and np.all(hb[~inside] == 0)
+    assert np.abs(hb[inside]).max() < 20                                # nothing of the 1e3 leaked in
+    assert np.array_equal(highpass(a, 3.0, np.ones_like(inside)), highpass(a, 3.0))   # all valid: the plain filter

@@ -27,23 +27,32 @@ __all__ = ["Level", "RefineConfig", "refine_lm", "windowed_ncc"]
 
 def _residuals(tgt: Target, T, windows, cfg: RefineConfig, level: Level) -> np.ndarray:
     out = []
-    for name, (view, win, img_win, sig) in windows.items():
+    for name, (view, win, img_win, sig, valid) in windows.items():
         drr = tgt.render(view.cropped(*win), T, cfg.supersample if level.pixels <= 64 else 1,
                          coarse=level.pixels <= cfg.coarse_below_pixels)
-        drr = highpass(drr, sig) if sig else drr
-        out.append(ncc_residuals(drr, img_win))
+        drr = highpass(drr, sig, valid) if sig else drr
+        out.append(ncc_residuals(drr, img_win) if valid is None else ncc_residuals(drr[valid], img_win))
     return np.concatenate(out)
 
 
 def _windows(tgt: Target, T, level: Level) -> dict:
+    """Per view: (view, window (col0, row0, cols, rows), the X-ray's window (high-passed;
+    only its pixels that carry a signal, flattened, when some do not), the high-pass sigma in
+    pixels or None, the window's signal mask or None when every pixel carries one)."""
     windows = {}
     for name in ("ap", "lat"):
         img, view = tgt.image(name, level.pixels)
         win = tgt.window(view, T, level.margin_mm)
         c0, r0, w, h = win
         sig = level.highpass_mm * tgt.magnification(view, T) / view.pixel_spacing[0] if level.highpass_mm else None
+        valid = tgt.valid(name, level.pixels)
+        if valid is not None:
+            valid = valid[r0:r0 + h, c0:c0 + w]
+            # all carry a signal, or too few to correlate (the vertebra left the field): the plain window
+            valid = None if valid.all() or valid.sum() < 16 else valid
         img_win = img[r0:r0 + h, c0:c0 + w]
-        windows[name] = (view, win, highpass(img_win, sig) if sig else img_win, sig)
+        img_win = highpass(img_win, sig, valid) if sig else img_win
+        windows[name] = (view, win, img_win if valid is None else img_win[valid], sig, valid)
     return windows
 
 

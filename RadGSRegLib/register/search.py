@@ -53,13 +53,14 @@ def search_translation(tgt: Target, T: np.ndarray, cfg: SearchConfig) -> tuple[n
     maps, info = {}, {}
     for name in ("ap", "lat"):
         img, view = tgt.image(name, cfg.pixels)
+        valid = tgt.valid(name, cfg.pixels)
         c0, r0, w, h = tgt.window(view, T, cfg.margin_mm)
         px_mm = view.pixel_spacing[0] / tgt.magnification(view, T)                   # mm at the vertebra per pixel
         sig = cfg.highpass_mm / px_mm
         templ = highpass(tgt.render(view.cropped(c0, r0, w, h), T, cfg.supersample, coarse=True), sig)
         rng_px = int(np.ceil(cfg.range_mm / px_mm))
-        pad = np.pad(highpass(img, sig), rng_px, mode="constant")
-        inside = np.pad(np.ones(img.shape, bool), rng_px, mode="constant")
+        pad = np.pad(highpass(img, sig, valid), rng_px, mode="constant")
+        inside = np.pad(np.ones(img.shape, bool) if valid is None else valid, rng_px, mode="constant")
         sl = (slice(r0, r0 + h + 2 * rng_px), slice(c0, c0 + w + 2 * rng_px))
         m = ncc_map(pad[sl], templ, inside[sl])                              # (2 rng + 1)^2
         k = np.arange(-rng_px, rng_px + 1) / max(rng_px, 1)

@@ -61,12 +61,19 @@ class Target:
 
     def __init__(self, drr: DRR, points_ct: np.ndarray, images: dict[str, np.ndarray], views: dict[str, View],
                  coarse: DRR | None = None):
+        from ..xray import signal_mask
+
         self.drr = drr
         self.coarse = coarse or drr
         self.points = np.asarray(points_ct, dtype=np.float64)
         self.centre = self.points.mean(axis=0)
         self.images = images
         self.views = views
+        # the pixels that carry a signal (None: all of them; not outside a round field)
+        self.signal = {}
+        for name, img in images.items():
+            m = signal_mask(img)
+            self.signal[name] = None if m.all() else m
         self._cache = {}
 
     def image(self, name: str, pixels: int) -> tuple[np.ndarray, View]:
@@ -76,6 +83,19 @@ class Target:
             from ..xray import resize_view_image
 
             self._cache[key] = resize_view_image(self.images[name], self.views[name], pixels)
+        return self._cache[key]
+
+    def valid(self, name: str, pixels: int) -> np.ndarray | None:
+        """The pixels of :meth:`image` that carry a signal (bool; a resized pixel counts only
+        when all of it does), or None when every pixel does."""
+        if self.signal[name] is None:
+            return None
+        key = (name, pixels, "valid")
+        if key not in self._cache:
+            from ..xray import resize_view_image
+
+            frac, _ = resize_view_image(self.signal[name].astype(np.float32), self.views[name], pixels)
+            self._cache[key] = frac > 0.999
         return self._cache[key]
 
     def magnification(self, view: View, T) -> float:
