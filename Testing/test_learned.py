@@ -256,3 +256,20 @@ def test_shipped_configs_load_and_build(name):
     assert sum(p.numel() for p in net.parameters()) > 1e5
     if name == "stage1_paper":
         assert cfg.model.backbone == "resnet50" and cfg.lambda_geo == 0.02 and cfg.device == "cuda"
+
+
+def test_network_images_standardise_over_the_pixels_with_signal(rng):
+    from RadGSRegLib.geometry import biplanar_views
+    from RadGSRegLib.learned.inputs import network_images
+
+    views = biplanar_views(pixels=32)
+    imgs = {n: (rng.normal(2.0, 0.5, size=(32, 32)).astype(np.float32), views[n]) for n in ("ap", "lat")}
+    plain, _, proj = network_images(imgs)
+    assert proj.shape == (2, 3, 4) and np.allclose(plain.mean(axis=(1, 2)), 0, atol=1e-5)
+    m = np.zeros((32, 32), bool)
+    m[4:28, 4:28] = True
+    field = {n: (np.where(m, img, 15.0).astype(np.float32), v) for n, (img, v) in imgs.items()}   # black surround
+    x, _, _ = network_images(field, {"ap": m, "lat": None})
+    assert np.allclose(x[0][~m], 0) and np.isclose(x[0][m].mean(), 0, atol=1e-5) and np.isclose(x[0][m].std(), 1, atol=1e-3)
+    assert np.allclose(x[0][m], ((imgs["ap"][0] - imgs["ap"][0][m].mean()) / imgs["ap"][0][m].std())[m], atol=1e-4)
+    assert np.allclose(x[1], network_images({"lat": field["lat"], "ap": field["ap"]})[0][1])   # None: all pixels

@@ -40,8 +40,8 @@ class Prediction:
     runtime_s: dict
 
 
-def predict(net: RadGSRegNet, case, T_in: np.ndarray, *, images: dict | None = None, device="cpu",
-            region: VertebraRegion | None = None) -> Prediction:
+def predict(net: RadGSRegNet, case, T_in: np.ndarray, *, images: dict | None = None, valid: dict | None = None,
+            device="cpu", region: VertebraRegion | None = None) -> Prediction:
     """Run RecM then RegM once (see the module docstring).
 
     Args:
@@ -50,7 +50,8 @@ def predict(net: RadGSRegNet, case, T_in: np.ndarray, *, images: dict | None = N
         images: the X-rays already prepared as line integrals on the network's working
             detector, {"ap", "lat"} -> (image (P, P), View) with ``P = net.cfg.image_pixels``
             (e.g. the registration target's :meth:`~RadGSRegLib.register.target.Target.image`);
-            None: made from ``case.xrays``.
+            None: made from ``case.xrays``. valid: their pixels that carry a signal
+            (:func:`~RadGSRegLib.learned.inputs.network_images`).
         region: the vertebra region on the network's grid, if already built.
     """
     cfg = net.cfg
@@ -62,7 +63,7 @@ def predict(net: RadGSRegNet, case, T_in: np.ndarray, *, images: dict | None = N
     if images is None:
         x, _, proj = prepare_images(case.xrays, case.views, case.image_kind, cfg.image_pixels)
     else:
-        x, _, proj = network_images(images)
+        x, _, proj = network_images(images, valid)
     centre = apply(T_in, vr.centroid)
     runtime["prepare"] = time.perf_counter() - t0
     with torch.no_grad():

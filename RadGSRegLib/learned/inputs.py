@@ -13,7 +13,7 @@ from ..geometry import View
 __all__ = ["network_images", "prepare_images"]
 
 
-def network_images(resized: dict) -> tuple[torch.Tensor, dict, torch.Tensor]:
+def network_images(resized: dict, valid: dict | None = None) -> tuple[torch.Tensor, dict, torch.Tensor]:
     """The network's input from X-rays already converted and resized.
 
     Args:
@@ -21,6 +21,10 @@ def network_images(resized: dict) -> tuple[torch.Tensor, dict, torch.Tensor]:
             :class:`~RadGSRegLib.geometry.View`), e.g. from
             :func:`~RadGSRegLib.xray.resize_view_image` or
             :meth:`RadGSRegLib.register.target.Target.image`.
+        valid: {"ap", "lat"} -> (P, P) bool, the pixels that carry a signal (e.g. inside an
+            image intensifier's field; :meth:`~RadGSRegLib.register.target.Target.valid`), or
+            None / a missing entry for all of them: the standardisation uses these only and
+            the others become 0 (the mean).
     Returns:
         images (2, P, P) float32 tensor, each standardised (zero mean, unit variance: robust
         to dose, windowing and scale); the working views {name: View}; proj (2, 3, 4)
@@ -31,7 +35,11 @@ def network_images(resized: dict) -> tuple[torch.Tensor, dict, torch.Tensor]:
         if name not in resized:
             raise ValueError(f"the learned method needs both an 'ap' and a 'lat' X-ray; missing {name!r}")
         img, v = resized[name]
-        img = (img - img.mean()) / max(float(img.std()), 1e-6)
+        m = (valid or {}).get(name)
+        if m is None:
+            img = (img - img.mean()) / max(float(img.std()), 1e-6)
+        else:
+            img = np.where(m, (img - img[m].mean()) / max(float(img[m].std()), 1e-6), 0.0)
         out.append(img)
         wviews[name] = v
     proj = np.stack([wviews[n].projection_matrix() for n in ("ap", "lat")])

@@ -138,8 +138,10 @@ def learned_stage(reg: Registration) -> None:
     reg.report.stage("learned", "RadGS-Reg network")
     with reg.timed("learned"):
         net = reg.net
-        images = {name: reg.target.image(name, net.cfg.image_pixels) for name in ("ap", "lat")}
-        pred = predict(net, reg.case, reg.T, images=images, device=reg.cfg.device)
+        px = net.cfg.image_pixels
+        images = {name: reg.target.image(name, px) for name in ("ap", "lat")}
+        valid = {name: reg.target.valid(name, px) for name in ("ap", "lat")}
+        pred = predict(net, reg.case, reg.T, images=images, valid=valid, device=reg.cfg.device)
         reg.recon, reg.region = pred.recon, pred.region.crop
         best = reg.candidates[0]
         reg.candidates = ([Candidate(pred.T_ct_to_carm, best.score, {"learned": True})]
