@@ -368,6 +368,24 @@ def _trim_flat_border(img: np.ndarray, tol: float) -> np.ndarray:
     return img[r[0]: r[-1] + 1, c[0]: c[-1] + 1]
 
 
+def _round_field_surround(img: np.ndarray) -> np.ndarray | None:
+    """The black surround of an image intensifier's round field, if ``img`` has one: at least
+    1 % of the pixels share the image's minimum or maximum exactly and all of them lie
+    farther from the centre than every other pixel (a centred disc of signal, a constant
+    ring around it). None otherwise (air, saturated skin, shutters: :func:`_trim_flat_border`)."""
+    h, w = img.shape
+    if h < 8 or w < 8:
+        return None
+    yy, xx = np.mgrid[:h, :w]
+    r = np.hypot((yy - (h - 1) / 2) / h, (xx - (w - 1) / 2) / w)
+    step = 1.5 / min(h, w)                    # a pixel's worth of radius (the disc's edge is pixelated)
+    for value in (img.max(), img.min()):
+        flat = img == value
+        if flat.mean() >= 0.01 and (~flat).any() and r[flat].min() >= r[~flat].max() - step:
+            return flat
+    return None
+
+
 def _cues(img: np.ndarray) -> dict | None:
     """Bright-body cues of one (sampled, float) image; None when it has no usable range."""
     h, w = img.shape
@@ -401,7 +419,8 @@ def xray_polarity(image: np.ndarray) -> dict:
 
     Collimator shutters and the round field of an image intensifier put structureless,
     fully attenuated regions at the borders, which read like air of the opposite polarity.
-    So constant border rows/columns (masks, padding) are dropped, and the cues are computed
+    So constant border rows/columns (masks, padding) are dropped, a round field's constant
+    surround is set to the median of the field (:func:`_round_field_surround`), and the cues are computed
     twice: on the whole image (``bright``) and on its central 70 % (``bright_window``: inside
     the inscribed circle, clear of shutters). ``bright_min`` / ``bright_max`` are the smaller
     and larger of the two; a decision needs both to agree. Images are sampled to at most
@@ -413,6 +432,9 @@ def xray_polarity(image: np.ndarray) -> dict:
     """
     img = _sample2d(image)
     img = _trim_flat_border(img, 1e-6 * max(float(np.ptp(img)), 1e-30))
+    outside = _round_field_surround(img)
+    if outside is not None:                   # structureless: neither body nor air; neutral grey
+        img = np.where(outside, float(np.median(img[~outside])), img)
     h, w = img.shape
     whole = _cues(img)
     m_h, m_w = int(round(0.15 * h)), int(round(0.15 * w))

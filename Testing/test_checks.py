@@ -399,3 +399,22 @@ def test_rescaled_log_images_warn_and_shutters_do_not_fake_a_swap(simulated):
         shut[:, : shut.shape[1] // 8] = shut.max() + 6.0          # shutters: no photons, -ln huge
         shut[:, -shut.shape[1] // 8:] = shut.max() + 6.0
         assert check_xray_pair({"ap": shut, "lat": case.xrays["lat"]}, "line_integral") == [], name
+
+
+def test_a_small_round_field_does_not_fake_a_polarity(simulated):
+    """An image intensifier's field smaller than the central window: its constant black
+    surround (no counts: the maximum of a line integral, 0 of an intensity) is not read as
+    air; the same images inverted are still flagged."""
+    hits = []
+    for name, case in simulated:
+        for vn, img in case.xrays.items():
+            h, w = img.shape
+            yy, xx = np.mgrid[:h, :w]
+            out = (yy - (h - 1) / 2) ** 2 + (xx - (w - 1) / 2) ** 2 > (0.35 * w) ** 2     # a 70 % field
+            black = img.max() * 1.5 if case.image_kind == "line_integral" else 0.0
+            field = np.where(out, black, img).astype(np.float32)
+            assert not [m for m in check_xray(field, case.image_kind, "x") if "polarity" in m], (name, vn)
+            if case.image_kind == "intensity":
+                inv = np.where(out, 0.0, img.max() - img).astype(np.float32)
+                hits.append(any("inverted polarity?" in m for m in check_xray(inv, "intensity", "x")))
+    assert np.mean(hits) >= 0.85, hits
