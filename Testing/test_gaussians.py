@@ -236,3 +236,10 @@ def test_fit_case_fits_scores_and_says_what_it_fits():
         fit_case(blind, cfg, simulated=True, pixels=32, grid_mm=48.0, voxel_mm=3.0)
     with pytest.raises(ValueError, match="views=3"):
         fit_case(case, cfg, views=3, pixels=32)
+    # the vertebra 150 mm from the isocentre: nothing of it in a 48 mm cube, a clear refusal (was a NaN loss)
+    from RadGSRegLib.errors import InputError
+    from RadGSRegLib.geometry import compose, translation
+
+    far = dataclasses.replace(case, ground_truth=compose(translation([150.0, 0.0, 0.0]), case.ground_truth))
+    with pytest.raises(InputError, match="outside the fitting cube.*--grid-mm"):
+        fit_case(far, cfg, simulated=True, pixels=32, grid_mm=48.0, voxel_mm=3.0)

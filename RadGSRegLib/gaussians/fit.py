@@ -289,6 +289,11 @@ def fit_case(case, config: FitConfig | None = None, *, simulated: bool = False, 
             fit_views = [c_arm_view(a, sdd=abs(ref.source_to_detector), sid=float(np.linalg.norm(ref.source)),
                                     pixels=pixels, pixel_spacing=ref.pixel_spacing[0] * ref.size[0] / pixels)
                          for a in np.linspace(0.0, 360.0, views, endpoint=False)]
+        if not np.any(gt.array > 0):
+            from ..errors import InputError
+
+            raise InputError(f"the vertebra at its true pose lies outside the fitting cube ({grid_mm:g} mm around the "
+                             "isocentre): nothing to fit; enlarge grid_mm (--grid-mm) to hold it")
         images = DRR(gt.array, gt.affine).render(fit_views)
         source = f"{views} DRRs of the vertebra alone at its true pose (validation of the fitting)"
     else:
