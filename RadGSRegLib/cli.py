@@ -273,15 +273,15 @@ def build_parser() -> argparse.ArgumentParser:
                        epilog="examples:\n"
                               "  radgsreg train --config Resources/Models/configs/stage1_tiny.json --out runs/s1\n"
                               "  radgsreg train --config Resources/Models/configs/stage3_tiny.json --out runs/s3 \\\n"
-                              "      --init Resources/Models/radgsreg_stage1.pt \\\n"
-                              "      --ct Resources/SampleData/example_ct.nii.gz:Resources/SampleData/totalseg.nii.gz")
+                              "      --init default --ct sample      # the shipped weights, the bundled lumbar CT")
     p.add_argument("--config", type=Path, help="JSON training config (default: the dataclass defaults)")
     p.add_argument("--out", type=Path, required=True, help="run folder (resumed if it holds the same run)")
     p.add_argument("--stage", type=int, choices=[1, 2, 3])
-    p.add_argument("--init", help="weights to start from (stages 2-3: e.g. the shipped stage-1 model)")
+    p.add_argument("--init", help="weights to start from (stages 2-3): a .pt file, or 'default' for the shipped "
+                                  "stage-1 weights")
     p.add_argument("--ct", action="append", default=None, metavar="CT:LABELS",
-                   help="a CT and its vertebra label map (repeatable; stage 1 adds them to the phantoms, stage 3 "
-                        "trains on them)")
+                   help="a CT and its vertebra label map, a folder holding both, or 'sample' for the bundled "
+                        "lumbar CT (repeatable; stage 1 adds them to the phantoms, stage 3 trains on them)")
     p.add_argument("--cases", action="append", default=None, metavar="DIR",
                    help="stage 2: case folders with ground_truth (repeatable)")
     p.add_argument("--device", choices=["cpu", "cuda"])

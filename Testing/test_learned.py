@@ -256,6 +256,13 @@ def test_shipped_configs_load_and_build(name):
     assert sum(p.numel() for p in net.parameters()) > 1e5
     if name == "stage1_paper":
         assert cfg.model.backbone == "resnet50" and cfg.lambda_geo == 0.02 and cfg.device == "cuda"
+    # what a config names is found from any folder (shipped names, not checkout paths)
+    from RadGSRegLib.training.data import ct_spec_paths
+
+    if cfg.init:
+        assert cfg.init_path().is_file()
+    for spec in cfg.ct_dirs:
+        assert all(p.is_absolute() and p.is_file() for p in ct_spec_paths(spec))
 
 
 def test_network_images_standardise_over_the_pixels_with_signal(rng):

@@ -33,12 +33,14 @@ class TrainConfig:
             X-rays of the target patient's own CT, ``ct_dirs``; run before surgery).
         out: run folder (checkpoints, ``log.jsonl``, TensorBoard events when available,
             ``model.pt``); a run there is resumed, not overwritten.
-        init: weights to start from (stages 2-3 start from stage 1's); None: random.
+        init: weights to start from (stages 2-3 start from stage 1's): a ``.pt`` file, or
+            "default" for the shipped stage-1 weights (:mod:`RadGSRegLib.resources`); None: random.
         model: the network (ignored when ``init`` is given: the weights carry theirs).
         phantoms / phantom_spacing_mm: stage 1: phantom CTs generated (seeded) and their
             voxel size.
-        ct_dirs: CTs with vertebra label maps: ``CT:LABELS`` path pairs, or folders holding
-            ``ct.nrrd`` + ``seg.nrrd`` (a case folder, or ``radgsreg phantom``'s output).
+        ct_dirs: CTs with vertebra label maps: ``CT:LABELS`` path pairs, folders holding
+            ``ct.nrrd`` + ``seg.nrrd`` (a case folder, or ``radgsreg phantom``'s output), or
+            "sample" for the bundled lumbar CT.
         case_dirs: stage 2: case folders with ``ground_truth``.
         levels: vertebra levels to draw from.
         samples_per_ct: training samples drawn from each CT (pose, level, noise).
@@ -134,6 +136,16 @@ class TrainConfig:
             raise ConfigError("stage 3 is patient-specific: give the patient's CT in ct_dirs")
         if self.stage in (2, 3) and not self.init:
             raise ConfigError(f"stage {self.stage} fine-tunes earlier weights: give init (e.g. the shipped stage-1 model)")
+
+    def init_path(self) -> Path | None:
+        """The weight file ``init`` names ("default": the shipped stage-1 weights), or None."""
+        if not self.init:
+            return None
+        if self.init == "default":
+            from ..resources import resource_path
+
+            return resource_path("Models/radgsreg_stage1.pt")
+        return Path(self.init)
 
     def to_dict(self) -> dict:
         return asdict(self)

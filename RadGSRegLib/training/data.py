@@ -97,8 +97,14 @@ class CTSpecError(InputError, FileNotFoundError):
 
 
 def ct_spec_paths(spec: str):
-    """``CT:LABELS`` paths, or a folder with a CT and its labels under the case format's
-    names (``ct.nrrd`` + ``seg.nrrd``), the phantom command's, or the sample data's."""
+    """``CT:LABELS`` paths, a folder with a CT and its labels under the case format's
+    names (``ct.nrrd`` + ``seg.nrrd``), the phantom command's or the sample data's, or
+    "sample": the bundled lumbar CT (:func:`RadGSRegLib.sample_data.lumbar_ct`)."""
+    if spec == "sample" and not Path(spec).exists():
+        from ..sample_data import lumbar_ct
+
+        sd = lumbar_ct()
+        return sd.ct, sd.seg
     if ":" in spec and not Path(spec).exists():
         ct, seg = spec.split(":", 1)
         return Path(ct), Path(seg)

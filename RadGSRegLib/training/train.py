@@ -271,7 +271,7 @@ def check_run(cfg: TrainConfig, *, log=print) -> _Run:
         check_writable(Path(cfg.data_cache), f"data_cache folder {cfg.data_cache}", inside=True)
     device = resolve_device(cfg.device, "device (--device)")
     if cfg.init:
-        net = RadGSRegNet.load(cfg.init)
+        net = RadGSRegNet.load(cfg.init_path())
         if net.cfg != cfg.model:
             log(f"init {cfg.init}: the network's settings come from the weights (the config's model settings "
                 "are not used)")
