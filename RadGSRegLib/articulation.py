@@ -32,7 +32,7 @@ from .geometry import compose, sample_offsets
 from .levels import TOTALSEG_IDS
 from .volume import Volume
 
-__all__ = ["ArticulationConfig", "Articulation", "articulate", "vertebra_labels"]
+__all__ = ["ArticulationConfig", "Articulation", "articulate", "vertebra_labels", "spine_order"]
 
 
 @dataclass
@@ -107,6 +107,11 @@ def vertebra_labels(seg: Volume) -> list:
     return verts or present
 
 
+def spine_order(seg: Volume) -> list:
+    """:func:`vertebra_labels` in order along the spine, from the lowest (LPS z: up)."""
+    return sorted(vertebra_labels(seg), key=lambda lb: float(seg.label_centroid(lb)[2]))
+
+
 def _regions(seg: Volume, labels: list, margin_mm: float) -> dict:
     """Each label grown by ``margin_mm`` (every grown voxel to its nearest label), as
     (bounding box, mask) on the label map's grid."""
@@ -142,11 +147,10 @@ def articulate(ct: Volume, seg: Volume, target: int, config: ArticulationConfig,
     """
     if not seg.same_grid(ct):
         raise ValueError("articulation needs the label map on the CT's grid")
-    labels = vertebra_labels(seg)
+    labels = spine_order(seg)
     if int(target) not in labels:
         raise ValueError(f"the target label {target} is not in the label map")
     centroid = {lb: seg.label_centroid(lb) for lb in labels}
-    labels = sorted(labels, key=lambda lb: float(centroid[lb][2]))          # along the spine (LPS z: up)
     t = labels.index(int(target))
     # each joint's own motion, drawn from the target outward (nearest joints first)
     order = sorted(range(len(labels) - 1), key=lambda i: min(abs(i - t), abs(i + 1 - t)))

@@ -21,7 +21,7 @@ from typing import Callable, Iterable
 
 import numpy as np
 
-from .articulation import ArticulationConfig, articulate, vertebra_labels
+from .articulation import ArticulationConfig, articulate, spine_order
 from .geometry import biplanar_views, compose, geodesic_deg, sample_offsets, translation
 from .io import Case, write_case
 from .io.atomic import atomic_dir
@@ -91,7 +91,7 @@ def make_case(ct: Volume, seg: Volume, level: str, config: CaseGenConfig, rng: n
     art = articulate(ct, seg, label, config.articulation, rng) if config.articulation.enabled else None
     tools = []
     if config.instruments.enabled:
-        order = art.labels if art is not None else sorted(vertebra_labels(seg), key=lambda lb: seg.label_centroid(lb)[2])
+        order = art.labels if art is not None else spine_order(seg)
         k = order.index(label)
         tools = place_instruments(seg, label, config.instruments, rng, neighbours=order[max(k - 1, 0):k] + order[k + 1:k + 2])
     xr = simulate_xrays(ct, list(views.values()), G, config.sim, rng, articulation=art, instruments=tools)

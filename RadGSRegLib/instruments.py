@@ -16,7 +16,7 @@ processes. Frames: CT mm (LPS: +x left, +y posterior, +z superior).
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from typing import Sequence
 
 import numpy as np
@@ -50,6 +50,19 @@ class Material:
 #: density) and iron for stainless steel (K-wires, retractors)
 MATERIALS = {"titanium": Material(4.43, (2.214, 1.213, 0.766, 0.405, 0.272)),
              "steel": Material(7.9, (3.629, 1.958, 1.205, 0.595, 0.372))}
+
+
+def _slab(o, d, lo, hi):
+    """Ray parameters ``(t_enter, t_leave)`` of rays ``o + t d`` inside the slab
+    ``lo <= x <= hi`` along one coordinate (any broadcastable shapes); a ray parallel to the
+    slab is inside for every t or for none."""
+    with np.errstate(divide="ignore", invalid="ignore"):
+        s0, s1 = (lo - o) / d, (hi - o) / d
+    par = np.abs(d) < 1e-12
+    inside = (o >= lo) & (o <= hi)
+    enter = np.where(par, np.where(inside, -np.inf, np.inf), np.minimum(s0, s1))
+    leave = np.where(par, np.where(inside, np.inf, -np.inf), np.maximum(s0, s1))
+    return enter, leave
 
 
 def _unit(v) -> np.ndarray:
@@ -90,14 +103,7 @@ class Rod:
         qa_safe = np.where(along, 1.0, qa)
         t0 = np.where(along, -np.inf, (-qb - sq) / (2 * qa_safe))
         t1 = np.where(along, np.inf, (-qb + sq) / (2 * qa_safe))
-        # the slab 0 <= (x - A).a <= L along the axis
-        with np.errstate(divide="ignore", invalid="ignore"):
-            s0, s1 = (0.0 - w_par) / d_par, (L - w_par) / d_par
-        lo, hi = np.minimum(s0, s1), np.maximum(s0, s1)
-        par = np.abs(d_par) < 1e-12
-        inside_slab = (w_par >= 0) & (w_par <= L)
-        lo = np.where(par, np.where(inside_slab, -np.inf, np.inf), lo)
-        hi = np.where(par, np.where(inside_slab, np.inf, -np.inf), hi)
+        lo, hi = _slab(w_par, d_par, 0.0, L)                # 0 <= (x - A).a <= L along the axis
         enter, leave = np.maximum(np.maximum(t0, lo), 0.0), np.minimum(t1, hi)
         return np.where(ok, np.clip(leave - enter, 0.0, None), 0.0)
 
@@ -121,13 +127,7 @@ class Blade:
         o = R @ (origin - np.asarray(self.centre, dtype=np.float64))
         d = dirs @ R.T
         h = np.asarray(self.half_mm, dtype=np.float64)
-        with np.errstate(divide="ignore", invalid="ignore"):
-            s0, s1 = (-h - o) / d, (h - o) / d
-        lo, hi = np.minimum(s0, s1), np.maximum(s0, s1)
-        par = np.abs(d) < 1e-12
-        inside = np.abs(o) <= h
-        lo = np.where(par, np.where(inside, -np.inf, np.inf), lo)
-        hi = np.where(par, np.where(inside, np.inf, -np.inf), hi)
+        lo, hi = _slab(o, d, -h, h)                          # per box axis
         enter, leave = np.maximum(lo.max(axis=-1), 0.0), hi.min(axis=-1)
         return np.clip(leave - enter, 0.0, None)
 
@@ -217,14 +217,13 @@ def instrument_line_integrals(instruments: Sequence, views: Sequence[View], T_ct
     vertebra it is attached to (``motions``: {label: (4, 4) CT-frame motion}; default none)."""
     out = {}
     T = np.asarray(T_ct_to_carm, dtype=np.float64)
+    rays = [v.pixel_rays() for v in views]                   # once per view, for every instrument
     for inst in instruments:
         M = (motions or {}).get(inst.attached_to, np.eye(4))
-        P = T @ M
-        Pinv = np.linalg.inv(P)                              # C-arm -> the instrument's CT frame
+        Pinv = np.linalg.inv(T @ M)                          # C-arm -> the instrument's CT frame
         mu = MATERIALS[inst.material].mu_60kev
         acc = out.setdefault(inst.material, np.zeros((len(views), views[0].size[1], views[0].size[0])))
-        for i, v in enumerate(views):
-            src, dirs = v.pixel_rays()
+        for i, (src, dirs) in enumerate(rays):
             o = apply(Pinv, src)
             d = dirs @ Pinv[:3, :3].T
             acc[i] += mu * inst.path_lengths(o, d)

@@ -54,7 +54,7 @@ class Candidate:
     Attributes:
         T: (4, 4) ``T_ct_to_carm``. score: the pose search's score (mean NCC of both
             views; 0 for a pose the search did not make). info: what the stages said about
-            it (the search's per-view NCC and shift, ``learned``, ``refine3d``, ``refine2d``).
+            it (the search's per-view NCC and shift, ``learned``, ``refine3d``).
     """
 
     T: np.ndarray
@@ -201,7 +201,7 @@ def refine2d_stage(reg: Registration) -> None:
         reg.info["diverged"] = warn is not None
         if warn:
             reg.warnings.append(warn)
-        reg.candidates = [Candidate(T, start.score, {**start.info, "refine2d": True})]
+        reg.candidates = [Candidate(T, start.score, start.info)]
 
 
 def check_stage(reg: Registration) -> None:
