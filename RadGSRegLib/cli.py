@@ -13,7 +13,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from .errors import InputError, UsageError
-from .register.config import DEVICES, INITS, REFINES, RegisterConfig
+from .register.config import DEVICES, INITS, REFINES, ROBUST_MODES, RegisterConfig
 
 __all__ = ["main", "build_parser", "register_config"]
 
@@ -231,7 +231,9 @@ def build_parser() -> argparse.ArgumentParser:
                                    "vertebra and the reconstruction, and/or coarse-to-fine 2-D/3-D Levenberg-"
                                    "Marquardt on the windowed NCC of DRRs and X-rays). A 2-D/3-D result worse than "
                                    "its start is rejected (and said so); a low final NCC is flagged 'doubtful' in "
-                                   "result.json's warnings.",
+                                   "result.json's warnings. A doubtful result is registered once more with a tiled "
+                                   "similarity that leaves out what the CT cannot explain (metal instruments), and "
+                                   "the better of the two is kept (--robust).",
                        epilog="examples:\n"
                               "  radgsreg register cases/case_000 --out res0                  # search + 2-D/3-D\n"
                               "  radgsreg register cases/case_000 --out res1 --model default  # + shipped network\n"
@@ -250,6 +252,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", help="RadGS-Reg weights (.pt), or 'default' for Resources/Models/radgsreg_stage1.pt")
     p.add_argument("--device", choices=DEVICES, default=None,
                    help=f"device for the network (default {defaults.device})")
+    p.add_argument("--robust", choices=ROBUST_MODES, default=None,
+                   help=f"the tiled, outlier-rejecting similarity for X-rays with metal the CT does not have: auto "
+                        f"(a second attempt with it when the first result is doubtful), always, never (default "
+                        f"{defaults.robust.mode})")
     p.add_argument("--reconstruct", action="store_true", default=None,
                    help="also write the reconstruction (OUT/recon.nrrd): the network's, or without --model a "
                         "per-case Gaussian fit (about a minute on a CPU)")
@@ -596,6 +602,8 @@ def register_config(args) -> RegisterConfig:
         where = "--model" if "model" in given else f"\"model\" in {args.config}"
         raise UsageError(f"{where} is not used with --init {init} (the network runs only with --init learned or "
                          "auto); drop it, or choose --init learned")
+    if args.robust is not None:
+        given["robust"] = dataclasses.replace(cfg.robust, mode=args.robust)
     return dataclasses.replace(cfg, **given)
 
 

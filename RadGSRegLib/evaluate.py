@@ -69,7 +69,7 @@ def case_row(truth: Case, res: Result, name: str = "") -> dict:
     e0 = truth_errors(truth, truth.initial_guess)["mtre_mm"] if truth.initial_guess is not None else float("nan")
     e = truth_errors(truth, res.T_ct_to_carm)
     row = {"case": name, "initial_mtre_mm": e0, **e, "runtime_s": dict(res.runtime_s),
-           "warnings": list(res.info.get("warnings", []))}
+           "warnings": list(res.info.get("warnings", [])), "robust": res.info.get("robust")}
     if res.recon is not None:
         gt = ground_truth_volume(truth.ct, truth.seg, truth.vertebra_label, truth.ground_truth,
                                  res.recon.array.shape, res.recon.affine)

@@ -3,6 +3,13 @@ in one place: global NCC of two arrays (any dimension; numpy), the same on torch
 volumes (differentiable), the NCC map of a template at every shift inside an image, masked
 (template matching), and the high-pass filter the 2-D stages apply first.
 
+*Tiled* NCC, for X-rays that hold what the CT cannot explain (metal instruments, absent
+from the preoperative CT): the window is cut into tiles (:func:`tile_grid`), each tile's NCC
+is taken on its own and the tiles are averaged (weighted), so no one structure dominates
+through its variance; tiles whose X-ray contrast is far above what the CT's DRR shows there
+(:func:`contrast_outliers`: metal adds contrast, bone and soft tissue do not) are left out.
+:func:`ncc_map_tiled` is the same at every shift (the pose search).
+
 All NCCs are in [-1, 1] (1: equal up to an affine change of intensity); a constant input
 counts as zero variance clamped to a tiny positive number (NCC 0, not NaN). The residual
 form the 2-D/3-D refinement minimises rests on :func:`zscore`: for two arrays of ``N``
@@ -10,9 +17,12 @@ values, ``1 - NCC = |zscore(a) - zscore(b)|^2 / (2 N)``.
 """
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 
-__all__ = ["zscore", "ncc", "ncc_residuals", "ncc_from_residuals", "ncc_torch", "ncc_map", "highpass"]
+__all__ = ["zscore", "ncc", "ncc_residuals", "ncc_from_residuals", "ncc_torch", "ncc_map", "highpass", "tile_grid",
+           "contrast_outliers", "ncc_map_tiled"]
 
 
 def zscore(a: np.ndarray) -> np.ndarray:
@@ -75,6 +85,83 @@ def ncc_map(image: np.ndarray, template: np.ndarray, valid: np.ndarray | None = 
     var = torch.clamp(si2 - si * si / nn, min=1e-12) * torch.clamp(st2 - st * st / nn, min=1e-12)
     out = cov / torch.sqrt(var)
     return torch.where(n >= min_overlap * template.size, out, torch.full_like(out, -1.0))[0, 0].numpy()
+
+
+def tile_grid(shape: tuple, tile_px: float) -> list[tuple[slice, slice]]:
+    """An even grid of about ``tile_px`` pixels per side over an array of ``shape`` (rows,
+    cols): the (row slice, column slice) of each tile, row by row; at least one tile."""
+    h, w = shape
+    ny, nx = max(1, int(round(h / tile_px))), max(1, int(round(w / tile_px)))
+    ys = np.linspace(0, h, ny + 1).round().astype(int)
+    xs = np.linspace(0, w, nx + 1).round().astype(int)
+    return [(slice(ys[i], ys[i + 1]), slice(xs[j], xs[j + 1])) for i in range(ny) for j in range(nx)]
+
+
+def contrast_outliers(ratio: np.ndarray, factor: float, axis: int = 0) -> np.ndarray:
+    """Which tiles hold contrast the CT cannot explain: ``ratio`` is each tile's X-ray
+    standard deviation over the DRR's (the tiles along ``axis``); a tile is an outlier (True)
+    when its ratio exceeds ``factor`` times the 25th percentile of the ratios (the X-ray's
+    ordinary contrast relative to the DRR, which scatter and the detector set; robust to up
+    to three quarters of the tiles being outliers). Non-finite ratios (NaN: a tile that is
+    not there) are outliers and do not count in the reference."""
+    r = np.asarray(ratio, dtype=np.float64)
+    finite = np.isfinite(r)
+    if not finite.any():
+        return ~finite
+    with np.errstate(invalid="ignore"), warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)             # positions where no tile is finite
+        ref = np.nanpercentile(np.where(finite, r, np.nan), 25, axis=axis, keepdims=True)
+        return ~finite | (r > factor * ref)
+
+
+def _local_std(image: np.ndarray, valid: np.ndarray | None, shape: tuple) -> np.ndarray:
+    """Standard deviation of ``image`` over the valid pixels of a ``shape`` box at every
+    valid-correlation position (as :func:`ncc_map`)."""
+    import torch
+    import torch.nn.functional as F
+
+    img = torch.from_numpy(image.astype(np.float64))[None, None]
+    m = torch.ones_like(img) if valid is None else torch.from_numpy(valid.astype(np.float64))[None, None]
+    ones = torch.ones((1, 1) + tuple(shape), dtype=torch.float64)
+    n = torch.clamp(F.conv2d(m, ones), min=1.0)
+    s1, s2 = F.conv2d(img * m, ones), F.conv2d(img * img * m, ones)
+    return torch.sqrt(torch.clamp(s2 / n - (s1 / n) ** 2, min=0.0))[0, 0].numpy()
+
+
+def ncc_map_tiled(image: np.ndarray, template: np.ndarray, valid: np.ndarray | None = None, *,
+                  tile_px: float, reject: float = 0.0, min_overlap: float = 0.5) -> np.ndarray:
+    """Tiled NCC of ``template`` (h, w) at every position inside ``image`` (H, W): the
+    template is cut into :func:`tile_grid` tiles, each tile's :func:`ncc_map` is taken over
+    the image region it sweeps, and the maps are averaged, each tile weighted by its
+    template standard deviation (flat tiles say little). With ``reject`` > 0, at each
+    position the tiles that are :func:`contrast_outliers` of the image there are left out.
+    A tile with less than ``min_overlap`` valid overlap at a position is left out there (and
+    does not count in the outlier reference); a position with no tile left scores 0 (where
+    :func:`ncc_map` gives -1). Returns (H - h + 1, W - w + 1) like :func:`ncc_map`; with one
+    tile and no rejection it equals :func:`ncc_map` wherever the overlap suffices."""
+    h, w = template.shape
+    H, W = image.shape
+    maps, ratios, weights = [], [], []
+    for rs, cs in tile_grid((h, w), tile_px):
+        t = template[rs, cs]
+        sd = float(t.std())
+        if sd < 1e-9:
+            continue
+        region = (slice(rs.start, H - (h - rs.stop)), slice(cs.start, W - (w - cs.stop)))
+        sub = image[region]
+        v = None if valid is None else valid[region]
+        m = ncc_map(sub, t, v, min_overlap)
+        inside = m > -1.0                                   # ncc_map's mark for too little overlap
+        maps.append(np.where(inside, m, 0.0))
+        weights.append(sd * inside)
+        if reject:
+            ratios.append(np.where(inside, _local_std(sub, v, t.shape) / sd, np.nan))
+    if not maps:
+        return np.zeros((H - h + 1, W - w + 1))
+    wt = np.array(weights, dtype=np.float64)
+    if reject:                  # NaN (no overlap): left out, and not part of the outlier reference
+        wt = wt * ~contrast_outliers(np.array(ratios), reject)
+    return (np.array(maps) * wt).sum(0) / np.maximum(wt.sum(0), 1e-12)
 
 
 def highpass(a: np.ndarray, sigma_px: float, valid: np.ndarray | None = None) -> np.ndarray:

@@ -35,7 +35,12 @@ def result_summary(result, level=None) -> str:
     views_ncc = info.get("final_ncc_views") or {}
     if views_ncc:
         per_view = ", ".join(f"{'AP' if k == 'ap' else 'lateral'} {v:.2f}" for k, v in views_ncc.items())
-        lines.append(f"Similarity of DRR and X-ray around the vertebra (NCC, 1 = identical): {per_view}.")
+        tiled = info.get("final_ncc_similarity") == "tiled"
+        lines.append(f"Similarity of DRR and X-ray around the vertebra ({'tiled NCC, metal left out' if tiled else 'NCC'}"
+                     f", 1 = identical): {per_view}.")
+        if tiled:
+            lines.append("The X-rays hold what the CT does not (metal?): this result comes from a second attempt "
+                         "that leaves those parts of the images out.")
     if info.get("doubtful"):
         lines.append(f"DOUBTFUL: the mean similarity {info.get('final_ncc', float('nan')):.2f} is below "
                      f"{info.get('min_ncc', RegisterConfig().min_ncc):.2f}. The CT may sit on a neighbouring vertebra or at a wrong "

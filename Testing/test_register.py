@@ -224,6 +224,10 @@ def test_cli_settings_are_defaults_then_config_file_then_options(tmp_path, capsy
     assert (cfg.refine, cfg.min_ncc, cfg.init) == ("none", 0.9, "auto")
     cfg = register_config(parse(["register", "c", "--out", "o", "--config", str(tmp_path / "c.json"), "--refine", "2d"]))
     assert (cfg.refine, cfg.min_ncc) == ("2d", 0.9)
+    # --robust sets the mode and keeps the file's other robust settings
+    (tmp_path / "r.json").write_text(json.dumps({"robust": {"tile_mm": 30.0}}))
+    cfg = register_config(parse(["register", "c", "--out", "o", "--config", str(tmp_path / "r.json"), "--robust", "never"]))
+    assert (cfg.robust.mode, cfg.robust.tile_mm) == ("never", 30.0)
     (tmp_path / "bad.json").write_text(json.dumps({"refine": "sideways"}))
     assert main(["register", "c", "--out", str(tmp_path / "o"), "--config", str(tmp_path / "bad.json")]) == 1
     assert "bad.json" in capsys.readouterr().err
@@ -251,3 +255,116 @@ def test_a_round_field_is_ignored_by_the_similarity(small_phantom):
     assert ncc[170.0] > ncc[None] - 0.05 and ncc[170.0] > 0.8
     res = run(replace(case, ground_truth=None), rc)
     assert truth_errors(case, res.T_ct_to_carm)["mtre_mm"] < 1.0 and not res.info["doubtful"]
+
+
+@pytest.fixture(scope="module")
+def metal_cases(small_phantom):
+    """The same small-phantom case without and with instruments (screws in the neighbours and
+    the target, a K-wire, two retractor blades)."""
+    from RadGSRegLib.instruments import InstrumentsConfig
+
+    ct, seg = small_phantom
+    base = dict(rot_deg=4.0, trans_mm=8.0, pixels=128, seed=3)
+    clean = make_case(ct, seg, "L3", CaseGenConfig(**base), np.random.default_rng(3))
+    metal = make_case(ct, seg, "L3", CaseGenConfig(**base, instruments=InstrumentsConfig(
+        screws="both", kwires=1, retractors=2)), np.random.default_rng(3))
+    return clean, metal
+
+
+def test_metal_tiles_are_found_and_left_out(metal_cases):
+    """At the true pose the tiles holding metal are outliers (contrast the CT cannot explain),
+    a clean case has next to none, and the tiled similarity without them is far closer to
+    what the clean case scores than the plain NCC."""
+    from RadGSRegLib.register.refine2d import outlier_fraction, windowed_ncc
+    from RadGSRegLib.register.target import make_target
+
+    rc = _fast_config()
+    score, frac = {}, {}
+    for name, case in zip(("clean", "metal"), metal_cases):
+        tgt = make_target(case, slab_mm=rc.slab_mm, coarse_mm=rc.coarse_mm)
+        frac[name] = outlier_fraction(tgt, case.ground_truth, rc.refine2d, rc.robust)
+        for robust in (None, rc.robust):
+            score[name, robust is not None] = np.mean(list(windowed_ncc(tgt, case.ground_truth, rc.refine2d,
+                                                                        robust=robust).values()))
+    assert max(frac["clean"].values()) < 0.1 and min(frac["metal"].values()) >= 0.15, frac
+    assert score["metal", False] < score["clean", False] - 0.2                 # metal ruins the plain NCC
+    assert score["metal", True] > score["metal", False] + 0.1, score           # the tiles without it hold
+
+
+def test_a_doubtful_result_gets_a_second_attempt_with_the_tiled_similarity(metal_cases, easy_case):
+    """"auto": a result the check accepts is left alone (the plain pipeline's pose, bit for
+    bit); a doubtful one is registered again with the tiled similarity, and the kept result
+    is exactly one of the two single-similarity registrations ("never" / "always"); a right
+    but doubtful result on a clean case (no metal at the tiled pose) keeps its first pose."""
+    from dataclasses import replace
+
+    from RadGSRegLib.register.config import RobustConfig
+
+    def runs(case):
+        return {mode: run(case, _fast_config(robust=RobustConfig(mode=mode))) for mode in ("auto", "never", "always")}
+
+    r = runs(read_case(easy_case))
+    r_clean_never = r["never"]
+    assert r["auto"].info["robust"] == {"mode": "auto", "on": False} and not r["auto"].info["doubtful"]
+    assert np.array_equal(r["auto"].T_ct_to_carm, r["never"].T_ct_to_carm)
+    assert r["auto"].info["final_ncc_similarity"] == "plain" and r["always"].info["final_ncc_similarity"] == "tiled"
+    assert r["always"].info["robust"] == {"mode": "always", "on": True}
+    assert "outliers" not in r["never"].info["refine2d"]["levels"][-1]
+
+    _, metal = metal_cases
+    r = runs(replace(metal, ground_truth=None))
+    rob = r["auto"].info["robust"]
+    assert rob["second_attempt"] and min(rob["outlier_tiles_second_attempt"].values()) > 0.15   # the metal is seen
+    assert r["always"].info["refine2d"]["levels"][-1]["outliers"]["ap"] > 0.1
+    kept = r["always"] if rob["on"] else r["never"]
+    assert np.array_equal(r["auto"].T_ct_to_carm, kept.T_ct_to_carm)
+    assert np.isclose(rob["tiled_ncc_second_attempt"], r["always"].info["final_ncc"])
+    assert "robust_choice" in r["auto"].runtime_s
+    assert r["auto"].runtime_s["search"] > max(r["never"].runtime_s["search"], r["always"].runtime_s["search"])
+
+    # a clean, right result flagged only because the bar is set too high: the tiled attempt
+    # finds no metal at its pose and cannot replace it
+    case = read_case(easy_case)
+    strict = run(case, _fast_config(min_ncc=0.999))
+    assert strict.info["doubtful"] and strict.info["robust"]["second_attempt"] and not strict.info["robust"]["on"]
+    assert max(strict.info["robust"]["outlier_tiles_second_attempt"].values()) < 0.15
+    assert np.array_equal(strict.T_ct_to_carm, r_clean_never.T_ct_to_carm)
+
+    with pytest.raises(ValueError, match="mode"):
+        RobustConfig(mode="sometimes")
+    with pytest.raises(ValueError, match="reject_contrast"):
+        RobustConfig(reject_contrast=0.5)
+    with pytest.raises(ValueError, match="min_outliers"):
+        RobustConfig(min_outliers=1.5)
+
+
+def test_tiled_windowed_ncc_is_the_weighted_mean_of_each_tiles_ncc(metal_cases):
+    """The LM's tiled residuals against a plain twin: per tile, ncc() of the DRR and the X-ray
+    (high-passed as the level says), weighted by the DRR's standard deviation over the kept
+    tiles; one tile covering the window and no rejection: the plain windowed NCC."""
+    from RadGSRegLib.register import refine2d as R
+    from RadGSRegLib.register.config import RobustConfig
+    from RadGSRegLib.register.target import make_target
+    from RadGSRegLib.similarity import highpass, ncc
+
+    _, metal = metal_cases
+    rc = _fast_config()
+    tgt = make_target(metal, slab_mm=rc.slab_mm, coarse_mm=rc.coarse_mm)
+    G, level = metal.ground_truth, rc.refine2d.levels[-1]
+    got = R.windowed_ncc(tgt, G, rc.refine2d, level, robust=rc.robust)
+    windows = R._windows(tgt, G, level, rc.refine2d, rc.robust)
+    for name, w in windows.items():
+        img, view = tgt.image(name, level.pixels)
+        c0, r0, cw, ch = w.win
+        x = highpass(img[r0:r0 + ch, c0:c0 + cw], w.sig, w.valid)
+        d = highpass(tgt.render(view.cropped(*w.win), G, coarse=level.pixels <= rc.refine2d.coarse_below_pixels),
+                     w.sig, w.valid)
+        vals = []
+        for rs, cs, m, _ in w.tiles:
+            m = np.ones(d[rs, cs].shape, bool) if m is None else m
+            vals.append((ncc(d[rs, cs][m], x[rs, cs][m]), d[rs, cs][m].std()))
+        ref = sum(v * s for v, s in vals) / sum(s for _, s in vals)
+        assert np.isclose(got[name], ref, atol=1e-9)
+        assert 0 < windows.outliers[name] < 1 and len(w.tiles) >= 4
+    one = RobustConfig(tile_mm=1e4, reject_contrast=0.0)
+    assert R.windowed_ncc(tgt, G, rc.refine2d, level, robust=one) == R.windowed_ncc(tgt, G, rc.refine2d, level)

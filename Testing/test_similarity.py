@@ -2,7 +2,8 @@
 import numpy as np
 import torch
 
-from RadGSRegLib.similarity import highpass, ncc, ncc_from_residuals, ncc_map, ncc_residuals, ncc_torch, zscore
+from RadGSRegLib.similarity import (contrast_outliers, highpass, ncc, ncc_from_residuals, ncc_map, ncc_map_tiled,
+                                   ncc_residuals, ncc_torch, tile_grid, zscore)
 
 
 def _ncc_ref(a, b):
@@ -58,3 +59,76 @@ def test_masked_highpass_ignores_what_lies_outside(rng):
     assert np.allclose(hb, hc) and np.all(hb[~inside] == 0)
     assert np.abs(hb[inside]).max() < 20                                # nothing of the 1e3 leaked in
     assert np.array_equal(highpass(a, 3.0, np.ones_like(inside)), highpass(a, 3.0))   # all valid: the plain filter
+
+
+def test_tile_grid_covers_the_window_once():
+    for shape, px in (((37, 50), 8.0), ((5, 7), 20.0), ((64, 64), 16.0)):
+        cover = np.zeros(shape, int)
+        for rs, cs in tile_grid(shape, px):
+            cover[rs, cs] += 1
+            assert rs.stop > rs.start and cs.stop > cs.start
+        assert np.all(cover == 1)
+    assert len(tile_grid((64, 64), 16.0)) == 16 and len(tile_grid((5, 7), 20.0)) == 1
+
+
+def test_contrast_outliers_are_the_tiles_far_above_the_ordinary_ratio():
+    ratio = np.array([1.0, 0.9, 1.1, 1.2, 0.8, 4.0, 6.0, np.inf])
+    out = contrast_outliers(ratio, 2.5)
+    assert out.tolist() == [False] * 5 + [True] * 3
+    # robust to many outliers: the reference is the lower quartile
+    assert contrast_outliers(np.r_[np.ones(4), 10 * np.ones(5)], 2.5).sum() == 5
+
+
+def _tiled_ref(img, tpl, valid, tile_px, reject):
+    """A loop over positions and tiles of the plain NCC (the definition of ncc_map_tiled)."""
+    h, w = tpl.shape
+    out = np.zeros((img.shape[0] - h + 1, img.shape[1] - w + 1))
+    for r in range(out.shape[0]):
+        for c in range(out.shape[1]):
+            vals, wts, ratios = [], [], []
+            for rs, cs in tile_grid((h, w), tile_px):
+                t = tpl[rs, cs]
+                win = img[r + rs.start:r + rs.stop, c + cs.start:c + cs.stop]
+                ok = valid[r + rs.start:r + rs.stop, c + cs.start:c + cs.stop]
+                if ok.mean() < 0.5:                       # too little overlap: the tile is not there
+                    continue
+                vals.append(_ncc_ref(win[ok], t[ok]))
+                wts.append(t.std())
+                ratios.append(win[ok].std() / t.std())
+            if not vals:
+                continue
+            keep = np.array(ratios) <= reject * np.percentile(ratios, 25) if reject else np.ones(len(vals), bool)
+            wts = np.array(wts) * keep
+            out[r, c] = np.sum(np.array(vals) * wts) / wts.sum()
+    return out
+
+
+def test_tiled_ncc_map_matches_a_loop_over_positions_and_tiles(rng):
+    img = rng.normal(size=(22, 26))
+    tpl = img[6:18, 5:17] + 0.1 * rng.normal(size=(12, 12))
+    valid = np.ones(img.shape, bool)
+    valid[:, :4] = False                         # a field edge: some tiles lose their overlap
+    for reject in (0.0, 2.5):
+        m = ncc_map_tiled(img, tpl, valid, tile_px=4.0, reject=reject)
+        assert np.allclose(m, _tiled_ref(img, tpl, valid, 4.0, reject), atol=1e-9)
+        assert np.unravel_index(np.argmax(m), m.shape) == (6, 5)
+    # one tile, no rejection: the plain NCC map, wherever the overlap suffices
+    plain = ncc_map(img, tpl, valid)
+    one = ncc_map_tiled(img, tpl, valid, tile_px=100.0)
+    assert np.allclose(one[plain > -1], plain[plain > -1]) and np.all(one[plain == -1] == 0)
+
+
+def test_tiled_ncc_ignores_a_bright_bar_the_template_lacks(rng):
+    """Metal in the X-ray only: bars of strong contrast across part of the image. At the true
+    shift the plain NCC drops far below 1; the tiled map that leaves the outlier tiles out
+    keeps the tiles without metal, near 1, and more than the tiled map without rejection."""
+    img = highpass(rng.normal(size=(48, 48)), 0.7) * 0.3
+    tpl = img[12:36, 10:34].copy()
+    img[14:17, 8:40] += 3.0                      # a "K-wire" across the vertebra, absent from the template
+    img[24:34, 30:33] += 3.0
+    m_plain = ncc_map(img, tpl)
+    m_keep_all = ncc_map_tiled(img, tpl, tile_px=6.0)
+    m_tiled = ncc_map_tiled(img, tpl, tile_px=6.0, reject=2.5)
+    assert np.unravel_index(np.argmax(m_tiled), m_tiled.shape) == (12, 10)
+    assert m_plain[12, 10] < 0.5 and m_tiled[12, 10] > 0.95
+    assert m_tiled[12, 10] > m_keep_all[12, 10] + 0.1

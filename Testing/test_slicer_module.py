@@ -357,7 +357,10 @@ def test_result_nodes_overlay_and_summary(tmp_path):
     assert sb.source_markups(scene, views) is sources and sources.GetNumberOfControlPoints() == 2
     text = panel.result_summary(res, "L3")
     assert "AP 0.91" in text and "lateral 0.62" in text and "DOUBTFUL" in text and "rejected" in text
-    assert "whole CT is the target" in text and "3.2 s" in text
+    assert "whole CT is the target" in text and "3.2 s" in text and "metal" not in text
+    res.info["final_ncc_similarity"] = "tiled"                  # a result of the second, tiled attempt
+    text = panel.result_summary(res, "L3")
+    assert "tiled NCC, metal left out" in text and "second attempt" in text
 
 
 @pytest.mark.slow

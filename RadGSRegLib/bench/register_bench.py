@@ -20,11 +20,14 @@ __all__ = ["METHODS", "run_register_bench"]
 
 #: method name -> (RegisterConfig keyword arguments, what it is)
 METHODS = {
-    "initial": ({"init": "none", "refine": "none"}, "the case's initial guess"),
-    "intensity-2d": ({"init": "none", "refine": "2d"},
-                     "DiffPose-style render-and-compare from the initial guess (no search)"),
+    "initial": ({"init": "none", "refine": "none", "robust": {"mode": "never"}}, "the case's initial guess"),
+    "intensity-2d": ({"init": "none", "refine": "2d", "robust": {"mode": "never"}},
+                     "DiffPose-style render-and-compare from the initial guess (no search, plain NCC)"),
     "search": ({"init": "search", "refine": "none"}, "pose search alone"),
-    "ours-2d": ({"init": "search", "refine": "2d"}, "pose search + 2-D/3-D refinement"),
+    "ours-2d": ({"init": "search", "refine": "2d"},
+                "pose search + 2-D/3-D refinement (a doubtful result: again with the tiled similarity)"),
+    "ours-2d-plain": ({"init": "search", "refine": "2d", "robust": {"mode": "never"}},
+                      "pose search + 2-D/3-D refinement, plain NCC only (no second attempt)"),
     "gaussfit-3d": ({"init": "search", "refine": "3d"},
                     "per-case Gaussian fit of the two X-rays + 3-D/3-D NCC registration"),
     "learned": ({"init": "learned", "refine": "none"}, "RadGS-Reg network (after the pose search)"),
@@ -94,7 +97,7 @@ def _bench(suites, methods, *, json_path, limit, model, overwrite, log) -> dict:
                     kw = dict(METHODS[m][0])
                     if kw["init"] == "learned":
                         kw["model"] = model
-                    res = run(case, RegisterConfig(**kw), net=net)
+                    res = run(case, RegisterConfig.from_dict(kw), net=net)
                 wall = time.perf_counter() - t
                 row = case_row(truth, res, d.name)
                 row["wall_s"] = wall

@@ -6,7 +6,7 @@ Torch-free on purpose: Slicer imports this when the module loads, before any hea
 dependency is installed.
 
 JSON form (``radgsreg register --config FILE``, :func:`config_to_dict`,
-:meth:`RegisterConfig.from_dict`): the dataclass fields by name, nested for ``search``,
+:meth:`RegisterConfig.from_dict`): the dataclass fields by name, nested for ``search``, ``robust``,
 ``refine2d`` (with ``levels`` as a list of objects) and ``refine3d``; fields left out keep
 their defaults; every value is checked against its field's type and an unknown field is an
 error that names it (:mod:`RadGSRegLib.configio`). Files written before the pose search had
@@ -24,13 +24,15 @@ from typing import Optional
 
 from ..configio import ConfigError, build, check, read_json
 
-__all__ = ["Level", "SearchConfig", "RefineConfig", "Refine3DConfig", "RegisterConfig", "INITS", "REFINES", "DEVICES",
+__all__ = ["Level", "SearchConfig", "RefineConfig", "Refine3DConfig", "RobustConfig", "ROBUST_MODES", "RegisterConfig", "INITS", "REFINES", "DEVICES",
            "default_model", "config_to_dict", "read_config", "ConfigError"]
 
 #: ``RegisterConfig.init`` values
 INITS = ("auto", "none", "search", "learned")
 #: ``RegisterConfig.refine`` values
 REFINES = ("none", "3d", "2d", "both")
+#: ``RobustConfig.mode`` values
+ROBUST_MODES = ("auto", "always", "never")
 #: ``RegisterConfig.device`` values
 DEVICES = ("cpu", "cuda")
 
@@ -138,6 +140,49 @@ class Refine3DConfig:
 
 
 @dataclass
+class RobustConfig:
+    """The similarity for X-rays that hold what the CT cannot explain (metal instruments and
+    implants, absent from the preoperative CT): *tiled* NCC (:mod:`RadGSRegLib.similarity`).
+
+    The vertebra's window is cut into tiles of about ``tile_mm`` (mm at the vertebra); each
+    tile's NCC counts on its own, weighted by the DRR's contrast there, and tiles whose
+    X-ray contrast exceeds ``reject_contrast`` times the X-ray's ordinary contrast relative
+    to the DRR (:func:`~RadGSRegLib.similarity.contrast_outliers`) are left out.
+
+    Attributes:
+        mode: "auto" (a result the check finds doubtful is registered a second time with
+            the tiled similarity, which replaces the first when its final pose scores higher
+            on it and shows metal: ``min_outliers``; a result the plain similarity accepts is
+            left as it is), "always" (tiled from the start) or "never" (plain windowed NCC
+            only).
+        tile_mm: tile side, mm at the vertebra.
+        reject_contrast: the outlier factor (0: keep every tile).
+        min_outliers: "auto" keeps the tiled attempt only when, at its final pose, at least
+            this fraction of each view's tiles (the refinement's middle level) are outliers:
+            metal shows in both views (0.2-0.5 of the tiles on the development suites at the
+            true pose), a clean X-ray has next to none, so a doubtful clean case keeps its
+            first result.
+    """
+
+    mode: str = "auto"
+    tile_mm: float = 24.0
+    reject_contrast: float = 2.5
+    min_outliers: float = 0.15
+
+    def __post_init__(self):
+        check(self)
+        if self.mode not in ROBUST_MODES:
+            raise ConfigError(f"must be one of {', '.join(ROBUST_MODES)}, not {self.mode!r}", field="mode")
+        if self.tile_mm <= 0:
+            raise ConfigError(f"must be positive, not {self.tile_mm}", field="tile_mm")
+        if not 0 <= self.min_outliers <= 1:
+            raise ConfigError(f"must be a fraction in [0, 1], not {self.min_outliers}", field="min_outliers")
+        if self.reject_contrast < 0 or (0 < self.reject_contrast <= 1):
+            raise ConfigError(f"must be 0 (keep every tile) or above 1, not {self.reject_contrast}",
+                              field="reject_contrast")
+
+
+@dataclass
 class RegisterConfig:
     """Settings of :func:`RadGSRegLib.register.run`.
 
@@ -159,6 +204,8 @@ class RegisterConfig:
         coarse_mm: voxel size of the block-averaged copy of the slab that the search and the
             coarse refinement levels render (faster, and smoother to match).
         search: the pose search's settings. refine2d / refine3d: the refinements' settings.
+        robust: when and how the 2-D stages switch to the tiled, outlier-rejecting
+            similarity (:class:`RobustConfig`; metal in the X-rays).
         min_ncc: a result whose final windowed NCC (mean of both views) is below this is
             flagged as doubtful in ``Result.info["warnings"]``.
         reject_drop: a 2-D/3-D result whose windowed NCC is more than this below its
@@ -179,6 +226,7 @@ class RegisterConfig:
     search: SearchConfig = field(default_factory=SearchConfig)
     refine2d: RefineConfig = field(default_factory=RefineConfig)
     refine3d: Refine3DConfig = field(default_factory=Refine3DConfig)
+    robust: RobustConfig = field(default_factory=RobustConfig)
     min_ncc: float = 0.75
     reject_drop: float = 0.02
     reconstruct: bool = False

@@ -18,6 +18,14 @@ poses on their way through); :func:`stages_for` picks them from :class:`Register
    flagged doubtful; the DRRs at the final pose if asked for;
 6. ``output`` (``reconstruct`` without a reconstruction yet): a Gaussian fit for display.
 
+With ``robust.mode`` "auto" (the default), a result the check finds doubtful is registered
+a second time with the tiled, outlier-rejecting similarity (:class:`~.config.RobustConfig`:
+X-rays with metal the CT does not have), which replaces the first when it scores higher on
+that similarity and its pose shows the metal (outlier tiles in both views;
+``info["robust"]``); "always" uses it from the start, "never" not at all. A result the plain
+similarity accepts is never changed by it; ``info["final_ncc_similarity"]`` says which
+similarity the final NCC is.
+
 Without ``search`` the case's own initial guess (or the vertebra at the isocentre) is the
 one candidate. A new stage is one function ``stage(reg: Registration) -> None`` that reads
 and replaces ``reg.candidates`` (best first) and records its ``info``/``runtime``.
@@ -37,8 +45,8 @@ from ..errors import InputError
 from ..geometry import apply, translation
 from ..io import Case, Result
 from ..volume import Volume
-from .config import RegisterConfig
-from .refine2d import refine_lm, windowed_ncc
+from .config import RegisterConfig, RobustConfig
+from .refine2d import outlier_fraction, refine_lm, windowed_ncc
 from .refine3d import refine_3d
 from .search import search_pose
 from .target import Target, make_target
@@ -68,7 +76,8 @@ class Registration:
 
     ``candidates`` is the current list of poses, best first; ``recon`` / ``region`` the
     reconstruction (C-arm frame) and the CT vertebra region (CT frame) once a stage made
-    them; ``info``, ``runtime`` (seconds per stage) and ``warnings`` become the
+    them; ``robust`` the :class:`~.config.RobustConfig` whose tiled similarity this attempt's
+    search, refinement and check use (None: plain windowed NCC); ``info``, ``runtime`` (seconds per stage) and ``warnings`` become the
     :class:`~RadGSRegLib.io.Result`'s."""
 
     case: Case
@@ -84,6 +93,7 @@ class Registration:
     recon: Optional[Volume] = None
     region: Optional[Volume] = None
     drrs: Optional[dict] = None
+    robust: Optional[RobustConfig] = None
 
     @property
     def T(self) -> np.ndarray:
@@ -105,11 +115,11 @@ class Registration:
 
 
 def check_refinement(tgt: Target, T_start: np.ndarray, T_result: np.ndarray, ncc_result: float,
-                     cfg: RegisterConfig) -> tuple[np.ndarray, float, str | None]:
+                     cfg: RegisterConfig, robust=None) -> tuple[np.ndarray, float, str | None]:
     """The divergence check: a refined pose whose windowed NCC (finest level) is more than
     ``cfg.reject_drop`` below its starting pose's is rejected. Returns (pose kept, its NCC,
-    a warning or None)."""
-    start = float(np.mean(list(windowed_ncc(tgt, T_start, cfg.refine2d).values())))
+    a warning or None). ``robust``: the similarity the refinement used (None: plain)."""
+    start = float(np.mean(list(windowed_ncc(tgt, T_start, cfg.refine2d, robust=robust).values())))
     if ncc_result < start - cfg.reject_drop:
         return (np.asarray(T_start, dtype=np.float64), start,
                 f"2-D/3-D refinement diverged (NCC {start:.3f} at its start, {ncc_result:.3f} after): rejected, "
@@ -119,14 +129,16 @@ def check_refinement(tgt: Target, T_start: np.ndarray, T_result: np.ndarray, ncc
 
 # ------------------------------------------------------------------ stages
 def search_stage(reg: Registration) -> None:
-    """The pose search from the current pose: its best hypotheses become the candidates."""
+    """The pose search from the current pose (tiled when ``reg.robust``): its best
+    hypotheses become the candidates."""
     cfg = reg.cfg.search
+    label = " (tiled)" if reg.robust else ""
     with reg.timed("search"):
-        found = search_pose(reg.target, reg.T, cfg, progress=lambda i, n: reg.report.stage(
-            "search", f"pose search: rotation hypothesis {i + 1}/{n}", within=(i, n)))
+        found = search_pose(reg.target, reg.T, cfg, robust=reg.robust, progress=lambda i, n: reg.report.stage(
+            "search", f"pose search{label}: rotation hypothesis {i + 1}/{n}", within=(i, n)))
         reg.candidates = [Candidate(h.T, h.score, h.info) for h in found]
         reg.info["search"] = [h.info for h in found]
-    reg.say(f"  pose search: best of {len(cfg.rot_deg) ** 3} rotations, score {found[0].score:.3f}")
+    reg.say(f"  pose search{label}: best of {len(cfg.rot_deg) ** 3} rotations, score {found[0].score:.3f}")
 
 
 def learned_stage(reg: Registration) -> None:
@@ -189,7 +201,7 @@ def refine2d_stage(reg: Registration) -> None:
                 reg.report.stage("refine2d", f"2-D/3-D refinement: candidate {k + 1}/{n}, level {i + 1}/{m}",
                                  within=(k * n_levels + i, n * n_levels))
 
-            Tr, ri = refine_lm(reg.target, c.T, cfg.refine2d, progress=level_progress)
+            Tr, ri = refine_lm(reg.target, c.T, cfg.refine2d, progress=level_progress, robust=reg.robust)
             m = float(np.mean(list(ri["levels"][-1]["ncc"].values())))
             what = "network pose" if c.info.get("learned") else f"search score {c.score:.3f}"
             reg.say(f"  candidate ({what}): final NCC {m:.3f}")
@@ -197,7 +209,7 @@ def refine2d_stage(reg: Registration) -> None:
                 best = (m, Tr, ri, c)
         m, Tr, ri, start = best
         reg.info["refine2d"] = ri
-        T, m, warn = check_refinement(reg.target, start.T, Tr, m, cfg)
+        T, m, warn = check_refinement(reg.target, start.T, Tr, m, cfg, reg.robust)
         reg.info["diverged"] = warn is not None
         if warn:
             reg.warnings.append(warn)
@@ -209,13 +221,15 @@ def check_stage(reg: Registration) -> None:
     cfg = reg.cfg
     reg.report.stage("check", "checking the result")
     with reg.timed("check"):
-        views_ncc = windowed_ncc(reg.target, reg.T, cfg.refine2d)
+        views_ncc = windowed_ncc(reg.target, reg.T, cfg.refine2d, robust=reg.robust)
         reg.info["final_ncc_views"] = views_ncc
         reg.info["final_ncc"] = m = float(np.mean(list(views_ncc.values())))
+        reg.info["final_ncc_similarity"] = "tiled" if reg.robust is not None else "plain"
         reg.info["min_ncc"] = cfg.min_ncc
         reg.info["doubtful"] = m < cfg.min_ncc
         if m < cfg.min_ncc:
-            reg.warnings.append(f"doubtful result: final NCC {m:.2f} < {cfg.min_ncc}")
+            reg.warnings.append(f"doubtful result: final {'tiled ' if reg.robust is not None else ''}NCC {m:.2f} "
+                                f"< {cfg.min_ncc}")
         if cfg.drrs:
             reg.drrs = {name: reg.target.render(reg.case.views[name], reg.T) for name in ("ap", "lat")}
 
@@ -259,8 +273,9 @@ def run(case: Case, config: RegisterConfig | None = None, log=None, *, net=None,
     a case read with :func:`~RadGSRegLib.io.read_case` brings its own). Every result is
     checked, whatever ``init``/``refine``: ``info["final_ncc_views"]`` is the
     windowed NCC of each view at the final pose (finest refinement level),
-    ``info["final_ncc"]`` their mean; a mean below ``min_ncc`` sets ``info["doubtful"]`` and
-    adds a warning. ``info["diverged"]`` (2-D/3-D refinement only) says the refinement was
+    ``info["final_ncc"]`` their mean (``info["final_ncc_similarity"]``: "plain", or "tiled"
+    when the tiled attempt was kept, see the module docstring); a mean below ``min_ncc`` sets
+    ``info["doubtful"]`` and adds a warning. ``info["diverged"]`` (2-D/3-D refinement only) says the refinement was
     rejected.
 
     Args:
@@ -292,18 +307,64 @@ def run(case: Case, config: RegisterConfig | None = None, log=None, *, net=None,
     report.stage("preprocessing", "preparing the CT and the X-rays")
     tgt = make_target(case, slab_mm=cfg.slab_mm, coarse_mm=cfg.coarse_mm)
     T = case.initial_guess if case.initial_guess is not None else translation(-tgt.centre)
-    reg = Registration(case, cfg, tgt, [Candidate(T)], report, log=log, net=net, warnings=warnings,
-                       info={"init": mode, "refine": cfg.refine,
-                             "initial_pose_from": "case" if case.initial_guess is not None
-                             else "nominal (vertebra at the isocentre)"})
-    reg.runtime["preprocessing"] = time.perf_counter() - t0
-    for stage in stages_for(cfg):
-        stage(reg)
+    info = {"init": mode, "refine": cfg.refine,
+            "initial_pose_from": "case" if case.initial_guess is not None else "nominal (vertebra at the isocentre)"}
+    prep = time.perf_counter() - t0
+
+    stages = stages_for(cfg)
+    core = [st for st in stages if st is not output_stage]        # display output: once, for the kept attempt
+
+    def attempt(robust):
+        reg = Registration(case, cfg, tgt, [Candidate(T)], report, log=log, net=net, warnings=list(warnings),
+                           info=dict(info), robust=robust)
+        reg.runtime["preprocessing"] = prep
+        for stage in core:
+            stage(reg)
+        return reg
+
+    rc = cfg.robust
+    reg = attempt(rc if rc.mode == "always" else None)
+    reg.info["robust"] = {"mode": rc.mode, "on": rc.mode == "always"}
+    # a second attempt can only differ where the similarity chooses the pose: the search, the 2-D/3-D refinement
+    if rc.mode == "auto" and reg.info["doubtful"] and (search_stage in core or refine2d_stage in core):
+        reg = _second_attempt(reg, attempt)
+    if output_stage in stages:
+        output_stage(reg)
     reg.runtime["total"] = time.perf_counter() - t0
     reg.info["warnings"] = reg.warnings
     for w in reg.warnings:
         report.warning(w)
     return Result(T_ct_to_carm=reg.T, runtime_s=reg.runtime, recon=reg.recon, info=reg.info, drrs=reg.drrs)
+
+
+def _second_attempt(first: Registration, attempt) -> Registration:
+    """A doubtful result registered again with the tiled similarity. The tiled attempt is
+    kept when its final pose scores higher on the tiled NCC than the first attempt's (finest
+    level) *and* there is metal to explain it: at its final pose at least
+    ``robust.min_outliers`` of each view's tiles are outliers (:func:`.refine2d.outlier_fraction`);
+    otherwise the first result stays, as without this setting. ``info["robust"]`` records
+    both scores, the outlier tiles and the other attempt's warnings; the runtimes of both
+    attempts add up (``robust_choice``: the comparison)."""
+    rc = first.cfg.robust
+    first.say("  doubtful: a second attempt with the tiled similarity (metal in the X-rays?)")
+    second = attempt(rc)
+    t = time.perf_counter()
+    tgt, cfg = first.target, first.cfg.refine2d
+    score_first = float(np.mean(list(windowed_ncc(tgt, first.T, cfg, robust=rc).values())))
+    score_second = second.info["final_ncc"]
+    outliers = outlier_fraction(tgt, second.T, cfg, rc)
+    switch = score_second > score_first and min(outliers.values()) >= rc.min_outliers
+    keep, other = (second, first) if switch else (first, second)
+    for k, v in other.runtime.items():
+        if k != "preprocessing":
+            keep.runtime[k] = keep.runtime.get(k, 0.0) + v
+    keep.info["robust"] = {"mode": rc.mode, "on": switch, "second_attempt": True,
+                           "tiled_ncc_first_attempt": score_first, "tiled_ncc_second_attempt": score_second,
+                           "outlier_tiles_second_attempt": outliers, "other_attempt_warnings": other.warnings}
+    keep.runtime["robust_choice"] = time.perf_counter() - t
+    keep.say(f"  kept the {'tiled' if switch else 'first'} attempt (tiled NCC {score_second:.3f} vs {score_first:.3f}; "
+             f"outlier tiles AP {outliers['ap']:.0%}, LAT {outliers['lat']:.0%})")
+    return keep
 
 
 def reconstruct_volume(case: Case, *, iterations: int = 300, centre=(0.0, 0.0, 0.0), grid_mm: float = 96.0,

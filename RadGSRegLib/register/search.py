@@ -9,7 +9,9 @@ typical failure is a look-alike neighbouring vertebra (``prior`` and the joint
 cranio-caudal shift below work against that).
 
 Works on the line-integral X-rays of a :class:`~.target.Target`, at ``SearchConfig.pixels``,
-high-passed, with DRR templates rendered from the block-averaged CT. Poses are
+high-passed, with DRR templates rendered from the block-averaged CT; with a
+:class:`~.config.RobustConfig` the NCC maps are tiled and leave out the tiles the CT
+cannot explain (metal; :func:`~RadGSRegLib.similarity.ncc_map_tiled`). Poses are
 ``T_ct_to_carm``; hypotheses are Euler angles per axis (degrees, :mod:`RadGSRegLib.geometry`).
 """
 from __future__ import annotations
@@ -20,8 +22,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..geometry import apply, compose, pose_to_matrix
-from ..similarity import highpass, ncc_map
-from .config import SearchConfig
+from ..similarity import highpass, ncc_map, ncc_map_tiled
+from .config import RobustConfig, SearchConfig
 from .target import Target
 
 __all__ = ["SearchConfig", "Hypothesis", "search_translation", "search_pose"]
@@ -37,7 +39,8 @@ class Hypothesis:
     info: dict
 
 
-def search_translation(tgt: Target, T: np.ndarray, cfg: SearchConfig) -> tuple[np.ndarray, dict]:
+def search_translation(tgt: Target, T: np.ndarray, cfg: SearchConfig,
+                       robust: RobustConfig | None = None) -> tuple[np.ndarray, dict]:
     """The translation that best aligns both views' vertebra windows (C-arm frame).
 
     Each view gives an NCC map over shifts (du along its u, dv along its v, in mm at the
@@ -46,6 +49,7 @@ def search_translation(tgt: Target, T: np.ndarray, cfg: SearchConfig) -> tuple[n
     view from locking onto a neighbouring vertebra on its own. A mild prior,
     ``prior * (shift / range_mm)^2`` subtracted from each view's NCC, breaks near ties
     between neighbouring vertebrae (which look alike) in favour of the smaller shift.
+    ``robust``: the tiled NCC (tiles of ``robust.tile_mm``) instead of the plain one.
 
     Returns:
         (``T`` shifted, info: ``search_ncc_ap``/``_lat``, ``search_shift_mm``, ``search_score``).
@@ -62,7 +66,11 @@ def search_translation(tgt: Target, T: np.ndarray, cfg: SearchConfig) -> tuple[n
         pad = np.pad(highpass(img, sig, valid), rng_px, mode="constant")
         inside = np.pad(np.ones(img.shape, bool) if valid is None else valid, rng_px, mode="constant")
         sl = (slice(r0, r0 + h + 2 * rng_px), slice(c0, c0 + w + 2 * rng_px))
-        m = ncc_map(pad[sl], templ, inside[sl])                              # (2 rng + 1)^2
+        if robust is None:
+            m = ncc_map(pad[sl], templ, inside[sl])                          # (2 rng + 1)^2
+        else:
+            m = ncc_map_tiled(pad[sl], templ, inside[sl], tile_px=robust.tile_mm / px_mm,
+                              reject=robust.reject_contrast)
         k = np.arange(-rng_px, rng_px + 1) / max(rng_px, 1)
         m = m - cfg.prior * (k[:, None] ** 2 + k[None, :] ** 2)
         maps[name] = (m, rng_px, px_mm, view)
@@ -85,10 +93,11 @@ def search_translation(tgt: Target, T: np.ndarray, cfg: SearchConfig) -> tuple[n
     return compose(pose_to_matrix([0, 0, 0, *d]), T), info
 
 
-def search_pose(tgt: Target, T: np.ndarray, cfg: SearchConfig, progress=None) -> list[Hypothesis]:
+def search_pose(tgt: Target, T: np.ndarray, cfg: SearchConfig, progress=None,
+                robust: RobustConfig | None = None) -> list[Hypothesis]:
     """Every rotation hypothesis (``rot_deg`` about each axis, about where ``T`` puts the
     vertebra's centre), each followed by :func:`search_translation`. Returns the
-    ``candidates`` best, best first.
+    ``candidates`` best, best first. ``robust``: see :func:`search_translation`.
 
     ``progress(i, n)``, if given, is called before hypothesis ``i`` of ``n``."""
     c = apply(T, tgt.centre)
@@ -98,7 +107,7 @@ def search_pose(tgt: Target, T: np.ndarray, cfg: SearchConfig, progress=None) ->
         if progress:
             progress(i, len(hypotheses))
         Tr = compose(pose_to_matrix([*rot, 0, 0, 0], center=c), T)
-        Ts, info = search_translation(tgt, Tr, cfg)
+        Ts, info = search_translation(tgt, Tr, cfg, robust)
         info["search_rot_deg"] = list(rot)
         out.append(Hypothesis(info["search_score"], Ts, info))
     out.sort(key=lambda h: -h.score)
