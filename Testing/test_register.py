@@ -320,7 +320,6 @@ def test_a_doubtful_result_gets_a_second_attempt_with_the_tiled_similarity(metal
     assert np.array_equal(r["auto"].T_ct_to_carm, kept.T_ct_to_carm)
     assert np.isclose(rob["tiled_ncc_second_attempt"], r["always"].info["final_ncc"])
     assert "robust_choice" in r["auto"].runtime_s
-    assert r["auto"].runtime_s["search"] > max(r["never"].runtime_s["search"], r["always"].runtime_s["search"])
 
     # a clean, right result flagged only because the bar is set too high: the tiled attempt
     # finds no metal at its pose and cannot replace it

@@ -76,9 +76,9 @@ class Registration:
 
     ``candidates`` is the current list of poses, best first; ``recon`` / ``region`` the
     reconstruction (C-arm frame) and the CT vertebra region (CT frame) once a stage made
-    them; ``robust`` the :class:`~.config.RobustConfig` whose tiled similarity this attempt's
-    search, refinement and check use (None: plain windowed NCC); ``info``, ``runtime`` (seconds per stage) and ``warnings`` become the
-    :class:`~RadGSRegLib.io.Result`'s."""
+    them; ``robust`` the :class:`~.config.RobustConfig` whose tiled similarity this
+    attempt's search, refinement and check use (None: plain windowed NCC); ``info``,
+    ``runtime`` (seconds per stage) and ``warnings`` become the :class:`~RadGSRegLib.io.Result`'s."""
 
     case: Case
     cfg: RegisterConfig
@@ -275,8 +275,8 @@ def run(case: Case, config: RegisterConfig | None = None, log=None, *, net=None,
     windowed NCC of each view at the final pose (finest refinement level),
     ``info["final_ncc"]`` their mean (``info["final_ncc_similarity"]``: "plain", or "tiled"
     when the tiled attempt was kept, see the module docstring); a mean below ``min_ncc`` sets
-    ``info["doubtful"]`` and adds a warning. ``info["diverged"]`` (2-D/3-D refinement only) says the refinement was
-    rejected.
+    ``info["doubtful"]`` and adds a warning. ``info["diverged"]`` (2-D/3-D refinement only)
+    says the refinement was rejected.
 
     Args:
         log: a callable taking one line of human-readable text, or None.
@@ -360,7 +360,8 @@ def _second_attempt(first: Registration, attempt) -> Registration:
             keep.runtime[k] = keep.runtime.get(k, 0.0) + v
     keep.info["robust"] = {"mode": rc.mode, "on": switch, "second_attempt": True,
                            "tiled_ncc_first_attempt": score_first, "tiled_ncc_second_attempt": score_second,
-                           "outlier_tiles_second_attempt": outliers, "other_attempt_warnings": other.warnings}
+                           "outlier_tiles_second_attempt": outliers,
+                           "other_attempt_warnings": [w for w in other.warnings if w not in keep.warnings]}
     keep.runtime["robust_choice"] = time.perf_counter() - t
     keep.say(f"  kept the {'tiled' if switch else 'first'} attempt (tiled NCC {score_second:.3f} vs {score_first:.3f}; "
              f"outlier tiles AP {outliers['ap']:.0%}, LAT {outliers['lat']:.0%})")
