@@ -18,20 +18,23 @@ from ..io import read_case
 
 __all__ = ["METHODS", "run_register_bench"]
 
-#: method name -> (RegisterConfig keyword arguments, what it is)
+#: method name -> (RegisterConfig fields (JSON form), what it is). The tiled second attempt
+#: (``robust`` "auto", the default) belongs to the methods with the 2-D/3-D refinement
+#: (ours-2d, learned-2d, learned-both); the others run with the plain similarity only.
 METHODS = {
     "initial": ({"init": "none", "refine": "none", "robust": {"mode": "never"}}, "the case's initial guess"),
     "intensity-2d": ({"init": "none", "refine": "2d", "robust": {"mode": "never"}},
                      "DiffPose-style render-and-compare from the initial guess (no search, plain NCC)"),
-    "search": ({"init": "search", "refine": "none"}, "pose search alone"),
+    "search": ({"init": "search", "refine": "none", "robust": {"mode": "never"}}, "pose search alone"),
     "ours-2d": ({"init": "search", "refine": "2d"},
                 "pose search + 2-D/3-D refinement (a doubtful result: again with the tiled similarity)"),
     "ours-2d-plain": ({"init": "search", "refine": "2d", "robust": {"mode": "never"}},
                       "pose search + 2-D/3-D refinement, plain NCC only (no second attempt)"),
-    "gaussfit-3d": ({"init": "search", "refine": "3d"},
+    "gaussfit-3d": ({"init": "search", "refine": "3d", "robust": {"mode": "never"}},
                     "per-case Gaussian fit of the two X-rays + 3-D/3-D NCC registration"),
-    "learned": ({"init": "learned", "refine": "none"}, "RadGS-Reg network (after the pose search)"),
-    "learned-3d": ({"init": "learned", "refine": "3d"}, "RadGS-Reg + 3-D/3-D refinement"),
+    "learned": ({"init": "learned", "refine": "none", "robust": {"mode": "never"}},
+                "RadGS-Reg network (after the pose search)"),
+    "learned-3d": ({"init": "learned", "refine": "3d", "robust": {"mode": "never"}}, "RadGS-Reg + 3-D/3-D refinement"),
     "learned-2d": ({"init": "learned", "refine": "2d"}, "RadGS-Reg + 2-D/3-D refinement"),
     "learned-both": ({"init": "learned", "refine": "both"}, "RadGS-Reg + 3-D/3-D + 2-D/3-D refinement"),
     "itk": (None, "ITK two-projection registration (itk-twoprojectionregistration), a peer"),
