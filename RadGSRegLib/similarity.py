@@ -69,6 +69,13 @@ def ncc_map(image: np.ndarray, template: np.ndarray, valid: np.ndarray | None = 
     (masked NCC: positions that overlap the image's edge are scored on their overlap, not
     on padding); positions with less than ``min_overlap`` of the template inside score -1.
     The reference twin is a loop of :func:`ncc` over the positions (tests)."""
+    return _ncc_map_parts(image, template, valid, min_overlap)[0]
+
+
+def _ncc_map_parts(image, template, valid, min_overlap, with_std: bool = False):
+    """:func:`ncc_map`, whether each position has ``min_overlap`` of the template inside,
+    and (``with_std``) the image's standard deviation over the valid pixels under the
+    template at each position (else None): one set of convolutions for all three."""
     import torch
     import torch.nn.functional as F
 
@@ -84,7 +91,9 @@ def ncc_map(image: np.ndarray, template: np.ndarray, valid: np.ndarray | None = 
     cov = sit - si * st / nn
     var = torch.clamp(si2 - si * si / nn, min=1e-12) * torch.clamp(st2 - st * st / nn, min=1e-12)
     out = cov / torch.sqrt(var)
-    return torch.where(n >= min_overlap * template.size, out, torch.full_like(out, -1.0))[0, 0].numpy()
+    enough = n >= min_overlap * template.size
+    std = torch.sqrt(torch.clamp(si2 / nn - (si / nn) ** 2, min=0.0))[0, 0].numpy() if with_std else None
+    return torch.where(enough, out, torch.full_like(out, -1.0))[0, 0].numpy(), enough[0, 0].numpy(), std
 
 
 def tile_grid(shape: tuple, tile_px: float) -> list[tuple[slice, slice]]:
@@ -114,20 +123,6 @@ def contrast_outliers(ratio: np.ndarray, factor: float, axis: int = 0) -> np.nda
         return ~finite | (r > factor * ref)
 
 
-def _local_std(image: np.ndarray, valid: np.ndarray | None, shape: tuple) -> np.ndarray:
-    """Standard deviation of ``image`` over the valid pixels of a ``shape`` box at every
-    valid-correlation position (as :func:`ncc_map`)."""
-    import torch
-    import torch.nn.functional as F
-
-    img = torch.from_numpy(image.astype(np.float64))[None, None]
-    m = torch.ones_like(img) if valid is None else torch.from_numpy(valid.astype(np.float64))[None, None]
-    ones = torch.ones((1, 1) + tuple(shape), dtype=torch.float64)
-    n = torch.clamp(F.conv2d(m, ones), min=1.0)
-    s1, s2 = F.conv2d(img * m, ones), F.conv2d(img * img * m, ones)
-    return torch.sqrt(torch.clamp(s2 / n - (s1 / n) ** 2, min=0.0))[0, 0].numpy()
-
-
 def ncc_map_tiled(image: np.ndarray, template: np.ndarray, valid: np.ndarray | None = None, *,
                   tile_px: float, reject: float = 0.0, min_overlap: float = 0.5) -> np.ndarray:
     """Tiled NCC of ``template`` (h, w) at every position inside ``image`` (H, W): the
@@ -150,12 +145,11 @@ def ncc_map_tiled(image: np.ndarray, template: np.ndarray, valid: np.ndarray | N
         region = (slice(rs.start, H - (h - rs.stop)), slice(cs.start, W - (w - cs.stop)))
         sub = image[region]
         v = None if valid is None else valid[region]
-        m = ncc_map(sub, t, v, min_overlap)
-        inside = m > -1.0                                   # ncc_map's mark for too little overlap
+        m, inside, std = _ncc_map_parts(sub, t, v, min_overlap, with_std=bool(reject))
         maps.append(np.where(inside, m, 0.0))
         weights.append(sd * inside)
         if reject:
-            ratios.append(np.where(inside, _local_std(sub, v, t.shape) / sd, np.nan))
+            ratios.append(np.where(inside, std / sd, np.nan))
     if not maps:
         return np.zeros((H - h + 1, W - w + 1))
     wt = np.array(weights, dtype=np.float64)

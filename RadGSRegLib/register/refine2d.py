@@ -56,8 +56,7 @@ def _residuals(tgt: Target, T, windows, cfg: RefineConfig, level: Level) -> np.n
         drr = _render(tgt, T, w, cfg, level)
         for (rs, cs, m, wt), img in zip(w.tiles, w.img):
             d = drr[rs, cs]
-            r = ncc_residuals(d if m is None else d[m], img)
-            out.append(r if wt == 1.0 else r * np.sqrt(wt))
+            out.append(ncc_residuals(d if m is None else d[m], img) * np.sqrt(wt))     # weight 1: exactly r
     return np.concatenate(out)
 
 
