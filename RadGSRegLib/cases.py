@@ -52,6 +52,11 @@ class CaseGenConfig:
             exactly at the true pose, its neighbours are not.
         instruments: metal in the X-rays that the CT does not have (screws, K-wires,
             retractor blades; :mod:`RadGSRegLib.instruments`; default none).
+        beyond_ct_mm: the patient continues this far (mm) beyond each cranio-caudal end of
+            the CT in the X-rays (:func:`~RadGSRegLib.simulate.beyond_ct`: anatomy the scan
+            did not cover, as on a real patient; default 150 mm, more than a C-arm's field
+            reaches past a vertebra); 0: the body ends with the scan, air beyond it, as in a
+            DRR of the CT alone.
         seed: base seed; case i uses ``(seed, i)``.
     """
 
@@ -64,6 +69,7 @@ class CaseGenConfig:
     sim: XraySimConfig = field(default_factory=XraySimConfig)
     articulation: ArticulationConfig = field(default_factory=ArticulationConfig)
     instruments: InstrumentsConfig = field(default_factory=InstrumentsConfig)
+    beyond_ct_mm: float = 150.0
     seed: int = 0
 
     def views(self):
@@ -94,7 +100,8 @@ def make_case(ct: Volume, seg: Volume, level: str, config: CaseGenConfig, rng: n
         order = art.labels if art is not None else spine_order(seg)
         k = order.index(label)
         tools = place_instruments(seg, label, config.instruments, rng, neighbours=order[max(k - 1, 0):k] + order[k + 1:k + 2])
-    xr = simulate_xrays(ct, list(views.values()), G, config.sim, rng, articulation=art, instruments=tools)
+    xr = simulate_xrays(ct, list(views.values()), G, config.sim, rng, articulation=art, instruments=tools,
+                        beyond_ct_mm=config.beyond_ct_mm)
     extra = {"generator": {"source": source, "level": level, "config": config.to_dict(),
                            "offset_rot_deg": geodesic_deg(D, np.eye(4)),
                            "offset_trans_mm": float(np.linalg.norm(D[:3, 3]))}}

@@ -128,6 +128,11 @@ def _add_sim_args(p):
     g.add_argument("--kwires", type=int, choices=[0, 1, 2], default=0, help="steel K-wires leaving the target's pedicles")
     g.add_argument("--retractors", type=int, choices=[0, 1, 2], default=0,
                    help="steel retractor blades beside the spinous processes")
+    g.add_argument("--beyond-ct-mm", type=_NONNEGATIVE, default=None, metavar="MM",
+                   help="the patient continues MM beyond each cranio-caudal end of the CT (its end slices "
+                        "repeated), as on a real patient whose X-ray field is longer than the scan: anatomy the CT "
+                        "lacks (default: CaseGenConfig's, 150); 0: the body ends with the scan, air beyond, like a "
+                        "DRR of the CT alone")
 
 
 def _add_geometry_args(p):
@@ -453,7 +458,10 @@ def _case_config(args):
     cfg = CaseGenConfig(rot_deg=args.rot_deg, trans_mm=args.trans_mm, pixels=args.pixels, detector_mm=args.detector_mm,
                         sdd=args.sdd, sid=args.sid, sim=_sim_config(args),
                         articulation=ArticulationConfig(args.joint_deg, args.joint_mm),
-                        instruments=InstrumentsConfig(args.screws, args.kwires, args.retractors), seed=args.seed)
+                        instruments=InstrumentsConfig(args.screws, args.kwires, args.retractors),
+                        seed=args.seed)
+    if args.beyond_ct_mm is not None:
+        cfg = replace(cfg, beyond_ct_mm=args.beyond_ct_mm)
     options = f"--sdd {args.sdd:g} / --sid {args.sid:g} / --pixels {args.pixels} / --detector-mm {args.detector_mm:g}"
     try:
         views = cfg.views()

@@ -62,38 +62,60 @@ def ncc_torch(a, b):
 
 
 def ncc_map(image: np.ndarray, template: np.ndarray, valid: np.ndarray | None = None,
-            min_overlap: float = 0.5) -> np.ndarray:
+            min_overlap: float = 0.5, template_valid: np.ndarray | None = None) -> np.ndarray:
     """NCC of ``template`` (h, w) at every position inside ``image`` (H, W) (valid
     correlation: (H - h + 1, W - w + 1); entry [r, c] is the template's top-left corner at
     row r, column c), computed over the pixels where ``valid`` (H, W, bool) is true only
     (masked NCC: positions that overlap the image's edge are scored on their overlap, not
-    on padding); positions with less than ``min_overlap`` of the template inside score -1.
-    The reference twin is a loop of :func:`ncc` over the positions (tests)."""
-    return _ncc_map_parts(image, template, valid, min_overlap)[0]
+    on padding) and, with ``template_valid`` (h, w, bool), where the template is true too
+    (e.g. DRR pixels whose rays leave the CT); positions with less than ``min_overlap`` of
+    the template's (valid) pixels inside score -1. The reference twin is a loop of
+    :func:`ncc` over the positions (tests)."""
+    return _ncc_map_parts(image, template, valid, min_overlap, template_valid=template_valid)[0]
 
 
-def _ncc_map_parts(image, template, valid, min_overlap, with_std: bool = False):
+def _correlate_valid(spectra: list, kernels: list, shape: tuple, fft_shape: tuple) -> list:
+    """Valid cross-correlations (``shape`` - kernel shape + 1) of images given by their
+    real 2-D spectra (``fft_shape``) with kernels (h, w), by FFT: ``out[r, c] = sum_ij
+    image[r + i, c + j] * kernel[i, j]``. An FFT at least the image's size is exact for the
+    valid part (no wrap-around reaches it)."""
+    from scipy import fft
+
+    out = []
+    H, W = shape
+    for spec, k in zip(spectra, kernels):
+        h, w = k.shape
+        kf = fft.rfft2(k[::-1, ::-1], fft_shape)            # correlation = convolution with the flipped kernel
+        full = fft.irfft2(spec * kf, fft_shape)
+        out.append(full[h - 1:H, w - 1:W])
+    return out
+
+
+def _ncc_map_parts(image, template, valid, min_overlap, with_std: bool = False, template_valid=None):
     """:func:`ncc_map`, whether each position has ``min_overlap`` of the template inside,
     and (``with_std``) the image's standard deviation over the valid pixels under the
-    template at each position (else None): one set of convolutions for all three."""
-    import torch
-    import torch.nn.functional as F
+    (valid) template at each position (else None): one set of six FFT correlations for all
+    three (sums over the overlap of the image's and the template's masks)."""
+    from scipy import fft
 
-    img = torch.from_numpy(image.astype(np.float64))[None, None]
-    t = torch.from_numpy(template.astype(np.float64))[None, None]
-    m = torch.ones_like(img) if valid is None else torch.from_numpy(valid.astype(np.float64))[None, None]
+    img = np.asarray(image, dtype=np.float64)
+    t = np.asarray(template, dtype=np.float64)
+    m = np.ones(img.shape) if valid is None else np.asarray(valid, dtype=np.float64)
     img = img * m
-    ones = torch.ones_like(t)
-    n = F.conv2d(m, ones)
-    st, st2 = F.conv2d(m, t), F.conv2d(m, t * t)
-    si, si2, sit = F.conv2d(img, ones), F.conv2d(img * img, ones), F.conv2d(img, t)
-    nn = torch.clamp(n, min=1.0)
+    ones = np.ones(t.shape) if template_valid is None else np.asarray(template_valid, dtype=np.float64)
+    t = t * ones
+    fs = tuple(fft.next_fast_len(n, real=True) for n in img.shape)
+    fm, fi, fi2 = (fft.rfft2(a, fs) for a in (m, img, img * img))
+    n, st, st2, si, si2, sit = _correlate_valid([fm, fm, fm, fi, fi2, fi], [ones, t, t * t, ones, ones, t],
+                                                img.shape, fs)
+    n = np.round(n)                                          # counts: integers up to rounding
+    nn = np.maximum(n, 1.0)
     cov = sit - si * st / nn
-    var = torch.clamp(si2 - si * si / nn, min=1e-12) * torch.clamp(st2 - st * st / nn, min=1e-12)
-    out = cov / torch.sqrt(var)
-    enough = n >= min_overlap * template.size
-    std = torch.sqrt(torch.clamp(si2 / nn - (si / nn) ** 2, min=0.0))[0, 0].numpy() if with_std else None
-    return torch.where(enough, out, torch.full_like(out, -1.0))[0, 0].numpy(), enough[0, 0].numpy(), std
+    var = np.maximum(si2 - si * si / nn, 1e-12) * np.maximum(st2 - st * st / nn, 1e-12)
+    out = cov / np.sqrt(var)
+    enough = n >= min_overlap * float(ones.sum())
+    std = np.sqrt(np.maximum(si2 / nn - (si / nn) ** 2, 0.0)) if with_std else None
+    return np.where(enough, out, -1.0), enough, std
 
 
 def tile_grid(shape: tuple, tile_px: float) -> list[tuple[slice, slice]]:
@@ -124,7 +146,8 @@ def contrast_outliers(ratio: np.ndarray, factor: float, axis: int = 0) -> np.nda
 
 
 def ncc_map_tiled(image: np.ndarray, template: np.ndarray, valid: np.ndarray | None = None, *,
-                  tile_px: float, reject: float = 0.0, min_overlap: float = 0.5) -> np.ndarray:
+                  tile_px: float, reject: float = 0.0, min_overlap: float = 0.5,
+                  template_valid: np.ndarray | None = None) -> np.ndarray:
     """Tiled NCC of ``template`` (h, w) at every position inside ``image`` (H, W): the
     template is cut into :func:`tile_grid` tiles, each tile's :func:`ncc_map` is taken over
     the image region it sweeps, and the maps are averaged, each tile weighted by its
@@ -132,20 +155,25 @@ def ncc_map_tiled(image: np.ndarray, template: np.ndarray, valid: np.ndarray | N
     position the tiles that are :func:`contrast_outliers` of the image there are left out.
     A tile with less than ``min_overlap`` valid overlap at a position is left out there (and
     does not count in the outlier reference); a position with no tile left scores 0 (where
-    :func:`ncc_map` gives -1). Returns (H - h + 1, W - w + 1) like :func:`ncc_map`; with one
-    tile and no rejection it equals :func:`ncc_map` wherever the overlap suffices."""
+    :func:`ncc_map` gives -1). ``template_valid``: as for :func:`ncc_map` (a tile with fewer
+    than 8 valid template pixels is left out). Returns (H - h + 1, W - w + 1) like
+    :func:`ncc_map`; with one tile and no rejection it equals :func:`ncc_map` wherever the
+    overlap suffices."""
     h, w = template.shape
     H, W = image.shape
     maps, ratios, weights = [], [], []
     for rs, cs in tile_grid((h, w), tile_px):
         t = template[rs, cs]
-        sd = float(t.std())
+        tv = None if template_valid is None else template_valid[rs, cs]
+        if tv is not None and tv.sum() < 8:
+            continue
+        sd = float(t.std() if tv is None else t[tv].std())
         if sd < 1e-9:
             continue
         region = (slice(rs.start, H - (h - rs.stop)), slice(cs.start, W - (w - cs.stop)))
         sub = image[region]
         v = None if valid is None else valid[region]
-        m, inside, std = _ncc_map_parts(sub, t, v, min_overlap, with_std=bool(reject))
+        m, inside, std = _ncc_map_parts(sub, t, v, min_overlap, with_std=bool(reject), template_valid=tv)
         maps.append(np.where(inside, m, 0.0))
         weights.append(sd * inside)
         if reject:

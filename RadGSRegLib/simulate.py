@@ -11,8 +11,12 @@ Pipeline for one view (each step has a switch in :class:`XraySimConfig`):
 3. Primary photons per pixel ``N0 exp(-p)``. Like a C-arm's automatic exposure control,
    ``N0`` is set so that the central third of the detector receives ``photons_per_mm2``
    on average (behind the patient): a thick lateral view gets more dose than an AP view.
-4. **Scatter** (``scatter_to_primary``): a smooth additive field, SPR × the primary blurred
-   by a ``scatter_sigma_mm`` Gaussian (the low-frequency haze an anti-scatter grid leaves).
+4. **Scatter** (``scatter_to_primary``): a smooth additive field, the low-frequency haze an
+   anti-scatter grid leaves: each pixel's ray scatters in proportion to the primary it
+   delivers times its attenuation, ``N0 exp(-p) p`` (single scatter: nothing where the beam
+   crosses only air, little behind very thick parts), spread by a ``scatter_sigma_mm``
+   Gaussian and scaled so that the median scatter / primary over the central third of the
+   detector, where the beam crosses the body, is ``scatter_to_primary``.
 5. **Quantum noise** (``photons_per_mm2`` not None): Poisson counts.
 6. **Detector blur** (``blur_sigma_mm``): Gaussian point-spread function.
 7. **Circular field** (``field_diameter_mm``): an image intensifier's round field; outside
@@ -22,7 +26,11 @@ Pipeline for one view (each step has a switch in :class:`XraySimConfig`):
    ``I / N0`` scaled to 0..4095 like a 12-bit detector (bone dark).
 
 A bending spine (:mod:`RadGSRegLib.articulation`) enters at step 1: each vertebra's bone
-part is projected at its own pose and the line integrals summed.
+part is projected at its own pose and the line integrals summed. So does the patient beyond
+the scan (``beyond_ct_mm``): a C-arm's field is often longer than the CT, and the body does
+not end where the CT does; the CT's first and last cranio-caudal slices, repeated outward
+(:func:`beyond_ct`), stand in for the anatomy the scan did not cover (a crude stand-in: the
+same cross-section on and on, no discs or ribs), which the registration's CT lacks.
 
 Defaults aim at a single lumbar fluoroscopy shot with an anti-scatter grid.
 """
@@ -38,7 +46,8 @@ from .drr import DRR, MU_WATER
 from .geometry import View
 from .volume import Volume
 
-__all__ = ["XraySimConfig", "split_soft_bone", "simulate_xrays", "formation", "field_mask", "OUTPUTS", "SPECTRUM_KEV"]
+__all__ = ["XraySimConfig", "split_soft_bone", "simulate_xrays", "formation", "field_mask", "beyond_ct", "OUTPUTS",
+           "SPECTRUM_KEV"]
 
 OUTPUTS = ("line_integral", "intensity")
 # spectrum bins (keV), relative photon weights, and mass-attenuation ratios mu(E)/mu(60 keV)
@@ -59,7 +68,8 @@ class XraySimConfig:
         beam_hardening: polychromatic spectrum with a bone/soft split.
         photons_per_mm2: photon fluence (per mm²) that the exposure control aims at behind
             the patient, averaged over the central third of the detector; None: no noise.
-        scatter_to_primary: scatter-to-primary ratio of the additive haze (0: none).
+        scatter_to_primary: scatter-to-primary ratio of the additive haze behind the body
+            in the central third of the detector (median; 0: none).
         scatter_sigma_mm: width (mm at the detector) of the scatter kernel.
         blur_sigma_mm: detector PSF sigma (mm); 0: none.
         field_diameter_mm: diameter (mm at the detector, centred) of a circular field, as
@@ -127,15 +137,25 @@ def formation(L_soft: np.ndarray, L_bone: np.ndarray, view: View, config: XraySi
     primary = n0 * np.exp(-p)
     expected = primary
     if config.scatter_to_primary > 0:
-        # blur on a coarse grid (the kernel is wide), then back to full size
+        # what each ray scatters (primary x attenuation: air scatters nothing), blurred on a
+        # coarse grid (the kernel is wide), back to full size, scaled to the SPR at the centre
         f = max(1, int(min(primary.shape) // 64))
-        small = primary[: primary.shape[0] // f * f, : primary.shape[1] // f * f]
+        source = primary * np.maximum(p, 0.0)
+        small = source[: h // f * f, : w // f * f]
         small = small.reshape(small.shape[0] // f, f, small.shape[1] // f, f).mean(axis=(1, 3))
         blur = ndimage.gaussian_filter(small, (config.scatter_sigma_mm / (sv * f), config.scatter_sigma_mm / (su * f)),
-                                       mode="nearest")
-        zoom = (primary.shape[0] / blur.shape[0], primary.shape[1] / blur.shape[1])
-        scatter = ndimage.zoom(blur, zoom, order=1, mode="nearest")
-        expected = primary + config.scatter_to_primary * scatter
+                                       mode="constant")
+        zoom = (h / blur.shape[0], w / blur.shape[1])
+        scatter = np.maximum(ndimage.zoom(blur, zoom, order=1, mode="nearest"), 0.0)
+        # the ratio behind the patient: pixels of the central third the beam crosses the body at
+        # (p > 0.5: ~25 mm of water; open air there must not set it), else anywhere in the body
+        body = p > 0.5
+        mid = np.zeros_like(body)
+        mid[h // 3: h - h // 3 or None, w // 3: w - w // 3 or None] = True
+        sel = body & mid if (body & mid).any() else body
+        if sel.any():
+            k = config.scatter_to_primary / max(float(np.median(scatter[sel] / primary[sel])), 1e-12)
+            expected = primary + k * scatter
     counts = rng.poisson(expected).astype(np.float64) if config.photons_per_mm2 is not None else expected
     if config.blur_sigma_mm > 0:
         counts = ndimage.gaussian_filter(counts, (config.blur_sigma_mm / sv, config.blur_sigma_mm / su), mode="nearest")
@@ -166,9 +186,31 @@ def field_mask(view: View, diameter_mm: float) -> np.ndarray:
     return (u[None, :] ** 2 + v[:, None] ** 2) <= (diameter_mm / 2) ** 2
 
 
+def beyond_ct(ct: Volume, mm: float) -> list[Volume]:
+    """The patient beyond the scan: the CT's first and last slices along its cranio-caudal
+    axis (the volume axis closest to LPS z), each repeated ``mm`` outward (rounded up to
+    whole slices). Returns the two blocks (same values as those slices, CT frame; below
+    then above), or [] when ``mm`` <= 0."""
+    if mm <= 0:
+        return []
+    ax = int(np.argmax(np.abs(ct.direction[2])))          # volume axis (i, j, k) along z
+    arr = 2 - ax                                          # the array's axis ([k, j, i])
+    n = int(np.ceil(mm / ct.spacing[ax]))
+    out = []
+    for end, start in ((0, -n), (ct.size[ax] - 1, ct.size[ax])):
+        block = np.repeat(np.take(ct.array, [end], axis=arr), n, axis=arr)
+        shift = np.zeros(3)
+        shift[ax] = start
+        A = ct.affine.copy()
+        A[:3, 3] = ct.index_to_world(shift)
+        out.append(Volume(np.ascontiguousarray(block), A))
+    return out
+
+
 def simulate_xrays(ct: Volume, views: Sequence[View], T_ct_to_carm, config: XraySimConfig | None = None,
                    rng: np.random.Generator | None = None, *, mu_water: float = MU_WATER,
-                   backend: str = "auto", articulation=None, instruments=()) -> dict[str, np.ndarray]:
+                   backend: str = "auto", articulation=None, instruments=(),
+                   beyond_ct_mm: float = 0.0) -> dict[str, np.ndarray]:
     """Realistic X-rays of a CT (HU) placed in the C-arm frame by ``T_ct_to_carm``.
 
     Args:
@@ -179,6 +221,8 @@ def simulate_xrays(ct: Volume, views: Sequence[View], T_ct_to_carm, config: Xray
             vertebra's bone is projected at ``T_ct_to_carm @ motion`` (None: the CT is rigid).
         instruments: :mod:`RadGSRegLib.instruments` solids (CT frame), each moving with the
             vertebra it is attached to.
+        beyond_ct_mm: the patient continues this far (mm) beyond each cranio-caudal end of
+            the CT (:func:`beyond_ct`; rigid with the CT); 0: the body ends with the scan.
     Returns:
         {view.name or index: (rows, cols) float32 image}.
     """
@@ -193,6 +237,10 @@ def simulate_xrays(ct: Volume, views: Sequence[View], T_ct_to_carm, config: Xray
         L_b = 0.0
         for _, b, A, M in articulation.parts(bone, ct.affine):
             L_b = L_b + DRR(b, A, backend=backend).render(views, T @ M).numpy().astype(np.float64)
+    for block in beyond_ct(ct, beyond_ct_mm):
+        soft_x, bone_x = split_soft_bone(block.array, mu_water)
+        L_s = L_s + DRR(soft_x, block.affine, backend=backend).render(views, T).numpy().astype(np.float64)
+        L_b = L_b + DRR(bone_x, block.affine, backend=backend).render(views, T).numpy().astype(np.float64)
     metal = {}
     if instruments:
         from .instruments import instrument_line_integrals

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 from .geometry import View
 
-__all__ = ["as_line_integral", "resize_view_image", "signal_mask"]
+__all__ = ["as_line_integral", "resize_view_image", "signal_mask", "body_ends_in_field"]
 
 
 def as_line_integral(image: np.ndarray, kind: str, *, i0_percentile: float = 99.9) -> np.ndarray:
@@ -45,6 +45,30 @@ def signal_mask(line_integral: np.ndarray, *, min_fraction: float = 0.01) -> np.
     top = a[ok].max()
     plateau = ok & (a == top)
     return ok & ~plateau if plateau.mean() >= min_fraction else ok
+
+
+def body_ends_in_field(line_integral: np.ndarray, view: View, valid: np.ndarray | None = None, *,
+                       air: float = 0.2, min_lines: float = 0.02) -> bool:
+    """Whether the X-ray shows the body ending (open air beyond it) along the patient's
+    length: at least ``min_lines`` of the detector lines across the cranio-caudal direction
+    (rows when the detector's v axis is closer than u to the C-arm's z, the patient's long
+    axis at the nominal pose; else columns) hold nothing thicker than ``air`` times the
+    typical line's (each line's 90th percentile of the line integral over its ``valid``
+    pixels, against the median of those). On a real patient the body goes on past the
+    field; a DRR of a CT shows air past the scan's ends.
+
+    ``line_integral``: (rows, cols), bone bright. ``valid``: (rows, cols) bool pixels with a
+    signal (None: all)."""
+    a = np.asarray(line_integral, dtype=np.float64)
+    ok = np.isfinite(a) if valid is None else valid & np.isfinite(a)
+    along_rows = abs(view.v[2]) >= abs(view.u[2])          # rows run across the patient's long axis
+    a, ok = (a, ok) if along_rows else (a.T, ok.T)
+    lines = [np.percentile(r[m], 90) for r, m in zip(a, ok) if m.sum() >= max(4, 0.1 * m.size)]
+    if len(lines) < 3:
+        return False
+    lines = np.array(lines)
+    ref = np.median(lines)
+    return bool(ref > 0 and np.mean(lines < air * ref) >= min_lines)
 
 
 def resize_view_image(image: np.ndarray, view: View, size) -> tuple[np.ndarray, View]:

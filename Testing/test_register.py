@@ -257,6 +257,46 @@ def test_a_round_field_is_ignored_by_the_similarity(small_phantom):
     assert truth_errors(case, res.T_ct_to_carm)["mtre_mm"] < 1.0 and not res.info["doubtful"]
 
 
+def test_anatomy_beyond_the_scan_is_left_out_and_a_drr_like_end_is_kept(small_phantom):
+    """The phantom's scan ends about 25 mm above L1. When the patient goes on beyond it (as
+    on a real X-ray), the DRR lacks what the X-ray shows there: the pixels whose rays run
+    beyond the scan are left out of the similarity (at the truth the windowed NCC stays
+    near 1, and far lower without that), and L1 registers. When the X-ray is of the CT
+    alone (air beyond its end, like a DRR), it shows where the body ends: nothing is left
+    out, and L1 registers too."""
+    from dataclasses import replace
+
+    from RadGSRegLib.geometry import apply
+    from RadGSRegLib.metrics import truth_errors
+    from RadGSRegLib.register.refine2d import windowed_ncc
+    from RadGSRegLib.register.target import make_target
+
+    ct, seg = small_phantom
+    rc = _fast_config()
+    for beyond in (150.0, 0.0):
+        case = make_case(ct, seg, "L1", CaseGenConfig(rot_deg=4.0, trans_mm=8.0, pixels=128, seed=2, beyond_ct_mm=beyond),
+                         np.random.default_rng(2))
+        tgt = make_target(case, slab_mm=rc.slab_mm, coarse_mm=rc.coarse_mm)
+        view = tgt.image("lat", 64)[1]
+        cov = tgt.covered(view, case.ground_truth)
+        left_out = np.mean(list(windowed_ncc(tgt, case.ground_truth, rc.refine2d).values()))
+        if beyond:
+            assert not any(tgt.open_ends.values())
+            # the top slice's centre and the vertebra's, on the lateral detector (rows run caudally)
+            (c_top, r_top), (c_mid, r_mid) = view.project(apply(case.ground_truth, np.stack(
+                [ct.index_to_world([43, 32, 61.5]), tgt.centre]))).round().astype(int)
+            assert cov is not None and not cov[:r_top - 4].any()       # rays beyond the top slice: out
+            assert cov[r_mid, c_mid]                                    # the vertebra: in
+            tgt.beyond = []                                                       # the similarity without it
+            kept = np.mean(list(windowed_ncc(tgt, case.ground_truth, rc.refine2d).values()))
+            assert left_out > 0.95 and kept < left_out - 0.2
+        else:
+            assert all(tgt.open_ends.values()) and cov is None
+            assert left_out > 0.95
+        res = run(replace(case, ground_truth=None), rc)
+        assert truth_errors(case, res.T_ct_to_carm)["mtre_mm"] < 1.0 and not res.info["doubtful"]
+
+
 @pytest.fixture(scope="module")
 def metal_cases(small_phantom):
     """The same small-phantom case without and with instruments (screws in the neighbours and

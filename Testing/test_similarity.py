@@ -42,6 +42,29 @@ def test_masked_ncc_map_matches_a_loop_over_positions(rng):
     assert np.unravel_index(np.argmax(m), m.shape) == (5, 8)
 
 
+def test_ncc_map_with_a_template_mask_matches_a_loop_over_positions(rng):
+    """The DRR's pixels whose rays leave the CT are left out: only pixels valid in both
+    the image and the template count, and the overlap is a fraction of the valid template."""
+    img = rng.normal(size=(20, 24))
+    tpl = img[5:12, 8:17] + 0.1 * rng.normal(size=(7, 9))
+    tpl[:2] = 50.0                                                         # what the template cannot explain
+    tv = np.ones(tpl.shape, bool)
+    tv[:2] = False
+    valid = np.ones(img.shape, bool)
+    valid[:, :3] = False
+    m = ncc_map(img, tpl, valid, min_overlap=0.5, template_valid=tv)
+    for r in range(m.shape[0]):
+        for c in range(m.shape[1]):
+            win, ok = img[r:r + 7, c:c + 9], valid[r:r + 7, c:c + 9] & tv
+            if ok.sum() < 0.5 * tv.sum():
+                assert m[r, c] == -1.0
+            else:
+                assert np.isclose(m[r, c], _ncc_ref(win[ok], tpl[ok]), atol=1e-9), (r, c)
+    assert np.unravel_index(np.argmax(m), m.shape) == (5, 8) and m[5, 8] > 0.99
+    # all true: exactly the map without a template mask
+    assert np.array_equal(ncc_map(img, tpl, valid, template_valid=np.ones(tpl.shape, bool)), ncc_map(img, tpl, valid))
+
+
 def test_highpass_removes_smooth_background(rng):
     yy, xx = np.mgrid[:64, :64]
     edge = (xx > 32).astype(float)
@@ -79,22 +102,23 @@ def test_contrast_outliers_are_the_tiles_far_above_the_ordinary_ratio():
     assert contrast_outliers(np.r_[np.ones(4), 10 * np.ones(5)], 2.5).sum() == 5
 
 
-def _tiled_ref(img, tpl, valid, tile_px, reject):
+def _tiled_ref(img, tpl, valid, tile_px, reject, tvalid=None):
     """A loop over positions and tiles of the plain NCC (the definition of ncc_map_tiled)."""
     h, w = tpl.shape
+    tvalid = np.ones(tpl.shape, bool) if tvalid is None else tvalid
     out = np.zeros((img.shape[0] - h + 1, img.shape[1] - w + 1))
     for r in range(out.shape[0]):
         for c in range(out.shape[1]):
             vals, wts, ratios = [], [], []
             for rs, cs in tile_grid((h, w), tile_px):
-                t = tpl[rs, cs]
+                t, tv = tpl[rs, cs], tvalid[rs, cs]
                 win = img[r + rs.start:r + rs.stop, c + cs.start:c + cs.stop]
-                ok = valid[r + rs.start:r + rs.stop, c + cs.start:c + cs.stop]
-                if ok.mean() < 0.5:                       # too little overlap: the tile is not there
+                ok = valid[r + rs.start:r + rs.stop, c + cs.start:c + cs.stop] & tv
+                if tv.sum() < 8 or ok.sum() < 0.5 * tv.sum():      # too little overlap: the tile is not there
                     continue
                 vals.append(_ncc_ref(win[ok], t[ok]))
-                wts.append(t.std())
-                ratios.append(win[ok].std() / t.std())
+                wts.append(t[tv].std())
+                ratios.append(win[ok].std() / t[tv].std())
             if not vals:
                 continue
             keep = np.array(ratios) <= reject * np.percentile(ratios, 25) if reject else np.ones(len(vals), bool)
@@ -112,6 +136,13 @@ def test_tiled_ncc_map_matches_a_loop_over_positions_and_tiles(rng):
         m = ncc_map_tiled(img, tpl, valid, tile_px=4.0, reject=reject)
         assert np.allclose(m, _tiled_ref(img, tpl, valid, 4.0, reject), atol=1e-9)
         assert np.unravel_index(np.argmax(m), m.shape) == (6, 5)
+    tv = np.ones(tpl.shape, bool)
+    tv[:5, :7] = False                           # DRR pixels the CT does not cover: a whole tile and parts of others
+    tpl_bad = tpl.copy()
+    tpl_bad[~tv] = 40.0
+    m = ncc_map_tiled(img, tpl_bad, valid, tile_px=4.0, reject=2.5, template_valid=tv)
+    assert np.allclose(m, _tiled_ref(img, tpl_bad, valid, 4.0, 2.5, tv), atol=1e-9)
+    assert np.unravel_index(np.argmax(m), m.shape) == (6, 5)
     # one tile, no rejection: the plain NCC map, wherever the overlap suffices
     plain = ncc_map(img, tpl, valid)
     one = ncc_map_tiled(img, tpl, valid, tile_px=100.0)

@@ -71,9 +71,8 @@ def _windows(tgt: Target, T, level: Level, cfg: RefineConfig, robust: RobustConf
         win = tgt.window(view, T, level.margin_mm)
         c0, r0, w, h = win
         sig = level.highpass_mm * tgt.magnification(view, T) / view.pixel_spacing[0] if level.highpass_mm else None
-        valid = tgt.valid(name, level.pixels)
+        valid = _usable(tgt, name, level.pixels, view.cropped(*win), T, win)
         if valid is not None:
-            valid = valid[r0:r0 + h, c0:c0 + w]
             # all carry a signal, or too few to correlate (the vertebra left the field): the plain window
             valid = None if valid.all() or valid.sum() < 16 else valid
         img_win = img[r0:r0 + h, c0:c0 + w]
@@ -102,6 +101,19 @@ def _windows(tgt: Target, T, level: Level, cfg: RefineConfig, robust: RobustConf
         windows[name] = _Window(view, win, sig, valid, tiles,
                                 [img_win[rs, cs] if m is None else img_win[rs, cs][m] for rs, cs, m, _ in tiles])
     return windows
+
+
+def _usable(tgt: Target, name: str, pixels: int, view_win, T, win) -> np.ndarray | None:
+    """The window's pixels that can be compared (bool (rows, cols), None: all): those with
+    a signal (:meth:`~.target.Target.valid`) whose rays the CT covers at ``T``
+    (:meth:`~.target.Target.covered`)."""
+    c0, r0, w, h = win
+    valid = tgt.valid(name, pixels)
+    valid = None if valid is None else valid[r0:r0 + h, c0:c0 + w]
+    cov = tgt.covered(view_win, T)
+    if cov is None:
+        return valid
+    return cov if valid is None else valid & cov
 
 
 class _Windows(dict):

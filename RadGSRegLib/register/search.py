@@ -49,7 +49,9 @@ def search_translation(tgt: Target, T: np.ndarray, cfg: SearchConfig,
     view from locking onto a neighbouring vertebra on its own. A mild prior,
     ``prior * (shift / range_mm)^2`` subtracted from each view's NCC, breaks near ties
     between neighbouring vertebrae (which look alike) in favour of the smaller shift.
-    ``robust``: the tiled NCC (tiles of ``robust.tile_mm``) instead of the plain one.
+    ``robust``: the tiled NCC (tiles of ``robust.tile_mm``) instead of the plain one. The
+    template's pixels that the CT does not cover at ``T`` (:meth:`~.target.Target.covered`:
+    their rays leave the scan through its ends) are left out of the correlation.
 
     Returns:
         (``T`` shifted, info: ``search_ncc_ap``/``_lat``, ``search_shift_mm``, ``search_score``).
@@ -61,16 +63,18 @@ def search_translation(tgt: Target, T: np.ndarray, cfg: SearchConfig,
         c0, r0, w, h = tgt.window(view, T, cfg.margin_mm)
         px_mm = view.pixel_spacing[0] / tgt.magnification(view, T)                   # mm at the vertebra per pixel
         sig = cfg.highpass_mm / px_mm
-        templ = highpass(tgt.render(view.cropped(c0, r0, w, h), T, cfg.supersample, coarse=True), sig)
+        vwin = view.cropped(c0, r0, w, h)
+        cov = tgt.covered(vwin, T)                         # DRR pixels whose rays leave the CT: not compared
+        templ = highpass(tgt.render(vwin, T, cfg.supersample, coarse=True), sig, cov)
         rng_px = int(np.ceil(cfg.range_mm / px_mm))
         pad = np.pad(highpass(img, sig, valid), rng_px, mode="constant")
         inside = np.pad(np.ones(img.shape, bool) if valid is None else valid, rng_px, mode="constant")
         sl = (slice(r0, r0 + h + 2 * rng_px), slice(c0, c0 + w + 2 * rng_px))
         if robust is None:
-            m = ncc_map(pad[sl], templ, inside[sl])                          # (2 rng + 1)^2
+            m = ncc_map(pad[sl], templ, inside[sl], template_valid=cov)      # (2 rng + 1)^2
         else:
             m = ncc_map_tiled(pad[sl], templ, inside[sl], tile_px=robust.tile_mm / px_mm,
-                              reject=robust.reject_contrast)
+                              reject=robust.reject_contrast, template_valid=cov)
         k = np.arange(-rng_px, rng_px + 1) / max(rng_px, 1)
         m = m - cfg.prior * (k[:, None] ** 2 + k[None, :] ** 2)
         maps[name] = (m, rng_px, px_mm, view)

@@ -14,11 +14,18 @@ import numpy as np
 import torch.nn.functional as F
 
 from ..drr import DRR, hu_to_mu
+from ..simulate import beyond_ct
 from ..geometry import View, apply
 from ..volume import Volume
 from ..xray import as_line_integral
 
-__all__ = ["Target", "make_target", "slab_around", "block_average"]
+__all__ = ["Target", "make_target", "slab_around", "block_average", "UNCOVERED"]
+
+#: line integral (dimensionless; 0.1 is 5 mm of water) beyond the CT's ends above which a
+#: pixel is not covered by the CT (:meth:`Target.covered`)
+UNCOVERED = 0.1
+#: how far beyond each end (mm) and at what voxel size (mm) the stand-in body is rendered
+BEYOND_MM, BEYOND_VOXEL_MM = 100.0, 6.0
 
 
 def slab_around(ct: Volume, centre_ct: np.ndarray, half_mm: float) -> Volume:
@@ -60,20 +67,23 @@ class Target:
     X-rays (line integrals) and their views."""
 
     def __init__(self, drr: DRR, points_ct: np.ndarray, images: dict[str, np.ndarray], views: dict[str, View],
-                 coarse: DRR | None = None):
-        from ..xray import signal_mask
+                 coarse: DRR | None = None, beyond: list | None = None):
+        from ..xray import body_ends_in_field, signal_mask
 
         self.drr = drr
+        self.beyond = list(beyond or [])
         self.coarse = coarse or drr
         self.points = np.asarray(points_ct, dtype=np.float64)
         self.centre = self.points.mean(axis=0)
         self.images = images
         self.views = views
         # the pixels that carry a signal (None: all of them; not outside a round field)
-        self.signal = {}
+        self.signal, self.open_ends = {}, {}
         for name, img in images.items():
             m = signal_mask(img)
             self.signal[name] = None if m.all() else m
+            # an X-ray showing the body's end: the CT's air beyond its ends is what it shows
+            self.open_ends[name] = body_ends_in_field(img, views[name], self.signal[name])
         self._cache = {}
 
     def image(self, name: str, pixels: int) -> tuple[np.ndarray, View]:
@@ -112,6 +122,22 @@ class Target:
         r1 = int(np.clip(np.ceil(uv[:, 1].max() + m), r0 + 2, view.size[1]))
         return c0, r0, c1 - c0, r1 - r0
 
+    def covered(self, view: View, T) -> np.ndarray | None:
+        """Which pixels of ``view`` (rows, cols) the rendered CT explains at pose ``T``: False
+        where the pixel's ray would cross more than :data:`UNCOVERED` of attenuation beyond
+        the CT's cranio-caudal ends if the body went on there (the ``beyond`` stand-in: the
+        end slices repeated, :func:`~RadGSRegLib.simulate.beyond_ct`, block-averaged). A
+        C-arm's field is often longer than the scan; there the X-ray holds anatomy the DRR
+        lacks. None when every pixel is covered, without ``beyond``, or when the X-ray of
+        this view (``view.name``) shows the body ending in its field (``open_ends``,
+        :func:`~RadGSRegLib.xray.body_ends_in_field`: a DRR-like image of the CT alone, whose
+        air beyond the scan the CT explains)."""
+        if not self.beyond or self.open_ends.get(view.name, False):
+            return None
+        missing = sum(drr.render([view], T)[0].numpy() for drr in self.beyond)
+        out = missing > UNCOVERED
+        return None if not out.any() else ~out
+
     def render(self, view: View, T, supersample: int = 1, coarse: bool = False) -> np.ndarray:
         """DRR of ``view`` at pose ``T`` (area-averaged from ``supersample``^2 rays per pixel;
         ``coarse``: from the block-averaged CT, for the low-resolution stages)."""
@@ -137,4 +163,7 @@ def make_target(case, *, slab_mm: float, coarse_mm: float) -> Target:
     mu = hu_to_mu(slab.array)
     coarse_mu, coarse_affine = block_average(mu, slab.affine, coarse_mm)
     coarse = DRR(coarse_mu, coarse_affine) if coarse_mu is not mu else None
-    return Target(DRR(mu, slab.affine), pts, images, case.views, coarse=coarse)
+    # the body beyond the slab's ends, for Target.covered: coarse is all it needs
+    b_mu, b_affine = block_average(coarse_mu, coarse_affine, BEYOND_VOXEL_MM)
+    beyond = [DRR(b.array, b.affine) for b in beyond_ct(Volume(b_mu, b_affine), BEYOND_MM)]
+    return Target(DRR(mu, slab.affine), pts, images, case.views, coarse=coarse, beyond=beyond)
