@@ -128,7 +128,7 @@ def _add_sim_args(p):
     g.add_argument("--kwires", type=int, choices=[0, 1, 2], default=0, help="steel K-wires leaving the target's pedicles")
     g.add_argument("--retractors", type=int, choices=[0, 1, 2], default=0,
                    help="steel retractor blades beside the spinous processes")
-    g.add_argument("--beyond-ct-mm", type=_NONNEGATIVE, default=None, metavar="MM",
+    g.add_argument("--beyond-ct-mm", type=_number(0.0, maximum=500.0), default=None, metavar="MM",
                    help="the patient continues MM beyond each cranio-caudal end of the CT (its end slices "
                         "repeated), as on a real patient whose X-ray field is longer than the scan: anatomy the CT "
                         "lacks (default: CaseGenConfig's, 150); 0: the body ends with the scan, air beyond, like a "

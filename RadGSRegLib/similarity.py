@@ -101,9 +101,9 @@ def _ncc_map_parts(image, template, valid, min_overlap, with_std: bool = False, 
     img = np.asarray(image, dtype=np.float64)
     t = np.asarray(template, dtype=np.float64)
     m = np.ones(img.shape) if valid is None else np.asarray(valid, dtype=np.float64)
-    img = img * m
+    img = np.where(m > 0, img, 0.0)                          # masked pixels: out, whatever they hold
     ones = np.ones(t.shape) if template_valid is None else np.asarray(template_valid, dtype=np.float64)
-    t = t * ones
+    t = np.where(ones > 0, t, 0.0)
     fs = tuple(fft.next_fast_len(n, real=True) for n in img.shape)
     fm, fi, fi2 = (fft.rfft2(a, fs) for a in (m, img, img * img))
     n, st, st2, si, si2, sit = _correlate_valid([fm, fm, fm, fi, fi2, fi], [ones, t, t * t, ones, ones, t],

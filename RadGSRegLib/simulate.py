@@ -189,8 +189,10 @@ def field_mask(view: View, diameter_mm: float) -> np.ndarray:
 def beyond_ct(ct: Volume, mm: float) -> list[Volume]:
     """The patient beyond the scan: the CT's first and last slices along its cranio-caudal
     axis (the volume axis closest to LPS z), each repeated ``mm`` outward (rounded up to
-    whole slices). Returns the two blocks (same values as those slices, CT frame; below
-    then above), or [] when ``mm`` <= 0."""
+    whole slices). Returns the two blocks (same values as those slices, CT frame; the one
+    before index 0, then the one after the last index), or [] when ``mm`` <= 0. They move
+    with the CT as a whole: under articulation the scan's end vertebra moves and its
+    repeated slices do not (a seam, far from the target)."""
     if mm <= 0:
         return []
     ax = int(np.argmax(np.abs(ct.direction[2])))          # volume axis (i, j, k) along z

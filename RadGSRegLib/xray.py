@@ -50,7 +50,8 @@ def signal_mask(line_integral: np.ndarray, *, min_fraction: float = 0.01) -> np.
 def body_ends_in_field(line_integral: np.ndarray, view: View, valid: np.ndarray | None = None, *,
                        air: float = 0.2, min_lines: float = 0.02) -> bool:
     """Whether the X-ray shows the body ending (open air beyond it) along the patient's
-    length: at least ``min_lines`` of the detector lines across the cranio-caudal direction
+    length: at least ``min_lines`` of the detector lines (those with a signal on at least a
+    tenth of their pixels) across the cranio-caudal direction
     (rows when the detector's v axis is closer than u to the C-arm's z, the patient's long
     axis at the nominal pose; else columns) hold nothing thicker than ``air`` times the
     typical line's (each line's 90th percentile of the line integral over its ``valid``

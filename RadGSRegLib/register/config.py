@@ -69,8 +69,9 @@ class SearchConfig:
 
     Attributes:
         rot_deg: angles (deg) tried about each of the three axes (every combination, about
-            the vertebra's centre). The default's 4 per axis (64 hypotheses, at most 5° from
-            any pose within ±20° per axis) registered 47 of 50 real-CT cases at ±20°/±50 mm
+            the vertebra's centre; the starting rotation is tried too when the grid lacks
+            it). The default's 4 per axis (64 hypotheses, at most 5° per axis from any pose
+            within ±20° per axis) registered 47 of 50 real-CT cases at ±20°/±50 mm
             where (-12, 0, 12) (27, up to 8° off near the corners) registered 45, in about
             the same time: the search's ranking degrades fast with the rotation error (issue
             #18's notes).

@@ -138,7 +138,8 @@ def search_stage(reg: Registration) -> None:
             "search", f"pose search{label}: rotation hypothesis {i + 1}/{n}", within=(i, n)))
         reg.candidates = [Candidate(h.T, h.score, h.info) for h in found]
         reg.info["search"] = [h.info for h in found]
-    reg.say(f"  pose search{label}: best of {len(cfg.rot_deg) ** 3} rotations, score {found[0].score:.3f}")
+    reg.say(f"  pose search{label}: best of {len(cfg.rot_deg) ** 3 + (0.0 not in cfg.rot_deg)} rotations, "
+            f"score {found[0].score:.3f}")
 
 
 def learned_stage(reg: Registration) -> None:

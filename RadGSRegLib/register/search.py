@@ -51,7 +51,8 @@ def search_translation(tgt: Target, T: np.ndarray, cfg: SearchConfig,
     between neighbouring vertebrae (which look alike) in favour of the smaller shift.
     ``robust``: the tiled NCC (tiles of ``robust.tile_mm``) instead of the plain one. The
     template's pixels that the CT does not cover at ``T`` (:meth:`~.target.Target.covered`:
-    their rays leave the scan through its ends) are left out of the correlation.
+    their rays leave the rendered slab through its ends) are left out of the correlation
+    (unless fewer than a tenth of the window would be left).
 
     Returns:
         (``T`` shifted, info: ``search_ncc_ap``/``_lat``, ``search_shift_mm``, ``search_score``).
@@ -65,6 +66,8 @@ def search_translation(tgt: Target, T: np.ndarray, cfg: SearchConfig,
         sig = cfg.highpass_mm / px_mm
         vwin = view.cropped(c0, r0, w, h)
         cov = tgt.covered(vwin, T)                         # DRR pixels whose rays leave the CT: not compared
+        if cov is not None and cov.sum() < max(16, 0.1 * cov.size):
+            cov = None                                     # too few left to correlate: the whole window
         templ = highpass(tgt.render(vwin, T, cfg.supersample, coarse=True), sig, cov)
         rng_px = int(np.ceil(cfg.range_mm / px_mm))
         pad = np.pad(highpass(img, sig, valid), rng_px, mode="constant")
@@ -100,13 +103,16 @@ def search_translation(tgt: Target, T: np.ndarray, cfg: SearchConfig,
 def search_pose(tgt: Target, T: np.ndarray, cfg: SearchConfig, progress=None,
                 robust: RobustConfig | None = None) -> list[Hypothesis]:
     """Every rotation hypothesis (``rot_deg`` about each axis, about where ``T`` puts the
-    vertebra's centre), each followed by :func:`search_translation`. Returns the
+    vertebra's centre; and ``T``'s own rotation, when the grid lacks it), each followed by
+    :func:`search_translation`. Returns the
     ``candidates`` best, best first. ``robust``: see :func:`search_translation`.
 
     ``progress(i, n)``, if given, is called before hypothesis ``i`` of ``n``."""
     c = apply(T, tgt.centre)
     out = []
     hypotheses = list(itertools.product(cfg.rot_deg, repeat=3))
+    if (0.0, 0.0, 0.0) not in hypotheses:            # the starting rotation itself is always tried
+        hypotheses.append((0.0, 0.0, 0.0))
     for i, rot in enumerate(hypotheses):
         if progress:
             progress(i, len(hypotheses))

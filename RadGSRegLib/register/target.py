@@ -125,13 +125,15 @@ class Target:
     def covered(self, view: View, T) -> np.ndarray | None:
         """Which pixels of ``view`` (rows, cols) the rendered CT explains at pose ``T``: False
         where the pixel's ray would cross more than :data:`UNCOVERED` of attenuation beyond
-        the CT's cranio-caudal ends if the body went on there (the ``beyond`` stand-in: the
-        end slices repeated, :func:`~RadGSRegLib.simulate.beyond_ct`, block-averaged). A
-        C-arm's field is often longer than the scan; there the X-ray holds anatomy the DRR
-        lacks. None when every pixel is covered, without ``beyond``, or when the X-ray of
-        this view (``view.name``) shows the body ending in its field (``open_ends``,
+        the rendered slab's cranio-caudal ends (the CT's own, or where the slab crops it) if
+        the body went on there (the ``beyond`` stand-in: the end slices repeated,
+        :func:`~RadGSRegLib.simulate.beyond_ct`, block-averaged to ~6 mm, whose first voxel
+        reaches a few mm into the slab: it errs towards leaving out). A C-arm's field is
+        often longer than the scan; there the X-ray holds anatomy the DRR lacks. None when
+        every pixel is covered, without ``beyond``, or when the X-ray of this view (looked
+        up by ``view.name``) shows the body ending in its field (``open_ends``,
         :func:`~RadGSRegLib.xray.body_ends_in_field`: a DRR-like image of the CT alone, whose
-        air beyond the scan the CT explains)."""
+        air beyond the scan the CT explains; both ends are then trusted)."""
         if not self.beyond or self.open_ends.get(view.name, False):
             return None
         missing = sum(drr.render([view], T)[0].numpy() for drr in self.beyond)
@@ -165,5 +167,7 @@ def make_target(case, *, slab_mm: float, coarse_mm: float) -> Target:
     coarse = DRR(coarse_mu, coarse_affine) if coarse_mu is not mu else None
     # the body beyond the slab's ends, for Target.covered: coarse is all it needs
     b_mu, b_affine = block_average(coarse_mu, coarse_affine, BEYOND_VOXEL_MM)
+    if min(b_mu.shape) == 0:                              # a slab thinner than one block: its own grid
+        b_mu, b_affine = coarse_mu, coarse_affine
     beyond = [DRR(b.array, b.affine) for b in beyond_ct(Volume(b_mu, b_affine), BEYOND_MM)]
     return Target(DRR(mu, slab.affine), pts, images, case.views, coarse=coarse, beyond=beyond)
