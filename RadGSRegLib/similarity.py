@@ -74,28 +74,13 @@ def ncc_map(image: np.ndarray, template: np.ndarray, valid: np.ndarray | None = 
     return _ncc_map_parts(image, template, valid, min_overlap, template_valid=template_valid)[0]
 
 
-def _correlate_valid(spectra: list, kernels: list, shape: tuple, fft_shape: tuple) -> list:
-    """Valid cross-correlations (``shape`` - kernel shape + 1) of images given by their
-    real 2-D spectra (``fft_shape``) with kernels (h, w), by FFT: ``out[r, c] = sum_ij
-    image[r + i, c + j] * kernel[i, j]``. An FFT at least the image's size is exact for the
-    valid part (no wrap-around reaches it)."""
-    from scipy import fft
-
-    out = []
-    H, W = shape
-    for spec, k in zip(spectra, kernels):
-        h, w = k.shape
-        kf = fft.rfft2(k[::-1, ::-1], fft_shape)            # correlation = convolution with the flipped kernel
-        full = fft.irfft2(spec * kf, fft_shape)
-        out.append(full[h - 1:H, w - 1:W])
-    return out
-
-
 def _ncc_map_parts(image, template, valid, min_overlap, with_std: bool = False, template_valid=None):
     """:func:`ncc_map`, whether each position has ``min_overlap`` of the template inside,
     and (``with_std``) the image's standard deviation over the valid pixels under the
-    (valid) template at each position (else None): one set of six FFT correlations for all
-    three (sums over the overlap of the image's and the template's masks)."""
+    (valid) template at each position (else None): six valid cross-correlations (sums over
+    the overlap of the image's and the template's masks), by FFT from three spectra per side.
+    An FFT at least the image's size is exact for the valid part (no wrap-around reaches
+    it); correlating is convolving with the flipped template."""
     from scipy import fft
 
     img = np.asarray(image, dtype=np.float64)
@@ -104,10 +89,12 @@ def _ncc_map_parts(image, template, valid, min_overlap, with_std: bool = False, 
     img = np.where(m > 0, img, 0.0)                          # masked pixels: out, whatever they hold
     ones = np.ones(t.shape) if template_valid is None else np.asarray(template_valid, dtype=np.float64)
     t = np.where(ones > 0, t, 0.0)
-    fs = tuple(fft.next_fast_len(n, real=True) for n in img.shape)
+    (H, W), (h, w) = img.shape, t.shape
+    fs = tuple(fft.next_fast_len(k, real=True) for k in img.shape)
     fm, fi, fi2 = (fft.rfft2(a, fs) for a in (m, img, img * img))
-    n, st, st2, si, si2, sit = _correlate_valid([fm, fm, fm, fi, fi2, fi], [ones, t, t * t, ones, ones, t],
-                                                img.shape, fs)
+    f1, ft, ft2 = (fft.rfft2(k[::-1, ::-1], fs) for k in (ones, t, t * t))
+    n, st, st2, si, si2, sit = (fft.irfft2(a * b, fs)[h - 1:H, w - 1:W]
+                                for a, b in ((fm, f1), (fm, ft), (fm, ft2), (fi, f1), (fi2, f1), (fi, ft)))
     n = np.round(n)                                          # counts: integers up to rounding
     nn = np.maximum(n, 1.0)
     cov = sit - si * st / nn

@@ -195,17 +195,15 @@ def beyond_ct(ct: Volume, mm: float) -> list[Volume]:
     repeated slices do not (a seam, far from the target)."""
     if mm <= 0:
         return []
-    ax = int(np.argmax(np.abs(ct.direction[2])))          # volume axis (i, j, k) along z
+    ax = ct.axis_along_z
     arr = 2 - ax                                          # the array's axis ([k, j, i])
     n = int(np.ceil(mm / ct.spacing[ax]))
     out = []
-    for end, start in ((0, -n), (ct.size[ax] - 1, ct.size[ax])):
+    for end, first in ((0, -n), (ct.size[ax] - 1, ct.size[ax])):
         block = np.repeat(np.take(ct.array, [end], axis=arr), n, axis=arr)
-        shift = np.zeros(3)
-        shift[ax] = start
-        A = ct.affine.copy()
-        A[:3, 3] = ct.index_to_world(shift)
-        out.append(Volume(np.ascontiguousarray(block), A))
+        start = np.zeros(3)
+        start[ax] = first
+        out.append(Volume(np.ascontiguousarray(block), ct.affine_at(start)))
     return out
 
 

@@ -16,8 +16,7 @@ from .slicer_bridge import (RAS_FROM_LPS, array_from_vtk, move_under, node_to_tr
                             xray_to_node)
 from .volume import Volume
 
-__all__ = ["load_sample_data", "simulate_xray_nodes", "check_registration", "run_self_test", "SELF_TEST_SEEDS",
-           "self_test_simulation"]
+__all__ = ["load_sample_data", "simulate_xray_nodes", "check_registration", "run_self_test", "SELF_TEST_SEEDS"]
 
 
 def load_sample_data(scene, ct_path=None, seg_path=None):
@@ -104,15 +103,6 @@ def check_registration(transform_node, ground_truth: np.ndarray, seg: Volume, la
 SELF_TEST_SEEDS = {"L1": 2, "L2": 2, "L3": 2, "L4": 2, "L5": 2}
 
 
-def self_test_simulation():
-    """The X-ray formation of the self-test's pairs: the default (beam hardening, scatter,
-    quantum noise, detector blur; with the case generator's default, the body going on past
-    the bundled CT's ends, which lie 50 mm above L1)."""
-    from .simulate import XraySimConfig
-
-    return XraySimConfig()
-
-
 def run_self_test(scene, register_fn, ct_node, seg_node, workdir, *, levels=tuple(SELF_TEST_SEEDS),
                   tolerance_mm: float = 1.0, log: Callable[[str], None] = print) -> list:
     """The module's self-test, Qt-free: for each level, simulate an AP + lateral pair of the
@@ -136,7 +126,7 @@ def run_self_test(scene, register_fn, ct_node, seg_node, workdir, *, levels=tupl
     for level in levels:
         log(f"self-test {level}: simulating an AP + lateral pair")
         sim = simulate_xray_nodes(scene, ct_node, seg_node, level, seed=SELF_TEST_SEEDS.get(level, 0),
-                                  sim=self_test_simulation(), name=f"self-test {level}")
+                                  name=f"self-test {level}")
         case = sim["case"]
         err0 = truth_errors(case, case.initial_guess)["mtre_mm"]
         log(f"self-test {level}: registering (error before: {err0:.1f} mm)")

@@ -60,6 +60,20 @@ class Volume:
         K, J, I = self.array.shape
         return (I, J, K)
 
+    @property
+    def axis_along_z(self) -> int:
+        """The volume axis (0: i, 1: j, 2: k) closest to the frame's z (in LPS the patient's
+        cranio-caudal direction); the array's axis is ``2 - axis_along_z``."""
+        return int(np.argmax(np.abs(self.direction[2])))
+
+    def affine_at(self, start_ijk) -> np.ndarray:
+        """(4, 4) affine of a grid with this one's axes and spacing whose voxel (0, 0, 0) is
+        this volume's voxel ``start_ijk`` (i, j, k; may lie outside it): a crop's or an
+        extension's."""
+        A = self.affine.copy()
+        A[:3, 3] = self.index_to_world(start_ijk)
+        return A
+
     def index_to_world(self, ijk) -> np.ndarray:
         """(..., 3) continuous ``(i, j, k)`` -> (..., 3) mm."""
         ijk = np.asarray(ijk, dtype=np.float64)

@@ -71,7 +71,7 @@ def _windows(tgt: Target, T, level: Level, cfg: RefineConfig, robust: RobustConf
         win = tgt.window(view, T, level.margin_mm)
         c0, r0, w, h = win
         sig = level.highpass_mm * tgt.magnification(view, T) / view.pixel_spacing[0] if level.highpass_mm else None
-        valid = _usable(tgt, name, level.pixels, view.cropped(*win), T, win)
+        valid = _usable(tgt, name, level.pixels, view, T, win)
         if valid is not None:
             # all carry a signal, or too few to correlate (the vertebra left the field): the plain window
             valid = None if valid.all() or valid.sum() < 16 else valid
@@ -103,14 +103,14 @@ def _windows(tgt: Target, T, level: Level, cfg: RefineConfig, robust: RobustConf
     return windows
 
 
-def _usable(tgt: Target, name: str, pixels: int, view_win, T, win) -> np.ndarray | None:
-    """The window's pixels that can be compared (bool (rows, cols), None: all): those with
-    a signal (:meth:`~.target.Target.valid`) whose rays the CT covers at ``T``
-    (:meth:`~.target.Target.covered`)."""
+def _usable(tgt: Target, name: str, pixels: int, view, T, win) -> np.ndarray | None:
+    """The pixels of ``view``'s window ``win`` that can be compared (bool (rows, cols),
+    None: all): those with a signal (:meth:`~.target.Target.valid`) whose rays the CT covers
+    at ``T`` (:meth:`~.target.Target.covered`)."""
     c0, r0, w, h = win
     valid = tgt.valid(name, pixels)
     valid = None if valid is None else valid[r0:r0 + h, c0:c0 + w]
-    cov = tgt.covered(view_win, T)
+    cov = tgt.covered(view.cropped(*win), T)
     if cov is None:
         return valid
     return cov if valid is None else valid & cov

@@ -32,18 +32,16 @@ def slab_around(ct: Volume, centre_ct: np.ndarray, half_mm: float) -> Volume:
     """The CT cropped to the slices within ``half_mm`` of ``centre_ct`` (3,) CT mm along the
     volume axis closest to the patient's cranio-caudal (LPS z) direction; full in-plane
     extent."""
-    ax = int(np.argmax(np.abs(ct.direction[2])))          # volume axis (i, j, k) along z
+    ax = ct.axis_along_z
     n = ct.size[ax]
     coord = ct.world_to_index(centre_ct)[ax]
     half = half_mm / ct.spacing[ax]
     lo, hi = int(max(0, np.floor(coord - half))), int(min(n, np.ceil(coord + half) + 1))
     sl = [slice(None)] * 3
     sl[2 - ax] = slice(lo, hi)
-    shift = np.zeros(3)
-    shift[ax] = lo
-    A = ct.affine.copy()
-    A[:3, 3] = ct.index_to_world(shift)
-    return Volume(np.ascontiguousarray(ct.array[tuple(sl)]), A)
+    start = np.zeros(3)
+    start[ax] = lo
+    return Volume(np.ascontiguousarray(ct.array[tuple(sl)]), ct.affine_at(start))
 
 
 def block_average(mu: np.ndarray, affine: np.ndarray, target_mm: float) -> tuple[np.ndarray, np.ndarray]:
