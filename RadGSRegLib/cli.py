@@ -13,7 +13,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from .errors import InputError, UsageError
-from .register.config import DEVICES, INITS, REFINES, ROBUST_MODES, RegisterConfig
+from .register.config import DEVICES, INITS, METAL_MODES, REFINES, ROBUST_MODES, RegisterConfig
 
 __all__ = ["main", "build_parser", "register_config"]
 
@@ -236,9 +236,10 @@ def build_parser() -> argparse.ArgumentParser:
                                    "vertebra and the reconstruction, and/or coarse-to-fine 2-D/3-D Levenberg-"
                                    "Marquardt on the windowed NCC of DRRs and X-rays). A 2-D/3-D result worse than "
                                    "its start is rejected (and said so); a low final NCC is flagged 'doubtful' in "
-                                   "result.json's warnings. A doubtful result is registered once more with a tiled "
-                                   "similarity that leaves out what the CT cannot explain (metal instruments), and "
-                                   "the better of the two is kept (--robust).",
+                                   "result.json's warnings. Metal in the X-rays (screws, K-wires, retractors: not in "
+                                   "the CT) is found first and left out of every comparison (--metal). A doubtful "
+                                   "result is registered once more with a tiled similarity that leaves out what the "
+                                   "CT cannot explain, and the better of the two is kept (--robust).",
                        epilog="examples:\n"
                               "  radgsreg register cases/case_000 --out res0                  # search + 2-D/3-D\n"
                               "  radgsreg register cases/case_000 --out res1 --model default  # + shipped network\n"
@@ -261,6 +262,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"the tiled, outlier-rejecting similarity for X-rays with metal the CT does not have: auto "
                         f"(a second attempt with it when the first result is doubtful), always, never (default "
                         f"{defaults.robust.mode})")
+    p.add_argument("--metal", choices=METAL_MODES, default=None,
+                   help=f"mask: find metal in the X-rays (screws, K-wires, retractors; a small network, "
+                        f"Resources/Models/metal_seg.md) and leave it out of every comparison with the CT; never: "
+                        f"compare every pixel (default {defaults.metal.mode})")
+    p.add_argument("--metal-model", metavar="PT", default=None,
+                   help="the metal network's weights (default: the shipped ones; radgsreg train-metal makes them)")
     p.add_argument("--reconstruct", action="store_true", default=None,
                    help="also write the reconstruction (OUT/recon.nrrd): the network's, or without --model a "
                         "per-case Gaussian fit (about a minute on a CPU)")
@@ -299,6 +306,31 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=_COUNT)
     p.add_argument("--seed", type=_integer(0))
     p.add_argument("--no-cal", action="store_true", help="train without counterfactual attention (ablation)")
+
+    p = sub.add_parser("train-metal", help="train the metal segmentation network (screws, K-wires, retractors)",
+                       formatter_class=argparse.RawDescriptionHelpFormatter,
+                       description="Simulates X-rays with and without instruments (phantoms and the bundled lumbar "
+                                   "CT, every effect drawn per case: articulation, round field, dose, scatter, body "
+                                   "beyond the scan), labels the metal exactly from the simulation, and trains a "
+                                   "small 2-D U-Net on random crops (Dice + BCE). OUT gets data.pt (the simulated "
+                                   "images, reused by a later run with the same data settings), history.json "
+                                   "(validation Dice, precision, recall and the share of clean images marked, over "
+                                   "training time) and metal_seg.pt (use it with radgsreg register --metal-model; "
+                                   "the shipped one is Resources/Models/metal_seg.pt, see metal_seg.md). Defaults: "
+                                   "training.metal.MetalTrainConfig (240 + 24 cases, 2000 steps: about 40 min here).",
+                       epilog="examples:\n"
+                              "  radgsreg train-metal --out runs/metal\n"
+                              "  radgsreg train-metal --out runs/metal_small --cases 40 --steps 200 --no-sample-ct")
+    p.add_argument("--out", type=Path, required=True, help="run folder")
+    p.add_argument("--cases", type=_COUNT, default=None, help="simulated training cases (two X-rays each; default 240)")
+    p.add_argument("--val-cases", type=_COUNT, default=None, help="validation cases (default 24)")
+    p.add_argument("--steps", type=_COUNT, default=None, help="training steps (default 2000)")
+    p.add_argument("--phantoms", type=_integer(0), default=None,
+                   help="procedural phantoms to simulate (~35 s each to build; default 2)")
+    p.add_argument("--no-sample-ct", action="store_true", help="leave out the bundled lumbar CT (phantoms only)")
+    p.add_argument("--seed", type=_integer(0), default=None)
+    p.add_argument("--threads", type=_COUNT, default=None, help="CPU threads for torch (default: torch's)")
+    p.add_argument("--overwrite", action="store_true", help="replace OUT/metal_seg.pt")
 
     p = sub.add_parser("evaluate", help="score result folders against their cases' ground truth (Table 1 columns)",
                        description="For each case folder in CASES with a matching result folder in RESULTS (same "
@@ -353,6 +385,15 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--model", help="weights for the learned methods (.pt, or 'default')")
     b.add_argument("--limit", type=_COUNT, help="only the first N cases of each suite")
     b.add_argument("--json", type=Path, default=Path("bench_out/register.json"))
+    b = bsub.add_parser("metal", help="the metal segmentation network on case suites: precision, recall, Dice",
+                        description="Scores the metal network (segment_metal, no dilation) on every case of each "
+                                    "suite against the exact metal footprint its case.json records (cases made by "
+                                    "simulate-cases with --screws/--kwires/--retractors); on suites without metal, "
+                                    "the share of each X-ray marked. Prints a table, writes JSON.")
+    b.add_argument("--cases", type=Path, nargs="+", required=True, help="one or more suite folders")
+    b.add_argument("--model", type=Path, help="weights (default: the shipped Resources/Models/metal_seg.pt)")
+    b.add_argument("--limit", type=_COUNT, help="only the first N cases of each suite")
+    b.add_argument("--json", type=Path, default=Path("bench_out/metal.json"))
     b = bsub.add_parser("gaussians", help="rasterizer and voxelizer speed and memory, vs a naive dense evaluation")
     b.add_argument("--threads", type=_COUNT, default=1, help="CPU threads (default 1: fastest on 2 shared cores)")
     b.add_argument("--repeat", type=_COUNT, default=5)
@@ -584,12 +625,20 @@ def _cmd_bench(args):
             if not case_dirs(suite):
                 raise InputError(f"--cases {suite}: holds no case folders (folders with a case.json)")
         run_register_bench(list(args.cases), methods, json_path=args.json, limit=args.limit, model=args.model)
+    elif args.bench == "metal":
+        from .bench.metal_bench import run_metal_bench
+        from .evaluate import case_dirs
+
+        for suite in args.cases:
+            if not case_dirs(suite):
+                raise InputError(f"--cases {suite}: holds no case folders (folders with a case.json)")
+        run_metal_bench(list(args.cases), model=args.model, limit=args.limit, json_path=args.json)
     elif args.bench == "gaussians":
         from .bench.gaussians_bench import run_gaussians_bench
 
         run_gaussians_bench(threads=args.threads, repeat=args.repeat, json_path=args.json)
     else:
-        raise UsageError("choose a benchmark: radgsreg bench drr | gaussians | register")
+        raise UsageError("choose a benchmark: radgsreg bench drr | gaussians | register | metal")
 
 
 def register_config(args) -> RegisterConfig:
@@ -612,6 +661,11 @@ def register_config(args) -> RegisterConfig:
                          "auto); drop it, or choose --init learned")
     if args.robust is not None:
         given["robust"] = dataclasses.replace(cfg.robust, mode=args.robust)
+    metal = {k: v for k, v in (("mode", args.metal), ("model", args.metal_model)) if v is not None}
+    if metal.get("model") and metal.get("mode", cfg.metal.mode) == "never":
+        raise UsageError("--metal-model is not used with --metal never; drop one of them")
+    if metal:
+        given["metal"] = dataclasses.replace(cfg.metal, **metal)
     return dataclasses.replace(cfg, **given)
 
 
@@ -774,9 +828,33 @@ def _cmd_fit_gaussians(args):
     print(msg)
 
 
+def _cmd_train_metal(args):
+    import dataclasses
+
+    import torch
+
+    from .training.metal import MetalTrainConfig, train_metal
+
+    cfg = MetalTrainConfig()
+    over = {k: v for k, v in (("cases", args.cases), ("val_cases", args.val_cases), ("steps", args.steps),
+                              ("seed", args.seed)) if v is not None}
+    if args.phantoms is not None:
+        over["phantom_seeds"] = tuple(1001 + i for i in range(args.phantoms))
+    if args.no_sample_ct:
+        over["sample_ct"] = False
+    try:
+        cfg = dataclasses.replace(cfg, **over)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    path = train_metal(cfg, args.out, log=lambda line: print(line, flush=True), overwrite=args.overwrite)
+    print(f"wrote {path}")
+
+
 _COMMANDS = {"demo": _cmd_demo, "phantom": _cmd_phantom, "simulate-cases": _cmd_simulate, "show": _cmd_show,
              "sample-case": _cmd_sample_case, "fit-gaussians": _cmd_fit_gaussians, "register": _cmd_register,
-             "train": _cmd_train, "evaluate": _cmd_evaluate, "bench": _cmd_bench}
+             "train": _cmd_train, "train-metal": _cmd_train_metal, "evaluate": _cmd_evaluate, "bench": _cmd_bench}
 
 
 def main(argv=None) -> int:

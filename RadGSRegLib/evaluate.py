@@ -62,14 +62,17 @@ def result_matches_case(case_dir, res: Result) -> str | None:
 
 def case_row(truth: Case, res: Result, name: str = "") -> dict:
     """Metrics of one result against its case's ground truth: initial and final mTRE,
-    rotation / translation error, mPD, runtime per stage, warnings, and PSNR/SSIM of the
-    reconstruction when there is one."""
+    rotation / translation error, mPD, runtime per stage, warnings, the result's own check
+    (``final_ncc_views``), metal record and pose, and PSNR/SSIM of the reconstruction when there
+    is one."""
     if truth.ground_truth is None:
         raise InputError(f"case {name or '?'} has no ground_truth to evaluate against")
     e0 = truth_errors(truth, truth.initial_guess)["mtre_mm"] if truth.initial_guess is not None else float("nan")
     e = truth_errors(truth, res.T_ct_to_carm)
     row = {"case": name, "initial_mtre_mm": e0, **e, "runtime_s": dict(res.runtime_s),
-           "warnings": list(res.info.get("warnings", [])), "robust": res.info.get("robust")}
+           "warnings": list(res.info.get("warnings", [])), "robust": res.info.get("robust"),
+           "final_ncc_views": res.info.get("final_ncc_views"), "metal": res.info.get("metal"),
+           "T_ct_to_carm": np.asarray(res.T_ct_to_carm, dtype=float).tolist()}
     if res.recon is not None:
         gt = ground_truth_volume(truth.ct, truth.seg, truth.vertebra_label, truth.ground_truth,
                                  res.recon.array.shape, res.recon.affine)

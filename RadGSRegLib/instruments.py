@@ -24,7 +24,7 @@ import numpy as np
 from .geometry import View, apply
 
 __all__ = ["Material", "MATERIALS", "Rod", "Blade", "InstrumentsConfig", "place_instruments",
-           "instrument_line_integrals", "instrument_from_dict"]
+           "instrument_line_integrals", "instrument_from_dict", "case_metal_line_integrals"]
 
 
 @dataclass(frozen=True)
@@ -228,3 +228,23 @@ def instrument_line_integrals(instruments: Sequence, views: Sequence[View], T_ct
             d = dirs @ Pinv[:3, :3].T
             acc[i] += mu * inst.path_lengths(o, d)
     return out
+
+
+def case_metal_line_integrals(case) -> dict:
+    """{"ap", "lat": (rows, cols) metal line integral at 60 keV, all materials} of a simulated
+    :class:`~RadGSRegLib.io.Case` with its ground truth: the instruments its ``case.json``
+    records (``generator.instruments``), each at its vertebra's true pose (``ground_truth @
+    motion``, ``generator.articulation``). Zeros for a case without instruments: the exact
+    footprint of the metal, for labels and for scoring a metal segmentation."""
+    gen = (case.extra or {}).get("generator", {})
+    tools = [instrument_from_dict(d) for d in gen.get("instruments", [])]
+    names = ("ap", "lat")
+    views = [case.views[n] for n in names]
+    if not tools:
+        return {n: np.zeros(v.shape) for n, v in zip(names, views)}
+    if case.ground_truth is None:
+        raise ValueError("the metal's footprint needs the case's ground truth (read_case(..., ground_truth=True))")
+    motions = {int(v["label"]): np.asarray(v["motion"], dtype=np.float64)
+               for v in gen.get("articulation", {}).get("vertebrae", [])}
+    L = sum(instrument_line_integrals(tools, views, case.ground_truth, motions=motions or None).values())
+    return {n: L[i] for i, n in enumerate(names)}

@@ -21,9 +21,9 @@ __all__ = ["STAGES", "EVENTS", "ProgressEvent", "to_json_line", "parse_line", "R
 
 #: Stages of one registration in order, with the fraction of the job done when each starts
 #: (from measured stage times of the default pipeline: search ~20 %, 2-D/3-D refinement ~75 %).
-#: "reconstruct" is the Gaussian fit that 3-D/3-D refinement needs without a network; "output"
+#: "metal" finds the metal in the X-rays (:mod:`RadGSRegLib.learned.metal`). "reconstruct" is the Gaussian fit that 3-D/3-D refinement needs without a network; "output"
 #: the one that ``reconstruct=True`` asks for at the end.
-STAGES = {"start": 0.0, "read": 0.01, "preprocessing": 0.03, "search": 0.05, "learned": 0.25, "reconstruct": 0.27,
+STAGES = {"start": 0.0, "read": 0.01, "preprocessing": 0.03, "metal": 0.04, "search": 0.05, "learned": 0.25, "reconstruct": 0.27,
           "refine3d": 0.32, "refine2d": 0.35, "check": 0.88, "output": 0.9, "write": 0.98}
 EVENTS = ("progress", "warning", "done", "error")
 

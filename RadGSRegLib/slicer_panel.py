@@ -41,6 +41,11 @@ def result_summary(result, level=None) -> str:
         if tiled:
             lines.append("The X-rays hold what the CT does not (metal?): this result comes from a second attempt "
                          "that leaves those parts of the images out.")
+    metal = (info.get("metal") or {}).get("fraction") or {}
+    if any(v >= 0.005 for v in metal.values()):
+        lines.append("Metal found in the X-rays (" + ", ".join(f"{'AP' if k == 'ap' else 'lateral'} {v:.0%}"
+                                                               for k, v in metal.items())
+                     + " of the image) was left out of the comparison with the CT.")
     if info.get("doubtful"):
         lines.append(f"DOUBTFUL: the mean similarity {info.get('final_ncc', float('nan')):.2f} is below "
                      f"{info.get('min_ncc', RegisterConfig().min_ncc):.2f}. The CT may sit on a neighbouring vertebra or at a wrong "

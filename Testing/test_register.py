@@ -338,10 +338,11 @@ def test_a_doubtful_result_gets_a_second_attempt_with_the_tiled_similarity(metal
     but doubtful result on a clean case (no metal at the tiled pose) keeps its first pose."""
     from dataclasses import replace
 
-    from RadGSRegLib.register.config import RobustConfig
+    from RadGSRegLib.register.config import MetalConfig, RobustConfig
 
-    def runs(case):
-        return {mode: run(case, _fast_config(robust=RobustConfig(mode=mode))) for mode in ("auto", "never", "always")}
+    def runs(case):                   # the metal the mask would leave out is what the tiled attempt is for
+        return {mode: run(case, _fast_config(robust=RobustConfig(mode=mode), metal=MetalConfig(mode="never")))
+                for mode in ("auto", "never", "always")}
 
     r = runs(read_case(easy_case))
     r_clean_never = r["never"]
@@ -364,7 +365,7 @@ def test_a_doubtful_result_gets_a_second_attempt_with_the_tiled_similarity(metal
     # a clean, right result flagged only because the bar is set too high: the tiled attempt
     # finds no metal at its pose and cannot replace it
     case = read_case(easy_case)
-    strict = run(case, _fast_config(min_ncc=0.999))
+    strict = run(case, _fast_config(min_ncc=0.999, metal=MetalConfig(mode="never")))
     assert strict.info["doubtful"] and strict.info["robust"]["second_attempt"] and not strict.info["robust"]["on"]
     assert max(strict.info["robust"]["outlier_tiles_second_attempt"].values()) < 0.15
     assert np.array_equal(strict.T_ct_to_carm, r_clean_never.T_ct_to_carm)
@@ -407,3 +408,73 @@ def test_tiled_windowed_ncc_is_the_weighted_mean_of_each_tiles_ncc(metal_cases):
         assert 0 < windows.outliers[name] < 1 and len(w.tiles) >= 4
     one = RobustConfig(tile_mm=1e4, reject_contrast=0.0)
     assert R.windowed_ncc(tgt, G, rc.refine2d, level, robust=one) == R.windowed_ncc(tgt, G, rc.refine2d, level)
+
+
+def test_candidates_are_verified_at_the_first_level_and_only_the_best_go_on(easy_case):
+    """Every candidate runs the first (coarsest) level; only ``refine2d.keep`` of them, the
+    best by their NCC there, run the finer levels, and the result is one of those."""
+    from dataclasses import replace
+
+    case = read_case(easy_case)
+    base = replace(_fast_config(), search=SearchConfig(rot_deg=(-4.0, 4.0), candidates=3))
+    one = run(case, replace(base, refine2d=replace(base.refine2d, keep=1)))
+    coarse = one.info["refine2d_coarse"]
+    assert [c["candidate"] for c in coarse] == [0, 1, 2]
+    levels = one.info["refine2d"]["levels"]
+    assert [lv["pixels"] for lv in levels] == [64, 128]
+    assert np.mean(list(levels[0]["ncc"].values())) == max(c["ncc"] for c in coarse)   # the best went on
+    every = run(case, base)                              # keep 3: all three go on; the same best here
+    assert len(every.info["refine2d_coarse"]) == 3
+    assert np.mean(list(every.info["refine2d"]["levels"][-1]["ncc"].values())) >= \
+        np.mean(list(levels[-1]["ncc"].values())) - 1e-9
+    with pytest.raises(ValueError, match="keep"):
+        RefineConfig(keep=0)
+
+
+def test_search_finds_a_vertebra_half_hidden_by_masks(easy_case):
+    """Metal and a round field can leave out more than half of the vertebra's window: with
+    ``min_overlap`` 0.25 (the default) the true shift still scores and is found; at 0.5 the
+    truth is not even scored there."""
+    from dataclasses import replace
+
+    from RadGSRegLib.geometry import apply
+    from RadGSRegLib.register.search import search_translation
+    from RadGSRegLib.register.target import make_target
+
+    truth = read_case(easy_case, ground_truth=True)
+    cfg = RegisterConfig()
+    tgt = make_target(truth, slab_mm=cfg.slab_mm, coarse_mm=cfg.coarse_mm)
+    G = truth.ground_truth
+    for name in ("ap", "lat"):                  # hide 60 % of the vertebra's window (and what lies beyond it)
+        view = tgt.views[name]
+        c0, r0, w, h = tgt.window(view, G, cfg.search.margin_mm)
+        m = np.zeros(view.shape, bool)
+        m[:, : c0 + int(0.6 * w)] = True
+        tgt.exclude(name, m)
+    T = G.copy()
+    T[:3, 3] += [12.0, -9.0, 8.0]               # the true rotation, shifted
+    found, info = search_translation(tgt, T, replace(cfg.search, prior=0.0))
+    assert cfg.search.min_overlap == 0.25
+    assert np.linalg.norm(apply(found, tgt.centre) - apply(G, tgt.centre)) < 3.0
+    _, at_truth = search_translation(tgt, G, replace(cfg.search, range_mm=1.0, min_overlap=0.5))
+    assert at_truth["search_score"] == -1.0     # 0.5: fewer than half the template's pixels meet a signal
+
+
+def test_metal_masked_before_registering_keeps_a_metal_case_right_and_confident(metal_cases):
+    """The default: the metal network marks the instruments (a few % of each X-ray), the
+    registration leaves them out and ends near the truth with a final NCC the check accepts;
+    comparing every pixel instead, the same case ends doubtful."""
+    from dataclasses import replace
+
+    from RadGSRegLib.metrics import truth_errors
+    from RadGSRegLib.register.config import MetalConfig, RobustConfig
+
+    _, metal = metal_cases
+    case = replace(metal, ground_truth=None)
+    masked = run(case, _fast_config(robust=RobustConfig(mode="never")))
+    assert masked.info["metal"]["mode"] == "mask" and min(masked.info["metal"]["fraction"].values()) > 0.01
+    assert "metal" in masked.runtime_s
+    assert truth_errors(metal, masked.T_ct_to_carm)["mtre_mm"] < 2.0 and not masked.info["doubtful"]
+    every = run(case, _fast_config(robust=RobustConfig(mode="never"), metal=MetalConfig(mode="never")))
+    assert every.info["metal"] == {"mode": "never"} and "metal" not in every.runtime_s
+    assert every.info["final_ncc"] < masked.info["final_ncc"] - 0.1

@@ -100,7 +100,7 @@ def _expected_resources() -> set[str]:
     configs = sorted(p.name for p in (ROOT / "Resources" / "Models" / "configs").glob("*.json"))
     assert configs, "no training configs in Resources/Models/configs"
     return ({"Icons/RadGSReg.png", "UI/RadGSReg.ui",
-             "Models/radgsreg_stage1.pt", "Models/radgsreg_stage1.md"}
+             "Models/radgsreg_stage1.pt", "Models/radgsreg_stage1.md", "Models/metal_seg.pt", "Models/metal_seg.md"}
             | {f"SampleData/{n}" for n in [*listed, "LICENSE", "NOTICE", "SHA256SUMS"]}
             | {f"Models/configs/{n}" for n in configs})
 

@@ -20,16 +20,21 @@ __all__ = ["METHODS", "run_register_bench"]
 
 #: method name -> (RegisterConfig fields (JSON form), what it is). The tiled second attempt
 #: (``robust`` "auto", the default) belongs to the methods with the 2-D/3-D refinement
-#: (ours-2d, learned-2d, learned-both); the others run with the plain similarity only.
+#: (ours-2d, learned-2d, learned-both); the others run with the plain similarity only. The
+#: metal mask (``metal`` "mask", the default) belongs to every method of ours; the
+#: intensity-only baseline compares every pixel, as DiffPose does.
 METHODS = {
-    "initial": ({"init": "none", "refine": "none", "robust": {"mode": "never"}}, "the case's initial guess"),
-    "intensity-2d": ({"init": "none", "refine": "2d", "robust": {"mode": "never"}},
-                     "DiffPose-style render-and-compare from the initial guess (no search, plain NCC)"),
+    "initial": ({"init": "none", "refine": "none", "robust": {"mode": "never"}, "metal": {"mode": "never"}},
+                "the case's initial guess"),
+    "intensity-2d": ({"init": "none", "refine": "2d", "robust": {"mode": "never"}, "metal": {"mode": "never"}},
+                     "DiffPose-style render-and-compare from the initial guess (no search, plain NCC, every pixel)"),
     "search": ({"init": "search", "refine": "none", "robust": {"mode": "never"}}, "pose search alone"),
     "ours-2d": ({"init": "search", "refine": "2d"},
                 "pose search + 2-D/3-D refinement (a doubtful result: again with the tiled similarity)"),
     "ours-2d-plain": ({"init": "search", "refine": "2d", "robust": {"mode": "never"}},
                       "pose search + 2-D/3-D refinement, plain NCC only (no second attempt)"),
+    "ours-2d-nometal": ({"init": "search", "refine": "2d", "metal": {"mode": "never"}},
+                        "ours-2d without the metal mask (every pixel compared)"),
     "gaussfit-3d": ({"init": "search", "refine": "3d", "robust": {"mode": "never"}},
                     "per-case Gaussian fit of the two X-rays + 3-D/3-D NCC registration"),
     "learned": ({"init": "learned", "refine": "none", "robust": {"mode": "never"}},
@@ -80,6 +85,12 @@ def _bench(suites, methods, *, json_path, limit, model, overwrite, log) -> dict:
 
         cfg_m = RegisterConfig(init="learned", model=model)
         net = RadGSRegNet.load(cfg_m.model_path())
+    metal_net = None
+    default_metal = RegisterConfig().metal
+    if any(METHODS[m][0].get("metal", {}).get("mode", default_metal.mode) == "mask" for m in methods if METHODS[m][0]):
+        from ..learned.metal import MetalNet
+
+        metal_net = MetalNet.load(default_metal.model_path())
     result = {"device": "cpu", "threads": 1, "model": str(model) if model else None, "suites": {},
               "methods": {m: METHODS[m][1] for m in methods}}
     for suite in suites:
@@ -100,13 +111,17 @@ def _bench(suites, methods, *, json_path, limit, model, overwrite, log) -> dict:
                     kw = dict(METHODS[m][0])
                     if kw["init"] == "learned":
                         kw["model"] = model
-                    res = run(case, RegisterConfig.from_dict(kw), net=net)
+                    res = run(case, RegisterConfig.from_dict(kw), net=net, metal_net=metal_net)
                 wall = time.perf_counter() - t
                 row = case_row(truth, res, d.name)
                 row["wall_s"] = wall
                 rows[m].append(row)
+                ncc = row.get("final_ncc_views") or {}
                 log(f"  [{suite.name}] {m:<12} {i + 1:>3}/{len(cases)} {d.name}: {row['initial_mtre_mm']:6.1f} -> "
-                    f"{row['mtre_mm']:7.2f} mm ({wall:.1f} s){' FLAGGED' if row['warnings'] else ''}")
+                    f"{row['mtre_mm']:7.2f} mm ({wall:.1f} s)"
+                    + (f", NCC {sum(ncc.values()) / len(ncc):.3f}" if ncc else "")
+                    + (" FLAGGED" if any("doubtful" in w or "diverged" in w for w in row["warnings"])
+                       else " (warning)" if row["warnings"] else ""))
         per = {m: {"summary": summarize(r), "cases": r} for m, r in rows.items()}
         result["suites"][suite.name] = per
     log("")

@@ -93,13 +93,14 @@ LAYOUTS: dict[str, Layout] = {
     "train": Layout(("config.json", "checkpoint.pt", "checkpoint.tmp", "log.jsonl", "model.pt"),
                     {"data": "train-data", "tensorboard": "tensorboard"}),
     "train-data": Layout(("samples-*.pt",)),
+    "train-metal": Layout(("data.pt", "history.json", "metal_seg.pt")),
     "tensorboard": Layout(("events.out.tfevents.*",)),
 }
 #: the kinds a command may name in check_output / atomic_dir
-FOLDER_KINDS = ("case", "result", "fit", "suite", "phantom", "demo", "train")
+FOLDER_KINDS = ("case", "result", "fit", "suite", "phantom", "demo", "train", "train-metal")
 #: single-file kinds -> format
 FILE_KINDS = {"evaluation": "json", "bench-drr": "json", "bench-register": "json", "bench-gaussians": "json",
-              "preview": "png"}
+              "bench-metal": "json", "preview": "png"}
 #: top-level keys of each JSON kind as written before the "radgsreg" stamp existed
 _LEGACY_JSON_KEYS = {
     "evaluation": {"cases", "results", "summary", "rows", "missing"},

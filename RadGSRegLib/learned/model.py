@@ -26,7 +26,7 @@ from .recm import GaussianSet, RecM
 from .regm import VOLUME_SCALE, RegM, pose_loss
 
 __all__ = ["RadGSRegNet", "FORMAT", "render_windows", "voxelize_set", "load_plain", "UnsafeFileError",
-           "WeightFileError", "plain"]
+           "WeightFileError", "plain", "read_weight_file", "write_weight_file"]
 
 FORMAT = "radgsreg-model/1"
 
@@ -89,6 +89,38 @@ def plain(obj):
     if isinstance(obj, Path):
         return str(obj)
     return obj
+
+
+def read_weight_file(path, fmt: str, *, what: str, hint: str) -> dict:
+    """The dictionary of a weight file of format ``fmt`` (:func:`load_plain`: nothing in it
+    runs). Raises :class:`WeightFileError` naming ``path`` and saying it is not a ``what``
+    (missing: also a ``FileNotFoundError``; unsafe or unreadable; another format), ending
+    with ``hint`` (what to use instead)."""
+    path = Path(path)
+    if not path.is_file():
+        raise _WeightFileMissing(f"{path}: model weights not found (a {what} was expected); {hint}")
+    try:
+        blob = load_plain(path, map_location="cpu")
+    except UnsafeFileError as e:
+        raise WeightFileError(f"{path}: not a {what} ({e.reason}); {hint}") from None
+    if not isinstance(blob, dict) or blob.get("format") != fmt:
+        raise WeightFileError(f"{path}: not a {what} (format "
+                              f"{blob.get('format') if isinstance(blob, dict) else '?'}, expected {fmt}); {hint}")
+    return blob
+
+
+def write_weight_file(path, fmt: str, config: dict, state_dict: dict, card: dict, *, overwrite: bool = False) -> Path:
+    """Write a weight file that :func:`read_weight_file` reads: ``{"format": fmt, **config,
+    "state_dict", "card"}`` (``config``: the network's settings under their key, made
+    :func:`plain`), atomically; an existing file only with ``overwrite``."""
+    from ..io.atomic import atomic_file
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    blob = {"format": fmt, **plain(config), "state_dict": state_dict, "card": plain(card)}
+    with atomic_file(path, overwrite=overwrite) as tmp:
+        torch.save(blob, tmp)
+    return path
 
 
 def render_windows(g: GaussianSet, views: dict, win, size: int) -> torch.Tensor:
@@ -196,15 +228,8 @@ class RadGSRegNet(nn.Module):
     # ------------------------------------------------------------------ files
     def save(self, path, *, card: dict | None = None, overwrite: bool = False) -> Path:
         """Write the weight file (atomically; an existing file only with ``overwrite``)."""
-        from ..io.atomic import atomic_file
-
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        blob = {"format": FORMAT, "model_config": plain(self.cfg.to_dict()), "state_dict": self.state_dict(),
-                "card": plain(card if card is not None else self.card)}
-        with atomic_file(path, overwrite=overwrite) as tmp:
-            torch.save(blob, tmp)
-        return path
+        return write_weight_file(path, FORMAT, {"model_config": self.cfg.to_dict()}, self.state_dict(),
+                                 card if card is not None else self.card, overwrite=overwrite)
 
     @classmethod
     def load(cls, path, *, device="cpu") -> "RadGSRegNet":
@@ -216,17 +241,7 @@ class RadGSRegNet(nn.Module):
         """
         from .config import ConfigError
 
-        path = Path(path)
-        if not path.is_file():
-            raise _WeightFileMissing(f"{path}: model weights not found")
-        try:
-            blob = load_plain(path, map_location="cpu")
-        except UnsafeFileError as e:
-            raise WeightFileError(f"{path}: not a RadGSReg weight file ({e.reason}); use a weight file written by "
-                                  "radgsreg train") from None
-        if not isinstance(blob, dict) or blob.get("format") != FORMAT:
-            raise WeightFileError(f"{path}: not a RadGSReg weight file (format "
-                                  f"{blob.get('format') if isinstance(blob, dict) else '?'}, expected {FORMAT})")
+        blob = read_weight_file(path, FORMAT, what="RadGSReg weight file", hint="use a weight file written by radgsreg train")
         try:
             net = cls(ModelConfig.from_dict(blob.get("model_config"), source=f"{path}, model_config"))
         except ConfigError as e:

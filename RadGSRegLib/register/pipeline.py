@@ -12,8 +12,9 @@ poses on their way through); :func:`stages_for` picks them from :class:`Register
 3. ``refine3d`` (``refine`` "3d"/"both"): each candidate's CT vertebra onto the
    reconstruction (the network's, else a per-case Gaussian fit; :mod:`.refine3d`);
 4. ``refine2d`` (``refine`` "2d"/"both"): Levenberg-Marquardt on DRRs against both X-rays
-   from each candidate (:mod:`.refine2d`); the best final NCC wins, and a result worse than
-   its own start is rejected (the start is kept, and a warning says so);
+   (:mod:`.refine2d`): the coarsest level from each candidate, the finer levels from the
+   ``refine2d.keep`` best after it; the best final NCC wins, and a result worse than its own
+   start is rejected (the start is kept, and a warning says so);
 5. ``check`` (always): the windowed NCC at the final pose; below ``min_ncc`` the result is
    flagged doubtful; the DRRs at the final pose if asked for;
 6. ``output`` (``reconstruct`` without a reconstruction yet): a Gaussian fit for display.
@@ -45,14 +46,14 @@ from ..errors import InputError
 from ..geometry import apply, translation
 from ..io import Case, Result
 from ..volume import Volume
-from .config import RegisterConfig, RobustConfig
+from .config import MetalConfig, RegisterConfig, RobustConfig
 from .refine2d import outlier_fraction, refine_lm, windowed_ncc
 from .refine3d import refine_3d
 from .search import search_pose
 from .target import Target, make_target
 
 __all__ = ["run", "reconstruct_volume", "check_refinement", "Candidate", "Registration", "stages_for",
-           "search_stage", "learned_stage", "refine3d_stage", "refine2d_stage", "check_stage", "output_stage"]
+           "mask_metal", "search_stage", "learned_stage", "refine3d_stage", "refine2d_stage", "check_stage", "output_stage"]
 
 
 @dataclass
@@ -191,21 +192,36 @@ def refine3d_stage(reg: Registration) -> None:
 
 
 def refine2d_stage(reg: Registration) -> None:
-    """Levenberg-Marquardt from each candidate; the best final NCC is kept unless it is
-    worse than its own start (:func:`check_refinement`)."""
+    """Levenberg-Marquardt from each candidate: the first (coarsest) level from every one,
+    then the rest of the levels from the ``refine2d.keep`` best of them (by their NCC after
+    the first level: a verification of the search's hypotheses); the best final NCC is kept
+    unless it is worse than its own start (:func:`check_refinement`)."""
     cfg = reg.cfg
+    levels = cfg.refine2d.levels
+    n = len(reg.candidates)
+    keep = min(n, cfg.refine2d.keep)
+    total = n + keep * (len(levels) - 1)
     with reg.timed("refinement"):
-        best = None
-        n_levels, n = len(cfg.refine2d.levels), len(reg.candidates)
+        coarse = []
         for k, c in enumerate(reg.candidates):
-            def level_progress(i, m, k=k):
-                reg.report.stage("refine2d", f"2-D/3-D refinement: candidate {k + 1}/{n}, level {i + 1}/{m}",
-                                 within=(k * n_levels + i, n * n_levels))
+            reg.report.stage("refine2d", f"2-D/3-D refinement: candidate {k + 1}/{n}, level 1/{len(levels)}",
+                             within=(k, total))
+            Tc, ci = refine_lm(reg.target, c.T, cfg.refine2d, robust=reg.robust, levels=levels[:1])
+            coarse.append((float(np.mean(list(ci["levels"][-1]["ncc"].values()))), k, Tc, ci, c))
+        order = sorted(coarse, key=lambda x: -x[0])
+        reg.info["refine2d_coarse"] = [{"candidate": k, "ncc": m} for m, k, *_ in coarse]
+        best = None
+        for j, (m0, k, Tc, ci, c) in enumerate(order[:keep]):
+            def level_progress(i, m, j=j, k=k):
+                reg.report.stage("refine2d", f"2-D/3-D refinement: candidate {k + 1}/{n}, level {i + 2}/{len(levels)}",
+                                 within=(n + j * (len(levels) - 1) + i, total))
 
-            Tr, ri = refine_lm(reg.target, c.T, cfg.refine2d, progress=level_progress, robust=reg.robust)
+            Tr, ri = refine_lm(reg.target, Tc, cfg.refine2d, progress=level_progress, robust=reg.robust,
+                               levels=levels[1:]) if len(levels) > 1 else (Tc, {"levels": []})
+            ri = {"levels": ci["levels"] + ri["levels"]}
             m = float(np.mean(list(ri["levels"][-1]["ncc"].values())))
             what = "network pose" if c.info.get("learned") else f"search score {c.score:.3f}"
-            reg.say(f"  candidate ({what}): final NCC {m:.3f}")
+            reg.say(f"  candidate ({what}): NCC {m0:.3f} after the first level, final NCC {m:.3f}")
             if best is None or m > best[0]:
                 best = (m, Tr, ri, c)
         m, Tr, ri, start = best
@@ -265,7 +281,8 @@ def stages_for(cfg: RegisterConfig) -> list:
     return stages
 
 
-def run(case: Case, config: RegisterConfig | None = None, log=None, *, net=None, progress=None) -> Result:
+def run(case: Case, config: RegisterConfig | None = None, log=None, *, net=None, metal_net=None,
+        progress=None) -> Result:
     """Register a case. Returns a :class:`~RadGSRegLib.io.Result` with ``T_ct_to_carm``,
     per-stage ``runtime_s`` (model loading excluded) and ``info`` (similarities, warnings).
 
@@ -283,6 +300,8 @@ def run(case: Case, config: RegisterConfig | None = None, log=None, *, net=None,
         log: a callable taking one line of human-readable text, or None.
         net: an already loaded :class:`~RadGSRegLib.learned.model.RadGSRegNet` (batch use:
             load once); otherwise ``config.model`` is loaded.
+        metal_net: an already loaded :class:`~RadGSRegLib.learned.metal.MetalNet`; otherwise
+            ``config.metal.model`` is loaded (when ``config.metal.mode`` is "mask").
         progress: a callable taking :class:`~RadGSRegLib.progress.ProgressEvent` s (stage
             starts, fractions of the whole job; see :mod:`RadGSRegLib.progress`), or None.
     """
@@ -298,6 +317,10 @@ def run(case: Case, config: RegisterConfig | None = None, log=None, *, net=None,
         from ..learned.model import RadGSRegNet
 
         net = RadGSRegNet.load(cfg.model_path(), device=cfg.device)
+    if cfg.metal.mode == "mask" and metal_net is None:
+        from ..learned.metal import MetalNet
+
+        metal_net = MetalNet.load(cfg.metal.model_path(), device=cfg.device)
     t0 = time.perf_counter()
     if case.seg is None or case.vertebra_label is None:
         if mode == "learned" or cfg.refine in ("3d", "both"):
@@ -311,6 +334,9 @@ def run(case: Case, config: RegisterConfig | None = None, log=None, *, net=None,
     info = {"init": mode, "refine": cfg.refine,
             "initial_pose_from": "case" if case.initial_guess is not None else "nominal (vertebra at the isocentre)"}
     prep = time.perf_counter() - t0
+    t1 = time.perf_counter()
+    info["metal"] = mask_metal(tgt, cfg.metal, net=metal_net, report=report, log=log)
+    metal_s = time.perf_counter() - t1
 
     stages = stages_for(cfg)
     core = [st for st in stages if st is not output_stage]        # display output: once, for the kept attempt
@@ -319,6 +345,8 @@ def run(case: Case, config: RegisterConfig | None = None, log=None, *, net=None,
         reg = Registration(case, cfg, tgt, [Candidate(T)], report, log=log, net=net, warnings=list(warnings),
                            info=dict(info), robust=robust)
         reg.runtime["preprocessing"] = prep
+        if cfg.metal.mode != "never":
+            reg.runtime["metal"] = metal_s
         for stage in core:
             stage(reg)
         return reg
@@ -336,6 +364,33 @@ def run(case: Case, config: RegisterConfig | None = None, log=None, *, net=None,
     for w in reg.warnings:
         report.warning(w)
     return Result(T_ct_to_carm=reg.T, runtime_s=reg.runtime, recon=reg.recon, info=reg.info, drrs=reg.drrs)
+
+
+def mask_metal(tgt: Target, cfg: MetalConfig, *, net=None, report=None, log=None) -> dict:
+    """Find the metal in both X-rays (:func:`~RadGSRegLib.learned.metal.segment_metal`) and
+    leave it out of every comparison (:meth:`~.target.Target.exclude`). Returns the record
+    for ``info["metal"]``: ``mode`` and, when masking, per view the fraction of the X-ray's
+    signal pixels left out (``fraction``). ``net``: the loaded
+    :class:`~RadGSRegLib.learned.metal.MetalNet` (None: ``cfg.model`` is loaded)."""
+    if cfg.mode == "never":
+        return {"mode": "never"}
+    from ..learned.metal import MetalNet, segment_metal
+
+    if net is None:
+        net = MetalNet.load(cfg.model_path())
+
+    if report is not None:
+        report.stage("metal", "finding metal in the X-rays")
+    frac = {}
+    for name in ("ap", "lat"):
+        img, view = tgt.images[name], tgt.views[name]
+        valid = tgt.signal[name]
+        m = segment_metal(net, img, view, valid, threshold=cfg.threshold, dilate_mm=cfg.dilate_mm)
+        frac[name] = float(m.sum() / (m.size if valid is None else max(int(valid.sum()), 1)))
+        tgt.exclude(name, m)
+    if log:
+        log(f"  metal: {frac['ap']:.1%} of the AP and {frac['lat']:.1%} of the lateral X-ray left out")
+    return {"mode": cfg.mode, "fraction": frac}
 
 
 def _second_attempt(first: Registration, attempt) -> Registration:
@@ -357,7 +412,7 @@ def _second_attempt(first: Registration, attempt) -> Registration:
     switch = score_second > score_first and min(outliers.values()) >= rc.min_outliers
     keep, other = (second, first) if switch else (first, second)
     for k, v in other.runtime.items():
-        if k != "preprocessing":
+        if k not in ("preprocessing", "metal"):
             keep.runtime[k] = keep.runtime.get(k, 0.0) + v
     keep.info["robust"] = {"mode": rc.mode, "on": switch, "second_attempt": True,
                            "tiled_ncc_first_attempt": score_first, "tiled_ncc_second_attempt": score_second,

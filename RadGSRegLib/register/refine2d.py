@@ -154,16 +154,19 @@ def _view_ncc(windows: dict, r: np.ndarray) -> dict[str, float]:
 
 
 def refine_lm(tgt: Target, T: np.ndarray, cfg: RefineConfig, log=None, progress=None,
-              robust: RobustConfig | None = None) -> tuple[np.ndarray, dict]:
+              robust: RobustConfig | None = None, levels: list | None = None) -> tuple[np.ndarray, dict]:
     """Stage 2: coarse-to-fine Levenberg-Marquardt on the windowed NCC of both views (tiled,
     with ``robust``: the tiles, their weights and the outliers left out are fixed at each
     level's start; ``info["levels"][i]["outliers"]`` says how many were).
 
+    ``levels``: the :class:`Level` s to run (default ``cfg.levels``; the pipeline runs the
+    first level of every candidate, then the rest of the best few).
     ``progress(i, n)``, if given, is called before level ``i`` of ``n``."""
     info = {"levels": []}
-    for li, level in enumerate(cfg.levels):
+    levels = cfg.levels if levels is None else levels
+    for li, level in enumerate(levels):
         if progress:
-            progress(li, len(cfg.levels))
+            progress(li, len(levels))
         windows = _windows(tgt, T, level, cfg, robust)
         steps = np.array([level.step_deg] * 3 + [level.step_mm] * 3)
         lam = 1e-2

@@ -74,10 +74,11 @@ def search_translation(tgt: Target, T: np.ndarray, cfg: SearchConfig,
         inside = np.pad(np.ones(img.shape, bool) if valid is None else valid, rng_px, mode="constant")
         sl = (slice(r0, r0 + h + 2 * rng_px), slice(c0, c0 + w + 2 * rng_px))
         if robust is None:
-            m = ncc_map(pad[sl], templ, inside[sl], template_valid=cov)      # (2 rng + 1)^2
+            m = ncc_map(pad[sl], templ, inside[sl], min_overlap=cfg.min_overlap, template_valid=cov)  # (2 rng + 1)^2
         else:
             m = ncc_map_tiled(pad[sl], templ, inside[sl], tile_px=robust.tile_mm / px_mm,
-                              reject=robust.reject_contrast, template_valid=cov)
+                              reject=robust.reject_contrast, min_overlap=cfg.min_overlap,
+                              template_valid=cov)
         k = np.arange(-rng_px, rng_px + 1) / max(rng_px, 1)
         m = m - cfg.prior * (k[:, None] ** 2 + k[None, :] ** 2)
         maps[name] = (m, rng_px, px_mm, view)

@@ -84,6 +84,19 @@ class Target:
             self.open_ends[name] = body_ends_in_field(img, views[name], self.signal[name])
         self._cache = {}
 
+    def exclude(self, name: str, mask: np.ndarray) -> None:
+        """Leave the pixels of view ``name``'s X-ray where ``mask`` (bool (rows, cols), the
+        X-ray's own pixels) is True out of every comparison from now on (e.g. metal the CT
+        does not have): they stop counting as signal (:meth:`valid`)."""
+        mask = np.asarray(mask, dtype=bool)
+        if mask.shape != self.images[name].shape:
+            raise ValueError(f"{name}: mask shape {mask.shape} is not the X-ray's {self.images[name].shape}")
+        if not mask.any():
+            return
+        s = self.signal[name]
+        self.signal[name] = ~mask if s is None else s & ~mask
+        self._cache = {k: v for k, v in self._cache.items() if not (k[0] == name and k[-1] == "valid")}
+
     def image(self, name: str, pixels: int) -> tuple[np.ndarray, View]:
         """The X-ray resized to ``pixels`` per side (area-averaged) and its view."""
         key = (name, pixels)
