@@ -391,7 +391,7 @@ def build_parser() -> argparse.ArgumentParser:
                                     "simulate-cases with --screws/--kwires/--retractors); on suites without metal, "
                                     "the share of each X-ray marked. Prints a table, writes JSON.")
     b.add_argument("--cases", type=Path, nargs="+", required=True, help="one or more suite folders")
-    b.add_argument("--model", type=Path, help="weights (default: the shipped Resources/Models/metal_seg.pt)")
+    b.add_argument("--model", type=Path, help="weights (default, or 'default': the shipped Resources/Models/metal_seg.pt)")
     b.add_argument("--limit", type=_COUNT, help="only the first N cases of each suite")
     b.add_argument("--json", type=Path, default=Path("bench_out/metal.json"))
     b = bsub.add_parser("gaussians", help="rasterizer and voxelizer speed and memory, vs a naive dense evaluation")
@@ -632,7 +632,8 @@ def _cmd_bench(args):
         for suite in args.cases:
             if not case_dirs(suite):
                 raise InputError(f"--cases {suite}: holds no case folders (folders with a case.json)")
-        run_metal_bench(list(args.cases), model=args.model, limit=args.limit, json_path=args.json)
+        run_metal_bench(list(args.cases), model=None if str(args.model) == "default" else args.model,
+                        limit=args.limit, json_path=args.json)
     elif args.bench == "gaussians":
         from .bench.gaussians_bench import run_gaussians_bench
 
@@ -662,8 +663,11 @@ def register_config(args) -> RegisterConfig:
     if args.robust is not None:
         given["robust"] = dataclasses.replace(cfg.robust, mode=args.robust)
     metal = {k: v for k, v in (("mode", args.metal), ("model", args.metal_model)) if v is not None}
-    if metal.get("model") and metal.get("mode", cfg.metal.mode) == "never":
-        raise UsageError("--metal-model is not used with --metal never; drop one of them")
+    mode, weights = metal.get("mode", cfg.metal.mode), metal.get("model", cfg.metal.model)
+    if mode == "never" and weights != "default":
+        what = "--metal-model" if "model" in metal else f"\"metal\": {{\"model\": ...}} in {args.config}"
+        how = "--metal never" if "mode" in metal else f"\"metal\": {{\"mode\": \"never\"}} in {args.config}"
+        raise UsageError(f"{what} is not used with {how} (no metal is looked for); drop one of them")
     if metal:
         given["metal"] = dataclasses.replace(cfg.metal, **metal)
     return dataclasses.replace(cfg, **given)

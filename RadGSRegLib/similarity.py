@@ -21,7 +21,7 @@ import warnings
 
 import numpy as np
 
-__all__ = ["zscore", "ncc", "ncc_residuals", "ncc_from_residuals", "ncc_torch", "ncc_map", "highpass", "tile_grid",
+__all__ = ["noise_sigma", "noise_ceiling", "zscore", "ncc", "ncc_residuals", "ncc_from_residuals", "ncc_torch", "ncc_map", "highpass", "tile_grid",
            "contrast_outliers", "ncc_map_tiled"]
 
 
@@ -171,6 +171,37 @@ def ncc_map_tiled(image: np.ndarray, template: np.ndarray, valid: np.ndarray | N
     if reject:                  # NaN (no overlap): left out, and not part of the outlier reference
         wt = wt * ~contrast_outliers(np.array(ratios), reject)
     return (np.array(maps) * wt).sum(0) / np.maximum(wt.sum(0), 1e-12)
+
+
+def noise_sigma(image: np.ndarray, valid: np.ndarray | None = None) -> float:
+    """The standard deviation of white noise in ``image`` (2-D; ``valid`` bool, same shape:
+    only these pixels count, None: all), from the differences of neighbouring pixels,
+    robustly: 1.4826 x their median absolute deviation / sqrt 2. Anatomy is smooth at the
+    pixel scale of an X-ray, so its edges barely move the median; a noise-free, edge-rich
+    image reads as a little noise. 0 with fewer than 8 neighbour pairs."""
+    a = np.asarray(image, dtype=np.float64)
+    v = np.ones(a.shape, bool) if valid is None else np.asarray(valid, dtype=bool)
+    diffs = np.concatenate([(a[:, 1:] - a[:, :-1])[v[:, 1:] & v[:, :-1]],
+                            (a[1:, :] - a[:-1, :])[v[1:, :] & v[:-1, :]]])
+    if diffs.size < 8:
+        return 0.0
+    return 1.4826 * float(np.median(np.abs(diffs - np.median(diffs)))) / np.sqrt(2.0)
+
+
+def noise_ceiling(compared: np.ndarray, noise_var: float, valid: np.ndarray | None = None) -> float:
+    """The highest NCC any noise-free template can reach with ``compared`` (a window as it
+    is compared, e.g. high-passed) holding noise of variance ``noise_var`` (in that window,
+    after the same filtering): ``sqrt(1 - noise_var / variance)`` over the ``valid`` pixels
+    (None: all). 0 for a flat window or fewer than 16 pixels.
+
+    A right pose scores close to this ceiling; a wrong one (a neighbouring vertebra, a wrong
+    rotation) well below it, whatever the dose (the doubtful check, issue #18's notes)."""
+    a = np.asarray(compared, dtype=np.float64)
+    vals = a.ravel() if valid is None else a[np.asarray(valid, dtype=bool)]
+    if vals.size < 16:
+        return 0.0
+    total = float(vals.var())
+    return float(np.sqrt(max(total - noise_var, 0.0) / total)) if total > 0 else 0.0
 
 
 def highpass(a: np.ndarray, sigma_px: float, valid: np.ndarray | None = None) -> np.ndarray:

@@ -41,14 +41,19 @@ def result_summary(result, level=None) -> str:
         if tiled:
             lines.append("The X-rays hold what the CT does not (metal?): this result comes from a second attempt "
                          "that leaves those parts of the images out.")
-    metal = (info.get("metal") or {}).get("fraction") or {}
+    rec = info.get("metal") or {}
+    metal = {k: v for k, v in (rec.get("fraction") or {}).items() if k not in rec.get("skipped", ())}
     if any(v >= 0.005 for v in metal.values()):
-        lines.append("Metal found in the X-rays (" + ", ".join(f"{'AP' if k == 'ap' else 'lateral'} {v:.0%}"
+        lines.append("Metal found in the X-rays (" + ", ".join(f"{'AP' if k == 'ap' else 'lateral'} {v:.1%}"
                                                                for k, v in metal.items())
                      + " of the image) was left out of the comparison with the CT.")
     if info.get("doubtful"):
-        lines.append(f"DOUBTFUL: the mean similarity {info.get('final_ncc', float('nan')):.2f} is below "
-                     f"{info.get('min_ncc', RegisterConfig().min_ncc):.2f}. The CT may sit on a neighbouring vertebra or at a wrong "
+        m, floor = info.get("final_ncc", float("nan")), info.get("min_ncc", RegisterConfig().min_ncc)
+        e, share = info.get("explained"), info.get("min_explained", RegisterConfig().min_explained)
+        why = (f"the mean similarity {m:.2f} is below {floor:.2f}" if not m >= floor or e is None else
+               f"the similarity is {e:.0%} of what the X-rays' noise allows (a right pose reaches about all of it; "
+               f"below {share:.0%} is doubtful)")
+        lines.append(f"DOUBTFUL: {why}. The CT may sit on a neighbouring vertebra or at a wrong "
                      "rotation: check the overlay before using this result.")
     if info.get("diverged"):
         lines.append("The 2-D/3-D refinement made the match worse and was rejected; the pose before it is kept.")

@@ -139,3 +139,38 @@ def test_train_metal_refuses_a_folder_it_did_not_write_and_the_cli_checks_option
     assert main(["train-metal", "--out", str(tmp_path / "r"), "--cases", "0"]) == 2
     assert main(["train-metal", "--out", str(tmp_path / "r"), "--phantoms", "0", "--no-sample-ct"]) == 2
     assert "no CT to simulate" in capsys.readouterr().err
+
+
+def test_exclude_updates_cached_masks_and_a_network_marking_everything_is_not_used(lumbar):
+    """A mask computed before (a round field: cached) follows a later exclusion; a network
+    that marks (nearly) the whole X-ray is not used for it, and the run says so."""
+    from dataclasses import replace
+
+    from RadGSRegLib.register import RegisterConfig, run
+    from RadGSRegLib.register.config import MetalConfig
+    from RadGSRegLib.register.pipeline import MAX_METAL, mask_metal
+    from RadGSRegLib.register.target import make_target
+    from RadGSRegLib.simulate import XraySimConfig
+
+    cfg = CaseGenConfig(pixels=128, sim=XraySimConfig(field_diameter_mm=230.0), seed=5)
+    case = make_case(lumbar.ct, lumbar.seg, "L2", cfg, np.random.default_rng(5), label=lumbar.labels["L2"])
+    tgt = make_target(case, slab_mm=150.0, coarse_mm=2.0)
+    before = tgt.valid("ap", 64).copy()                     # cached now
+    m = np.zeros(tgt.images["ap"].shape, bool)
+    m[50:70, 50:70] = True
+    tgt.exclude("ap", m)
+    after = tgt.valid("ap", 64)
+    assert after.sum() < before.sum() and not after[26:34, 26:34].any()
+
+    everything = MetalNet(MetalNetConfig(features=(4, 4, 8, 8, 16, 4)))
+    with torch.no_grad():
+        for p in everything.parameters():
+            p.zero_()
+        everything.unet.final_conv.bias.fill_(10.0)         # metal everywhere
+    tgt = make_target(case, slab_mm=150.0, coarse_mm=2.0)
+    untouched = tgt.signal["ap"].copy()
+    info = mask_metal(tgt, MetalConfig(), net=everything)
+    assert info["skipped"] == ["ap", "lat"] and min(info["fraction"].values()) > MAX_METAL
+    assert "nothing left out" in info["warning"] and np.array_equal(tgt.signal["ap"], untouched)
+    res = run(replace(case, ground_truth=None), RegisterConfig(init="none", refine="none"), metal_net=everything)
+    assert any("metal network marked more than" in w for w in res.info["warnings"])

@@ -166,3 +166,33 @@ def test_tiled_ncc_ignores_a_bright_bar_the_template_lacks(rng):
     assert np.unravel_index(np.argmax(m_tiled), m_tiled.shape) == (12, 10)
     assert m_plain[12, 10] < 0.5 and m_tiled[12, 10] > 0.95
     assert m_tiled[12, 10] > m_keep_all[12, 10] + 0.1
+
+
+def test_noise_ceiling_is_the_best_ncc_the_noise_allows():
+    """Smooth anatomy plus white noise of a known sigma: noise_sigma finds the sigma, and the
+    ceiling matches sqrt(signal variance / total variance) of the compared (high-passed)
+    window, which the noise-free image itself scores against the noisy one."""
+    from scipy import ndimage
+
+    from RadGSRegLib.similarity import highpass, ncc, noise_ceiling, noise_sigma
+
+    rng = np.random.default_rng(3)
+    clean = ndimage.gaussian_filter(rng.normal(0, 1, (120, 140)), 6.0)            # smooth "anatomy"
+    clean /= clean.std()
+    for sigma in (0.3, 0.8):
+        noisy = clean + rng.normal(0, sigma, clean.shape)
+        assert abs(noise_sigma(noisy) - sigma) < 0.1 * sigma
+        hp_c, hp_n = highpass(clean, 8.0), highpass(noisy, 8.0)
+        want = np.sqrt(hp_c.var() / (hp_c.var() + sigma ** 2))
+        got = noise_ceiling(hp_n, sigma ** 2)
+        assert abs(got - want) < 0.03, (sigma, got, want)
+        assert abs(ncc(hp_c, hp_n) - got) < 0.03
+    valid = np.ones(clean.shape, bool)
+    valid[:, :70] = False
+    noisy = clean + rng.normal(0, 0.3, clean.shape)
+    noisy[~valid] = 1e3                                        # no signal there: must not count
+    assert abs(noise_sigma(noisy, valid) - 0.3) < 0.03
+    hp_c, hp_n = highpass(clean, 8.0, valid), highpass(noisy, 8.0, valid)
+    want = np.sqrt(hp_c[valid].var() / (hp_c[valid].var() + 0.09))
+    assert abs(noise_ceiling(hp_n, 0.09, valid) - want) < 0.03
+    assert noise_ceiling(np.ones((30, 30)), 0.01) == 0.0      # flat: nothing to correlate

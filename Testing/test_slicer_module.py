@@ -362,7 +362,7 @@ def test_result_nodes_overlay_and_summary(tmp_path):
     text = panel.result_summary(res, "L3")
     assert "tiled NCC, metal left out" in text and "second attempt" in text
     res.info["metal"] = {"mode": "mask", "fraction": {"ap": 0.031, "lat": 0.002}}      # metal found and masked
-    assert "Metal found in the X-rays (AP 3%, lateral 0% of the image) was left out" in panel.result_summary(res, "L3")
+    assert "Metal found in the X-rays (AP 3.1%, lateral 0.2% of the image) was left out" in panel.result_summary(res, "L3")
     res.info["metal"] = {"mode": "mask", "fraction": {"ap": 0.001, "lat": 0.002}}      # next to nothing: not said
     assert "Metal found" not in panel.result_summary(res, "L3")
 

@@ -207,7 +207,9 @@ class MetalConfig:
     """Metal in the X-rays that the CT does not have (screws, K-wires, retractor blades),
     found before registering by a small segmentation network
     (:mod:`RadGSRegLib.learned.metal`) and left out of every comparison of the X-rays with
-    the CT (search, refinement, check; :meth:`~RadGSRegLib.register.target.Target.exclude`).
+    the CT's DRRs (search, refinement, check) and of the RadGS-Reg network's inputs
+    (:meth:`~RadGSRegLib.register.target.Target.exclude`); the per-case Gaussian-fit
+    reconstruction still sees the whole X-rays.
 
     Attributes:
         mode: "mask" (find and leave out) or "never" (compare every pixel).
@@ -271,6 +273,12 @@ class RegisterConfig:
         metal: finding the metal in the X-rays and leaving it out (:class:`MetalConfig`).
         min_ncc: a result whose final windowed NCC (mean of both views) is below this is
             flagged as doubtful in ``Result.info["warnings"]``.
+        min_explained: so is a result whose final NCC is below this share of what the
+            X-rays' own noise allows (mean over the views of NCC / the window's noise
+            ceiling, :func:`~RadGSRegLib.similarity.noise_ceiling`): right poses score
+            0.91-1.01 of it, a neighbouring vertebra or a wrong rotation 0.52-0.83, at full
+            dose and at a tenth (issue #18's notes), where a fixed NCC cannot tell a noisy
+            right result from a clean wrong one.
         reject_drop: a 2-D/3-D result whose windowed NCC is more than this below its
             starting pose's is rejected (diverged) and the starting pose kept.
         reconstruct: also return a reconstruction of the vertebra region (``Result.recon``,
@@ -291,7 +299,8 @@ class RegisterConfig:
     refine3d: Refine3DConfig = field(default_factory=Refine3DConfig)
     robust: RobustConfig = field(default_factory=RobustConfig)
     metal: MetalConfig = field(default_factory=MetalConfig)
-    min_ncc: float = 0.75
+    min_ncc: float = 0.6
+    min_explained: float = 0.87
     reject_drop: float = 0.02
     reconstruct: bool = False
     recon_iterations: int = 300
@@ -305,6 +314,8 @@ class RegisterConfig:
             raise ConfigError(f"must be one of {', '.join(REFINES)}, not {self.refine!r}", field="refine")
         if self.device not in DEVICES and not re.fullmatch(r"cuda:\d+", str(self.device)):
             raise ConfigError(f"must be one of {', '.join(DEVICES)} (or cuda:N), not {self.device!r}", field="device")
+        if not 0 <= self.min_explained <= 1:
+            raise ConfigError(f"must be a share in [0, 1], not {self.min_explained}", field="min_explained")
         if self.init == "learned" and not self.model:
             raise ConfigError("'learned' needs model weights: a .pt file, or 'default' for the shipped ones "
                               "(CLI: --model default)", field="init")

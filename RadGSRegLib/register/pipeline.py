@@ -15,8 +15,10 @@ poses on their way through); :func:`stages_for` picks them from :class:`Register
    (:mod:`.refine2d`): the coarsest level from each candidate, the finer levels from the
    ``refine2d.keep`` best after it; the best final NCC wins, and a result worse than its own
    start is rejected (the start is kept, and a warning says so);
-5. ``check`` (always): the windowed NCC at the final pose; below ``min_ncc`` the result is
-   flagged doubtful; the DRRs at the final pose if asked for;
+5. ``check`` (always): the windowed NCC at the final pose, and its share of what each
+   X-ray's noise allows (``explained``: NCC / :func:`~.refine2d.ncc_ceiling`, mean over the
+   views); below ``min_ncc`` or ``min_explained`` the result is flagged doubtful; the DRRs
+   at the final pose if asked for;
 6. ``output`` (``reconstruct`` without a reconstruction yet): a Gaussian fit for display.
 
 With ``robust.mode`` "auto" (the default), a result the check finds doubtful is registered
@@ -26,6 +28,11 @@ that similarity and its pose shows the metal (outlier tiles in both views;
 ``info["robust"]``); "always" uses it from the start, "never" not at all. A result the plain
 similarity accepts is never changed by it; ``info["final_ncc_similarity"]`` says which
 similarity the final NCC is.
+
+Before the stages, with ``metal.mode`` "mask" (the default), the metal in both X-rays
+(screws, K-wires, retractors: not in the CT) is found by a small network and left out of
+every comparison with the CT's DRRs and of the network's inputs (:func:`mask_metal`,
+``info["metal"]``); the Gaussian-fit reconstruction still sees the whole X-rays.
 
 Without ``search`` the case's own initial guess (or the vertebra at the isocentre) is the
 one candidate. A new stage is one function ``stage(reg: Registration) -> None`` that reads
@@ -47,7 +54,7 @@ from ..geometry import apply, translation
 from ..io import Case, Result
 from ..volume import Volume
 from .config import MetalConfig, RegisterConfig, RobustConfig
-from .refine2d import outlier_fraction, refine_lm, windowed_ncc
+from .refine2d import ncc_ceiling, outlier_fraction, refine_lm, windowed_ncc
 from .refine3d import refine_3d
 from .search import search_pose
 from .target import Target, make_target
@@ -208,7 +215,7 @@ def refine2d_stage(reg: Registration) -> None:
                              within=(k, total))
             Tc, ci = refine_lm(reg.target, c.T, cfg.refine2d, robust=reg.robust, levels=levels[:1])
             coarse.append((float(np.mean(list(ci["levels"][-1]["ncc"].values()))), k, Tc, ci, c))
-        order = sorted(coarse, key=lambda x: -x[0])
+        order = sorted(coarse, key=lambda x: -x[0] if np.isfinite(x[0]) else np.inf)     # NaN (no overlap) last
         reg.info["refine2d_coarse"] = [{"candidate": k, "ncc": m} for m, k, *_ in coarse]
         best = None
         for j, (m0, k, Tc, ci, c) in enumerate(order[:keep]):
@@ -239,14 +246,21 @@ def check_stage(reg: Registration) -> None:
     reg.report.stage("check", "checking the result")
     with reg.timed("check"):
         views_ncc = windowed_ncc(reg.target, reg.T, cfg.refine2d, robust=reg.robust)
+        ceiling = ncc_ceiling(reg.target, reg.T, cfg.refine2d)
         reg.info["final_ncc_views"] = views_ncc
         reg.info["final_ncc"] = m = float(np.mean(list(views_ncc.values())))
         reg.info["final_ncc_similarity"] = "tiled" if reg.robust is not None else "plain"
-        reg.info["min_ncc"] = cfg.min_ncc
-        reg.info["doubtful"] = m < cfg.min_ncc
+        reg.info["ncc_ceiling_views"] = ceiling
+        reg.info["explained"] = e = float(np.mean([views_ncc[k] / ceiling[k] if ceiling[k] > 0 else 0.0
+                                                   for k in views_ncc]))
+        reg.info["min_ncc"], reg.info["min_explained"] = cfg.min_ncc, cfg.min_explained
+        reg.info["doubtful"] = m < cfg.min_ncc or e < cfg.min_explained
+        what = f"final {'tiled ' if reg.robust is not None else ''}NCC {m:.2f}"
         if m < cfg.min_ncc:
-            reg.warnings.append(f"doubtful result: final {'tiled ' if reg.robust is not None else ''}NCC {m:.2f} "
-                                f"< {cfg.min_ncc}")
+            reg.warnings.append(f"doubtful result: {what} < {cfg.min_ncc}")
+        elif e < cfg.min_explained:
+            reg.warnings.append(f"doubtful result: {what} is {e:.0%} of what the X-rays' noise allows "
+                                f"(< {cfg.min_explained:.0%})")
         if cfg.drrs:
             reg.drrs = {name: reg.target.render(reg.case.views[name], reg.T) for name in ("ap", "lat")}
 
@@ -336,6 +350,8 @@ def run(case: Case, config: RegisterConfig | None = None, log=None, *, net=None,
     prep = time.perf_counter() - t0
     t1 = time.perf_counter()
     info["metal"] = mask_metal(tgt, cfg.metal, net=metal_net, report=report, log=log)
+    if "warning" in info["metal"]:
+        warnings.append(info["metal"]["warning"])
     metal_s = time.perf_counter() - t1
 
     stages = stages_for(cfg)
@@ -366,11 +382,16 @@ def run(case: Case, config: RegisterConfig | None = None, log=None, *, net=None,
     return Result(T_ct_to_carm=reg.T, runtime_s=reg.runtime, recon=reg.recon, info=reg.info, drrs=reg.drrs)
 
 
+#: more of an X-ray than this marked as metal: the mask is not used for it (and a warning says so)
+MAX_METAL = 0.5
+
+
 def mask_metal(tgt: Target, cfg: MetalConfig, *, net=None, report=None, log=None) -> dict:
     """Find the metal in both X-rays (:func:`~RadGSRegLib.learned.metal.segment_metal`) and
     leave it out of every comparison (:meth:`~.target.Target.exclude`). Returns the record
-    for ``info["metal"]``: ``mode`` and, when masking, per view the fraction of the X-ray's
-    signal pixels left out (``fraction``). ``net``: the loaded
+    for ``info["metal"]``: ``mode`` and, when masking, ``model`` (the weights named) and per
+    view the fraction of the X-ray's signal pixels marked (``fraction``); a view marked over
+    :data:`MAX_METAL` is not masked (``skipped``, ``warning``: the run adds it to its warnings). ``net``: the loaded
     :class:`~RadGSRegLib.learned.metal.MetalNet` (None: ``cfg.model`` is loaded)."""
     if cfg.mode == "never":
         return {"mode": "never"}
@@ -378,19 +399,29 @@ def mask_metal(tgt: Target, cfg: MetalConfig, *, net=None, report=None, log=None
 
     if net is None:
         net = MetalNet.load(cfg.model_path())
-
     if report is not None:
         report.stage("metal", "finding metal in the X-rays")
-    frac = {}
+    frac, masks, skipped = {}, {}, []
     for name in ("ap", "lat"):
         img, view = tgt.images[name], tgt.views[name]
         valid = tgt.signal[name]
         m = segment_metal(net, img, view, valid, threshold=cfg.threshold, dilate_mm=cfg.dilate_mm)
         frac[name] = float(m.sum() / (m.size if valid is None else max(int(valid.sum()), 1)))
+        if frac[name] > MAX_METAL:           # not an X-ray like those it learned from: compare every pixel
+            skipped.append(name)
+        else:
+            masks[name] = m
+    for name, m in masks.items():
         tgt.exclude(name, m)
     if log:
-        log(f"  metal: {frac['ap']:.1%} of the AP and {frac['lat']:.1%} of the lateral X-ray left out")
-    return {"mode": cfg.mode, "fraction": frac}
+        log(f"  metal: {frac['ap']:.1%} of the AP and {frac['lat']:.1%} of the lateral X-ray"
+            + (f" (not left out: {', '.join(skipped)})" if skipped else " left out"))
+    out = {"mode": cfg.mode, "model": str(cfg.model), "fraction": frac}
+    if skipped:
+        out["skipped"] = skipped
+        out["warning"] = (f"the metal network marked more than {MAX_METAL:.0%} of the {' and '.join(skipped)} X-ray "
+                          "(not an X-ray like those it was trained on?): nothing left out there")
+    return out
 
 
 def _second_attempt(first: Registration, attempt) -> Registration:

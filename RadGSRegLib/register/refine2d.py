@@ -23,11 +23,12 @@ from typing import NamedTuple, Optional
 import numpy as np
 
 from ..geometry import apply, compose, pose_to_matrix
-from ..similarity import contrast_outliers, highpass, ncc_from_residuals, ncc_residuals, tile_grid
+from ..similarity import (contrast_outliers, highpass, ncc_from_residuals, ncc_residuals, noise_ceiling, noise_sigma,
+                          tile_grid)
 from .config import Level, RefineConfig, RobustConfig
 from .target import Target
 
-__all__ = ["Level", "RefineConfig", "refine_lm", "windowed_ncc", "outlier_fraction"]
+__all__ = ["Level", "RefineConfig", "refine_lm", "windowed_ncc", "ncc_ceiling", "outlier_fraction"]
 
 
 class _Window(NamedTuple):
@@ -67,14 +68,8 @@ def _windows(tgt: Target, T, level: Level, cfg: RefineConfig, robust: RobustConf
     view is the result's ``outliers``)."""
     windows = _Windows()
     for name in ("ap", "lat"):
-        img, view = tgt.image(name, level.pixels)
-        win = tgt.window(view, T, level.margin_mm)
+        img, view, win, sig, valid = _view_window(tgt, name, T, level)
         c0, r0, w, h = win
-        sig = level.highpass_mm * tgt.magnification(view, T) / view.pixel_spacing[0] if level.highpass_mm else None
-        valid = _usable(tgt, name, level.pixels, view, T, win)
-        if valid is not None:
-            # all carry a signal, or too few to correlate (the vertebra left the field): the plain window
-            valid = None if valid.all() or valid.sum() < 16 else valid
         img_win = img[r0:r0 + h, c0:c0 + w]
         img_win = highpass(img_win, sig, valid) if sig else img_win
         if robust is None:
@@ -101,6 +96,50 @@ def _windows(tgt: Target, T, level: Level, cfg: RefineConfig, robust: RobustConf
         windows[name] = _Window(view, win, sig, valid, tiles,
                                 [img_win[rs, cs] if m is None else img_win[rs, cs][m] for rs, cs, m, _ in tiles])
     return windows
+
+
+def _view_window(tgt: Target, name: str, T, level: Level):
+    """View ``name`` at ``level`` and pose ``T``: (X-ray at the level's size, its view, the
+    vertebra's window (col0, row0, cols, rows), the high-pass sigma in pixels or None, the
+    window's comparable pixels (:func:`_usable`; None: all, or too few to correlate: the
+    vertebra left the field, so the plain window))."""
+    img, view = tgt.image(name, level.pixels)
+    win = tgt.window(view, T, level.margin_mm)
+    sig = level.highpass_mm * tgt.magnification(view, T) / view.pixel_spacing[0] if level.highpass_mm else None
+    valid = _usable(tgt, name, level.pixels, view, T, win)
+    if valid is not None and (valid.all() or valid.sum() < 16):
+        valid = None
+    return img, view, win, sig, valid
+
+
+def ncc_ceiling(tgt: Target, T: np.ndarray, cfg: RefineConfig, level: Level | None = None) -> dict[str, float]:
+    """Per view, the highest windowed NCC the X-ray's own noise allows at pose ``T``: the
+    window and pixels :func:`windowed_ncc` compares (at ``level``, default the finest),
+    with the noise measured where it is white, on the X-ray's own pixels
+    (:func:`~RadGSRegLib.similarity.noise_sigma` in the same window), and carried through the
+    resampling to the level's size and the high-pass by doing both to white noise
+    (:func:`~RadGSRegLib.similarity.noise_ceiling`)."""
+    from ..xray import resize_view_image
+
+    level = level or cfg.levels[-1]
+    out = {}
+    for name in ("ap", "lat"):
+        img, view, (c0, r0, w, h), sig, valid = _view_window(tgt, name, T, level)
+        native = tgt.images[name]
+        sy, sx = native.shape[0] / img.shape[0], native.shape[1] / img.shape[1]
+        rows = slice(int(np.floor(r0 * sy)), int(np.ceil((r0 + h) * sy)))
+        cols = slice(int(np.floor(c0 * sx)), int(np.ceil((c0 + w) * sx)))
+        signal = tgt.signal[name]
+        sigma = noise_sigma(native[rows, cols], None if signal is None else signal[rows, cols])
+        white, _ = resize_view_image(np.random.default_rng(0).standard_normal(native.shape).astype(np.float32),
+                                     tgt.views[name], (img.shape[1], img.shape[0]))
+        white = white[r0:r0 + h, c0:c0 + w]
+        win_img = img[r0:r0 + h, c0:c0 + w]
+        if sig:
+            white, win_img = highpass(white, sig, valid), highpass(win_img, sig, valid)
+        gain = float(white.var() if valid is None else white[valid].var())
+        out[name] = noise_ceiling(win_img, sigma ** 2 * gain, valid)
+    return out
 
 
 def _usable(tgt: Target, name: str, pixels: int, view, T, win) -> np.ndarray | None:

@@ -242,7 +242,8 @@ def train_metal(cfg: MetalTrainConfig, out, *, log=print, overwrite: bool = Fals
     net = MetalNet(cfg.net)
     opt = torch.optim.Adam(net.parameters(), lr=cfg.lr)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, cfg.steps)
-    pos = float(np.mean([float(d["y"].float().mean()) for d in train if d["metal"]]) or 0.01)
+    shares = [float(d["y"].float().mean()) for d in train if d["metal"]]
+    pos = float(np.mean(shares)) if shares else 0.01          # the mean share of metal pixels
     bce = torch.nn.BCEWithLogitsLoss(pos_weight=torch.tensor(min(20.0, max(1.0, 0.2 / max(pos, 1e-4)))))
     dice = DiceLoss(sigmoid=True, batch=True)
     history, t0 = [], time.perf_counter()
