@@ -21,8 +21,8 @@ import warnings
 
 import numpy as np
 
-__all__ = ["noise_sigma", "noise_ceiling", "zscore", "ncc", "ncc_residuals", "ncc_from_residuals", "ncc_torch", "ncc_map", "highpass", "tile_grid",
-           "contrast_outliers", "ncc_map_tiled"]
+__all__ = ["zscore", "ncc", "ncc_residuals", "ncc_from_residuals", "ncc_torch", "ncc_map", "highpass", "tile_grid",
+           "contrast_outliers", "ncc_map_tiled", "noise_sigma", "noise_ceiling"]
 
 
 def zscore(a: np.ndarray) -> np.ndarray:
