@@ -107,18 +107,6 @@ class MetalNet(nn.Module):
         return net.to(device).eval()
 
 
-def _gaussian(img: torch.Tensor, sigma_px: float) -> torch.Tensor:
-    """(B, 1, H, W) blurred by a separable Gaussian (reflect-padded)."""
-    r = max(1, int(np.ceil(3 * sigma_px)))
-    x = torch.arange(-r, r + 1, dtype=img.dtype, device=img.device)
-    k = torch.exp(-0.5 * (x / sigma_px) ** 2)
-    k = k / k.sum()
-    r = min(r, img.shape[-1] - 1, img.shape[-2] - 1)
-    k = k[k.numel() // 2 - r: k.numel() // 2 + r + 1]
-    out = F.conv2d(F.pad(img, (r, r, 0, 0), mode="reflect"), k.view(1, 1, 1, -1))
-    return F.conv2d(F.pad(out, (0, 0, r, r), mode="reflect"), k.view(1, 1, -1, 1))
-
-
 def network_input(image: np.ndarray, view: View, cfg: MetalNetConfig,
                   valid: np.ndarray | None = None) -> tuple[torch.Tensor, tuple[int, int]]:
     """The network's input for one X-ray.
@@ -134,6 +122,8 @@ def network_input(image: np.ndarray, view: View, cfg: MetalNetConfig,
         ``cfg.highpass_mm``, both 0 where there is no signal), and the working size
         (rows, cols) before padding.
     """
+    from scipy import ndimage
+
     from ..xray import resize_view_image
 
     rows, cols = image.shape
@@ -151,10 +141,8 @@ def network_input(image: np.ndarray, view: View, cfg: MetalNetConfig,
     vals = img[ok] if ok.any() else img.ravel()
     mean, std = float(vals.mean()), float(vals.std()) + 1e-6
     z = np.where(ok, (img - mean) / std, 0.0).astype(np.float32)
-    t = torch.from_numpy(z)[None, None]
-    hp = t - _gaussian(t, cfg.highpass_mm / cfg.pixel_mm)
-    hp = hp * torch.from_numpy(ok)[None, None]
-    x = torch.cat([t, hp], dim=1)
+    hp = (z - ndimage.gaussian_filter(z, cfg.highpass_mm / cfg.pixel_mm, mode="mirror", truncate=3.0)) * ok
+    x = torch.from_numpy(np.stack([z, hp.astype(np.float32)]))[None]
     H, W = x.shape[-2:]
     ph, pw = (-H) % 16, (-W) % 16
     return F.pad(x, (0, pw, 0, ph)), (H, W)

@@ -275,9 +275,9 @@ class RegisterConfig:
             flagged as doubtful in ``Result.info["warnings"]``.
         min_explained: so is a result whose final NCC is below this share of what the
             X-rays' own noise allows (mean over the views of NCC / the window's noise
-            ceiling, :func:`~RadGSRegLib.similarity.noise_ceiling`): right poses score
-            0.91-1.01 of it, a neighbouring vertebra or a wrong rotation 0.52-0.83, at full
-            dose and at a tenth (issue #18's notes), where a fixed NCC cannot tell a noisy
+            ceiling, :func:`~RadGSRegLib.similarity.noise_ceiling`): on the development suites
+            right poses scored 0.90-1.01 of it (one at 1.99 mm: 0.81), a neighbouring vertebra
+            or a wrong rotation 0.51-0.86, at full dose and at a tenth (issue #18's notes), where a fixed NCC cannot tell a noisy
             right result from a clean wrong one.
         reject_drop: a 2-D/3-D result whose windowed NCC is more than this below its
             starting pose's is rejected (diverged) and the starting pose kept.

@@ -221,19 +221,14 @@ def train_metal(cfg: MetalTrainConfig, out, *, log=print, overwrite: bool = Fals
 
     from ..errors import OutputError
 
-    from ..io.outputs import check_writable, why_not_ours, write_marker
+    from ..io.outputs import write_marker
+    from .train import _check_out
 
     out = Path(out)
-    if out.exists():
-        if not out.is_dir():
-            raise OutputError(f"run folder (--out) {out}: is a file; give a folder")
-        why = why_not_ours(out, "train-metal") if any(out.iterdir()) else None
-        if why:
-            raise OutputError(f"run folder (--out) {out} {why}; give a new or empty folder")
+    _check_out(out, "train-metal")
     weights = out / "metal_seg.pt"
     if weights.exists() and not overwrite:
         raise OutputError(f"{weights}: exists; choose another --out or pass --overwrite")
-    check_writable(out, f"run folder (--out) {out}", inside=True)
     out.mkdir(parents=True, exist_ok=True)
     write_marker(out, "train-metal")
     train, val = _cached_images(cfg, out, log)

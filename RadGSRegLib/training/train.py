@@ -128,16 +128,17 @@ def _started(out: Path) -> bool:
     return (out / "checkpoint.pt").is_file() or (out / "model.pt").is_file()
 
 
-def _check_out(out: Path) -> None:
-    """The run folder is new, empty, or one a run wrote (RadGSRegLib.io.outputs' "train"
-    layout: config.json, checkpoint.pt, log.jsonl, model.pt, data/, tensorboard/)."""
+def _check_out(out: Path, kind: str = "train") -> None:
+    """The run folder is new, empty, or one a run of ``kind`` wrote (RadGSRegLib.io.outputs'
+    layouts: "train" holds config.json, checkpoint.pt, log.jsonl, model.pt, data/,
+    tensorboard/; "train-metal" data.pt, history.json, metal_seg.pt)."""
     from ..io.outputs import why_not_ours
 
     if out.exists():
         if not out.is_dir():
             raise OutputError(f"run folder (--out) {out}: is a file; give a folder")
         if any(out.iterdir()):
-            why = why_not_ours(out, "train")
+            why = why_not_ours(out, kind)
             if why:
                 raise RunFolderError(f"run folder (--out) {out} {why}; give a new or empty folder")
     check_writable(out, f"run folder (--out) {out}", inside=True)
