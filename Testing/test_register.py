@@ -525,3 +525,62 @@ def test_the_check_flags_a_neighbouring_vertebra_at_any_dose(small_phantom):
     for dose in (3000.0, 15.0):
         assert share[dose, "right"][1] > 0.9 > cfg.min_explained > share[dose, "neighbour"][1]
     assert share[15.0, "right"][0] < share[3000.0, "neighbour"][0]       # a fixed NCC bar cannot do this
+
+
+def test_search_template_is_the_whole_detectors_high_passed_drr_cut_to_the_window(easy_case):
+    """The search high-passes the X-ray whole and cuts the vertebra's window from it; its
+    template must be made the same way (a fast path: only the window and a kernel-wide
+    border are rendered). High-passing the cut window alone differs near its edges."""
+    from RadGSRegLib.register.search import _template
+    from RadGSRegLib.register.target import make_target
+    from RadGSRegLib.similarity import highpass
+
+    case = read_case(easy_case, ground_truth=True)
+    cfg = RegisterConfig()
+    tgt = make_target(case, slab_mm=cfg.slab_mm, coarse_mm=cfg.coarse_mm)
+    G, s = case.ground_truth, cfg.search
+    for name in ("ap", "lat"):
+        _, view = tgt.image(name, s.pixels)
+        for margin in (5.0, s.margin_mm, 60.0):               # inside the detector, and cut by its edge
+            c0, r0, w, h = tgt.window(view, G, margin)
+            sig = s.highpass_mm * tgt.magnification(view, G) / view.pixel_spacing[0]
+            templ, cov = _template(tgt, view, G, (c0, r0, w, h), sig, s.supersample)
+            whole = highpass(tgt.render(view, G, s.supersample, coarse=True), sig)[r0:r0 + h, c0:c0 + w]
+            assert cov is None and templ.shape == (h, w)
+            np.testing.assert_allclose(templ, whole, atol=1e-6 * np.abs(whole).max())
+            alone = highpass(tgt.render(view.cropped(c0, r0, w, h), G, s.supersample, coarse=True), sig)
+            assert np.abs(alone - whole).max() > 0.05 * np.abs(whole).max()   # what the reference catches
+
+
+def test_the_second_search_pass_rescores_a_right_rotation_from_where_it_puts_the_vertebra(easy_case):
+    """A hypothesis with the right rotation but far from the truth is scored by a template
+    rendered where it started (the wrong magnification and parallax); the second pass
+    renders it where the first put the vertebra: the score rises and the pose is not worse.
+    Candidates that put the vertebra within ``distinct_mm`` of a better one come last."""
+    from dataclasses import replace
+
+    from RadGSRegLib.geometry import apply
+    from RadGSRegLib.register.search import search_pose
+    from RadGSRegLib.register.target import make_target
+
+    case = read_case(easy_case, ground_truth=True)
+    cfg = RegisterConfig()
+    tgt = make_target(case, slab_mm=cfg.slab_mm, coarse_mm=cfg.coarse_mm)
+    G = case.ground_truth
+    T = G.copy()
+    T[:3, 3] += [30.0, -35.0, 20.0]                          # the true rotation, far off
+    err = lambda H: float(np.linalg.norm(apply(H, tgt.centre) - apply(G, tgt.centre)))
+    one = replace(cfg.search, rot_deg=(0.0,), candidates=1)
+    first, = search_pose(tgt, T, replace(one, verify=0))
+    second, = search_pose(tgt, T, replace(one, verify=1))
+    assert second.info["first_pass_score"] == pytest.approx(first.score)
+    assert second.score > first.score
+    assert err(second.T) <= err(first.T) + 0.5 and err(second.T) < 3.0
+    several = replace(cfg.search, rot_deg=(-4.0, 4.0), candidates=4, verify=8)
+    by_score = search_pose(tgt, G, replace(several, distinct_mm=0.0))
+    assert [h.score for h in by_score] == sorted((h.score for h in by_score), reverse=True)
+    spread = search_pose(tgt, G, replace(several, distinct_mm=10.0))
+    assert spread[0].score == by_score[0].score
+    centres = [apply(h.T, tgt.centre) for h in spread]
+    firsts = [k for k in range(len(spread)) if all(np.linalg.norm(centres[k] - centres[j]) >= 10.0 for j in range(k))]
+    assert firsts == list(range(len(firsts)))               # the distinct ones lead, then the rest

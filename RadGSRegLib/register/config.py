@@ -102,9 +102,14 @@ class SearchConfig:
     highpass_mm: float = 8.0
     supersample: int = 2
     min_overlap: float = 0.25
+    verify: int = 12
+    verify_range_mm: float = 15.0
+    distinct_mm: float = 10.0
 
     def __post_init__(self):
         check(self)
+        if self.verify < 0:
+            raise ConfigError(f"must be 0 (no second pass) or more, not {self.verify}", field="verify")
         if not 0 < self.min_overlap <= 1:
             raise ConfigError(f"must be a fraction in (0, 1], not {self.min_overlap}", field="min_overlap")
 
