@@ -584,3 +584,6 @@ def test_the_second_search_pass_rescores_a_right_rotation_from_where_it_puts_the
     centres = [apply(h.T, tgt.centre) for h in spread]
     firsts = [k for k in range(len(spread)) if all(np.linalg.norm(centres[k] - centres[j]) >= 10.0 for j in range(k))]
     assert firsts == list(range(len(firsts)))               # the distinct ones lead, then the rest
+    for bad in ({"verify": -1}, {"verify_range_mm": 0.0}, {"distinct_mm": -1.0}):
+        with pytest.raises(ValueError, match=next(iter(bad))):
+            SearchConfig(**bad)

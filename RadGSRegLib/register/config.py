@@ -91,6 +91,14 @@ class SearchConfig:
             left out at the true pose: 0.5 then never scored the truth (real CT, every effect,
             the true metal masked: 4 of the first 10 cases registered, 0.25: 8; clean cases
             unchanged, issue #18's notes).
+        verify: the best this many hypotheses are searched a second time (``verify_range_mm``,
+            ± mm, no prior) with the template rendered where the first pass put the vertebra:
+            a right rotation that started tens of mm off was scored through the wrong
+            magnification and parallax and ranked below look-alikes (0: no second pass).
+        distinct_mm: candidates that put the vertebra at least this far from every better one
+            are taken first (a look-alike neighbour's rotations no longer fill every slot;
+            the real-CT and phantom failures these two and the template fix rescued are in
+            issue #18's notes).
     """
 
     rot_deg: tuple = (-15.0, -5.0, 5.0, 15.0)
@@ -110,6 +118,10 @@ class SearchConfig:
         check(self)
         if self.verify < 0:
             raise ConfigError(f"must be 0 (no second pass) or more, not {self.verify}", field="verify")
+        if self.verify_range_mm <= 0:
+            raise ConfigError(f"must be positive, not {self.verify_range_mm}", field="verify_range_mm")
+        if self.distinct_mm < 0:
+            raise ConfigError(f"must be 0 (rank by score alone) or more, not {self.distinct_mm}", field="distinct_mm")
         if not 0 < self.min_overlap <= 1:
             raise ConfigError(f"must be a fraction in (0, 1], not {self.min_overlap}", field="min_overlap")
 
