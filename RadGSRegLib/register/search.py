@@ -4,7 +4,8 @@ Every combination of :attr:`SearchConfig.rot_deg` about the three axes (about th
 vertebra's centre) is a rotation hypothesis; for each, :func:`search_translation` finds the
 shift that best aligns both views' vertebra windows, and the ``candidates`` best
 hypotheses (by the mean of both views' NCC; the ``verify`` best searched again from where
-they put the vertebra, then spread over distinct vertebra positions) go on to the refinement. This stage decides
+they put the vertebra, then spread over distinct vertebra positions) go on to the
+refinement. This stage decides
 whether a registration succeeds: it captures offsets of tens of mm in one step, and its
 typical failure is a look-alike neighbouring vertebra (``prior`` and the joint
 cranio-caudal shift below work against that).
