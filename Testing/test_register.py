@@ -555,8 +555,7 @@ def test_search_template_is_the_whole_detectors_high_passed_drr_cut_to_the_windo
 def test_the_second_search_pass_rescores_a_right_rotation_from_where_it_puts_the_vertebra(easy_case):
     """A hypothesis with the right rotation but far from the truth is scored by a template
     rendered where it started (the wrong magnification and parallax); the second pass
-    renders it where the first put the vertebra: the score rises and the pose is not worse.
-    Candidates that put the vertebra within ``distinct_mm`` of a better one come last."""
+    renders it where the first put the vertebra: the score rises and the pose is not worse."""
     from dataclasses import replace
 
     from RadGSRegLib.geometry import apply
@@ -576,14 +575,44 @@ def test_the_second_search_pass_rescores_a_right_rotation_from_where_it_puts_the
     assert second.info["first_pass_score"] == pytest.approx(first.score)
     assert second.score > first.score
     assert err(second.T) <= err(first.T) + 0.5 and err(second.T) < 3.0
-    several = replace(cfg.search, rot_deg=(-4.0, 4.0), candidates=4, verify=8)
-    by_score = search_pose(tgt, G, replace(several, distinct_mm=0.0))
-    assert [h.score for h in by_score] == sorted((h.score for h in by_score), reverse=True)
-    spread = search_pose(tgt, G, replace(several, distinct_mm=10.0))
-    assert spread[0].score == by_score[0].score
-    centres = [apply(h.T, tgt.centre) for h in spread]
-    firsts = [k for k in range(len(spread)) if all(np.linalg.norm(centres[k] - centres[j]) >= 10.0 for j in range(k))]
-    assert firsts == list(range(len(firsts)))               # the distinct ones lead, then the rest
+    moved = apply(second.T, tgt.centre) - apply(T, tgt.centre)     # both passes' shifts, added up
+    np.testing.assert_allclose(second.info["search_shift_mm"], moved, atol=1e-6)
     for bad in ({"verify": -1}, {"verify_range_mm": 0.0}, {"distinct_mm": -1.0}):
         with pytest.raises(ValueError, match=next(iter(bad))):
             SearchConfig(**bad)
+
+
+def test_candidates_take_distinct_vertebra_positions_first_and_never_fall_short(easy_case, monkeypatch):
+    """With scores and places fixed (a stand-in translation search): by score when
+    ``distinct_mm`` is 0; otherwise a hypothesis within ``distinct_mm`` of a better one taken
+    waits until the distinct ones are in; and a second pass over fewer hypotheses than
+    ``candidates`` still returns ``candidates`` of them."""
+    from dataclasses import replace
+
+    from RadGSRegLib.geometry import apply, compose, translation
+    from RadGSRegLib.register import search
+    from RadGSRegLib.register.target import make_target
+
+    case = read_case(easy_case)
+    cfg = RegisterConfig()
+    tgt = make_target(case, slab_mm=cfg.slab_mm, coarse_mm=cfg.coarse_mm)
+    T0 = case.initial_guess
+    plan = [(0.9, [0.0, 0.0, 0.0]), (0.8, [5.0, 0.0, 0.0]), (0.7, [40.0, 0.0, 0.0])]   # the rest: 0.1, at the first's place
+
+    def found(kw):
+        calls = []
+
+        def stand_in(tgt_, T, cfg_, robust=None):
+            score, d = plan[len(calls)] if len(calls) < len(plan) else (0.1, [0.0, 0.0, 0.0])
+            calls.append(1)
+            return compose(translation(d), T), {"search_score": score, "search_shift_mm": d}
+
+        monkeypatch.setattr(search, "search_translation", stand_in)
+        hs = search.search_pose(tgt, T0, replace(cfg.search, **{"rot_deg": (-4.0, 0.0, 4.0), "verify": 0, **kw}))
+        return [h.score for h in hs], [apply(h.T, tgt.centre) - apply(T0, tgt.centre) for h in hs]
+
+    assert found({"candidates": 2, "distinct_mm": 0.0})[0] == [0.9, 0.8]
+    scores, places = found({"candidates": 2, "distinct_mm": 10.0})
+    assert scores == [0.9, 0.7] and np.allclose(places[1], [40.0, 0.0, 0.0])
+    assert found({"candidates": 3, "distinct_mm": 10.0})[0] == [0.9, 0.7, 0.8]
+    assert len(found({"candidates": 3, "verify": 1})[0]) == 3

@@ -96,7 +96,7 @@ class SearchConfig:
             a right rotation that started tens of mm off was scored through the wrong
             magnification and parallax and ranked below look-alikes (0: no second pass).
         distinct_mm: candidates that put the vertebra at least this far from every better one
-            are taken first (a look-alike neighbour's rotations no longer fill every slot;
+            already taken are taken first (a look-alike neighbour's rotations no longer fill every slot;
             the real-CT and phantom failures these two and the template fix rescued are in
             issue #18's notes).
     """

@@ -141,12 +141,17 @@ def search_stage(reg: Registration) -> None:
     hypotheses become the candidates."""
     cfg = reg.cfg.search
     label = " (tiled)" if reg.robust else ""
+    rotations = len(cfg.rot_deg) ** 3 + (0.0 not in cfg.rot_deg)      # the grid, and the start's own
+
+    def progress(i, n):
+        second = f" (second pass, {i + 1 - rotations}/{n - rotations})" if i >= rotations else ""
+        reg.report.stage("search", f"pose search{label}: hypothesis {i + 1}/{n}{second}", within=(i, n))
+
     with reg.timed("search"):
-        found = search_pose(reg.target, reg.T, cfg, robust=reg.robust, progress=lambda i, n: reg.report.stage(
-            "search", f"pose search{label}: rotation hypothesis {i + 1}/{n}", within=(i, n)))
+        found = search_pose(reg.target, reg.T, cfg, robust=reg.robust, progress=progress)
         reg.candidates = [Candidate(h.T, h.score, h.info) for h in found]
         reg.info["search"] = [h.info for h in found]
-    reg.say(f"  pose search{label}: best of {len(cfg.rot_deg) ** 3 + (0.0 not in cfg.rot_deg)} rotations, "
+    reg.say(f"  pose search{label}: best of {rotations} rotations, "
             f"score {found[0].score:.3f}")
 
 

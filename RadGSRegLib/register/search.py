@@ -129,8 +129,9 @@ def search_pose(tgt: Target, T: np.ndarray, cfg: SearchConfig, progress=None,
     put the vertebra (``verify_range_mm``, no prior: the template now rendered there, with
     the magnification and the parallax of that place, so a right hypothesis that started far
     from the truth scores as it should) and ranked by that score. Returns the
-    ``candidates`` best, best first, taking hypotheses that put the vertebra at least
-    ``distinct_mm`` from every better one first (a look-alike neighbour's hypotheses, often
+    ``candidates`` best, best first (the verified ones before the rest), taking hypotheses
+    that put the vertebra at least ``distinct_mm`` from every better one already taken first
+    (greedy; a look-alike neighbour's hypotheses, often
     several rotations of it, do not crowd out the true level's), then the rest by score.
     ``robust``: see :func:`search_translation`. Each hypothesis's ``info`` holds the
     search's scores (``search_score``: the one ranked by; ``first_pass_score``).
@@ -159,7 +160,7 @@ def search_pose(tgt: Target, T: np.ndarray, cfg: SearchConfig, progress=None,
             Ts, info = search_translation(tgt, h.T, again, robust)
             shift = np.asarray(h.info["search_shift_mm"]) + np.asarray(info["search_shift_mm"])
             out[j] = Hypothesis(info["search_score"], Ts, {**h.info, **info, "search_shift_mm": shift.tolist()})
-        out = sorted(out[:cfg.verify], key=lambda h: -h.score)
+        out = sorted(out[:cfg.verify], key=lambda h: -h.score) + out[cfg.verify:]   # the rest: first-pass order
     chosen, rest = [], []
     for h in out:
         p = apply(h.T, tgt.centre)
