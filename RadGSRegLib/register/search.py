@@ -129,10 +129,10 @@ def search_pose(tgt: Target, T: np.ndarray, cfg: SearchConfig, progress=None,
     put the vertebra (``verify_range_mm``, no prior: the template now rendered there, with
     the magnification and the parallax of that place, so a right hypothesis that started far
     from the truth scores as it should) and ranked by that score. Returns the
-    ``candidates`` best, best first (the verified ones before the rest), taking hypotheses
-    that put the vertebra at least ``distinct_mm`` from every better one already taken first
-    (greedy; a look-alike neighbour's hypotheses, often
-    several rotations of it, do not crowd out the true level's), then the rest by score.
+    ``candidates`` best, best first (the verified ones before the rest), taking first, one by
+    one, those that put the vertebra at least ``distinct_mm`` from every one already taken (a
+    look-alike neighbour's hypotheses, often several rotations of it, do not crowd out the
+    true level's), then the others in the same order.
     ``robust``: see :func:`search_translation`. Each hypothesis's ``info`` holds the
     search's scores (``search_score``: the one ranked by; ``first_pass_score``).
 
