@@ -616,3 +616,9 @@ def test_candidates_take_distinct_vertebra_positions_first_and_never_fall_short(
     assert scores == [0.9, 0.7] and np.allclose(places[1], [40.0, 0.0, 0.0])
     assert found({"candidates": 3, "distinct_mm": 10.0})[0] == [0.9, 0.7, 0.8]
     assert len(found({"candidates": 3, "verify": 1})[0]) == 3
+    plan[3:] = [(0.95, [0.0, 0.0, 30.0])] + [(0.1, [0.0, 0.0, 0.0])] * 23 + [(0.5, [0.0, 0.0, 20.0])]
+    scores, places = found({"candidates": 1, "verify": 2, "distinct_mm": 0.0})   # call 28: the second pass of the 0.95
+    assert scores == [0.95] and np.allclose(places[0], [0.0, 0.0, 30.0])      # it scored lower there: kept as it was
+    plan[-1] = (0.99, [0.0, 0.0, 20.0])
+    scores, places = found({"candidates": 1, "verify": 2, "distinct_mm": 0.0})
+    assert scores == [0.99] and np.allclose(places[0], [0.0, 0.0, 50.0])      # higher: the second pass's pose

@@ -94,7 +94,8 @@ class SearchConfig:
         verify: the best this many hypotheses are searched a second time (``verify_range_mm``,
             ± mm, no prior) with the template rendered where the first pass put the vertebra:
             a right rotation that started tens of mm off was scored through the wrong
-            magnification and parallax and ranked below look-alikes (0: no second pass).
+            magnification and parallax and ranked below look-alikes (0: no second pass). A
+            hypothesis that scores lower in the second pass keeps its first pose and score.
         distinct_mm: candidates that put the vertebra at least this far from every better one
             already taken are taken first (a look-alike neighbour's rotations no longer fill every slot;
             the real-CT and phantom failures these two and the template fix rescued are in

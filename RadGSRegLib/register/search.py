@@ -128,13 +128,15 @@ def search_pose(tgt: Target, T: np.ndarray, cfg: SearchConfig, progress=None,
     :func:`search_translation`; the ``verify`` best of them searched again from where they
     put the vertebra (``verify_range_mm``, no prior: the template now rendered there, with
     the magnification and the parallax of that place, so a right hypothesis that started far
-    from the truth scores as it should) and ranked by that score. Returns the
+    from the truth scores as it should; one that scores lower there keeps its first pose and
+    score: no evidence against it) and ranked by that score. Returns the
     ``candidates`` best, best first (the verified ones before the rest), taking first, one by
     one, those that put the vertebra at least ``distinct_mm`` from every one already taken (a
     look-alike neighbour's hypotheses, often several rotations of it, do not crowd out the
     true level's), then the others in the same order.
     ``robust``: see :func:`search_translation`. Each hypothesis's ``info`` holds the
-    search's scores (``search_score``: the one ranked by; ``first_pass_score``).
+    search's scores (``search_score``: the one ranked by; ``first_pass_score``,
+    ``second_pass_score``).
 
     ``progress(i, n)``, if given, is called before hypothesis ``i`` of ``n``."""
     c = apply(T, tgt.centre)
@@ -158,8 +160,10 @@ def search_pose(tgt: Target, T: np.ndarray, cfg: SearchConfig, progress=None,
             if progress:
                 progress(len(hypotheses) + j, n)
             Ts, info = search_translation(tgt, h.T, again, robust)
-            shift = np.asarray(h.info["search_shift_mm"]) + np.asarray(info["search_shift_mm"])
-            out[j] = Hypothesis(info["search_score"], Ts, {**h.info, **info, "search_shift_mm": shift.tolist()})
+            h.info["second_pass_score"] = info["search_score"]
+            if info["search_score"] > h.score:             # a lower score is no evidence against the first
+                shift = np.asarray(h.info["search_shift_mm"]) + np.asarray(info["search_shift_mm"])
+                out[j] = Hypothesis(info["search_score"], Ts, {**h.info, **info, "search_shift_mm": shift.tolist()})
         out = sorted(out[:cfg.verify], key=lambda h: -h.score) + out[cfg.verify:]   # the rest: first-pass order
     chosen, rest = [], []
     for h in out:
