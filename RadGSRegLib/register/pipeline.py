@@ -56,7 +56,7 @@ from ..volume import Volume
 from .config import MetalConfig, RegisterConfig, RobustConfig
 from .refine2d import ncc_ceiling, outlier_fraction, refine_lm, windowed_ncc
 from .refine3d import refine_3d
-from .search import search_pose
+from .search import rotation_hypotheses, search_pose
 from .target import Target, make_target
 
 __all__ = ["run", "reconstruct_volume", "check_refinement", "Candidate", "Registration", "stages_for",
@@ -141,7 +141,7 @@ def search_stage(reg: Registration) -> None:
     hypotheses become the candidates."""
     cfg = reg.cfg.search
     label = " (tiled)" if reg.robust else ""
-    rotations = len(cfg.rot_deg) ** 3 + (0.0 not in cfg.rot_deg)      # the grid, and the start's own
+    rotations = len(rotation_hypotheses(cfg.rot_deg))
 
     def progress(i, n):
         second = f" (second pass, {i + 1 - rotations}/{n - rotations})" if i >= rotations else ""

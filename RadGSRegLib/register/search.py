@@ -28,7 +28,7 @@ from ..similarity import highpass, ncc_map, ncc_map_tiled
 from .config import RobustConfig, SearchConfig
 from .target import Target
 
-__all__ = ["SearchConfig", "Hypothesis", "search_translation", "search_pose"]
+__all__ = ["SearchConfig", "Hypothesis", "rotation_hypotheses", "search_translation", "search_pose"]
 
 
 @dataclass
@@ -121,6 +121,15 @@ def _template(tgt: Target, view, T: np.ndarray, win: tuple, sig: float, supersam
     return templ[inner], (None if cov is None else cov[inner])
 
 
+def rotation_hypotheses(rot_deg) -> list[tuple[float, float, float]]:
+    """The search's rotation hypotheses (Euler deg about x, y, z): every combination of
+    ``rot_deg`` about the three axes, and the starting rotation itself when the grid lacks it."""
+    hypotheses = list(itertools.product(rot_deg, repeat=3))
+    if (0.0, 0.0, 0.0) not in hypotheses:
+        hypotheses.append((0.0, 0.0, 0.0))
+    return hypotheses
+
+
 def search_pose(tgt: Target, T: np.ndarray, cfg: SearchConfig, progress=None,
                 robust: RobustConfig | None = None) -> list[Hypothesis]:
     """Every rotation hypothesis (``rot_deg`` about each axis, about where ``T`` puts the
@@ -141,9 +150,7 @@ def search_pose(tgt: Target, T: np.ndarray, cfg: SearchConfig, progress=None,
     ``progress(i, n)``, if given, is called before hypothesis ``i`` of ``n``."""
     c = apply(T, tgt.centre)
     out = []
-    hypotheses = list(itertools.product(cfg.rot_deg, repeat=3))
-    if (0.0, 0.0, 0.0) not in hypotheses:            # the starting rotation itself is always tried
-        hypotheses.append((0.0, 0.0, 0.0))
+    hypotheses = rotation_hypotheses(cfg.rot_deg)
     n = len(hypotheses) + min(cfg.verify, len(hypotheses))
     for i, rot in enumerate(hypotheses):
         if progress:
