@@ -100,6 +100,17 @@ class SearchConfig:
             already taken are taken first (a look-alike neighbour's rotations no longer fill every slot;
             the real-CT and phantom failures these two and the template fix rescued are in
             issue #18's notes).
+        rescue: a result the check finds doubtful is tried again from this many hypotheses at
+            levels of the spine the candidates did not try (:func:`.search.search_other_levels`:
+            each rotation's best placements along the column, not only its best), each
+            refined; the best of them replaces the result when its final NCC is higher (0:
+            no rescue). The search's look-alike neighbours often outscore the true level,
+            whose best placement is then no rotation's first: on the all-effects suites it
+            ranked 13th-17th; refined, the right level's final NCC was the higher in every
+            case measured (issue #18's notes).
+        level_mm: how far apart (mm at the vertebra, along the column) the rescue's
+            placements are, from each other and from the candidates' (about a lumbar
+            vertebra's height less a margin).
     """
 
     rot_deg: tuple = (-15.0, -5.0, 5.0, 15.0)
@@ -114,9 +125,15 @@ class SearchConfig:
     verify: int = 12
     verify_range_mm: float = 15.0
     distinct_mm: float = 10.0
+    rescue: int = 2
+    level_mm: float = 30.0
 
     def __post_init__(self):
         check(self)
+        if self.rescue < 0:
+            raise ConfigError(f"must be 0 (no rescue) or more, not {self.rescue}", field="rescue")
+        if self.level_mm <= 0:
+            raise ConfigError(f"must be positive, not {self.level_mm}", field="level_mm")
         if self.verify < 0:
             raise ConfigError(f"must be 0 (no second pass) or more, not {self.verify}", field="verify")
         if self.verify_range_mm <= 0:

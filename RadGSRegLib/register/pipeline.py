@@ -102,6 +102,7 @@ class Registration:
     region: Optional[Volume] = None
     drrs: Optional[dict] = None
     robust: Optional[RobustConfig] = None
+    searched: list = field(default_factory=list)        # the poses the search passed on, (4, 4) each
 
     @property
     def T(self) -> np.ndarray:
@@ -150,6 +151,7 @@ def search_stage(reg: Registration) -> None:
     with reg.timed("search"):
         found = search_pose(reg.target, reg.T, cfg, robust=reg.robust, progress=progress)
         reg.candidates = [Candidate(h.T, h.score, h.info) for h in found]
+        reg.searched = [h.T for h in found]
         reg.info["search"] = [h.info for h in found]
     reg.say(f"  pose search{label}: best of {rotations} rotations, "
             f"score {found[0].score:.3f}")
@@ -362,19 +364,21 @@ def run(case: Case, config: RegisterConfig | None = None, log=None, *, net=None,
     stages = stages_for(cfg)
     core = [st for st in stages if st is not output_stage]        # display output: once, for the kept attempt
 
-    def attempt(robust):
-        reg = Registration(case, cfg, tgt, [Candidate(T)], report, log=log, net=net, warnings=list(warnings),
-                           info=dict(info), robust=robust)
+    def attempt(robust, candidates=None, stages=core):
+        reg = Registration(case, cfg, tgt, candidates or [Candidate(T)], report, log=log, net=net,
+                           warnings=list(warnings), info=dict(info), robust=robust)
         reg.runtime["preprocessing"] = prep
         if cfg.metal.mode != "never":
             reg.runtime["metal"] = metal_s
-        for stage in core:
+        for stage in stages:
             stage(reg)
         return reg
 
     rc = cfg.robust
     reg = attempt(rc if rc.mode == "always" else None)
     reg.info["robust"] = {"mode": rc.mode, "on": rc.mode == "always"}
+    if cfg.search.rescue and reg.info["doubtful"] and search_stage in core and refine2d_stage in core:
+        reg = _rescue_levels(reg, T, lambda cands: attempt(reg.robust, cands, [refine2d_stage, check_stage]))
     # a second attempt can only differ where the similarity chooses the pose: the search, the 2-D/3-D refinement
     if rc.mode == "auto" and reg.info["doubtful"] and (search_stage in core or refine2d_stage in core):
         reg = _second_attempt(reg, attempt)
@@ -427,6 +431,50 @@ def mask_metal(tgt: Target, cfg: MetalConfig, *, net=None, report=None, log=None
         out["warning"] = (f"the metal network marked more than {MAX_METAL:.0%} of the {' and '.join(skipped)} X-ray "
                           "(not an X-ray like those it was trained on?): nothing left out there")
     return out
+
+
+def _rescue_levels(first: Registration, T0: np.ndarray, refine) -> Registration:
+    """A doubtful result tried again at other levels of the spine: the best hypotheses at
+    levels the search's candidates did not try (:func:`.search.search_other_levels` from the
+    search's start ``T0``), refined and checked (``refine(candidates)``: the 2-D/3-D
+    refinement and the check on them, a new :class:`Registration`). Their result replaces
+    the first when its final NCC (the same similarity) is higher, with a warning that names
+    the move along the spine (a different level: the surgeon should see it);
+    ``info["rescue"]`` records both NCCs; the runtimes add up (``rescue_search``: its search)."""
+    from .search import search_other_levels
+
+    tgt, cfg = first.target, first.cfg.search
+    first.say("  doubtful: the best hypotheses at other levels of the spine")
+    with first.timed("rescue_search"):
+        found = search_other_levels(tgt, T0, cfg, first.searched, robust=first.robust,
+                                    progress=lambda i, n: first.report.stage(
+                                        "check", f"doubtful: searching other levels of the spine ({i + 1}/{n})",
+                                        within=(i, n)))
+    record = {"hypotheses": len(found), "kept": False, "final_ncc_first": first.info["final_ncc"]}
+    if not found:
+        first.info["rescue"] = record
+        return first
+    second = refine([Candidate(h.T, h.score, h.info) for h in found])
+    record["final_ncc_rescue"] = second.info["final_ncc"]
+    switch = second.info["final_ncc"] > first.info["final_ncc"]
+    keep, other = (second, first) if switch else (first, second)
+    for k, v in other.runtime.items():
+        if k not in ("preprocessing", "metal"):
+            keep.runtime[k] = keep.runtime.get(k, 0.0) + v
+    if switch:
+        for k, v in first.info.items():                    # the search's record, the robust mode
+            keep.info.setdefault(k, v)
+        keep.searched = first.searched + [c.T for c in second.candidates]
+        moved = apply(keep.T, tgt.centre) - apply(first.T, tgt.centre)
+        keep.warnings.append(f"level: the search's first choice fit poorly (final NCC {first.info['final_ncc']:.2f}); a pose "
+                             f"{abs(moved[2]):.0f} mm along the spine (C-arm z {moved[2]:+.0f} mm) explains the X-rays "
+                             f"better (final NCC {second.info['final_ncc']:.2f}) and was kept: check the level")
+    record["kept"] = switch
+    record["other_warnings"] = [w for w in other.warnings if w not in keep.warnings]
+    keep.info["rescue"] = record
+    keep.say(f"  kept the {'other level' if switch else 'first result'} (final NCC {second.info['final_ncc']:.3f} "
+             f"at the other levels vs {first.info['final_ncc']:.3f})")
+    return keep
 
 
 def _second_attempt(first: Registration, attempt) -> Registration:

@@ -28,7 +28,8 @@ from ..similarity import highpass, ncc_map, ncc_map_tiled
 from .config import RobustConfig, SearchConfig
 from .target import Target
 
-__all__ = ["SearchConfig", "Hypothesis", "rotation_hypotheses", "search_translation", "search_pose"]
+__all__ = ["SearchConfig", "Hypothesis", "rotation_hypotheses", "search_translation", "search_levels", "search_pose",
+           "search_other_levels"]
 
 
 @dataclass
@@ -59,7 +60,21 @@ def search_translation(tgt: Target, T: np.ndarray, cfg: SearchConfig,
     Returns:
         (``T`` shifted, info: ``search_ncc_ap``/``_lat``, ``search_shift_mm``, ``search_score``).
     """
-    maps, info = {}, {}
+    return search_levels(tgt, T, cfg, robust, count=1)[0]
+
+
+def search_levels(tgt: Target, T: np.ndarray, cfg: SearchConfig, robust: RobustConfig | None = None,
+                  count: int = 1, sep_mm: float = 0.0) -> list[tuple[np.ndarray, dict]]:
+    """:func:`search_translation`'s best placement (first) and the next best ones along the
+    spine: the ``count`` best cranio-caudal shifts (the joint score of both views, best
+    first) at least ``sep_mm`` (mm at the vertebra, along the column) from each other, each
+    with its best shift across the column in each view. A look-alike neighbour often wins a
+    rotation's translation search; the true level is then one of these (issue #18's notes).
+
+    Returns:
+        up to ``count`` (``T`` shifted, info) as :func:`search_translation` returns them.
+    """
+    maps = {}
     for name in ("ap", "lat"):
         img, view = tgt.image(name, cfg.pixels)
         valid = tgt.valid(name, cfg.pixels)
@@ -80,23 +95,30 @@ def search_translation(tgt: Target, T: np.ndarray, cfg: SearchConfig,
         k = np.arange(-rng_px, rng_px + 1) / max(rng_px, 1)
         m = m - cfg.prior * (k[:, None] ** 2 + k[None, :] ** 2)
         maps[name] = (m, rng_px, px_mm, view)
-    # rows of both views run along -z: choose the row shift jointly
+    # rows of both views run along -z: the row shift is chosen jointly, each view moving the
+    # vertebra by half its rows' mm (so one row of both is the mean of their mm per row)
     rng = min(maps["ap"][1], maps["lat"][1])
-    best_z, best = 0, -np.inf
-    for dv in range(-rng, rng + 1):
-        score = sum(m[dv + r_, :].max() for m, r_, _, _ in maps.values())
-        if score > best:
-            best, best_z = score, dv
-    d = np.zeros(3)
-    for name, (m, r_, px_mm, view) in maps.items():
-        du = int(np.argmax(m[best_z + r_, :])) - r_
-        info[f"search_ncc_{name}"] = float(m[best_z + r_, du + r_])
-        for vec, amount in ((view.u, du * px_mm), (view.v, best_z * px_mm / 2)):
-            ax = int(np.argmax(np.abs(vec)))
-            d[ax] += amount * np.sign(vec[ax])
-    info["search_shift_mm"] = d.tolist()
-    info["search_score"] = float(sum(info[f"search_ncc_{n}"] for n in ("ap", "lat")) / 2)
-    return compose(pose_to_matrix([0, 0, 0, *d]), T), info
+    joint = np.array([sum(m[dv + r_, :].max() for m, r_, _, _ in maps.values()) for dv in range(-rng, rng + 1)])
+    mm_per_row = sum(px_mm for _, _, px_mm, _ in maps.values()) / 2
+    rows = []
+    for i in np.argsort(-joint, kind="stable"):                # best first; ties: the first row, as before
+        if all(abs(int(i) - j) * mm_per_row >= sep_mm for j in rows):
+            rows.append(int(i))
+        if len(rows) == count:
+            break
+    out = []
+    for i in rows:
+        best_z, info, d = i - rng, {}, np.zeros(3)
+        for name, (m, r_, px_mm, view) in maps.items():
+            du = int(np.argmax(m[best_z + r_, :])) - r_
+            info[f"search_ncc_{name}"] = float(m[best_z + r_, du + r_])
+            for vec, amount in ((view.u, du * px_mm), (view.v, best_z * px_mm / 2)):
+                ax = int(np.argmax(np.abs(vec)))
+                d[ax] += amount * np.sign(vec[ax])
+        info["search_shift_mm"] = d.tolist()
+        info["search_score"] = float(sum(info[f"search_ncc_{n}"] for n in ("ap", "lat")) / 2)
+        out.append((compose(pose_to_matrix([0, 0, 0, *d]), T), info))
+    return out
 
 
 def _template(tgt: Target, view, T: np.ndarray, win: tuple, sig: float, supersample: int):
@@ -162,16 +184,9 @@ def search_pose(tgt: Target, T: np.ndarray, cfg: SearchConfig, progress=None,
         out.append(Hypothesis(info["search_score"], Ts, info))
     out.sort(key=lambda h: -h.score)
     if cfg.verify:
-        again = replace(cfg, range_mm=cfg.verify_range_mm, prior=0.0)
-        for j, h in enumerate(out[:cfg.verify]):
-            if progress:
-                progress(len(hypotheses) + j, n)
-            Ts, info = search_translation(tgt, h.T, again, robust)
-            h.info["second_pass_score"] = info["search_score"]
-            if info["search_score"] > h.score:             # a lower score is no evidence against the first
-                shift = np.asarray(h.info["search_shift_mm"]) + np.asarray(info["search_shift_mm"])
-                out[j] = Hypothesis(info["search_score"], Ts, {**h.info, **info, "search_shift_mm": shift.tolist()})
-        out = sorted(out[:cfg.verify], key=lambda h: -h.score) + out[cfg.verify:]   # the rest: first-pass order
+        done = len(hypotheses)
+        out = _second_pass(tgt, out[:cfg.verify], cfg, robust,
+                           progress and (lambda j, _: progress(done + j, n))) + out[cfg.verify:]   # the rest: first-pass order
     chosen, rest = [], []
     for h in out:
         p = apply(h.T, tgt.centre)
@@ -180,3 +195,63 @@ def search_pose(tgt: Target, T: np.ndarray, cfg: SearchConfig, progress=None,
         if len(chosen) == cfg.candidates:
             break
     return (chosen + rest)[: cfg.candidates]
+
+
+def _second_pass(tgt: Target, hyps: list, cfg: SearchConfig, robust, progress=None) -> list[Hypothesis]:
+    """Each hypothesis searched again (``verify_range_mm``, no prior) from where it puts the
+    vertebra; the new pose and score replace the first only when the score is higher (a lower
+    one is no evidence against it). Returns them sorted by score, best first (stable).
+    ``progress(j, len(hyps))`` before hypothesis ``j``."""
+    again = replace(cfg, range_mm=cfg.verify_range_mm, prior=0.0)
+    out = list(hyps)
+    for j, h in enumerate(hyps):
+        if progress:
+            progress(j, len(hyps))
+        Ts, info = search_translation(tgt, h.T, again, robust)
+        h.info["second_pass_score"] = info["search_score"]
+        if info["search_score"] > h.score:
+            shift = np.asarray(h.info["search_shift_mm"]) + np.asarray(info["search_shift_mm"])
+            out[j] = Hypothesis(info["search_score"], Ts, {**h.info, **info, "search_shift_mm": shift.tolist()})
+    return sorted(out, key=lambda h: -h.score)
+
+
+def search_other_levels(tgt: Target, T: np.ndarray, cfg: SearchConfig, tried: list,
+                        robust: RobustConfig | None = None, progress=None) -> list[Hypothesis]:
+    """The best hypotheses at levels of the spine the search's candidates did not try: the
+    rescue of a doubtful result (:attr:`SearchConfig.rescue`).
+
+    Every rotation hypothesis of :func:`search_pose` (from ``T``), each with its best
+    placements along the column (:func:`search_levels`, ``level_mm`` apart); of these, best
+    first, those whose vertebra centre lies at least ``level_mm`` along the column (the
+    C-arm's z) from every pose in ``tried`` ((4, 4) ``T_ct_to_carm``) and from every one
+    already taken, up to ``rescue`` of them; each searched a second time as in
+    :func:`search_pose`. Returns them best first (``info`` as :func:`search_pose`'s, and
+    ``"other_level": True``).
+
+    ``progress(i, n)``, if given, is called before each of the ``n`` searches."""
+    c = apply(T, tgt.centre)
+    zs = [float(apply(Tt, tgt.centre)[2]) for Tt in tried]
+    hypotheses = rotation_hypotheses(cfg.rot_deg)
+    n = len(hypotheses) + cfg.rescue
+    pool = []
+    per_rotation = int(np.floor(2 * cfg.range_mm / cfg.level_mm)) + 1       # as many as the range holds
+    for i, rot in enumerate(hypotheses):
+        if progress:
+            progress(i, n)
+        Tr = compose(pose_to_matrix([*rot, 0, 0, 0], center=c), T)
+        for Ts, info in search_levels(tgt, Tr, cfg, robust, count=per_rotation, sep_mm=cfg.level_mm):
+            info.update(search_rot_deg=list(rot), first_pass_score=info["search_score"], other_level=True)
+            pool.append(Hypothesis(info["search_score"], Ts, info))
+    pool.sort(key=lambda h: -h.score)
+    taken = []
+    for h in pool:
+        z = float(apply(h.T, tgt.centre)[2])
+        if all(abs(z - z0) >= cfg.level_mm for z0 in zs):
+            taken.append(h)
+            zs.append(z)
+        if len(taken) == cfg.rescue:
+            break
+    if cfg.verify:
+        taken = _second_pass(tgt, taken, cfg, robust,
+                             progress and (lambda j, _: progress(len(hypotheses) + j, n)))
+    return taken
