@@ -72,6 +72,7 @@ def case_row(truth: Case, res: Result, name: str = "") -> dict:
     row = {"case": name, "initial_mtre_mm": e0, **e, "runtime_s": dict(res.runtime_s),
            "warnings": list(res.info.get("warnings", [])), "robust": res.info.get("robust"),
            "final_ncc_views": res.info.get("final_ncc_views"), "metal": res.info.get("metal"),
+           "profile": res.info.get("profile"), "rescue": res.info.get("rescue"),
            "T_ct_to_carm": np.asarray(res.T_ct_to_carm, dtype=float).tolist()}
     if res.recon is not None:
         gt = ground_truth_volume(truth.ct, truth.seg, truth.vertebra_label, truth.ground_truth,
@@ -90,6 +91,7 @@ def summarize(rows: list[dict]) -> dict:
     hits, and mean SSIM/PSNR when every row has a reconstruction."""
     fin = np.array([r["mtre_mm"] for r in rows])
     ini = np.array([r["initial_mtre_mm"] for r in rows])
+    rt = np.array([r["runtime_s"].get("total", np.nan) for r in rows])
     cr, bins = capture_range(ini, fin)
     flagged = np.array([bool(r["warnings"]) and any("doubtful" in w or "diverged" in w for w in r["warnings"])
                         for r in rows])
@@ -99,7 +101,8 @@ def summarize(rows: list[dict]) -> dict:
          "rot_err_deg_median": float(np.median([r["rot_err_deg"] for r in rows])),
          "trans_err_mm_median": float(np.median([r["trans_err_mm"] for r in rows])),
          "mpd_mm_median": float(np.median([r["mpd_mm"] for r in rows])),
-         "rt_s_mean": float(np.mean([r["runtime_s"].get("total", np.nan) for r in rows])),
+         "rt_s_mean": float(np.mean(rt)), "rt_s_median": float(np.median(rt)), "rt_s_p95": float(np.percentile(rt, 95)),
+         "profile": _profile_summary(rows),
          "flagged_pct": 100 * float(flagged.mean()),
          "failures_flagged_pct": 100 * float(flagged[fin >= 2].mean()) if np.any(fin >= 2) else float("nan"),
          "successes_flagged_pct": 100 * float(flagged[fin < 2].mean()) if np.any(fin < 2) else float("nan")}
@@ -111,22 +114,46 @@ def summarize(rows: list[dict]) -> dict:
     return s
 
 
+def _profile_summary(rows: list[dict]) -> dict:
+    """Per profile key (stages, refinement levels, total; :func:`RadGSRegLib.register.run`'s
+    ``info["profile"]``): mean, median and 95th percentile of its seconds over the cases
+    (a case without the key counts 0 s) and the mean DRRs rendered and rays cast per case.
+    Empty when no row has a profile."""
+    profiles = [r.get("profile") or {} for r in rows]
+    keys = list(dict.fromkeys(k for p in profiles for k in p))
+    out = {}
+    for k in keys:
+        sec = np.array([p.get(k, {}).get("seconds", 0.0) for p in profiles])
+        out[k] = {"s_mean": float(sec.mean()), "s_median": float(np.median(sec)), "s_p95": float(np.percentile(sec, 95)),
+                  "renders_mean": float(np.mean([p.get(k, {}).get("renders", 0) for p in profiles])),
+                  "rays_mean": float(np.mean([p.get(k, {}).get("rays", 0) for p in profiles]))}
+    return out
+
+
 def format_table(per_suite: dict[str, dict[str, dict]]) -> list[str]:
     """Lines of the Table-1 style table for {suite: {method: summary}}, then SR per bin."""
     head = (f"{'suite':<14} {'method':<16} {'n':>4} {'SSIM %':>7} {'PSNR dB':>8} {'mTRE mean':>10} {'median':>7} "
-            f"{'p95':>7} {'SR %':>6} {'CR mm':>6} {'RT s':>6} {'flagged fail/ok %':>18}")
+            f"{'p95':>7} {'SR %':>6} {'CR mm':>6} {'RT s':>6} {'RT p95':>6} {'flagged fail/ok %':>18}")
     lines = [head, "-" * len(head)]
     for sname, per in per_suite.items():
         for m, s in per.items():
             lines.append(f"{sname:<14} {m:<16} {s['n']:>4} {s.get('ssim_pct', float('nan')):>7.1f} "
                          f"{s.get('psnr_db', float('nan')):>8.2f} {s['mtre_mean']:>10.2f} {s['mtre_median']:>7.2f} "
                          f"{s['mtre_p95']:>7.2f} {s['sr_pct']:>6.1f} {s['cr_mm']:>6.0f} {s['rt_s_mean']:>6.2f} "
+                         f"{s.get('rt_s_p95', float('nan')):>6.2f} "
                          f"{s['failures_flagged_pct']:>8.0f}/{s['successes_flagged_pct']:<8.0f}")
     for sname, per in per_suite.items():
         for m, s in per.items():
             bins = ", ".join(f"{b['bin_mm'][0]:.0f}-{b['bin_mm'][1]:.0f}: {100 * b['sr']:.0f}% ({b['n']})"
                              for b in s["sr_per_bin"] if b["n"])
             lines.append(f"SR per initial-mTRE bin, {sname} {m}: {bins}")
+    for sname, per in per_suite.items():
+        for m, s in per.items():
+            prof = s.get("profile") or {}
+            if prof:
+                lines.append(f"Profile, {sname} {m} (s mean / median / p95; DRRs per case): " + "; ".join(
+                    f"{k} {v['s_mean']:.2f}/{v['s_median']:.2f}/{v['s_p95']:.2f} s, {v['renders_mean']:.0f}"
+                    for k, v in prof.items()))
     return lines
 
 

@@ -682,3 +682,42 @@ def test_a_doubtful_neighbouring_level_is_rescued_at_the_other_levels(easy_case,
     for bad in ({"rescue": -1}, {"level_mm": 0.0}):
         with pytest.raises(ValueError, match=next(iter(bad))):
             SearchConfig(**bad)
+
+
+def test_the_profile_counts_every_drr_by_stage_and_refinement_level(easy_case, tmp_path):
+    """``info["profile"]`` (issue #21: every speed change judged by numbers): the target counts
+    each DRR and its rays; each stage's count is what it rendered, the stages add up to the
+    total, the refinement levels (over every candidate) to at most the refinement's (its
+    start is checked too), and one LM iteration renders both views at the start, at six
+    finite-difference steps and at each trial step. ``bench register`` summarises it."""
+    from RadGSRegLib.bench.register_bench import run_register_bench
+    from RadGSRegLib.register.refine2d import refine_lm
+    from RadGSRegLib.register.target import make_target
+
+    case = read_case(easy_case)
+    cfg = _fast_config()
+    tgt = make_target(case, slab_mm=cfg.slab_mm, coarse_mm=cfg.coarse_mm)
+    _, view = tgt.image("ap", 64)
+    tgt.render(view, case.initial_guess, supersample=2)
+    assert (tgt.renders, tgt.rays) == (1, 64 * 64 * 4)
+    tgt.beyond = []                                        # Target.covered renders nothing more
+    n0 = tgt.renders
+    _, info = refine_lm(tgt, case.initial_guess, cfg.refine2d, levels=[Level(64, 1, 1.0, 1.0, 30.0, None)])
+    lv = info["levels"][0]
+    assert lv["renders"] == tgt.renders - n0 and lv["renders"] in range(2 * (1 + 6 + 1), 2 * (1 + 6 + 6) + 1, 2)
+    assert lv["seconds"] > 0 and lv["rays"] > lv["renders"]
+
+    res = run(case, cfg)
+    prof = res.info["profile"]
+    stages = [k for k in res.runtime_s if k != "total" and k in prof]
+    assert {"search", "refinement", "check"} <= set(stages)
+    assert prof["total"]["renders"] == sum(prof[k]["renders"] for k in stages) > 0
+    levels = [k for k in prof if k.startswith("refinement level")]
+    assert levels == ["refinement level 1", "refinement level 2"]
+    assert 0 < sum(prof[k]["renders"] for k in levels) <= prof["refinement"]["renders"]
+    assert prof["refinement"]["seconds"] == pytest.approx(res.runtime_s["refinement"])
+
+    out = run_register_bench([easy_case.parent], ["ours-2d-plain"], json_path=tmp_path / "r.json", log=lambda _: None)
+    s = out["suites"][easy_case.parent.name]["ours-2d-plain"]["summary"]
+    assert {"search", "refinement", "refinement level 3", "total"} <= set(s["profile"])
+    assert s["rt_s_p95"] >= s["rt_s_median"] > 0 and s["profile"]["total"]["renders_mean"] > 0

@@ -21,7 +21,14 @@ poses on their way through); :func:`stages_for` picks them from :class:`Register
    at the final pose if asked for;
 6. ``output`` (``reconstruct`` without a reconstruction yet): a Gaussian fit for display.
 
-With ``robust.mode`` "auto" (the default), a result the check finds doubtful is registered
+A result the check finds doubtful is first tried at the other levels of the spine
+(``search.rescue``, with the search and the 2-D/3-D refinement: :func:`_rescue_levels`):
+the best hypotheses at levels the search's candidates did not try are refined, and their
+result replaces the first when its final NCC is higher (a ``level:`` warning says so;
+``info["rescue"]``): a look-alike neighbour that won the search is then caught where the
+fine levels' NCC tells the levels apart.
+
+With ``robust.mode`` "auto" (the default), a result that is still doubtful is registered
 a second time with the tiled, outlier-rejecting similarity (:class:`~.config.RobustConfig`:
 X-rays with metal the CT does not have), which replaces the first when it scores higher on
 that similarity and its pose shows the metal (outlier tiles in both views;
@@ -103,6 +110,7 @@ class Registration:
     drrs: Optional[dict] = None
     robust: Optional[RobustConfig] = None
     searched: list = field(default_factory=list)        # the poses the search passed on, (4, 4) each
+    profile: dict = field(default_factory=dict)         # per stage and refinement level: seconds, DRRs, rays
 
     @property
     def T(self) -> np.ndarray:
@@ -111,12 +119,21 @@ class Registration:
 
     @contextmanager
     def timed(self, key: str):
-        """Adds the seconds of the ``with`` block to ``runtime[key]``."""
-        t = time.perf_counter()
+        """Sets ``runtime[key]`` to the seconds of the ``with`` block and ``profile[key]`` to
+        them and the DRRs rendered and rays cast in it (``{"seconds", "renders", "rays"}``)."""
+        t, n, rays = time.perf_counter(), self.target.renders, self.target.rays
         try:
             yield
         finally:
             self.runtime[key] = time.perf_counter() - t
+            self.profile[key] = {"seconds": self.runtime[key], "renders": self.target.renders - n,
+                                 "rays": self.target.rays - rays}
+
+    def add_profile(self, key: str, record: dict) -> None:
+        """Adds a record's ``seconds``, ``renders`` and ``rays`` to ``profile[key]``."""
+        mine = self.profile.setdefault(key, {"seconds": 0.0, "renders": 0, "rays": 0})
+        for q in mine:
+            mine[q] += record[q]
 
     def say(self, line: str) -> None:
         if self.log:
@@ -221,6 +238,7 @@ def refine2d_stage(reg: Registration) -> None:
             reg.report.stage("refine2d", f"2-D/3-D refinement: candidate {k + 1}/{n}, level 1/{len(levels)}",
                              within=(k, total))
             Tc, ci = refine_lm(reg.target, c.T, cfg.refine2d, robust=reg.robust, levels=levels[:1])
+            reg.add_profile("refinement level 1", ci["levels"][0])
             coarse.append((float(np.mean(list(ci["levels"][-1]["ncc"].values()))), k, Tc, ci, c))
         order = sorted(coarse, key=lambda x: -x[0] if np.isfinite(x[0]) else np.inf)     # NaN (no overlap) last
         reg.info["refine2d_coarse"] = [{"candidate": k, "ncc": m} for m, k, *_ in coarse]
@@ -232,6 +250,8 @@ def refine2d_stage(reg: Registration) -> None:
 
             Tr, ri = refine_lm(reg.target, Tc, cfg.refine2d, progress=level_progress, robust=reg.robust,
                                levels=levels[1:]) if len(levels) > 1 else (Tc, {"levels": []})
+            for i, lv in enumerate(ri["levels"]):
+                reg.add_profile(f"refinement level {i + 2}", lv)
             ri = {"levels": ci["levels"] + ri["levels"]}
             m = float(np.mean(list(ri["levels"][-1]["ncc"].values())))
             what = "network pose" if c.info.get("learned") else f"search score {c.score:.3f}"
@@ -315,7 +335,9 @@ def run(case: Case, config: RegisterConfig | None = None, log=None, *, net=None,
     ``info["final_ncc"]`` their mean (``info["final_ncc_similarity"]``: "plain", or "tiled"
     when the tiled attempt was kept, see the module docstring); a mean below ``min_ncc`` sets
     ``info["doubtful"]`` and adds a warning. ``info["diverged"]`` (2-D/3-D refinement only)
-    says the refinement was rejected.
+    says the refinement was rejected. ``info["profile"]``: per stage (the keys of
+    ``runtime_s``), per refinement level over every candidate ("refinement level 1", ...)
+    and in ``total``: ``seconds``, DRRs rendered (``renders``) and rays cast (``rays``).
 
     Args:
         log: a callable taking one line of human-readable text, or None.
@@ -386,6 +408,8 @@ def run(case: Case, config: RegisterConfig | None = None, log=None, *, net=None,
         output_stage(reg)
     reg.runtime["total"] = time.perf_counter() - t0
     reg.info["warnings"] = reg.warnings
+    reg.info["profile"] = {**reg.profile, "total": {"seconds": reg.runtime["total"], "renders": tgt.renders,
+                                                    "rays": tgt.rays}}
     for w in reg.warnings:
         report.warning(w)
     return Result(T_ct_to_carm=reg.T, runtime_s=reg.runtime, recon=reg.recon, info=reg.info, drrs=reg.drrs)
@@ -458,9 +482,7 @@ def _rescue_levels(first: Registration, T0: np.ndarray, refine) -> Registration:
     record["final_ncc_rescue"] = second.info["final_ncc"]
     switch = second.info["final_ncc"] > first.info["final_ncc"]
     keep, other = (second, first) if switch else (first, second)
-    for k, v in other.runtime.items():
-        if k not in ("preprocessing", "metal"):
-            keep.runtime[k] = keep.runtime.get(k, 0.0) + v
+    _absorb(keep, other)
     if switch:
         for k, v in first.info.items():                    # the search's record, the robust mode
             keep.info.setdefault(k, v)
@@ -475,6 +497,16 @@ def _rescue_levels(first: Registration, T0: np.ndarray, refine) -> Registration:
     keep.say(f"  kept the {'other level' if switch else 'first result'} (final NCC {second.info['final_ncc']:.3f} "
              f"at the other levels vs {first.info['final_ncc']:.3f})")
     return keep
+
+
+def _absorb(keep: Registration, other: Registration) -> None:
+    """Adds ``other``'s stage runtimes and profile to ``keep``'s (the work of both attempts;
+    preprocessing and the metal mask were shared, done once)."""
+    for k, v in other.runtime.items():
+        if k not in ("preprocessing", "metal"):
+            keep.runtime[k] = keep.runtime.get(k, 0.0) + v
+    for k, v in other.profile.items():
+        keep.add_profile(k, v)
 
 
 def _second_attempt(first: Registration, attempt) -> Registration:
@@ -495,9 +527,7 @@ def _second_attempt(first: Registration, attempt) -> Registration:
     outliers = outlier_fraction(tgt, second.T, cfg, rc)
     switch = score_second > score_first and min(outliers.values()) >= rc.min_outliers
     keep, other = (second, first) if switch else (first, second)
-    for k, v in other.runtime.items():
-        if k not in ("preprocessing", "metal"):
-            keep.runtime[k] = keep.runtime.get(k, 0.0) + v
+    _absorb(keep, other)
     keep.info["robust"] = {"mode": rc.mode, "on": switch, "second_attempt": True,
                            "tiled_ncc_first_attempt": score_first, "tiled_ncc_second_attempt": score_second,
                            "outlier_tiles_second_attempt": outliers,

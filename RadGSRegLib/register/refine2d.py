@@ -18,6 +18,7 @@ Euler, tx, ty, tz mm) applied in the C-arm frame about the vertebra's current ce
 """
 from __future__ import annotations
 
+import time
 from typing import NamedTuple, Optional
 
 import numpy as np
@@ -196,7 +197,9 @@ def refine_lm(tgt: Target, T: np.ndarray, cfg: RefineConfig, log=None, progress=
               robust: RobustConfig | None = None, levels: list | None = None) -> tuple[np.ndarray, dict]:
     """Stage 2: coarse-to-fine Levenberg-Marquardt on the windowed NCC of both views (tiled,
     with ``robust``: the tiles, their weights and the outliers left out are fixed at each
-    level's start; ``info["levels"][i]["outliers"]`` says how many were).
+    level's start; ``info["levels"][i]["outliers"]`` says how many were). Each level's
+    record: ``pixels``, ``iterations``, ``ncc`` per view, and its profile: ``seconds``, the
+    DRRs rendered (``renders``) and the rays they cast (``rays``).
 
     ``levels``: the :class:`Level` s to run (default ``cfg.levels``; the pipeline runs the
     first level of every candidate, then the rest of the best few).
@@ -206,6 +209,7 @@ def refine_lm(tgt: Target, T: np.ndarray, cfg: RefineConfig, log=None, progress=
     for li, level in enumerate(levels):
         if progress:
             progress(li, len(levels))
+        t0, n0, rays0 = time.perf_counter(), tgt.renders, tgt.rays
         windows = _windows(tgt, T, level, cfg, robust)
         steps = np.array([level.step_deg] * 3 + [level.step_mm] * 3)
         lam = 1e-2
@@ -239,6 +243,8 @@ def refine_lm(tgt: Target, T: np.ndarray, cfg: RefineConfig, log=None, progress=
                 break
         ncc = _view_ncc(windows, r)
         info["levels"].append({"pixels": level.pixels, "iterations": it + 1, "ncc": ncc,
+                               "seconds": time.perf_counter() - t0, "renders": tgt.renders - n0,
+                               "rays": tgt.rays - rays0,
                                **({"outliers": windows.outliers} if robust is not None else {})})
         if log:
             log(f"  level {level.pixels}px: NCC ap {ncc['ap']:.3f}, lat {ncc['lat']:.3f}")

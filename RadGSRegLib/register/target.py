@@ -62,7 +62,8 @@ def block_average(mu: np.ndarray, affine: np.ndarray, target_mm: float) -> tuple
 
 class Target:
     """What the 2-D/3-D stages need: a DRR of the CT, the vertebra's points (CT frame), the
-    X-rays (line integrals) and their views."""
+    X-rays (line integrals) and their views. ``renders`` and ``rays`` count the DRRs
+    :meth:`render` made and the rays they cast (the projector's work; a profile's unit)."""
 
     def __init__(self, drr: DRR, points_ct: np.ndarray, images: dict[str, np.ndarray], views: dict[str, View],
                  coarse: DRR | None = None, beyond: list | None = None):
@@ -83,6 +84,8 @@ class Target:
             # an X-ray showing the body's end: the CT's air beyond its ends is what it shows
             self.open_ends[name] = body_ends_in_field(img, views[name], self.signal[name])
         self._cache = {}
+        self.renders = 0
+        self.rays = 0
 
     def exclude(self, name: str, mask: np.ndarray) -> None:
         """Leave the pixels of view ``name``'s X-ray where ``mask`` (bool (rows, cols), the
@@ -147,6 +150,8 @@ class Target:
         air beyond the scan the CT explains; both ends are then trusted)."""
         if not self.beyond or self.open_ends.get(view.name, False):
             return None
+        self.renders += len(self.beyond)
+        self.rays += view.size[0] * view.size[1] * len(self.beyond)
         missing = sum(drr.render([view], T)[0].numpy() for drr in self.beyond)
         out = missing > UNCOVERED
         return None if not out.any() else ~out
@@ -155,6 +160,8 @@ class Target:
         """DRR of ``view`` at pose ``T`` (area-averaged from ``supersample``^2 rays per pixel;
         ``coarse``: from the block-averaged CT, for the low-resolution stages)."""
         drr = self.coarse if coarse else self.drr
+        self.renders += 1
+        self.rays += view.size[0] * view.size[1] * max(supersample, 1) ** 2
         if supersample <= 1:
             return drr.render([view], T)[0].numpy()
         fine = view.resized((view.size[0] * supersample, view.size[1] * supersample))
