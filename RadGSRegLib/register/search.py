@@ -221,10 +221,10 @@ def search_other_levels(tgt: Target, T: np.ndarray, cfg: SearchConfig, tried: li
     rescue of a doubtful result (:attr:`SearchConfig.rescue`).
 
     Every rotation hypothesis of :func:`search_pose` (from ``T``), each with its best
-    placements along the column (:func:`search_levels`, ``level_mm`` apart); of these, best
-    first, those whose vertebra centre lies at least ``level_mm`` along the column (the
-    C-arm's z) from every pose in ``tried`` ((4, 4) ``T_ct_to_carm``) and from every one
-    already taken, up to ``rescue`` of them; each searched a second time as in
+    placements along the column (:func:`search_levels`, one per level: ``2 * level_mm``
+    apart); of these, best first, those whose vertebra centre lies at least ``level_mm``
+    along the column (the C-arm's z) from every pose in ``tried`` ((4, 4) ``T_ct_to_carm``)
+    and from every one already taken, up to ``rescue`` of them; each searched a second time as in
     :func:`search_pose`. Returns them best first (``info`` as :func:`search_pose`'s, and
     ``"other_level": True``).
 
@@ -234,12 +234,13 @@ def search_other_levels(tgt: Target, T: np.ndarray, cfg: SearchConfig, tried: li
     hypotheses = rotation_hypotheses(cfg.rot_deg)
     n = len(hypotheses) + cfg.rescue
     pool = []
-    per_rotation = int(np.floor(2 * cfg.range_mm / cfg.level_mm)) + 1       # as many as the range holds
+    sep = 2 * cfg.level_mm                                                    # one placement per level
+    per_rotation = int(np.floor(2 * cfg.range_mm / sep)) + 1                  # as many as the range holds
     for i, rot in enumerate(hypotheses):
         if progress:
             progress(i, n)
         Tr = compose(pose_to_matrix([*rot, 0, 0, 0], center=c), T)
-        for Ts, info in search_levels(tgt, Tr, cfg, robust, count=per_rotation, sep_mm=cfg.level_mm):
+        for Ts, info in search_levels(tgt, Tr, cfg, robust, count=per_rotation, sep_mm=sep):
             info.update(search_rot_deg=list(rot), first_pass_score=info["search_score"], other_level=True)
             pool.append(Hypothesis(info["search_score"], Ts, info))
     pool.sort(key=lambda h: -h.score)
