@@ -679,6 +679,27 @@ def test_a_doubtful_neighbouring_level_is_rescued_at_the_other_levels(easy_case,
     assert any(w.startswith("level:") for w in right.info["warnings"])
     assert not any("doubtful" in w for w in right.info["warnings"])
     assert "rescue_search" in right.runtime_s and right.info["search"] == wrong.info["search"]
+    assert abs(rec["moved_mm"][2]) >= 15.0 and len(rec["search"]) == rec["hypotheses"] >= 1
+    prof = right.info["profile"]                            # both attempts' work, counted once
+    assert prof["total"]["renders"] == sum(v["renders"] for k, v in prof.items()
+                                           if k != "total" and not k.startswith("refinement level"))
+
+    # the rescue's hypotheses directly: each >= level_mm along z from the tried poses and
+    # from each other (before their second pass), best first, at most `rescue` of them
+    from RadGSRegLib.geometry import apply
+    from RadGSRegLib.register.search import search_other_levels
+    from RadGSRegLib.register.target import make_target
+
+    cfg = RegisterConfig()
+    tgt = make_target(case, slab_mm=cfg.slab_mm, coarse_mm=cfg.coarse_mm)
+    s = replace(cfg.search, rot_deg=(0.0,), verify=0, rescue=3)
+    found = search_other_levels(tgt, case.initial_guess, s, [case.initial_guess])
+    z0 = apply(case.initial_guess, tgt.centre)[2]
+    z = [apply(h.T, tgt.centre)[2] for h in found]
+    assert 1 <= len(found) <= 3 and all(abs(a - z0) >= s.level_mm for a in z)
+    assert all(abs(a - b) >= s.level_mm for i, a in enumerate(z) for b in z[:i])
+    assert [h.score for h in found] == sorted((h.score for h in found), reverse=True)
+    assert all(h.info["other_level"] for h in found)
     for bad in ({"rescue": -1}, {"level_mm": 0.0}):
         with pytest.raises(ValueError, match=next(iter(bad))):
             SearchConfig(**bad)
@@ -716,6 +737,16 @@ def test_the_profile_counts_every_drr_by_stage_and_refinement_level(easy_case, t
     assert levels == ["refinement level 1", "refinement level 2"]
     assert 0 < sum(prof[k]["renders"] for k in levels) <= prof["refinement"]["renders"]
     assert prof["refinement"]["seconds"] == pytest.approx(res.runtime_s["refinement"])
+
+    # a doubtful result (the bar set too high): the rescue and the tiled attempt, merged
+    from RadGSRegLib.register.config import MetalConfig
+
+    strict = run(case, _fast_config(min_ncc=0.999, metal=MetalConfig(mode="never")))
+    prof = strict.info["profile"]
+    assert {"rescue_search", "robust_choice"} <= set(prof) and "rescue" in strict.info
+    assert prof["total"]["renders"] == sum(v["renders"] for k, v in prof.items()
+                                           if k != "total" and not k.startswith("refinement level"))
+    assert prof["refinement"]["renders"] > res.info["profile"]["refinement"]["renders"]   # three attempts' worth
 
     out = run_register_bench([easy_case.parent], ["ours-2d-plain"], json_path=tmp_path / "r.json", log=lambda _: None)
     s = out["suites"][easy_case.parent.name]["ours-2d-plain"]["summary"]

@@ -24,12 +24,12 @@ poses on their way through); :func:`stages_for` picks them from :class:`Register
 A result the check finds doubtful is first tried at the other levels of the spine
 (``search.rescue``, with the search and the 2-D/3-D refinement: :func:`_rescue_levels`):
 the best hypotheses at levels the search's candidates did not try are refined, and their
-result replaces the first when its final NCC is higher (a ``level:`` warning says so;
-``info["rescue"]``): a look-alike neighbour that won the search is then caught where the
+result replaces the first when its final NCC is higher (``info["rescue"]``; a ``level:``
+warning when it lies at another level): a look-alike neighbour that won the search is then caught where the
 fine levels' NCC tells the levels apart.
 
 With ``robust.mode`` "auto" (the default), a result that is still doubtful is registered
-a second time with the tiled, outlier-rejecting similarity (:class:`~.config.RobustConfig`:
+a second time (without a rescue of its own) with the tiled, outlier-rejecting similarity (:class:`~.config.RobustConfig`:
 X-rays with metal the CT does not have), which replaces the first when it scores higher on
 that similarity and its pose shows the metal (outlier tiles in both views;
 ``info["robust"]``); "always" uses it from the start, "never" not at all. A result the plain
@@ -336,8 +336,9 @@ def run(case: Case, config: RegisterConfig | None = None, log=None, *, net=None,
     when the tiled attempt was kept, see the module docstring); a mean below ``min_ncc`` sets
     ``info["doubtful"]`` and adds a warning. ``info["diverged"]`` (2-D/3-D refinement only)
     says the refinement was rejected. ``info["profile"]``: per stage (the keys of
-    ``runtime_s``), per refinement level over every candidate ("refinement level 1", ...)
-    and in ``total``: ``seconds``, DRRs rendered (``renders``) and rays cast (``rays``).
+    ``runtime_s``; their DRRs add up to the total), per refinement level over every
+    candidate ("refinement level 1", ...: parts of "refinement", not to be added to it) and
+    in ``total``: ``seconds``, DRRs rendered (``renders``) and rays cast (``rays``).
 
     Args:
         log: a callable taking one line of human-readable text, or None.
@@ -390,8 +391,10 @@ def run(case: Case, config: RegisterConfig | None = None, log=None, *, net=None,
         reg = Registration(case, cfg, tgt, candidates or [Candidate(T)], report, log=log, net=net,
                            warnings=list(warnings), info=dict(info), robust=robust)
         reg.runtime["preprocessing"] = prep
+        reg.profile["preprocessing"] = {"seconds": prep, "renders": 0, "rays": 0}
         if cfg.metal.mode != "never":
             reg.runtime["metal"] = metal_s
+            reg.profile["metal"] = {"seconds": metal_s, "renders": 0, "rays": 0}
         for stage in stages:
             stage(reg)
         return reg
@@ -463,8 +466,11 @@ def _rescue_levels(first: Registration, T0: np.ndarray, refine) -> Registration:
     search's start ``T0``), refined and checked (``refine(candidates)``: the 2-D/3-D
     refinement and the check on them, a new :class:`Registration`). Their result replaces
     the first when its final NCC (the same similarity) is higher, with a warning that names
-    the move along the spine (a different level: the surgeon should see it);
-    ``info["rescue"]`` records both NCCs; the runtimes add up (``rescue_search``: its search)."""
+    the move along the spine when it is ``search.level_mm`` or more (a different level: the
+    surgeon should see it); ``info["rescue"]`` records both NCCs, the hypotheses' search
+    record and the move; the runtimes and profiles add up (``rescue_search``: its search).
+    Only the 2-D/3-D refinement runs on the rescue's hypotheses (no 3-D/3-D refinement, no
+    network); a network's reconstruction is kept with the rescued pose."""
     from .search import search_other_levels
 
     tgt, cfg = first.target, first.cfg.search
@@ -474,7 +480,8 @@ def _rescue_levels(first: Registration, T0: np.ndarray, refine) -> Registration:
                                     progress=lambda i, n: first.report.stage(
                                         "check", f"doubtful: searching other levels of the spine ({i + 1}/{n})",
                                         within=(i, n)))
-    record = {"hypotheses": len(found), "kept": False, "final_ncc_first": first.info["final_ncc"]}
+    record = {"hypotheses": len(found), "kept": False, "final_ncc_first": first.info["final_ncc"],
+              "search": [h.info for h in found]}
     if not found:
         first.info["rescue"] = record
         return first
@@ -486,11 +493,15 @@ def _rescue_levels(first: Registration, T0: np.ndarray, refine) -> Registration:
     if switch:
         for k, v in first.info.items():                    # the search's record, the robust mode
             keep.info.setdefault(k, v)
-        keep.searched = first.searched + [c.T for c in second.candidates]
+        keep.searched = first.searched + [h.T for h in found]
+        if keep.recon is None:                             # a network's reconstruction (init learned) stays
+            keep.recon, keep.region = first.recon, first.region
         moved = apply(keep.T, tgt.centre) - apply(first.T, tgt.centre)
-        keep.warnings.append(f"level: the search's first choice fit poorly (final NCC {first.info['final_ncc']:.2f}); a pose "
-                             f"{abs(moved[2]):.0f} mm along the spine (C-arm z {moved[2]:+.0f} mm) explains the X-rays "
-                             f"better (final NCC {second.info['final_ncc']:.2f}) and was kept: check the level")
+        record["moved_mm"] = moved.tolist()
+        if abs(moved[2]) >= cfg.level_mm:                  # another level: the surgeon must see it
+            keep.warnings.append(f"level: the search's first choice fit poorly (final NCC {first.info['final_ncc']:.2f}); "
+                                 f"a pose {abs(moved[2]):.0f} mm along the spine (C-arm z {moved[2]:+.0f} mm) explains "
+                                 f"the X-rays better (final NCC {second.info['final_ncc']:.2f}) and was kept: check the level")
     record["kept"] = switch
     record["other_warnings"] = [w for w in other.warnings if w not in keep.warnings]
     keep.info["rescue"] = record
@@ -506,7 +517,8 @@ def _absorb(keep: Registration, other: Registration) -> None:
         if k not in ("preprocessing", "metal"):
             keep.runtime[k] = keep.runtime.get(k, 0.0) + v
     for k, v in other.profile.items():
-        keep.add_profile(k, v)
+        if k not in ("preprocessing", "metal"):
+            keep.add_profile(k, v)
 
 
 def _second_attempt(first: Registration, attempt) -> Registration:
@@ -522,6 +534,7 @@ def _second_attempt(first: Registration, attempt) -> Registration:
     second = attempt(rc)
     t = time.perf_counter()
     tgt, cfg = first.target, first.cfg.refine2d
+    n0, rays0 = tgt.renders, tgt.rays
     score_first = float(np.mean(list(windowed_ncc(tgt, first.T, cfg, robust=rc).values())))
     score_second = second.info["final_ncc"]
     outliers = outlier_fraction(tgt, second.T, cfg, rc)
@@ -533,6 +546,10 @@ def _second_attempt(first: Registration, attempt) -> Registration:
                            "outlier_tiles_second_attempt": outliers,
                            "other_attempt_warnings": [w for w in other.warnings if w not in keep.warnings]}
     keep.runtime["robust_choice"] = time.perf_counter() - t
+    keep.profile["robust_choice"] = {"seconds": keep.runtime["robust_choice"], "renders": tgt.renders - n0,
+                                     "rays": tgt.rays - rays0}
+    if "rescue" in first.info:                             # the first attempt's rescue, whichever is kept
+        keep.info.setdefault("rescue", first.info["rescue"])
     keep.say(f"  kept the {'tiled' if switch else 'first'} attempt (tiled NCC {score_second:.3f} vs {score_first:.3f}; "
              f"outlier tiles AP {outliers['ap']:.0%}, LAT {outliers['lat']:.0%})")
     return keep

@@ -63,7 +63,8 @@ def block_average(mu: np.ndarray, affine: np.ndarray, target_mm: float) -> tuple
 class Target:
     """What the 2-D/3-D stages need: a DRR of the CT, the vertebra's points (CT frame), the
     X-rays (line integrals) and their views. ``renders`` and ``rays`` count the DRRs
-    :meth:`render` made and the rays they cast (the projector's work; a profile's unit)."""
+    :meth:`render` and :meth:`covered` made and the rays they cast (the projector's work; a
+    profile's unit)."""
 
     def __init__(self, drr: DRR, points_ct: np.ndarray, images: dict[str, np.ndarray], views: dict[str, View],
                  coarse: DRR | None = None, beyond: list | None = None):
