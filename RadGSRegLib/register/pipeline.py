@@ -25,11 +25,12 @@ A result the check finds doubtful is first tried at the other levels of the spin
 (``search.rescue``, with the search and the 2-D/3-D refinement: :func:`_rescue_levels`):
 the best hypotheses at levels the search's candidates did not try are refined, and their
 result replaces the first when its final NCC is higher (``info["rescue"]``; a ``level:``
-warning when it lies at another level): a look-alike neighbour that won the search is then caught where the
-fine levels' NCC tells the levels apart.
+warning when it lies at another level): a look-alike neighbour that won the search is then
+caught where the fine levels' NCC tells the levels apart.
 
 With ``robust.mode`` "auto" (the default), a result that is still doubtful is registered
-a second time (without a rescue of its own) with the tiled, outlier-rejecting similarity (:class:`~.config.RobustConfig`:
+a second time (without a rescue of its own) with the tiled, outlier-rejecting similarity
+(:class:`~.config.RobustConfig`:
 X-rays with metal the CT does not have), which replaces the first when it scores higher on
 that similarity and its pose shows the metal (outlier tiles in both views;
 ``info["robust"]``); "always" uses it from the start, "never" not at all. A result the plain

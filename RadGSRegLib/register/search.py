@@ -224,10 +224,10 @@ def search_other_levels(tgt: Target, T: np.ndarray, cfg: SearchConfig, tried: li
     placements along the column (:func:`search_levels`, one per level: ``2 * level_mm``
     apart); of these, best first, those whose vertebra centre lies at least ``level_mm``
     along the column (the C-arm's z) from every pose in ``tried`` ((4, 4) ``T_ct_to_carm``)
-    and from every one already taken, up to ``rescue`` of them; each searched a second time as in
-    :func:`search_pose` (which may move one back towards a tried level: refined, it is then
-    another start at that level, still welcome). Returns them best first (``info`` as :func:`search_pose`'s, and
-    ``"other_level": True``).
+    and from every one already taken, up to ``rescue`` of them; each searched a second time
+    as in :func:`search_pose` (which may move one back towards a tried level: refined, it is
+    then another start at that level, still welcome). Returns them best first (``info`` as
+    :func:`search_pose`'s, and ``"other_level": True``).
 
     ``progress(i, n)``, if given, is called before each of the ``n`` searches."""
     c = apply(T, tgt.centre)
