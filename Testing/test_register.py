@@ -375,7 +375,10 @@ def test_a_doubtful_result_gets_a_second_attempt_with_the_tiled_similarity(metal
     # a clean, right result flagged only because the bar is set too high: the tiled attempt
     # finds no metal at its pose and cannot replace it
     case = read_case(easy_case)
-    strict = run(case, _fast_config(min_ncc=0.999, metal=MetalConfig(mode="never")))
+    strict = _fast_config(min_ncc=0.999, metal=MetalConfig(mode="never"))
+    strict.search = replace(strict.search, rescue=0)                      # the tiled attempt alone
+    strict.refine2d = replace(strict.refine2d, restart_deg=0.0)
+    strict = run(case, strict)
     assert strict.info["doubtful"] and strict.info["robust"]["second_attempt"] and not strict.info["robust"]["on"]
     assert max(strict.info["robust"]["outlier_tiles_second_attempt"].values()) < 0.15
     assert np.array_equal(strict.T_ct_to_carm, r_clean_never.T_ct_to_carm)
@@ -667,6 +670,7 @@ def test_a_doubtful_neighbouring_level_is_rescued_at_the_other_levels(easy_case,
     def reg(rescue):
         cfg = _fast_config(metal=MetalConfig(mode="never"), robust=RobustConfig(mode="never"), min_explained=0.98)
         cfg.search = replace(cfg.search, prior=2.0, rescue=rescue)
+        cfg.refine2d = replace(cfg.refine2d, restart_deg=0.0)                # the level rescue alone
         res = run(case, cfg)
         return res, truth_errors(truth, res.T_ct_to_carm)["mtre_mm"]
 
@@ -752,3 +756,31 @@ def test_the_profile_counts_every_drr_by_stage_and_refinement_level(easy_case, t
     s = out["suites"][easy_case.parent.name]["ours-2d-plain"]["summary"]
     assert {"search", "refinement", "refinement level 3", "total"} <= set(s["profile"])
     assert s["rt_s_p95"] >= s["rt_s_median"] > 0 and s["profile"]["total"]["renders_mean"] > 0
+
+
+def test_a_doubtful_result_is_refined_again_from_six_turned_starts(easy_case):
+    """``refine2d.restart_deg``: a doubtful result (here flagged by a bar set too high) is
+    refined again from its pose turned either way about each axis; the best replaces it only
+    when its final NCC is higher; the work adds up; 0 turns it off."""
+    from dataclasses import replace
+
+    from RadGSRegLib.register.config import MetalConfig, RobustConfig
+
+    case = read_case(easy_case)
+    base = _fast_config(min_ncc=0.999, metal=MetalConfig(mode="never"), robust=RobustConfig(mode="never"))
+    base.search = replace(base.search, rescue=0)
+    off = run(case, replace(base, refine2d=replace(base.refine2d, restart_deg=0.0)))
+    on = run(case, base)
+    assert off.info["doubtful"] and "restart" not in off.info
+    rec = on.info["restart"]
+    assert rec["starts"] == 6 and rec["final_ncc_first"] == pytest.approx(off.info["final_ncc"])
+    assert rec["kept"] == (rec["final_ncc_restart"] > rec["final_ncc_first"])
+    assert on.info["final_ncc"] == pytest.approx(max(rec["final_ncc_first"], rec["final_ncc_restart"]))
+    if not rec["kept"]:
+        assert np.array_equal(on.T_ct_to_carm, off.T_ct_to_carm)
+    prof = on.info["profile"]
+    assert prof["refinement"]["renders"] > off.info["profile"]["refinement"]["renders"] * 2   # six more starts
+    assert prof["total"]["renders"] == sum(v["renders"] for k, v in prof.items()
+                                           if k != "total" and not k.startswith("refinement level"))
+    with pytest.raises(ValueError, match="restart_deg"):
+        RefineConfig(restart_deg=-1.0)

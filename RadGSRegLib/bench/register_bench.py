@@ -18,7 +18,9 @@ from ..io import read_case
 
 __all__ = ["METHODS", "run_register_bench"]
 
-#: method name -> (RegisterConfig fields (JSON form), what it is). The tiled second attempt
+#: method name -> (RegisterConfig fields (JSON form), what it is). The restarts of a doubtful
+#: result (``refine2d.restart_deg``) belong to every method of ours with the 2-D/3-D
+#: refinement, not to the intensity-only baseline. The tiled second attempt
 #: (``robust`` "auto", the default) belongs to the methods with the 2-D/3-D refinement
 #: (ours-2d, learned-2d, learned-both); the others run with the plain similarity only. The
 #: metal mask (``metal`` "mask", the default) belongs to every method of ours; the
@@ -26,8 +28,10 @@ __all__ = ["METHODS", "run_register_bench"]
 METHODS = {
     "initial": ({"init": "none", "refine": "none", "robust": {"mode": "never"}, "metal": {"mode": "never"}},
                 "the case's initial guess"),
-    "intensity-2d": ({"init": "none", "refine": "2d", "robust": {"mode": "never"}, "metal": {"mode": "never"}},
-                     "DiffPose-style render-and-compare from the initial guess (no search, plain NCC, every pixel)"),
+    "intensity-2d": ({"init": "none", "refine": "2d", "robust": {"mode": "never"}, "metal": {"mode": "never"},
+                      "refine2d": {"restart_deg": 0.0}},
+                     "DiffPose-style render-and-compare from the initial guess (no search, plain NCC, every pixel, "
+                     "no restarts)"),
     "search": ({"init": "search", "refine": "none", "robust": {"mode": "never"}}, "pose search alone"),
     "ours-2d": ({"init": "search", "refine": "2d"},
                 "pose search + 2-D/3-D refinement (a doubtful result: again with the tiled similarity)"),

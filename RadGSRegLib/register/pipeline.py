@@ -28,6 +28,11 @@ result replaces the first when its final NCC is higher (``info["rescue"]``; a ``
 warning when it lies at another level): a look-alike neighbour that won the search is then
 caught where the fine levels' NCC tells the levels apart.
 
+A result still doubtful is refined again from six starts, its pose turned by
+``refine2d.restart_deg`` either way about each axis (:func:`_restart`): the best replaces it
+when its final NCC is higher (``info["restart"]``): a refinement stopped a few mm off in a
+local optimum is left that way.
+
 With ``robust.mode`` "auto" (the default), a result that is still doubtful is registered
 a second time (without a rescue of its own) with the tiled, outlier-rejecting similarity
 (:class:`~.config.RobustConfig`:
@@ -52,13 +57,13 @@ from __future__ import annotations
 
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable, Optional
 
 import numpy as np
 
 from ..errors import InputError
-from ..geometry import apply, translation
+from ..geometry import apply, compose, pose_to_matrix, translation
 from ..io import Case, Result
 from ..volume import Volume
 from .config import MetalConfig, RegisterConfig, RobustConfig
@@ -388,8 +393,8 @@ def run(case: Case, config: RegisterConfig | None = None, log=None, *, net=None,
     stages = stages_for(cfg)
     core = [st for st in stages if st is not output_stage]        # display output: once, for the kept attempt
 
-    def attempt(robust, candidates=None, stages=core):
-        reg = Registration(case, cfg, tgt, candidates or [Candidate(T)], report, log=log, net=net,
+    def attempt(robust, candidates=None, stages=core, settings=cfg):
+        reg = Registration(case, settings, tgt, candidates or [Candidate(T)], report, log=log, net=net,
                            warnings=list(warnings), info=dict(info), robust=robust)
         reg.runtime["preprocessing"] = prep
         reg.profile["preprocessing"] = {"seconds": prep, "renders": 0, "rays": 0}
@@ -405,6 +410,9 @@ def run(case: Case, config: RegisterConfig | None = None, log=None, *, net=None,
     reg.info["robust"] = {"mode": rc.mode, "on": rc.mode == "always"}
     if cfg.search.rescue and reg.info["doubtful"] and search_stage in core and refine2d_stage in core:
         reg = _rescue_levels(reg, T, lambda cands: attempt(reg.robust, cands, [refine2d_stage, check_stage]))
+    if cfg.refine2d.restart_deg and reg.info["doubtful"] and refine2d_stage in core:
+        every = replace(cfg, refine2d=replace(cfg.refine2d, keep=6))          # each start through every level
+        reg = _restart(reg, lambda cands: attempt(reg.robust, cands, [refine2d_stage, check_stage], every))
     # a second attempt can only differ where the similarity chooses the pose: the search, the 2-D/3-D refinement
     if rc.mode == "auto" and reg.info["doubtful"] and (search_stage in core or refine2d_stage in core):
         reg = _second_attempt(reg, attempt)
@@ -488,15 +496,9 @@ def _rescue_levels(first: Registration, T0: np.ndarray, refine) -> Registration:
         return first
     second = refine([Candidate(h.T, h.score, h.info) for h in found])
     record["final_ncc_rescue"] = second.info["final_ncc"]
-    switch = second.info["final_ncc"] > first.info["final_ncc"]
-    keep, other = (second, first) if switch else (first, second)
-    _absorb(keep, other)
+    keep, other, switch = _better(first, second)
     if switch:
-        for k, v in first.info.items():                    # the search's record, the robust mode
-            keep.info.setdefault(k, v)
         keep.searched = first.searched + [h.T for h in found]
-        if keep.recon is None:                             # a network's reconstruction (init learned) stays
-            keep.recon, keep.region = first.recon, first.region
         moved = apply(keep.T, tgt.centre) - apply(first.T, tgt.centre)
         record["moved_mm"] = moved.tolist()
         if abs(moved[2]) >= cfg.level_mm:                  # another level: the surgeon must see it
@@ -508,6 +510,48 @@ def _rescue_levels(first: Registration, T0: np.ndarray, refine) -> Registration:
     keep.info["rescue"] = record
     keep.say(f"  kept the {'other level' if switch else 'first result'} (final NCC {second.info['final_ncc']:.3f} "
              f"at the other levels vs {first.info['final_ncc']:.3f})")
+    return keep
+
+
+def _better(first: Registration, second: Registration) -> tuple:
+    """(kept, other, switched): ``second`` (a new attempt's refinement and check) replaces
+    ``first`` when its final NCC is higher. The runtimes and profiles add up; a kept second
+    takes the first's other records (the search's, the robust mode) and its reconstruction
+    when it has none (a network's, init learned)."""
+    switch = second.info["final_ncc"] > first.info["final_ncc"]
+    keep, other = (second, first) if switch else (first, second)
+    _absorb(keep, other)
+    if switch:
+        for k, v in first.info.items():
+            keep.info.setdefault(k, v)
+        keep.searched = first.searched
+        if keep.recon is None:
+            keep.recon, keep.region = first.recon, first.region
+    return keep, other, switch
+
+
+def _restart(first: Registration, refine) -> Registration:
+    """A doubtful result refined again from six starts: its pose turned by
+    ``refine2d.restart_deg`` either way about each axis (about its vertebra's centre, C-arm
+    frame), each through every level (``refine(candidates)``: the 2-D/3-D refinement and the
+    check on them). The best replaces the result when its final NCC is higher (a local
+    optimum left); ``info["restart"]`` records both NCCs."""
+    tgt, deg = first.target, first.cfg.refine2d.restart_deg
+    first.say(f"  doubtful: the refinement restarted from the result turned by ±{deg:g}° about each axis")
+    c = apply(first.T, tgt.centre)
+    starts = []
+    for axis in range(3):
+        for sign in (-1.0, 1.0):
+            d = np.zeros(6)
+            d[axis] = sign * deg
+            starts.append(Candidate(compose(pose_to_matrix(d, center=c), first.T)))
+    second = refine(starts)
+    keep, other, switch = _better(first, second)
+    keep.info["restart"] = {"starts": len(starts), "kept": switch, "final_ncc_first": first.info["final_ncc"],
+                            "final_ncc_restart": second.info["final_ncc"],
+                            "other_warnings": [w for w in other.warnings if w not in keep.warnings]}
+    keep.say(f"  kept the {'restarted' if switch else 'first'} result (final NCC {second.info['final_ncc']:.3f} "
+             f"vs {first.info['final_ncc']:.3f})")
     return keep
 
 
@@ -549,8 +593,9 @@ def _second_attempt(first: Registration, attempt) -> Registration:
     keep.runtime["robust_choice"] = time.perf_counter() - t
     keep.profile["robust_choice"] = {"seconds": keep.runtime["robust_choice"], "renders": tgt.renders - n0,
                                      "rays": tgt.rays - rays0}
-    if "rescue" in first.info:                             # the first attempt's rescue, whichever is kept
-        keep.info.setdefault("rescue", first.info["rescue"])
+    for k in ("rescue", "restart"):                        # the first attempt's, whichever is kept
+        if k in first.info:
+            keep.info.setdefault(k, first.info[k])
     keep.say(f"  kept the {'tiled' if switch else 'first'} attempt (tiled NCC {score_second:.3f} vs {score_first:.3f}; "
              f"outlier tiles AP {outliers['ap']:.0%}, LAT {outliers['lat']:.0%})")
     return keep
