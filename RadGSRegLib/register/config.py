@@ -105,8 +105,9 @@ class SearchConfig:
             each rotation's best placements along the column, not only its best), each
             refined (2-D/3-D only); the best of them replaces the result when its final NCC
             is higher (0: no rescue). Runs with the pose search and the 2-D/3-D refinement
-            (``init`` search/learned, ``refine`` 2d/both); otherwise never. The search's look-alike neighbours often outscore the true level,
-            whose best placement is then no rotation's first: on the all-effects suites it
+            (``init`` search/learned, ``refine`` 2d/both); otherwise never. The search's
+            look-alike neighbours often outscore the true level, whose best placement is
+            then no rotation's first: on the all-effects suites it
             ranked 13th-17th; refined, the right level's final NCC was the higher in every
             case measured (issue #18's notes).
         level_mm: a rescue placement at least this far (mm at the vertebra, along the

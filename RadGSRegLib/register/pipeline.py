@@ -69,7 +69,7 @@ from ..volume import Volume
 from .config import MetalConfig, RegisterConfig, RobustConfig
 from .refine2d import ncc_ceiling, outlier_fraction, refine_lm, windowed_ncc
 from .refine3d import refine_3d
-from .search import rotation_hypotheses, search_pose
+from .search import rotation_hypotheses, search_other_levels, search_pose
 from .target import Target, make_target
 
 __all__ = ["run", "reconstruct_volume", "check_refinement", "Candidate", "Registration", "stages_for",
@@ -408,11 +408,14 @@ def run(case: Case, config: RegisterConfig | None = None, log=None, *, net=None,
     rc = cfg.robust
     reg = attempt(rc if rc.mode == "always" else None)
     reg.info["robust"] = {"mode": rc.mode, "on": rc.mode == "always"}
+    def refine_every(cands):          # the rescues: each start refined through every level, then checked
+        every = replace(cfg, refine2d=replace(cfg.refine2d, keep=max(len(cands), cfg.refine2d.keep)))
+        return attempt(reg.robust, cands, [refine2d_stage, check_stage], every)
+
     if cfg.search.rescue and reg.info["doubtful"] and search_stage in core and refine2d_stage in core:
-        reg = _rescue_levels(reg, T, lambda cands: attempt(reg.robust, cands, [refine2d_stage, check_stage]))
+        reg = _rescue_levels(reg, T, refine_every)
     if cfg.refine2d.restart_deg and reg.info["doubtful"] and refine2d_stage in core:
-        every = replace(cfg, refine2d=replace(cfg.refine2d, keep=6))          # each start through every level
-        reg = _restart(reg, lambda cands: attempt(reg.robust, cands, [refine2d_stage, check_stage], every))
+        reg = _restart(reg, refine_every)
     # a second attempt can only differ where the similarity chooses the pose: the search, the 2-D/3-D refinement
     if rc.mode == "auto" and reg.info["doubtful"] and (search_stage in core or refine2d_stage in core):
         reg = _second_attempt(reg, attempt)
@@ -473,15 +476,13 @@ def _rescue_levels(first: Registration, T0: np.ndarray, refine) -> Registration:
     """A doubtful result tried again at other levels of the spine: the best hypotheses at
     levels the search's candidates did not try (:func:`.search.search_other_levels` from the
     search's start ``T0``), refined and checked (``refine(candidates)``: the 2-D/3-D
-    refinement and the check on them, a new :class:`Registration`). Their result replaces
+    refinement of every one through every level and the check, a new :class:`Registration`). Their result replaces
     the first when its final NCC (the same similarity) is higher, with a warning that names
     the move along the spine when it is ``search.level_mm`` or more (a different level: the
     surgeon should see it); ``info["rescue"]`` records both NCCs, the hypotheses' search
     record and the move; the runtimes and profiles add up (``rescue_search``: its search).
     Only the 2-D/3-D refinement runs on the rescue's hypotheses (no 3-D/3-D refinement, no
     network); a network's reconstruction is kept with the rescued pose."""
-    from .search import search_other_levels
-
     tgt, cfg = first.target, first.cfg.search
     first.say("  doubtful: the best hypotheses at other levels of the spine")
     with first.timed("rescue_search"):
