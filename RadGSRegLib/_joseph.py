@@ -4,36 +4,44 @@ Joseph's method: along each ray, one bilinear sample in every voxel slice perpen
 the ray's dominant axis, weighted by the ray length (mm) between two slices. Voxel values
 sit at integer indices; outside the volume they are zero.
 
-For speed the volume is kept as three zero-padded copies, each with one axis first
-(:func:`padded_stacks`), so that the inner loop reads one slice of contiguous memory, needs
-no bounds checks, and the rays are generated from the view's parameters inside the kernel.
+For speed the volume is kept as three zero-padded copies, each with one axis last
+(:func:`padded_stack`, made only for the axes the rays need), so that a ray's consecutive
+samples read neighbouring memory (2-3x faster on a 1 mm CT than slices first), the inner
+loop needs no bounds checks, and the rays are generated from the view's parameters inside
+the kernel. :func:`joseph_views_jacobian` adds each DRR's derivatives with respect to a rigid
+motion of the volume in the same pass (issue #21).
 """
 import numpy as np
 from numba import njit, prange
 
 
+#: per dominant axis a = i, j, k: the order of ``vol``'s axes ([k, j, i]) in its copy [b, c, a]
+_ORDER = ((1, 0, 2), (2, 0, 1), (2, 1, 0))
+
+
+def padded_stack(vol: np.ndarray, axis: int) -> np.ndarray:
+    """A float32 copy of ``vol`` ([k, j, i]) for rays whose dominant axis is ``axis``
+    (0, 1, 2: a = i, j, k), laid out [b+2, c+2, a] with a zero border in b and c (b < c in
+    axis order): the dominant axis last, so that a ray's consecutive samples (one per slice
+    a, at nearly the same b and c) read neighbouring memory."""
+    s = np.transpose(np.asarray(vol, dtype=np.float32), _ORDER[axis])
+    p = np.zeros((s.shape[0] + 2, s.shape[1] + 2, s.shape[2]), np.float32)
+    p[1:-1, 1:-1, :] = s
+    return p
+
+
 def padded_stacks(vol: np.ndarray):
-    """Three float32 copies of ``vol`` ([k, j, i]) laid out [a, b+1, c+1] with a zero
-    border in b and c, for dominant axis a = i, j, k respectively (b < c in axis order)."""
-    v = np.ascontiguousarray(vol, dtype=np.float32)
-    s_i = np.transpose(v, (2, 1, 0))          # [i, j, k]  (b = j, c = k)
-    s_j = np.transpose(v, (1, 2, 0))          # [j, i, k]  (b = i, c = k)
-    s_k = np.transpose(v, (0, 2, 1))          # [k, i, j]  (b = i, c = j)
-    padded = []
-    for s in (s_i, s_j, s_k):
-        p = np.zeros((s.shape[0], s.shape[1] + 2, s.shape[2] + 2), np.float32)
-        p[:, 1:-1, 1:-1] = s
-        padded.append(p)
-    return tuple(padded)
+    """:func:`padded_stack` for each dominant axis i, j, k."""
+    return tuple(padded_stack(vol, a) for a in range(3))
 
 
 @njit(cache=True, fastmath=True, inline="always")
 def _ray_sum(stack, sa, da, sb, db, sc, dc):
-    """Sum of bilinear samples of slices m of ``stack`` ([a, b+1, c+1], zero border) along
+    """Sum of bilinear samples of slices m of ``stack`` ([b+2, c+2, a], zero border) along
     the segment x(t) = s + t d, t in [0, 1], at t = (m - sa) / da."""
-    na = stack.shape[0]
-    nb = stack.shape[1] - 2
-    nc = stack.shape[2] - 2
+    na = stack.shape[2]
+    nb = stack.shape[0] - 2
+    nc = stack.shape[1] - 2
     inv = 1.0 / da
     # m range: t in [0, 1] ...
     lo = sa if da > 0 else sa + da
@@ -66,9 +74,8 @@ def _ray_sum(stack, sa, da, sb, db, sc, dc):
         c0 = int(cc)
         fb = bb - b0
         fc = cc - c0
-        r0 = stack[m, b0]
-        r1 = stack[m, b0 + 1]
-        acc += (1.0 - fb) * ((1.0 - fc) * r0[c0] + fc * r0[c0 + 1]) + fb * ((1.0 - fc) * r1[c0] + fc * r1[c0 + 1])
+        acc += ((1.0 - fb) * ((1.0 - fc) * stack[b0, c0, m] + fc * stack[b0, c0 + 1, m])
+                + fb * ((1.0 - fc) * stack[b0 + 1, c0, m] + fc * stack[b0 + 1, c0 + 1, m]))
         b += kb
         c += kc
     return acc
@@ -108,3 +115,124 @@ def joseph_views(s_i, s_j, s_k, params, cols, rows, out):
                 acc = _ray_sum(s_k, P[0, 2], d2, P[0, 0], d0, P[0, 1], d1)
                 da = a2
             out[v, r, col] = acc * length / da if da > 1e-12 else 0.0
+
+
+@njit(cache=True, fastmath=True, inline="always")
+def _ray_sum_grad(stack, sa, da, sb, db, sc, dc):
+    """:func:`_ray_sum` and the in-slice derivatives of its samples: returns (sum, Σ g_b,
+    Σ g_b t, Σ g_c, Σ g_c t) where g_b, g_c are the bilinear sample's derivatives along b
+    and c (per voxel) and t = (m - sa) / da the sample's place on the segment."""
+    na = stack.shape[2]
+    nb = stack.shape[0] - 2
+    nc = stack.shape[1] - 2
+    inv = 1.0 / da
+    lo = sa if da > 0 else sa + da
+    hi = sa + da if da > 0 else sa
+    m0 = max(0, int(np.ceil(lo)))
+    m1 = min(na - 1, int(np.floor(hi)))
+    for s_, d_, n_ in ((sb, db, nb), (sc, dc, nc)):
+        k = d_ * inv
+        x0 = s_ - sa * k
+        if abs(k) < 1e-12:
+            if x0 <= -1.0 or x0 >= n_:
+                return 0.0, 0.0, 0.0, 0.0, 0.0
+        else:
+            ma = (-1.0 - x0) / k
+            mb = (n_ - x0) / k
+            if ma > mb:
+                ma, mb = mb, ma
+            m0 = max(m0, int(np.floor(ma)) + 1)
+            m1 = min(m1, int(np.ceil(mb)) - 1)
+    acc = 0.0
+    gb0 = 0.0
+    gb1 = 0.0
+    gc0 = 0.0
+    gc1 = 0.0
+    kb = db * inv
+    kc = dc * inv
+    b = sb + (m0 - sa) * kb + 1.0
+    c = sc + (m0 - sa) * kc + 1.0
+    t = (m0 - sa) * inv
+    for m in range(m0, m1 + 1):
+        bb = min(max(b, 0.0), nb + 0.999999)
+        cc = min(max(c, 0.0), nc + 0.999999)
+        b0 = int(bb)
+        c0 = int(cc)
+        fb = bb - b0
+        fc = cc - c0
+        v00 = stack[b0, c0, m]
+        v01 = stack[b0, c0 + 1, m]
+        v10 = stack[b0 + 1, c0, m]
+        v11 = stack[b0 + 1, c0 + 1, m]
+        acc += (1.0 - fb) * ((1.0 - fc) * v00 + fc * v01) + fb * ((1.0 - fc) * v10 + fc * v11)
+        gb = (1.0 - fc) * (v10 - v00) + fc * (v11 - v01)
+        gc = (1.0 - fb) * (v01 - v00) + fb * (v11 - v10)
+        gb0 += gb
+        gb1 += gb * t
+        gc0 += gc
+        gc1 += gc * t
+        b += kb
+        c += kc
+        t += inv
+    return acc, gb0, gb1, gc0, gc1
+
+
+@njit(cache=True, parallel=True, fastmath=True)
+def joseph_views_jacobian(s_i, s_j, s_k, params, motion, cols, rows, out, dout):
+    """Line integrals for V views and their derivatives with respect to K motions of the
+    volume (the exact derivative of Joseph's sum, the m-range's ends aside).
+
+    Args:
+        s_i, s_j, s_k, params, cols, rows, out: as :func:`joseph_views`.
+        motion: (V, K, 4, 3) float64: per motion k, the velocity (voxels per unit of the
+            motion, in voxel coordinates i, j, k) of the ray's source, and of its direction
+            (pixel minus source) at pixel (0, 0), per column and per row (a rigid motion
+            moves both linearly over the detector).
+        dout: (V, K, rows, cols) float32, written: d(line integral) / d(motion k).
+    """
+    V = params.shape[0]
+    K = motion.shape[1]
+    for vr in prange(V * rows):
+        v = vr // rows
+        r = vr % rows
+        P = params[v]
+        Q = motion[v]
+        for col in range(cols):
+            d0 = P[1, 0] + col * P[2, 0] + r * P[3, 0] - P[0, 0]
+            d1 = P[1, 1] + col * P[2, 1] + r * P[3, 1] - P[0, 1]
+            d2 = P[1, 2] + col * P[2, 2] + r * P[3, 2] - P[0, 2]
+            e0 = P[5, 0] + col * P[6, 0] + r * P[7, 0] - P[4, 0]
+            e1 = P[5, 1] + col * P[6, 1] + r * P[7, 1] - P[4, 1]
+            e2 = P[5, 2] + col * P[6, 2] + r * P[7, 2] - P[4, 2]
+            length = np.sqrt(e0 * e0 + e1 * e1 + e2 * e2)
+            a0, a1, a2 = abs(d0), abs(d1), abs(d2)
+            if a0 >= a1 and a0 >= a2:
+                ia, ib, ic, da, db, dc = 0, 1, 2, d0, d1, d2
+                acc, gb0, gb1, gc0, gc1 = _ray_sum_grad(s_i, P[0, 0], d0, P[0, 1], d1, P[0, 2], d2)
+            elif a1 >= a2:
+                ia, ib, ic, da, db, dc = 1, 0, 2, d1, d0, d2
+                acc, gb0, gb1, gc0, gc1 = _ray_sum_grad(s_j, P[0, 1], d1, P[0, 0], d0, P[0, 2], d2)
+            else:
+                ia, ib, ic, da, db, dc = 2, 0, 1, d2, d0, d1
+                acc, gb0, gb1, gc0, gc1 = _ray_sum_grad(s_k, P[0, 2], d2, P[0, 0], d0, P[0, 1], d1)
+            if abs(da) <= 1e-12:
+                out[v, r, col] = 0.0
+                for k in range(K):
+                    dout[v, k, r, col] = 0.0
+                continue
+            w = length / abs(da)
+            val = acc * w
+            out[v, r, col] = val
+            kb = db / da
+            kc = dc / da
+            for k in range(K):
+                # velocity of the source and of the direction of this ray under motion k
+                vs_a, vs_b, vs_c = Q[k, 0, ia], Q[k, 0, ib], Q[k, 0, ic]
+                vd_a = Q[k, 1, ia] + col * Q[k, 2, ia] + r * Q[k, 3, ia]
+                vd_b = Q[k, 1, ib] + col * Q[k, 2, ib] + r * Q[k, 3, ib]
+                vd_c = Q[k, 1, ic] + col * Q[k, 2, ic] + r * Q[k, 3, ic]
+                # the sample in slice m moves along b by (v_b - v_a kb) at t_m (v = vs + t vd)
+                dsum = ((vs_b - vs_a * kb) * gb0 + (vd_b - vd_a * kb) * gb1
+                        + (vs_c - vs_a * kc) * gc0 + (vd_c - vd_a * kc) * gc1)
+                dout[v, k, r, col] = dsum * w - val * vd_a / da
+    return None

@@ -384,6 +384,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "learned-2d, learned-both, itk (default initial,ours-2d)")
     b.add_argument("--model", help="weights for the learned methods (.pt, or 'default')")
     b.add_argument("--limit", type=_COUNT, help="only the first N cases of each suite")
+    b.add_argument("--threads", type=_COUNT, default=1,
+                   help="CPU threads of torch and of the compiled projector, for every method (default 1; the speed "
+                        "goal of issue #21 is for 2)")
     b.add_argument("--json", type=Path, default=Path("bench_out/register.json"))
     b = bsub.add_parser("metal", help="the metal segmentation network on case suites: precision, recall, Dice",
                         description="Scores the metal network (segment_metal, no dilation) on every case of each "
@@ -624,7 +627,8 @@ def _cmd_bench(args):
         for suite in args.cases:
             if not case_dirs(suite):
                 raise InputError(f"--cases {suite}: holds no case folders (folders with a case.json)")
-        run_register_bench(list(args.cases), methods, json_path=args.json, limit=args.limit, model=args.model)
+        run_register_bench(list(args.cases), methods, json_path=args.json, limit=args.limit, model=args.model,
+                           threads=args.threads)
     elif args.bench == "metal":
         from .bench.metal_bench import run_metal_bench
         from .evaluate import case_dirs

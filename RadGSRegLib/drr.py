@@ -35,6 +35,14 @@ from .geometry import View
 
 __all__ = ["MU_WATER", "hu_to_mu", "DRR", "BACKENDS"]
 
+#: the cross product with each axis as a matrix: ``np.cross(e_k, y) == _SKEW[k] @ y``
+_SKEW = np.array([[[0, 0, 0], [0, 0, -1], [0, 1, 0]],
+                  [[0, 0, 1], [0, 0, 0], [-1, 0, 0]],
+                  [[0, -1, 0], [1, 0, 0], [0, 0, 0]]], dtype=np.float64)
+
+#: what the Joseph kernels get for a copy of the volume that no ray uses
+_NO_STACK = np.zeros((2, 2, 1), np.float32)
+
 #: Linear attenuation of water (1/mm) at the ~65 keV effective energy of a fluoroscopy beam.
 MU_WATER = 0.02
 BACKENDS = ("auto", "torch", "joseph")
@@ -82,7 +90,7 @@ class DRR:
         self.affine = np.asarray(affine, dtype=np.float64)
         self.backend = backend
         self.step = float(step)
-        self._stacks = None   # the joseph backend's padded copies, made on first use
+        self._stacks = None   # the joseph backend's padded copies, each made on first need (_stacks_for)
 
     @classmethod
     def from_ct(cls, ct, *, mu_water: float = MU_WATER, **kw) -> "DRR":
@@ -128,6 +136,64 @@ class DRR:
 
     __call__ = render
 
+    def render_jacobian(self, views: Sequence[View], T_ct_to_carm, center, *,
+                        fd_step: float = 0.05) -> tuple[np.ndarray, np.ndarray]:
+        """Line integrals and their derivatives with respect to a small rigid motion of the
+        CT in the C-arm frame: ``pose_to_matrix(p, center) @ T_ct_to_carm`` at ``p = 0``,
+        ``p = (rx, ry, rz [deg], tx, ty, tz [mm])`` (the refinement's step).
+
+        Args:
+            views: views of equal ``size`` (C-arm frame).
+            T_ct_to_carm: (4, 4) NumPy.
+            center: (3,) C-arm mm, the point the rotations turn about.
+            fd_step: backends other than ``"joseph"``: the forward finite-difference step
+                (deg, mm) that stands in for the derivative.
+        Returns:
+            ``(drr, jac)``: (V, rows, cols) and (V, 6, rows, cols) float32 NumPy; ``jac``
+            per degree for the rotations, per mm for the translations. The ``"joseph"``
+            backend gives the exact derivative of its own sum (the integral's ends aside:
+            a ray entering or leaving a slice of the volume is not a smooth event), from one
+            pass over the rays; the others, ``fd_step`` finite differences (7 renders).
+        """
+        from .geometry import compose, pose_to_matrix
+
+        views = list(views)
+        T = np.asarray(T_ct_to_carm, dtype=np.float64)
+        c = np.asarray(center, dtype=np.float64)
+        backend = self.backend if self.backend != "auto" else ("joseph" if self.device.type == "cpu" else "torch")
+        if backend != "joseph":
+            with torch.no_grad():
+                base = self.render(views, T, backend=backend).cpu().numpy()
+                jac = np.empty((len(views), 6) + base.shape[1:], np.float32)
+                for k in range(6):
+                    p = np.zeros(6)
+                    p[k] = fd_step
+                    Tk = compose(pose_to_matrix(p, center=c), T)
+                    jac[:, k] = (self.render(views, Tk, backend=backend).cpu().numpy() - base) / fd_step
+            return base, jac
+        from ._joseph import joseph_views_jacobian
+
+        if len({v.size for v in views}) != 1:
+            raise ValueError(f"all views must have the same size, got {[v.size for v in views]}")
+        M = self._to_voxel(T)
+        params = self._joseph_params(views, M)
+        # velocity (C-arm mm per unit p) of a fixed C-arm point y in the CT's frame under
+        # p: y -> P(p)^-1 y, i.e. -e_k x (y - c) (rad per deg) and -e_k; in voxels: M3 @ it
+        M3 = M[:3, :3]
+        # [e_k]x for k = x, y, z: e_k x y = _SKEW[k] @ y
+        rot = -np.deg2rad(1.0) * np.einsum("ij,kjl->kil", M3, _SKEW)          # (3, 3, 3): y -> velocity, per k
+        motion = np.zeros((len(views), 6, 4, 3))
+        for n, v in enumerate(views):
+            su, sv = v.pixel_spacing
+            ys = np.stack([v.source - c, v.detector_origin - v.source, su * v.u, sv * v.v])   # (4, 3)
+            motion[n, :3] = np.einsum("kil,ml->kmi", rot, ys)
+            motion[n, 3:, 0] = -M3.T
+        cols, rows = views[0].size
+        out = np.empty((len(views), rows, cols), dtype=np.float32)
+        dout = np.empty((len(views), 6, rows, cols), dtype=np.float32)
+        joseph_views_jacobian(*self._stacks_for(params, cols, rows), params, motion, cols, rows, out, dout)
+        return out, dout
+
     # --------------------------------------------------------------- backends
     def _to_voxel(self, T):
         """(4, 4) C-arm mm -> voxel (i, j, k): inv(T @ affine); torch float64 if T is a tensor."""
@@ -137,11 +203,44 @@ class DRR:
         return np.linalg.inv(np.asarray(T, dtype=np.float64) @ self.affine)
 
     def _joseph(self, views: Sequence[View], T) -> np.ndarray:
-        from ._joseph import joseph_views, padded_stacks
+        from ._joseph import joseph_views
+
+        params = self._joseph_params(views, self._to_voxel(T))
+        cols, rows = views[0].size
+        out = np.empty((len(views), rows, cols), dtype=np.float32)
+        joseph_views(*self._stacks_for(params, cols, rows), params, cols, rows, out)
+        return out
+
+    def _stacks_for(self, params: np.ndarray, cols: int, rows: int) -> list:
+        """The Joseph kernels' three padded copies of the volume (:func:`~._joseph.padded_stacks`),
+        each made on first need: a copy no ray of these views (``params``, :meth:`_joseph_params`)
+        can take as its dominant axis is a stand-in. A ray's axis is the largest of its
+        direction's absolute components; over the detector's rectangle each component is
+        affine, so its absolute value peaks at a corner and is no smaller than its smallest
+        corner value when it keeps its sign there (else 0): an axis whose peak is below
+        another's such floor never dominates (a C-arm's rays never run along the CT's z)."""
+        from ._joseph import padded_stack
 
         if self._stacks is None:
-            self._stacks = padded_stacks(self.mu.detach().cpu().numpy())
-        M = self._to_voxel(T)
+            self._stacks = [None, None, None]
+        corners = np.array([[0, 0], [cols - 1, 0], [0, rows - 1], [cols - 1, rows - 1]], dtype=np.float64)
+        d = (params[:, None, 1] + corners[None, :, :1] * params[:, None, 2] + corners[None, :, 1:] * params[:, None, 3]
+             - params[:, None, 0])                                                  # (V, 4 corners, 3)
+        peak = np.abs(d).max(axis=1)                                                # (V, 3)
+        keeps_sign = (np.sign(d) == np.sign(d[:, :1])).all(axis=1)
+        floor = np.where(keeps_sign, np.abs(d).min(axis=1), 0.0)
+        out = []
+        for a in range(3):
+            others = np.delete(floor, a, axis=1).max(axis=1)
+            if self._stacks[a] is None and np.any(peak[:, a] >= others):
+                self._stacks[a] = padded_stack(self.mu.detach().cpu().numpy(), a)
+            out.append(self._stacks[a] if self._stacks[a] is not None else _NO_STACK)
+        return out
+
+    @staticmethod
+    def _joseph_params(views: Sequence[View], M: np.ndarray) -> np.ndarray:
+        """(V, 8, 3) per view: source, pixel (0, 0) centre, column step, row step in voxel
+        coordinates (``M``: C-arm mm -> voxel), then the same four in mm."""
         params = np.empty((len(views), 8, 3))
         for n, v in enumerate(views):
             su, sv = v.pixel_spacing
@@ -149,10 +248,7 @@ class DRR:
             params[n, 4:] = mm
             params[n, :2] = mm[:2] @ M[:3, :3].T + M[:3, 3]        # points
             params[n, 2:4] = mm[2:] @ M[:3, :3].T                  # steps (vectors)
-        cols, rows = views[0].size
-        out = np.empty((len(views), rows, cols), dtype=np.float32)
-        joseph_views(*self._stacks, params, cols, rows, out)
-        return out
+        return params
 
     def _torch(self, src_mm, pix_mm, T, chunk_samples) -> torch.Tensor:
         dev = self.device

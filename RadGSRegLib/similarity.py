@@ -48,6 +48,20 @@ def ncc_residuals(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return (zscore(a) - zscore(b)) / np.sqrt(np.asarray(b).size)
 
 
+def ncc_residuals_jacobian(a: np.ndarray, da: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`ncc_residuals` of ``a`` (N values) against ``b`` and their Jacobian (N, K)
+    with respect to K parameters, given ``da`` (K, N): the derivatives of ``a``. The
+    z-score's derivative is ``(da - mean(da) - z mean(z da)) / std(a)``."""
+    a = np.asarray(a, dtype=np.float64).ravel()
+    da = np.asarray(da, dtype=np.float64).reshape(-1, a.size)
+    n = np.sqrt(np.asarray(b).size)
+    s = a.std()
+    s = s if s > 1e-12 else 1.0
+    z = (a - a.mean()) / s
+    dz = (da - da.mean(axis=1, keepdims=True) - z[None] * (da @ z)[:, None] / a.size) / s
+    return (z - zscore(b)) / n, dz.T / n
+
+
 def ncc_from_residuals(r: np.ndarray) -> float:
     """The NCC that :func:`ncc_residuals` ``r`` stand for: ``1 - |r|^2 / 2``."""
     return 1.0 - 0.5 * float(np.sum(np.asarray(r) ** 2))
@@ -211,13 +225,15 @@ def highpass(a: np.ndarray, sigma_px: float, valid: np.ndarray | None = None) ->
     ``valid`` (same shape, bool): only these pixels carry a signal (e.g. inside an image
     intensifier's round field); the blur is then normalised over them (``blur(a m) /
     blur(m)``), so the black outside does not bleed in. Pixels outside ``valid`` come back 0.
-    Without ``valid`` (or all true), the plain filter."""
+    Without ``valid`` (or all true), the plain filter. ``a`` may be a stack (..., rows, cols):
+    each image filtered alike (``valid``: (rows, cols))."""
     from scipy import ndimage
 
     a = a.astype(np.float64)
+    sig = (0.0,) * (a.ndim - 2) + (sigma_px, sigma_px)           # a stack (..., rows, cols): each image
     if valid is None or valid.all():
-        return a - ndimage.gaussian_filter(a, sigma_px, mode="nearest")
+        return a - ndimage.gaussian_filter(a, sig, mode="nearest")
     m = valid.astype(np.float64)
-    num = ndimage.gaussian_filter(a * m, sigma_px, mode="nearest")
+    num = ndimage.gaussian_filter(a * m, sig, mode="nearest")
     den = ndimage.gaussian_filter(m, sigma_px, mode="nearest")
     return np.where(valid, a - num / np.maximum(den, 1e-6), 0.0)

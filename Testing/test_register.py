@@ -713,8 +713,9 @@ def test_the_profile_counts_every_drr_by_stage_and_refinement_level(easy_case, t
     """``info["profile"]`` (issue #21: every speed change judged by numbers): the target counts
     each DRR and its rays; each stage's count is what it rendered, the stages add up to the
     total, the refinement levels (over every candidate) to at most the refinement's (its
-    start is checked too), and one LM iteration renders both views at the start, at six
-    finite-difference steps and at each trial step. ``bench register`` summarises it."""
+    start is checked too), and one LM iteration renders both views at the start, once more
+    with their derivatives (six more finite-difference steps with ``jacobian="finite"``) and
+    at each trial step. ``bench register`` summarises it."""
     from RadGSRegLib.bench.register_bench import run_register_bench
     from RadGSRegLib.register.refine2d import refine_lm
     from RadGSRegLib.register.target import make_target
@@ -726,11 +727,16 @@ def test_the_profile_counts_every_drr_by_stage_and_refinement_level(easy_case, t
     tgt.render(view, case.initial_guess, supersample=2)
     assert (tgt.renders, tgt.rays) == (1, 64 * 64 * 4)
     tgt.beyond = []                                        # Target.covered renders nothing more
-    n0 = tgt.renders
-    _, info = refine_lm(tgt, case.initial_guess, cfg.refine2d, levels=[Level(64, 1, 1.0, 1.0, 30.0, None)])
-    lv = info["levels"][0]
-    assert lv["renders"] == tgt.renders - n0 and lv["renders"] in range(2 * (1 + 6 + 1), 2 * (1 + 6 + 6) + 1, 2)
-    assert lv["seconds"] > 0 and lv["rays"] > lv["renders"]
+    from dataclasses import replace
+
+    for jacobian, per_iteration in (("analytic", 1), ("finite", 6)):
+        n0 = tgt.renders
+        _, info = refine_lm(tgt, case.initial_guess, replace(cfg.refine2d, jacobian=jacobian),
+                            levels=[Level(64, 1, 1.0, 1.0, 30.0, None)])
+        lv = info["levels"][0]
+        assert lv["renders"] == tgt.renders - n0
+        assert lv["renders"] in range(2 * (1 + per_iteration + 1), 2 * (1 + per_iteration + 6) + 1, 2)
+        assert lv["seconds"] > 0 and lv["rays"] > lv["renders"]
 
     res = run(case, cfg)
     prof = res.info["profile"]
@@ -784,3 +790,96 @@ def test_a_doubtful_result_is_refined_again_from_six_turned_starts(easy_case):
                                            if k != "total" and not k.startswith("refinement level"))
     with pytest.raises(ValueError, match="restart_deg"):
         RefineConfig(restart_deg=-1.0)
+
+
+@pytest.mark.parametrize("tiled", [False, True])
+def test_the_analytic_jacobian_agrees_with_finite_differences(easy_case, tiled):
+    """The LM's Jacobian from the projector's own derivatives (issue #21: one pass per view
+    instead of six more DRRs) is the derivative of the residuals it minimises: through the
+    high-pass, the signal mask and each tile's z-score, against central differences of the
+    residuals themselves (its plain reference twin), per pose parameter."""
+    from RadGSRegLib.geometry import apply
+    from RadGSRegLib.register.config import RobustConfig
+    from RadGSRegLib.register.refine2d import _jacobian, _residuals, _windows
+    from RadGSRegLib.register.target import make_target
+
+    case = read_case(easy_case)
+    cfg = _fast_config()
+    tgt = make_target(case, slab_mm=cfg.slab_mm, coarse_mm=cfg.coarse_mm)
+    level = Level(128, 1, 0.5, 0.5, 20.0, 12.0)                # high-passed, the coarse CT
+    robust = RobustConfig(tile_mm=12.0) if tiled else None
+    T = case.initial_guess
+    windows = _windows(tgt, T, level, cfg.refine2d, robust)
+    c = apply(T, tgt.centre)
+    J = _jacobian(tgt, T, windows, cfg.refine2d, level, c)
+    from RadGSRegLib.geometry import compose, pose_to_matrix
+
+    h = 0.05
+    for k in range(6):
+        p = np.zeros(6)
+        p[k] = h
+        plus = _residuals(tgt, compose(pose_to_matrix(p, center=c), T), windows, cfg.refine2d, level)
+        minus = _residuals(tgt, compose(pose_to_matrix(-p, center=c), T), windows, cfg.refine2d, level)
+        fd = (plus - minus) / (2 * h)
+        assert J.shape == (fd.size, 6)
+        assert np.corrcoef(fd, J[:, k])[0, 1] > 0.97, k
+        assert np.linalg.norm(J[:, k] - fd) < 0.25 * np.linalg.norm(fd), k
+
+
+def test_both_jacobians_refine_to_the_same_pose(easy_case):
+    """The analytic Jacobian (default) and finite differences (the reference) take the LM to
+    the same answer from the case's offset start."""
+    from dataclasses import replace
+
+    truth = read_case(easy_case, ground_truth=True)
+    case = read_case(easy_case)
+    pts = target_points(truth.seg, truth.vertebra_label, max_points=2000)
+    cfg = _fast_config()
+    out = {}
+    for jacobian in ("analytic", "finite"):
+        res = run(case, replace(cfg, refine2d=replace(cfg.refine2d, jacobian=jacobian)))
+        out[jacobian] = res
+        assert registration_errors(res.T_ct_to_carm, truth.ground_truth, pts)["mtre_mm"] < 1.0
+    assert registration_errors(out["analytic"].T_ct_to_carm, out["finite"].T_ct_to_carm, pts)["mtre_mm"] < 0.5
+    assert out["analytic"].info["profile"]["refinement"]["renders"] < out["finite"].info["profile"]["refinement"]["renders"]
+    with pytest.raises(ValueError, match="jacobian"):
+        RefineConfig(jacobian="numeric")
+    with pytest.raises(ValueError, match="same_mm"):
+        RefineConfig(same_mm=-1.0)
+
+
+def test_a_candidate_the_first_level_brings_to_a_better_ones_pose_goes_no_further(easy_case, monkeypatch):
+    """Two candidates that the first level brings to the same pose (here: the same start
+    twice) are refined through the finer levels once (``refine2d.same_mm``, issue #21); a
+    distinct one still goes on, unless its NCC after the first level is more than
+    ``refine2d.keep_within`` below the best's."""
+    from dataclasses import replace
+
+    import RadGSRegLib.register.pipeline as pipeline
+    from RadGSRegLib.geometry import compose, pose_to_matrix
+    from RadGSRegLib.register.search import Hypothesis
+
+    case = read_case(easy_case)
+    far = compose(pose_to_matrix([0, 0, 0, 0, 0, 30.0]), case.initial_guess)
+    starts = [case.initial_guess, case.initial_guess, far]
+    monkeypatch.setattr(pipeline, "search_pose", lambda tgt, T, cfg, **kw: [Hypothesis(1.0 - 0.1 * i, S, {})
+                                                                            for i, S in enumerate(starts)])
+    calls = []
+    real = pipeline.refine_lm
+    monkeypatch.setattr(pipeline, "refine_lm", lambda *a, **kw: calls.append(len(kw["levels"])) or real(*a, **kw))
+    cfg = replace(_fast_config(), search=SearchConfig(rot_deg=(0.0,), candidates=3, rescue=0))
+    cfg.refine2d.keep_within = 2.0                        # NCC differences are at most 2: none behind
+    res = run(case, cfg)
+    coarse = res.info["refine2d_coarse"]
+    assert [c.get("same_as") for c in coarse] == [None, 0, None]
+    assert calls == [1, 1, 1, 1, 1]                        # three first levels, then two candidates on
+    calls.clear()
+    run(case, replace(cfg, refine2d=replace(cfg.refine2d, same_mm=0.0)))
+    assert calls == [1, 1, 1, 1, 1, 1]
+    calls.clear()
+    res = run(case, replace(cfg, refine2d=replace(cfg.refine2d, keep_within=0.0)))
+    coarse = res.info["refine2d_coarse"]
+    assert coarse[2]["ncc"] < coarse[0]["ncc"] and coarse[2].get("behind") and coarse[1].get("same_as") == 0
+    assert calls == [1, 1, 1, 1]                           # the best alone goes on
+    with pytest.raises(ValueError, match="keep_within"):
+        RefineConfig(keep_within=-0.1)

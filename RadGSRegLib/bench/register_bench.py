@@ -51,9 +51,10 @@ METHODS = {
 
 
 def run_register_bench(suites: list[Path], methods: list[str], *, json_path: Path | None = None,
-                       limit: int | None = None, model: str | None = None, overwrite: bool = True, log=print) -> dict:
-    """Run ``methods`` on every case of ``suites`` with torch and numba at one thread each
-    (restored afterwards); returns (and optionally writes) the per-case rows and summaries.
+                       limit: int | None = None, model: str | None = None, overwrite: bool = True, log=print,
+                       threads: int = 1) -> dict:
+    """Run ``methods`` on every case of ``suites`` with torch and numba at ``threads`` threads
+    each (restored afterwards); returns (and optionally writes) the per-case rows and summaries.
 
     ``json_path`` is checked before anything runs (kind "bench-register"; not inside a
     suite) and written atomically with a ``"radgsreg"`` stamp; ``overwrite`` replaces only
@@ -65,17 +66,18 @@ def run_register_bench(suites: list[Path], methods: list[str], *, json_path: Pat
     import numba
     import torch
 
-    threads = torch.get_num_threads(), numba.get_num_threads()
-    torch.set_num_threads(1)
-    numba.set_num_threads(1)       # the compiled projector is parallel too: one thread, as the table says
+    before = torch.get_num_threads(), numba.get_num_threads()
+    torch.set_num_threads(threads)
+    numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))   # the compiled projector is parallel too
     try:
-        return _bench(suites, methods, json_path=json_path, limit=limit, model=model, overwrite=overwrite, log=log)
+        return _bench(suites, methods, json_path=json_path, limit=limit, model=model, overwrite=overwrite, log=log,
+                      threads=threads)
     finally:
-        torch.set_num_threads(threads[0])
-        numba.set_num_threads(threads[1])
+        torch.set_num_threads(before[0])
+        numba.set_num_threads(before[1])
 
 
-def _bench(suites, methods, *, json_path, limit, model, overwrite, log) -> dict:
+def _bench(suites, methods, *, json_path, limit, model, overwrite, log, threads) -> dict:
     from ..register import RegisterConfig, run
 
     unknown = [m for m in methods if m not in METHODS]
@@ -95,7 +97,7 @@ def _bench(suites, methods, *, json_path, limit, model, overwrite, log) -> dict:
         from ..learned.metal import MetalNet
 
         metal_net = MetalNet.load(default_metal.model_path())
-    result = {"device": "cpu", "threads": 1, "model": str(model) if model else None, "suites": {},
+    result = {"device": "cpu", "threads": threads, "model": str(model) if model else None, "suites": {},
               "methods": {m: METHODS[m][1] for m in methods}}
     for suite in suites:
         cases = case_dirs(suite)[:limit]

@@ -25,6 +25,7 @@ from typing import Optional
 from ..configio import ConfigError, build, check, read_json
 
 __all__ = ["Level", "SearchConfig", "RefineConfig", "Refine3DConfig", "RobustConfig", "ROBUST_MODES", "MetalConfig", "METAL_MODES", "RegisterConfig", "INITS", "REFINES", "DEVICES",
+           "JACOBIANS",
            "default_model", "config_to_dict", "read_config", "ConfigError"]
 
 #: ``RegisterConfig.init`` values
@@ -37,6 +38,8 @@ ROBUST_MODES = ("auto", "always", "never")
 METAL_MODES = ("mask", "never")
 #: ``RegisterConfig.device`` values
 DEVICES = ("cpu", "cuda")
+#: ``RefineConfig.jacobian`` values
+JACOBIANS = ("analytic", "finite")
 
 
 def default_model() -> Optional[Path]:
@@ -84,7 +87,8 @@ class SearchConfig:
         candidates: best hypotheses kept for the refinement.
         margin_mm: margin of the vertebra's window (mm at the vertebra).
         highpass_mm: high-pass scale (mm at the vertebra) of both images.
-        supersample: rays per pixel side of the DRR templates.
+        supersample: rays per pixel side of the DRR templates (1: one per pixel; 2, the
+            earlier default, gave the same poses for about twice the search's time, issue #21).
         min_overlap: a shift is scored only where at least this fraction of the template's
             pixels meets X-ray pixels with a signal (inside the field, not metal). With
             metal and a round field together more than half of the vertebra's window can be
@@ -125,7 +129,7 @@ class SearchConfig:
     candidates: int = 3
     margin_mm: float = 30.0
     highpass_mm: float = 8.0
-    supersample: int = 2
+    supersample: int = 1
     min_overlap: float = 0.25
     verify: int = 12
     verify_range_mm: float = 15.0
@@ -156,13 +160,22 @@ class RefineConfig:
     the levels rendered from the block-averaged CT (detector sizes up to
     ``coarse_below_pixels``), the rays per pixel side at 64 px and below (``supersample``:
     the refinement's only; the search has its own, :attr:`SearchConfig.supersample`), how
-    many candidates go on past the first level (``keep``: the best by their NCC there) and
+    many candidates go on past the first level (``keep``: the best by their NCC there; a
+    candidate the first level brought within ``same_mm`` (mean distance over the vertebra's
+    points) of a better one does not: the same start twice; nor, after any level but the
+    last, one whose NCC there is more than ``keep_within`` below the best's: on the
+    development suites a wrong level's NCC was 0.01-0.35 below the true one's after the first
+    level and up to 0.25 after the second, and the true level's was never more than 0.01 below
+    the best, issue #21) and
     the restarts of a doubtful result (``restart_deg``: the result turned by this many
     degrees either way about each axis, six starts, each refined through every level; the
     best replaces it when its final NCC is higher; 0: none). A result that stops 2-5 mm off
     in a local optimum is usually left by one of them: phantom all-effects 2.31 → 0.49 mm,
     real-CT all-effects 1.99 → 0.54 mm, a round-field case 4.97 → 0.74 mm, the best final NCC
-    each time the best pose (issue #18's notes)."""
+    each time the best pose (issue #18's notes). ``jacobian``: how each LM iteration gets its
+    derivatives: ``"analytic"`` (default) from the projector's own derivative of each DRR
+    (one pass per view), ``"finite"`` from forward finite differences of each level's
+    ``step_deg`` / ``step_mm`` (six more DRRs per view: the plain reference, issue #21)."""
 
     levels: list[Level] = field(default_factory=lambda: [Level(64, 15, 1.0, 1.0, 30.0, None),
                                                          Level(128, 10, 0.5, 0.5, 20.0, 20.0),
@@ -170,16 +183,25 @@ class RefineConfig:
     max_step_deg: float = 4.0
     max_step_mm: float = 8.0
     coarse_below_pixels: int = 128
-    supersample: int = 2
+    supersample: int = 1
     keep: int = 3
     restart_deg: float = 5.0
+    same_mm: float = 3.0
+    keep_within: float = 0.05
+    jacobian: str = "analytic"
 
     def __post_init__(self):
         check(self)
+        if self.jacobian not in JACOBIANS:
+            raise ConfigError(f"must be one of {JACOBIANS}, not {self.jacobian!r}", field="jacobian")
         if self.restart_deg < 0:
             raise ConfigError(f"must be 0 (no restarts) or more, not {self.restart_deg}", field="restart_deg")
         if not self.levels:
             raise ConfigError("must hold at least one level", field="levels")
+        if not self.keep_within >= 0:
+            raise ConfigError(f"must be 0 or more, not {self.keep_within}", field="keep_within")
+        if self.same_mm < 0:
+            raise ConfigError(f"must be 0 (never the same) or more, not {self.same_mm}", field="same_mm")
         if self.keep < 1:
             raise ConfigError(f"must be at least 1, not {self.keep}", field="keep")
 

@@ -13,7 +13,8 @@ poses on their way through); :func:`stages_for` picks them from :class:`Register
    reconstruction (the network's, else a per-case Gaussian fit; :mod:`.refine3d`);
 4. ``refine2d`` (``refine`` "2d"/"both"): Levenberg-Marquardt on DRRs against both X-rays
    (:mod:`.refine2d`): the coarsest level from each candidate, the finer levels from the
-   ``refine2d.keep`` best after it; the best final NCC wins, and a result worse than its own
+   ``refine2d.keep`` best after it (one of those the first level brought to the same pose,
+   ``refine2d.same_mm``); the best final NCC wins, and a result worse than its own
    start is rejected (the start is kept, and a warning says so);
 5. ``check`` (always): the windowed NCC at the final pose, and its share of what each
    X-ray's noise allows (``explained``: NCC / :func:`~.refine2d.ncc_ceiling`, mean over the
@@ -63,7 +64,7 @@ from typing import Callable, Optional
 import numpy as np
 
 from ..errors import InputError
-from ..geometry import apply, compose, pose_to_matrix, translation
+from ..geometry import apply, compose, mtre, pose_to_matrix, translation
 from ..io import Case, Result
 from ..volume import Volume
 from .config import MetalConfig, RegisterConfig, RobustConfig
@@ -229,43 +230,72 @@ def refine3d_stage(reg: Registration) -> None:
 
 
 def refine2d_stage(reg: Registration) -> None:
-    """Levenberg-Marquardt from each candidate: the first (coarsest) level from every one,
-    then the rest of the levels from the ``refine2d.keep`` best of them (by their NCC after
-    the first level: a verification of the search's hypotheses); the best final NCC is kept
-    unless it is worse than its own start (:func:`check_refinement`)."""
+    """Levenberg-Marquardt from each candidate, one level at a time over all of them: the
+    first (coarsest) level from every one, then the finer levels from the ``refine2d.keep``
+    best of them (by their NCC after the first level: a verification of the search's
+    hypotheses). Of candidates the first level brought within ``refine2d.same_mm`` mean
+    distance over the vertebra's points, only the better goes on; and after every level but
+    the last, none goes on whose NCC there is more than ``refine2d.keep_within`` below the
+    best's (``info["refine2d_coarse"]`` says ``same_as``, or ``behind``: the level it stopped
+    after). The best final NCC is kept unless it is worse than its own start
+    (:func:`check_refinement`)."""
     cfg = reg.cfg
     levels = cfg.refine2d.levels
     n = len(reg.candidates)
     keep = min(n, cfg.refine2d.keep)
-    total = n + keep * (len(levels) - 1)
+    done, total = 0, n + keep * (len(levels) - 1)
+
+    def ncc(lv):
+        return float(np.mean(list(lv["ncc"].values())))
+
     with reg.timed("refinement"):
-        coarse = []
+        runs = []                                        # [NCC at the last level run, k, T, level records, candidate]
         for k, c in enumerate(reg.candidates):
             reg.report.stage("refine2d", f"2-D/3-D refinement: candidate {k + 1}/{n}, level 1/{len(levels)}",
-                             within=(k, total))
+                             within=(done, total))
             Tc, ci = refine_lm(reg.target, c.T, cfg.refine2d, robust=reg.robust, levels=levels[:1])
             reg.add_profile("refinement level 1", ci["levels"][0])
-            coarse.append((float(np.mean(list(ci["levels"][-1]["ncc"].values()))), k, Tc, ci, c))
-        order = sorted(coarse, key=lambda x: -x[0] if np.isfinite(x[0]) else np.inf)     # NaN (no overlap) last
-        reg.info["refine2d_coarse"] = [{"candidate": k, "ncc": m} for m, k, *_ in coarse]
-        best = None
-        for j, (m0, k, Tc, ci, c) in enumerate(order[:keep]):
-            def level_progress(i, m, j=j, k=k):
-                reg.report.stage("refine2d", f"2-D/3-D refinement: candidate {k + 1}/{n}, level {i + 2}/{len(levels)}",
-                                 within=(n + j * (len(levels) - 1) + i, total))
-
-            Tr, ri = refine_lm(reg.target, Tc, cfg.refine2d, progress=level_progress, robust=reg.robust,
-                               levels=levels[1:]) if len(levels) > 1 else (Tc, {"levels": []})
-            for i, lv in enumerate(ri["levels"]):
-                reg.add_profile(f"refinement level {i + 2}", lv)
-            ri = {"levels": ci["levels"] + ri["levels"]}
-            m = float(np.mean(list(ri["levels"][-1]["ncc"].values())))
+            runs.append([ncc(ci["levels"][0]), k, Tc, ci["levels"], c])
+            done += 1
+        order = sorted(runs, key=lambda x: -x[0] if np.isfinite(x[0]) else np.inf)     # NaN (no overlap) last
+        # a candidate that the first level brought to where a better one already is goes no further,
+        # nor one that a level left well behind the best
+        alive, same, behind = [], {}, {}
+        for run_ in order:
+            twin = next((o for o in alive if mtre(run_[2], o[2], reg.target.points) < cfg.refine2d.same_mm), None)
+            if twin is not None:
+                same[run_[1]] = twin[1]
+            elif alive and run_[0] < alive[0][0] - cfg.refine2d.keep_within:        # NaN: not behind
+                behind[run_[1]] = 1
+            elif len(alive) < keep:
+                alive.append(run_)
+        total = done + len(alive) * (len(levels) - 1)
+        for li in range(1, len(levels)):
+            for run_ in alive:
+                reg.report.stage("refine2d", f"2-D/3-D refinement: candidate {run_[1] + 1}/{n}, "
+                                             f"level {li + 1}/{len(levels)}", within=(done, total))
+                run_[2], ri = refine_lm(reg.target, run_[2], cfg.refine2d, robust=reg.robust, levels=levels[li:li + 1])
+                reg.add_profile(f"refinement level {li + 1}", ri["levels"][0])
+                run_[3] = run_[3] + ri["levels"]
+                run_[0] = ncc(ri["levels"][0])
+                done += 1
+            if li < len(levels) - 1:
+                top = max((r[0] for r in alive if np.isfinite(r[0])), default=np.nan)
+                for r in alive:
+                    if r[0] < top - cfg.refine2d.keep_within:
+                        behind[r[1]] = li + 1
+                alive = [r for r in alive if r[1] not in behind]
+                total = done + len(alive) * (len(levels) - 1 - li)
+        reg.info["refine2d_coarse"] = [{"candidate": k, "ncc": ncc(lv[0]), **({"same_as": same[k]} if k in same else {}),
+                                        **({"behind": behind[k]} if k in behind else {})} for _, k, _, lv, _ in runs]
+        for m, k, Tr, lv, c in runs:
             what = "network pose" if c.info.get("learned") else f"search score {c.score:.3f}"
-            reg.say(f"  candidate ({what}): NCC {m0:.3f} after the first level, final NCC {m:.3f}")
-            if best is None or m > best[0]:
-                best = (m, Tr, ri, c)
-        m, Tr, ri, start = best
-        reg.info["refine2d"] = ri
+            end = (f"final NCC {m:.3f}" if len(lv) == len(levels) else
+                   f"stopped after level {len(lv)} (NCC {m:.3f})" if k in behind else f"the same pose as candidate {same.get(k, '?')}"
+                   if k in same else "not among the best")
+            reg.say(f"  candidate ({what}): NCC {ncc(lv[0]):.3f} after the first level, {end}")
+        m, Tr, lv, start = max(((r[0], r[2], r[3], r[4]) for r in alive), key=lambda x: x[0] if np.isfinite(x[0]) else -np.inf)
+        reg.info["refine2d"] = {"levels": lv}
         T, m, warn = check_refinement(reg.target, start.T, Tr, m, cfg, reg.robust)
         reg.info["diverged"] = warn is not None
         if warn:
@@ -409,7 +439,8 @@ def run(case: Case, config: RegisterConfig | None = None, log=None, *, net=None,
     reg = attempt(rc if rc.mode == "always" else None)
     reg.info["robust"] = {"mode": rc.mode, "on": rc.mode == "always"}
     def refine_every(cands):          # the rescues: each start refined through every level, then checked
-        every = replace(cfg, refine2d=replace(cfg.refine2d, keep=max(len(cands), cfg.refine2d.keep)))
+        every = replace(cfg, refine2d=replace(cfg.refine2d, keep=max(len(cands), cfg.refine2d.keep), same_mm=0.0,
+                                              keep_within=2.0))        # NCCs differ by at most 2: none dropped
         return attempt(reg.robust, cands, [refine2d_stage, check_stage], every)
 
     if cfg.search.rescue and reg.info["doubtful"] and search_stage in core and refine2d_stage in core:

@@ -4,7 +4,10 @@ Coarse to fine over :attr:`RefineConfig.levels` (:func:`refine_lm`): residuals a
 normalised (zero mean, unit variance, :func:`~RadGSRegLib.similarity.zscore`) DRR minus the
 normalised X-ray inside a window around the projected vertebra, divided by the square root
 of the window's pixel count (so each view's sum of squares is ``2 (1 - NCC)``); the Jacobian comes from
-finite differences of the compiled Joseph projector (forward only, fast). The DRR is of
+the DRRs' own derivatives with respect to the pose (:meth:`~.target.Target.render_jacobian`:
+one pass of the compiled Joseph projector per view, :func:`_jacobian`) or, the reference
+(``RefineConfig.jacobian = "finite"``), from forward finite differences of ``Level.step_deg`` /
+``step_mm`` (six more renders per view). The DRR is of
 the *whole* CT slab (neighbours, soft tissue), so it looks like the X-ray; only the
 similarity is restricted to the vertebra's window. :func:`windowed_ncc` is that similarity
 at one pose (the pipeline's checks use it). With a :class:`~.config.RobustConfig` the window
@@ -24,8 +27,8 @@ from typing import NamedTuple, Optional
 import numpy as np
 
 from ..geometry import apply, compose, pose_to_matrix
-from ..similarity import (contrast_outliers, highpass, ncc_from_residuals, ncc_residuals, noise_ceiling, noise_sigma,
-                          tile_grid)
+from ..similarity import (contrast_outliers, highpass, ncc_from_residuals, ncc_residuals, ncc_residuals_jacobian,
+                          noise_ceiling, noise_sigma, tile_grid)
 from .config import Level, RefineConfig, RobustConfig
 from .target import Target
 
@@ -50,6 +53,27 @@ def _render(tgt: Target, T, w: _Window, cfg: RefineConfig, level: Level) -> np.n
     drr = tgt.render(w.view.cropped(*w.win), T, cfg.supersample if level.pixels <= 64 else 1,
                      coarse=level.pixels <= cfg.coarse_below_pixels)
     return highpass(drr, w.sig, w.valid) if w.sig else drr
+
+
+def _jacobian(tgt: Target, T, windows, cfg: RefineConfig, level: Level, center) -> np.ndarray:
+    """The Jacobian (residuals, 6) of :func:`_residuals` at ``T`` with respect to the LM
+    step (deg, mm about ``center``), from the DRRs' own derivatives
+    (:meth:`~.target.Target.render_jacobian`: one pass per view) carried through the same
+    high-pass (linear) and each tile's z-score."""
+    out = []
+    for w in windows.values():
+        drr, jac = tgt.render_jacobian(w.view.cropped(*w.win), T, center,
+                                       cfg.supersample if level.pixels <= 64 else 1,
+                                       coarse=level.pixels <= cfg.coarse_below_pixels)
+        if w.sig:
+            both = highpass(np.concatenate([drr[None], jac]), w.sig, w.valid)
+            drr, jac = both[0], both[1:]
+        for (rs, cs, m, wt), img in zip(w.tiles, w.img):
+            d, dj = drr[rs, cs], jac[:, rs, cs]
+            if m is not None:
+                d, dj = d[m], dj[:, m]
+            out.append(ncc_residuals_jacobian(d, dj.reshape(6, -1), img)[1] * np.sqrt(wt))
+    return np.concatenate(out)
 
 
 def _residuals(tgt: Target, T, windows, cfg: RefineConfig, level: Level) -> np.ndarray:
@@ -217,12 +241,15 @@ def refine_lm(tgt: Target, T: np.ndarray, cfg: RefineConfig, log=None, progress=
         cost = float(r @ r)
         for it in range(level.iterations):
             c = apply(T, tgt.centre)
-            J = np.empty((r.size, 6))
-            for k in range(6):
-                dp = np.zeros(6)
-                dp[k] = steps[k]
-                Tk = compose(pose_to_matrix(dp, center=c), T)
-                J[:, k] = (_residuals(tgt, Tk, windows, cfg, level) - r) / steps[k]
+            if cfg.jacobian == "analytic":
+                J = _jacobian(tgt, T, windows, cfg, level, c)
+            else:
+                J = np.empty((r.size, 6))
+                for k in range(6):
+                    dp = np.zeros(6)
+                    dp[k] = steps[k]
+                    Tk = compose(pose_to_matrix(dp, center=c), T)
+                    J[:, k] = (_residuals(tgt, Tk, windows, cfg, level) - r) / steps[k]
             g = J.T @ r
             H = J.T @ J
             improved = False

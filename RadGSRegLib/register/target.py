@@ -11,6 +11,7 @@ Poses are ``T_ct_to_carm`` (4, 4); mm everywhere; images are ``[row, column]``.
 from __future__ import annotations
 
 import numpy as np
+import torch
 import torch.nn.functional as F
 
 from ..drr import DRR, hu_to_mu
@@ -151,9 +152,12 @@ class Target:
         air beyond the scan the CT explains; both ends are then trusted)."""
         if not self.beyond or self.open_ends.get(view.name, False):
             return None
-        self.renders += len(self.beyond)
-        self.rays += view.size[0] * view.size[1] * len(self.beyond)
-        missing = sum(drr.render([view], T)[0].numpy() for drr in self.beyond)
+        seen = [drr for drr in self.beyond if _in_view(drr, view, T)]      # the others add nothing here
+        if not seen:
+            return None
+        self.renders += len(seen)
+        self.rays += view.size[0] * view.size[1] * len(seen)
+        missing = sum(drr.render([view], T)[0].numpy() for drr in seen)
         out = missing > UNCOVERED
         return None if not out.any() else ~out
 
@@ -168,6 +172,38 @@ class Target:
         fine = view.resized((view.size[0] * supersample, view.size[1] * supersample))
         img = drr.render([fine], T)[0]
         return F.avg_pool2d(img[None, None], supersample)[0, 0].numpy()
+
+    def render_jacobian(self, view: View, T, center, supersample: int = 1,
+                        coarse: bool = False) -> tuple[np.ndarray, np.ndarray]:
+        """:meth:`render` and its derivatives (6, rows, cols) with respect to the step
+        ``p`` of ``pose_to_matrix(p, center) @ T`` (deg, mm; ``center`` (3,) C-arm mm):
+        :meth:`~RadGSRegLib.drr.DRR.render_jacobian`, area-averaged like the DRR. Counts
+        as one render."""
+        drr = self.coarse if coarse else self.drr
+        self.renders += 1
+        self.rays += view.size[0] * view.size[1] * max(supersample, 1) ** 2
+        if supersample <= 1:
+            img, jac = drr.render_jacobian([view], T, center)
+            return img[0], jac[0]
+        fine = view.resized((view.size[0] * supersample, view.size[1] * supersample))
+        img, jac = drr.render_jacobian([fine], T, center)
+        both = F.avg_pool2d(torch.from_numpy(np.concatenate([img, jac[0]]))[:, None], supersample)[:, 0].numpy()
+        return both[0], both[1:]
+
+
+def _in_view(drr: DRR, view: View, T) -> bool:
+    """Whether any ray of ``view`` can cross ``drr``'s volume at pose ``T``: its support
+    (voxel indices -1 to n per axis, where the interpolation fades to zero) projects, as the
+    bounding box of its eight corners' projections, onto the detector (pixel -1 to size)."""
+    K, J, I = drr.mu.shape
+    idx = np.array([[i, j, k, 1.0] for i in (-1, I) for j in (-1, J) for k in (-1, K)])
+    pts = (np.asarray(T, dtype=np.float64) @ drr.affine @ idx.T).T[:, :3]
+    h = np.c_[pts, np.ones(8)] @ view.projection_matrix().T
+    if np.any(h[:, 2] <= 0):                               # a corner behind the source: no shortcut
+        return True
+    uv = h[:, :2] / h[:, 2:]
+    cols, rows = view.size
+    return bool(uv[:, 0].max() >= -1 and uv[:, 0].min() <= cols and uv[:, 1].max() >= -1 and uv[:, 1].min() <= rows)
 
 
 def make_target(case, *, slab_mm: float, coarse_mm: float) -> Target:
