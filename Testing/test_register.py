@@ -307,6 +307,36 @@ def test_anatomy_beyond_the_scan_is_left_out_and_a_drr_like_end_is_kept(small_ph
         assert truth_errors(case, res.T_ct_to_carm)["mtre_mm"] < 1.0 and not res.info["doubtful"]
 
 
+def test_a_stand_in_beyond_the_scan_is_rendered_only_where_a_ray_can_cross_it(small_phantom):
+    """``Target.covered`` skips a beyond-the-scan stand-in whose box projects off the view
+    (issue #21: fewer DRRs in the search): for windows across the lateral detector and
+    poses around the truth, whenever ``_in_view`` says no the stand-in's DRR is zero there,
+    and ``covered`` is what rendering every stand-in gives; both answers occur."""
+    from RadGSRegLib.geometry import compose, pose_to_matrix
+    from RadGSRegLib.register.target import UNCOVERED, _in_view, make_target
+
+    ct, seg = small_phantom
+    rc = _fast_config()
+    case = make_case(ct, seg, "L3", CaseGenConfig(rot_deg=4.0, trans_mm=8.0, pixels=128, seed=2, beyond_ct_mm=150.0),
+                     np.random.default_rng(2))
+    tgt = make_target(case, slab_mm=60.0, coarse_mm=rc.coarse_mm)      # a short slab: ends near the vertebra
+    view = tgt.image("lat", 64)[1]
+    seen = set()
+    for rot in (-15.0, 0.0, 15.0):
+        T = compose(pose_to_matrix([rot, 0, 0, 0, 0, 0]), case.ground_truth)
+        for r0 in range(0, 64, 16):
+            win = view.cropped(8, r0, 48, 16)
+            for drr in tgt.beyond:
+                inside = _in_view(drr, win, T)
+                seen.add(inside)
+                if not inside:
+                    assert not drr.render([win], T)[0].numpy().any()
+            every = sum(drr.render([win], T)[0].numpy() for drr in tgt.beyond) > UNCOVERED
+            cov = tgt.covered(win, T)
+            assert (cov is None and not every.any()) or (cov is not None and np.array_equal(cov, ~every))
+    assert seen == {True, False}
+
+
 @pytest.fixture(scope="module")
 def metal_cases(small_phantom):
     """The same small-phantom case without and with instruments (screws in the neighbours and
