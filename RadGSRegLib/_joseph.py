@@ -30,11 +30,6 @@ def padded_stack(vol: np.ndarray, axis: int) -> np.ndarray:
     return p
 
 
-def padded_stacks(vol: np.ndarray):
-    """:func:`padded_stack` for each dominant axis i, j, k."""
-    return tuple(padded_stack(vol, a) for a in range(3))
-
-
 @njit(cache=True, fastmath=True, inline="always")
 def _ray_sum(stack, sa, da, sb, db, sc, dc):
     """Sum of bilinear samples of slices m of ``stack`` ([b+2, c+2, a], zero border) along
@@ -86,7 +81,8 @@ def joseph_views(s_i, s_j, s_k, params, cols, rows, out):
     """Line integrals for V views.
 
     Args:
-        s_i, s_j, s_k: :func:`padded_stacks` of the volume.
+        s_i, s_j, s_k: :func:`padded_stack` of the volume for each dominant axis (one no ray
+            takes may be any float32 stand-in).
         params: (V, 8, 3) float64 per view: source, pixel (0, 0) centre, column step, row
             step in voxel coordinates (i, j, k), then the same four in mm.
         cols, rows: detector size. out: (V, rows, cols) float32, written.

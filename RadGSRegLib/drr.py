@@ -212,7 +212,7 @@ class DRR:
         return out
 
     def _stacks_for(self, params: np.ndarray, cols: int, rows: int) -> list:
-        """The Joseph kernels' three padded copies of the volume (:func:`~._joseph.padded_stacks`),
+        """The Joseph kernels' three padded copies of the volume (:func:`~._joseph.padded_stack`),
         each made on first need: a copy no ray of these views (``params``, :meth:`_joseph_params`)
         can take as its dominant axis is a stand-in. A ray's axis is the largest of its
         direction's absolute components; over the detector's rectangle each component is

@@ -131,7 +131,7 @@ def _bench(suites, methods, *, json_path, limit, model, overwrite, log, threads)
         per = {m: {"summary": summarize(r), "cases": r} for m, r in rows.items()}
         result["suites"][suite.name] = per
     log("")
-    log(f"Registration benchmark (CPU, 1 thread; RT excludes model loading{'; model ' + str(model) if model else ''})")
+    log(f"Registration benchmark (CPU, {threads} thread{'s' if threads > 1 else ''}; RT excludes model loading{'; model ' + str(model) if model else ''})")
     for line in format_table({s: {m: d["summary"] for m, d in per.items()} for s, per in result["suites"].items()}):
         log(line)
     if json_path is not None:

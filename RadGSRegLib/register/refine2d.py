@@ -5,7 +5,8 @@ normalised (zero mean, unit variance, :func:`~RadGSRegLib.similarity.zscore`) DR
 normalised X-ray inside a window around the projected vertebra, divided by the square root
 of the window's pixel count (so each view's sum of squares is ``2 (1 - NCC)``); the Jacobian comes from
 the DRRs' own derivatives with respect to the pose (:meth:`~.target.Target.render_jacobian`:
-one pass of the compiled Joseph projector per view, :func:`_jacobian`) or, the reference
+one pass of the compiled Joseph projector per view, :func:`_residuals_jacobian`, which every
+trial pose gets, so that an accepted step needs no further pass) or, the reference
 (``RefineConfig.jacobian = "finite"``), from forward finite differences of ``Level.step_deg`` /
 ``step_mm`` (six more renders per view). The DRR is of
 the *whole* CT slab (neighbours, soft tissue), so it looks like the X-ray; only the
@@ -55,12 +56,12 @@ def _render(tgt: Target, T, w: _Window, cfg: RefineConfig, level: Level) -> np.n
     return highpass(drr, w.sig, w.valid) if w.sig else drr
 
 
-def _jacobian(tgt: Target, T, windows, cfg: RefineConfig, level: Level, center) -> np.ndarray:
-    """The Jacobian (residuals, 6) of :func:`_residuals` at ``T`` with respect to the LM
-    step (deg, mm about ``center``), from the DRRs' own derivatives
+def _residuals_jacobian(tgt: Target, T, windows, cfg: RefineConfig, level: Level, center) -> tuple:
+    """:func:`_residuals` at ``T`` and their Jacobian (residuals, 6) with respect to the LM
+    step (deg, mm about ``center``), from the DRRs and their own derivatives
     (:meth:`~.target.Target.render_jacobian`: one pass per view) carried through the same
     high-pass (linear) and each tile's z-score."""
-    out = []
+    rs_, out = [], []
     for w in windows.values():
         drr, jac = tgt.render_jacobian(w.view.cropped(*w.win), T, center,
                                        cfg.supersample if level.pixels <= 64 else 1,
@@ -72,8 +73,10 @@ def _jacobian(tgt: Target, T, windows, cfg: RefineConfig, level: Level, center) 
             d, dj = drr[rs, cs], jac[:, rs, cs]
             if m is not None:
                 d, dj = d[m], dj[:, m]
-            out.append(ncc_residuals_jacobian(d, dj.reshape(6, -1), img)[1] * np.sqrt(wt))
-    return np.concatenate(out)
+            r, J = ncc_residuals_jacobian(d, dj.reshape(6, -1), img)
+            rs_.append(r * np.sqrt(wt))
+            out.append(J * np.sqrt(wt))
+    return np.concatenate(rs_), np.concatenate(out)
 
 
 def _residuals(tgt: Target, T, windows, cfg: RefineConfig, level: Level) -> np.ndarray:
@@ -237,13 +240,15 @@ def refine_lm(tgt: Target, T: np.ndarray, cfg: RefineConfig, log=None, progress=
         windows = _windows(tgt, T, level, cfg, robust)
         steps = np.array([level.step_deg] * 3 + [level.step_mm] * 3)
         lam = 1e-2
-        r = _residuals(tgt, T, windows, cfg, level)
+        analytic = cfg.jacobian == "analytic"
+        if analytic:       # every pose evaluated with its Jacobian: an accepted step brings the next one's
+            r, J = _residuals_jacobian(tgt, T, windows, cfg, level, apply(T, tgt.centre))
+        else:
+            r = _residuals(tgt, T, windows, cfg, level)
         cost = float(r @ r)
         for it in range(level.iterations):
             c = apply(T, tgt.centre)
-            if cfg.jacobian == "analytic":
-                J = _jacobian(tgt, T, windows, cfg, level, c)
-            else:
+            if not analytic:
                 J = np.empty((r.size, 6))
                 for k in range(6):
                     dp = np.zeros(6)
@@ -259,10 +264,15 @@ def refine_lm(tgt: Target, T: np.ndarray, cfg: RefineConfig, log=None, progress=
                 lim = np.array([cfg.max_step_deg] * 3 + [cfg.max_step_mm] * 3)
                 delta = delta * min(1.0, float(np.min(lim / np.maximum(np.abs(delta), 1e-12))))
                 Tn = compose(pose_to_matrix(delta, center=c), T)
-                rn = _residuals(tgt, Tn, windows, cfg, level)
+                if analytic:
+                    rn, Jn = _residuals_jacobian(tgt, Tn, windows, cfg, level, apply(Tn, tgt.centre))
+                else:
+                    rn = _residuals(tgt, Tn, windows, cfg, level)
                 cn = float(rn @ rn)
                 if cn < cost:
                     T, r, cost, lam = Tn, rn, cn, max(lam / 3, 1e-6)
+                    if analytic:
+                        J = Jn
                     improved = True
                     break
                 lam *= 4

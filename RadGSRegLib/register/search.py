@@ -83,7 +83,7 @@ def search_levels(tgt: Target, T: np.ndarray, cfg: SearchConfig, robust: RobustC
         sig = cfg.highpass_mm / px_mm
         templ, cov = _template(tgt, view, T, (c0, r0, w, h), sig, cfg.supersample)
         rng_px = int(np.ceil(cfg.range_mm / px_mm))
-        pad = np.pad(highpass(img, sig, valid), rng_px, mode="constant")
+        pad = np.pad(tgt.highpassed(name, cfg.pixels, sig), rng_px, mode="constant")
         inside = np.pad(np.ones(img.shape, bool) if valid is None else valid, rng_px, mode="constant")
         sl = (slice(r0, r0 + h + 2 * rng_px), slice(c0, c0 + w + 2 * rng_px))
         if robust is None:

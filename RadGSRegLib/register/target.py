@@ -100,7 +100,7 @@ class Target:
             return
         s = self.signal[name]
         self.signal[name] = ~mask if s is None else s & ~mask
-        self._cache = {k: v for k, v in self._cache.items() if not (k[0] == name and k[-1] == "valid")}
+        self._cache = {k: v for k, v in self._cache.items() if not (k[0] == name and k[-1] in ("valid", "highpass"))}
 
     def image(self, name: str, pixels: int) -> tuple[np.ndarray, View]:
         """The X-ray resized to ``pixels`` per side (area-averaged) and its view."""
@@ -122,6 +122,17 @@ class Target:
 
             frac, _ = resize_view_image(self.signal[name].astype(np.float32), self.views[name], pixels)
             self._cache[key] = frac > 0.999
+        return self._cache[key]
+
+    def highpassed(self, name: str, pixels: int, sigma_px: float) -> np.ndarray:
+        """:meth:`image` high-passed (:func:`~RadGSRegLib.similarity.highpass`, sigma in
+        pixels, over :meth:`valid`), made once per size and sigma (the pose search asks for
+        the same one for every rotation hypothesis)."""
+        key = (name, pixels, float(sigma_px), "highpass")
+        if key not in self._cache:
+            from ..similarity import highpass
+
+            self._cache[key] = highpass(self.image(name, pixels)[0], sigma_px, self.valid(name, pixels))
         return self._cache[key]
 
     def magnification(self, view: View, T) -> float:
