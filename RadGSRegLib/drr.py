@@ -136,6 +136,29 @@ class DRR:
 
     __call__ = render
 
+    def render_each(self, views: Sequence[View], poses: Sequence) -> np.ndarray:
+        """Line integrals of each view at its own pose: ``views[n]`` with ``poses[n]``
+        ((4, 4) ``T_ct_to_carm``; views of equal ``size``): :meth:`render` of each, stacked,
+        but from one pass of the ``"joseph"`` backend over all of them (a batch of pose
+        hypotheses, e.g. the pose search's). Returns (V, rows, cols) float32 NumPy."""
+        views, poses = list(views), [np.asarray(T, dtype=np.float64) for T in poses]
+        if len(views) != len(poses) or not views:
+            raise ValueError(f"render_each needs one pose per view, got {len(views)} views and {len(poses)} poses")
+        if len({v.size for v in views}) != 1:
+            raise ValueError(f"all views must have the same size, got {[v.size for v in views]}")
+        backend = self.backend if self.backend != "auto" else ("joseph" if self.device.type == "cpu" else "torch")
+        if backend != "joseph":
+            with torch.no_grad():
+                return np.concatenate([self.render([v], T, backend=backend).cpu().numpy()
+                                       for v, T in zip(views, poses)])
+        from ._joseph import joseph_views
+
+        params = np.concatenate([self._joseph_params([v], self._to_voxel(T)) for v, T in zip(views, poses)])
+        cols, rows = views[0].size
+        out = np.empty((len(views), rows, cols), dtype=np.float32)
+        joseph_views(*self._stacks_for(params, cols, rows), params, cols, rows, out)
+        return out
+
     def render_jacobian(self, views: Sequence[View], T_ct_to_carm, center, *,
                         fd_step: float = 0.05) -> tuple[np.ndarray, np.ndarray]:
         """Line integrals and their derivatives with respect to a small rigid motion of the

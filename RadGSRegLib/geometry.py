@@ -125,8 +125,16 @@ class View:
         """(3, 4) matrix P: C-arm mm (homogeneous) -> ``w*(column, row, 1)``.
 
         ``w`` is positive for points in front of the source (on the detector's side of the
-        plane through the source parallel to the detector).
+        plane through the source parallel to the detector). Computed once per view (a copy
+        is returned).
         """
+        P = self.__dict__.get("_projection")
+        if P is None:
+            P = self._projection_matrix()
+            object.__setattr__(self, "_projection", P)      # frozen: a cache, not a field
+        return P.copy()
+
+    def _projection_matrix(self) -> np.ndarray:
         s, o, u, v = self.source, self.detector_origin, self.u, self.v
         su, sv = self.pixel_spacing
         n = self.normal
@@ -152,7 +160,8 @@ class View:
             (..., 2) ``(column, row)`` in pixels (continuous; pixel centres are integers).
         """
         p = np.asarray(points, dtype=np.float64)
-        h = p @ self.projection_matrix()[:, :3].T + self.projection_matrix()[:, 3]
+        P = self.projection_matrix()
+        h = p @ P[:, :3].T + P[:, 3]
         return h[..., :2] / h[..., 2:3]
 
     def pixel_to_world(self, cols, rows) -> np.ndarray:

@@ -130,3 +130,22 @@ def test_render_jacobian_is_the_derivative_of_the_drr(posed):
     img_t, jac_t = DRR.from_ct(ct, backend="torch").render_jacobian(views, T, c)
     assert _ncc(img_t, img) > 0.9999
     assert all(_ncc(jac_t[:, k], jac[:, k]) > 0.95 for k in range(6))
+
+
+def test_render_each_gives_each_view_its_own_pose(posed):
+    """``DRR.render_each`` (issue #21: the pose search's hypotheses in one pass) is
+    :meth:`render` of each view at its own pose, bit for bit on the Joseph backend; the
+    torch backend does the same view by view; a pose per view is required."""
+    ct, T = posed
+    views = list(biplanar_views(pixels=32).values()) * 2
+    poses = [T, T, compose(pose_to_matrix([10, 0, -5, 4, 0, 0]), T), compose(pose_to_matrix([0, 8, 0, 0, -6, 3]), T)]
+    d = DRR.from_ct(ct)
+    each = d.render_each(views, poses)
+    assert each.shape == (4, 32, 32)
+    for img, v, P in zip(each, views, poses):
+        assert np.array_equal(img, d.render([v], P)[0].numpy())
+    assert not np.array_equal(each[0], each[2])
+    t = DRR.from_ct(ct, backend="torch").render_each(views, poses)
+    assert all(_ncc(a, b) > 0.9999 for a, b in zip(t, each))
+    with pytest.raises(ValueError, match="one pose per view"):
+        d.render_each(views, poses[:2])

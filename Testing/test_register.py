@@ -563,8 +563,13 @@ def test_the_check_flags_a_neighbouring_vertebra_at_any_dose(small_phantom):
 def test_search_template_is_the_whole_detectors_high_passed_drr_cut_to_the_window(easy_case):
     """The search high-passes the X-ray whole and cuts the vertebra's window from it; its
     template must be made the same way (a fast path: only the window and a kernel-wide
-    border are rendered). High-passing the cut window alone differs near its edges."""
-    from RadGSRegLib.register.search import _template
+    border are rendered). High-passing the cut window alone differs near its edges. A batch
+    of poses (the rotation hypotheses, rendered in one pass at a common size, issue #21)
+    gives each pose exactly the template it gets alone."""
+    from dataclasses import replace
+
+    from RadGSRegLib.geometry import compose, pose_to_matrix
+    from RadGSRegLib.register.search import _templates
     from RadGSRegLib.register.target import make_target
     from RadGSRegLib.similarity import highpass
 
@@ -575,14 +580,22 @@ def test_search_template_is_the_whole_detectors_high_passed_drr_cut_to_the_windo
     for name in ("ap", "lat"):
         _, view = tgt.image(name, s.pixels)
         for margin in (5.0, s.margin_mm, 60.0):               # inside the detector, and cut by its edge
-            c0, r0, w, h = tgt.window(view, G, margin)
+            (c0, r0, w, h), templ, cov = _templates(tgt, [G], replace(s, margin_mm=margin))[0][name]
+            assert (c0, r0, w, h) == tgt.window(view, G, margin)
             sig = s.highpass_mm * tgt.magnification(view, G) / view.pixel_spacing[0]
-            templ, cov = _template(tgt, view, G, (c0, r0, w, h), sig, s.supersample)
             whole = highpass(tgt.render(view, G, s.supersample, coarse=True), sig)[r0:r0 + h, c0:c0 + w]
             assert cov is None and templ.shape == (h, w)
             np.testing.assert_allclose(templ, whole, atol=1e-6 * np.abs(whole).max())
             alone = highpass(tgt.render(view.cropped(c0, r0, w, h), G, s.supersample, coarse=True), sig)
             assert np.abs(alone - whole).max() > 0.05 * np.abs(whole).max()   # what the reference catches
+    poses = [G, compose(pose_to_matrix([12, -8, 5, 0, 0, 0]), G), compose(pose_to_matrix([0, 0, 0, 15, -10, 40]), G)]
+    batch = _templates(tgt, poses, s)
+    for P, both in zip(poses, batch):
+        one = _templates(tgt, [P], s)[0]
+        for name in ("ap", "lat"):
+            assert both[name][0] == one[name][0] and np.array_equal(both[name][1], one[name][1])
+            assert (both[name][2] is None) == (one[name][2] is None)
+    assert len({batch[i]["lat"][0][2:] for i in range(3)}) > 1               # windows of different sizes
 
 
 def test_the_second_search_pass_rescores_a_right_rotation_from_where_it_puts_the_vertebra(easy_case):
@@ -635,7 +648,7 @@ def test_candidates_take_distinct_vertebra_positions_first_and_never_fall_short(
     def found(kw):
         calls = []
 
-        def stand_in(tgt_, T, cfg_, robust=None):
+        def stand_in(tgt_, T, cfg_, robust=None, templates=None):
             score, d = plan[len(calls)] if len(calls) < len(plan) else (0.1, [0.0, 0.0, 0.0])
             calls.append(1)
             return compose(translation(d), T), {"search_score": score, "search_shift_mm": d}

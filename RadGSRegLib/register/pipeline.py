@@ -286,15 +286,20 @@ def refine2d_stage(reg: Registration) -> None:
                         behind[r[1]] = li + 1
                 alive = [r for r in alive if r[1] not in behind]
                 total = done + len(alive) * (len(levels) - 1 - li)
-        reg.info["refine2d_coarse"] = [{"candidate": k, "ncc": ncc(lv[0]), **({"same_as": same[k]} if k in same else {}),
-                                        **({"behind": behind[k]} if k in behind else {})} for _, k, _, lv, _ in runs]
+        reg.info["refine2d_coarse"] = []
         for m, k, Tr, lv, c in runs:
+            record = {"candidate": k, "ncc": ncc(lv[0])}
+            if k in same:
+                record["same_as"], end = same[k], f"the same pose as candidate {same[k] + 1} after it"
+            elif k in behind:
+                record["behind"], end = behind[k], f"left behind after level {behind[k]} (NCC {m:.3f})"
+            else:
+                end = f"final NCC {m:.3f}" if len(lv) == len(levels) else "not among the best"
+            reg.info["refine2d_coarse"].append(record)
             what = "network pose" if c.info.get("learned") else f"search score {c.score:.3f}"
-            end = (f"final NCC {m:.3f}" if len(lv) == len(levels) else
-                   f"stopped after level {len(lv)} (NCC {m:.3f})" if k in behind else f"the same pose as candidate {same.get(k, '?')}"
-                   if k in same else "not among the best")
             reg.say(f"  candidate ({what}): NCC {ncc(lv[0]):.3f} after the first level, {end}")
-        m, Tr, lv, start = max(((r[0], r[2], r[3], r[4]) for r in alive), key=lambda x: x[0] if np.isfinite(x[0]) else -np.inf)
+        m, Tr, lv, start = max(((r[0], r[2], r[3], r[4]) for r in alive),
+                               key=lambda x: x[0] if np.isfinite(x[0]) else -np.inf)
         reg.info["refine2d"] = {"levels": lv}
         T, m, warn = check_refinement(reg.target, start.T, Tr, m, cfg, reg.robust)
         reg.info["diverged"] = warn is not None

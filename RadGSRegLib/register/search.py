@@ -43,7 +43,7 @@ class Hypothesis:
 
 
 def search_translation(tgt: Target, T: np.ndarray, cfg: SearchConfig,
-                       robust: RobustConfig | None = None) -> tuple[np.ndarray, dict]:
+                       robust: RobustConfig | None = None, templates: dict | None = None) -> tuple[np.ndarray, dict]:
     """The translation that best aligns both views' vertebra windows (C-arm frame).
 
     Each view gives an NCC map over shifts (du along its u, dv along its v, in mm at the
@@ -55,33 +55,37 @@ def search_translation(tgt: Target, T: np.ndarray, cfg: SearchConfig,
     ``robust``: the tiled NCC (tiles of ``robust.tile_mm``) instead of the plain one. The
     template's pixels that the CT does not cover at ``T`` (:meth:`~.target.Target.covered`:
     their rays leave the rendered slab through its ends) are left out of the correlation
-    (unless fewer than a tenth of the window would be left).
+    (unless fewer than a tenth of the window would be left). ``templates``: as
+    :func:`search_levels`.
 
     Returns:
         (``T`` shifted, info: ``search_ncc_ap``/``_lat``, ``search_shift_mm``, ``search_score``).
     """
-    return search_levels(tgt, T, cfg, robust, count=1)[0]
+    return search_levels(tgt, T, cfg, robust, count=1, templates=templates)[0]
 
 
 def search_levels(tgt: Target, T: np.ndarray, cfg: SearchConfig, robust: RobustConfig | None = None,
-                  count: int = 1, sep_mm: float = 0.0) -> list[tuple[np.ndarray, dict]]:
+                  count: int = 1, sep_mm: float = 0.0, templates: dict | None = None) -> list[tuple[np.ndarray, dict]]:
     """:func:`search_translation`'s best placement (first) and the next best ones along the
     spine: the ``count`` best cranio-caudal shifts (the joint score of both views, best
     first) at least ``sep_mm`` (mm at the vertebra, along the column) from each other, each
     with its best shift across the column in each view. A look-alike neighbour often wins a
     rotation's translation search; the true level is then one of these (issue #18's notes).
 
+    ``templates``: this pose's :func:`_templates` (view name -> (window, template, covered)),
+    made for a batch of poses at once; None: made here.
+
     Returns:
         up to ``count`` (``T`` shifted, info) as :func:`search_translation` returns them.
     """
+    templates = templates or _templates(tgt, [T], cfg)[0]
     maps = {}
     for name in ("ap", "lat"):
         img, view = tgt.image(name, cfg.pixels)
         valid = tgt.valid(name, cfg.pixels)
-        c0, r0, w, h = tgt.window(view, T, cfg.margin_mm)
         px_mm = view.pixel_spacing[0] / tgt.magnification(view, T)                   # mm at the vertebra per pixel
         sig = cfg.highpass_mm / px_mm
-        templ, cov = _template(tgt, view, T, (c0, r0, w, h), sig, cfg.supersample)
+        (c0, r0, w, h), templ, cov = templates[name]
         rng_px = int(np.ceil(cfg.range_mm / px_mm))
         pad = np.pad(tgt.highpassed(name, cfg.pixels, sig), rng_px, mode="constant")
         inside = np.pad(np.ones(img.shape, bool) if valid is None else valid, rng_px, mode="constant")
@@ -121,26 +125,43 @@ def search_levels(tgt: Target, T: np.ndarray, cfg: SearchConfig, robust: RobustC
     return out
 
 
-def _template(tgt: Target, view, T: np.ndarray, win: tuple, sig: float, supersample: int):
-    """The high-passed DRR template of window ``win`` (col0, row0, cols, rows) and its
-    comparable pixels (``covered``; None: all). The X-ray is high-passed whole and then cut,
+def _templates(tgt: Target, poses: list, cfg: SearchConfig) -> list[dict]:
+    """For each pose, per view: the vertebra's window (col0, row0, cols, rows), the high-passed
+    DRR template of it and its comparable pixels (``covered``; None: all), every pose's DRRs
+    of a view rendered in one pass (:meth:`~.target.Target.render_each`: the pose search's
+    rotation hypotheses are a batch; the DRR of each is cut from a common size, the same
+    rays as alone). The X-ray is high-passed whole and then cut,
     so the template is too: rendered with a border as wide as the filter's kernel (scipy's,
     four sigmas), high-passed, cut back: the crop of the whole detector's template, for the
     price of the window and its border.
     High-passing the cut window alone puts edge effects where the X-ray has none: a strong
     edge just outside the window (the back's skin in a lateral view) turned the NCC at the
     true pose of a real-CT case from 0.99 to 0.16 (issue #18's notes)."""
-    c0, r0, w, h = win
-    b = int(4.0 * sig + 0.5) + 1                        # scipy.ndimage.gaussian_filter's radius (truncate 4)
-    ca, ra = max(c0 - b, 0), max(r0 - b, 0)                # the border, as far as the detector goes (the
-    cb, rb = min(c0 + w + b, view.size[0]), min(r0 + h + b, view.size[1])   # X-ray's filter repeats its edge)
-    vpad = view.cropped(ca, ra, cb - ca, rb - ra)
-    cov = tgt.covered(vpad, T)                             # DRR pixels whose rays leave the CT: not compared
-    inner = (slice(r0 - ra, r0 - ra + h), slice(c0 - ca, c0 - ca + w))
-    if cov is not None and cov[inner].sum() < max(16, 0.1 * h * w):
-        cov = None                                         # too few left to correlate: the whole window
-    templ = highpass(tgt.render(vpad, T, supersample, coarse=True), sig, cov)
-    return templ[inner], (None if cov is None else cov[inner])
+    out = [{} for _ in poses]
+    for name in ("ap", "lat"):
+        _, view = tgt.image(name, cfg.pixels)
+        jobs = []
+        for T in poses:
+            c0, r0, w, h = tgt.window(view, T, cfg.margin_mm)
+            sig = cfg.highpass_mm / (view.pixel_spacing[0] / tgt.magnification(view, T))   # as search_levels
+            b = int(4.0 * sig + 0.5) + 1                        # scipy.ndimage.gaussian_filter's radius (truncate 4)
+            ca, ra = max(c0 - b, 0), max(r0 - b, 0)                # the border, as far as the detector goes (the
+            cb, rb = min(c0 + w + b, view.size[0]), min(r0 + h + b, view.size[1])   # X-ray's filter repeats its edge)
+            jobs.append(((c0, r0, w, h), sig, (ca, ra, cb - ca, rb - ra)))
+        cols, rows = max(j[2][2] for j in jobs), max(j[2][3] for j in jobs)
+        views = [view.cropped(ca, ra, cols, rows) for _, _, (ca, ra, _, _) in jobs]   # one size: may reach past
+        drrs = tgt.render_each(views, poses, cfg.supersample, coarse=True)             # the detector (cut below)
+        covs = tgt.covered_each(views, poses)
+        for n, ((c0, r0, w, h), sig, (ca, ra, wa, ha)) in enumerate(jobs):
+            cov = None if covs[n] is None else covs[n][:ha, :wa]     # DRR pixels whose rays leave the CT: not compared
+            if cov is not None and cov.all():
+                cov = None
+            inner = (slice(r0 - ra, r0 - ra + h), slice(c0 - ca, c0 - ca + w))
+            if cov is not None and cov[inner].sum() < max(16, 0.1 * h * w):
+                cov = None                                         # too few left to correlate: the whole window
+            templ = highpass(drrs[n][:ha, :wa], sig, cov)
+            out[n][name] = ((c0, r0, w, h), templ[inner], None if cov is None else cov[inner])
+    return out
 
 
 def rotation_hypotheses(rot_deg) -> list[tuple[float, float, float]]:
@@ -174,11 +195,12 @@ def search_pose(tgt: Target, T: np.ndarray, cfg: SearchConfig, progress=None,
     out = []
     hypotheses = rotation_hypotheses(cfg.rot_deg)
     n = len(hypotheses) + min(cfg.verify, len(hypotheses))
-    for i, rot in enumerate(hypotheses):
+    turned = [compose(pose_to_matrix([*rot, 0, 0, 0], center=c), T) for rot in hypotheses]
+    templates = _templates(tgt, turned, cfg)                      # every hypothesis's DRRs in one pass
+    for i, (rot, Tr) in enumerate(zip(hypotheses, turned)):
         if progress:
             progress(i, n)
-        Tr = compose(pose_to_matrix([*rot, 0, 0, 0], center=c), T)
-        Ts, info = search_translation(tgt, Tr, cfg, robust)
+        Ts, info = search_translation(tgt, Tr, cfg, robust, templates=templates[i])
         info["search_rot_deg"] = list(rot)
         info["first_pass_score"] = info["search_score"]
         out.append(Hypothesis(info["search_score"], Ts, info))
@@ -204,10 +226,11 @@ def _second_pass(tgt: Target, hyps: list, cfg: SearchConfig, robust, progress=No
     ``progress(j, len(hyps))`` before hypothesis ``j``."""
     again = replace(cfg, range_mm=cfg.verify_range_mm, prior=0.0)
     out = list(hyps)
+    templates = _templates(tgt, [h.T for h in hyps], again) if hyps else []
     for j, h in enumerate(hyps):
         if progress:
             progress(j, len(hyps))
-        Ts, info = search_translation(tgt, h.T, again, robust)
+        Ts, info = search_translation(tgt, h.T, again, robust, templates=templates[j])
         h.info["second_pass_score"] = info["search_score"]
         if info["search_score"] > h.score:
             shift = np.asarray(h.info["search_shift_mm"]) + np.asarray(info["search_shift_mm"])
@@ -237,11 +260,12 @@ def search_other_levels(tgt: Target, T: np.ndarray, cfg: SearchConfig, tried: li
     pool = []
     sep = 2 * cfg.level_mm                                                    # one placement per level
     per_rotation = int(np.floor(2 * cfg.range_mm / sep)) + 1                  # as many as the range holds
-    for i, rot in enumerate(hypotheses):
+    turned = [compose(pose_to_matrix([*rot, 0, 0, 0], center=c), T) for rot in hypotheses]
+    templates = _templates(tgt, turned, cfg)
+    for i, (rot, Tr) in enumerate(zip(hypotheses, turned)):
         if progress:
             progress(i, n)
-        Tr = compose(pose_to_matrix([*rot, 0, 0, 0], center=c), T)
-        for Ts, info in search_levels(tgt, Tr, cfg, robust, count=per_rotation, sep_mm=sep):
+        for Ts, info in search_levels(tgt, Tr, cfg, robust, count=per_rotation, sep_mm=sep, templates=templates[i]):
             info.update(search_rot_deg=list(rot), first_pass_score=info["search_score"], other_level=True)
             pool.append(Hypothesis(info["search_score"], Ts, info))
     pool.sort(key=lambda h: -h.score)

@@ -161,28 +161,45 @@ class Target:
         up by ``view.name``) shows the body ending in its field (``open_ends``,
         :func:`~RadGSRegLib.xray.body_ends_in_field`: a DRR-like image of the CT alone, whose
         air beyond the scan the CT explains; both ends are then trusted)."""
-        if not self.beyond or self.open_ends.get(view.name, False):
-            return None
-        seen = [drr for drr in self.beyond if _in_view(drr, view, T)]      # the others add nothing here
-        if not seen:
-            return None
-        self.renders += len(seen)
-        self.rays += view.size[0] * view.size[1] * len(seen)
-        missing = sum(drr.render([view], T)[0].numpy() for drr in seen)
-        out = missing > UNCOVERED
-        return None if not out.any() else ~out
+        return self.covered_each([view], [T])[0]
+
+    def covered_each(self, views: list, poses: list) -> list:
+        """:meth:`covered` of each view at its own pose (views of one size), each stand-in's
+        DRRs rendered in one pass over the views whose rays can cross it."""
+        out = [None] * len(views)
+        if not self.beyond:
+            return out
+        todo = [n for n, v in enumerate(views) if not self.open_ends.get(v.name, False)]
+        missing = {n: 0 for n in todo}
+        for drr in self.beyond:
+            seen = [n for n in todo if _in_view(drr, views[n], poses[n])]      # the others add nothing there
+            if not seen:
+                continue
+            self.renders += len(seen)
+            self.rays += views[0].size[0] * views[0].size[1] * len(seen)
+            for n, img in zip(seen, drr.render_each([views[n] for n in seen], [poses[n] for n in seen])):
+                missing[n] = missing[n] + img
+        for n, m in missing.items():
+            lost = np.asarray(m) > UNCOVERED
+            out[n] = ~lost if lost.any() else None
+        return out
 
     def render(self, view: View, T, supersample: int = 1, coarse: bool = False) -> np.ndarray:
         """DRR of ``view`` at pose ``T`` (area-averaged from ``supersample``^2 rays per pixel;
         ``coarse``: from the block-averaged CT, for the low-resolution stages)."""
+        return self.render_each([view], [T], supersample, coarse)[0]
+
+    def render_each(self, views: list, poses: list, supersample: int = 1, coarse: bool = False) -> np.ndarray:
+        """:meth:`render` of each view at its own pose (views of one size; (N, rows, cols)),
+        from one pass of the projector (:meth:`~RadGSRegLib.drr.DRR.render_each`)."""
         drr = self.coarse if coarse else self.drr
-        self.renders += 1
-        self.rays += view.size[0] * view.size[1] * max(supersample, 1) ** 2
+        self.renders += len(views)
+        self.rays += views[0].size[0] * views[0].size[1] * max(supersample, 1) ** 2 * len(views)
         if supersample <= 1:
-            return drr.render([view], T)[0].numpy()
-        fine = view.resized((view.size[0] * supersample, view.size[1] * supersample))
-        img = drr.render([fine], T)[0]
-        return F.avg_pool2d(img[None, None], supersample)[0, 0].numpy()
+            return drr.render_each(views, poses)
+        fine = [v.resized((v.size[0] * supersample, v.size[1] * supersample)) for v in views]
+        img = torch.from_numpy(drr.render_each(fine, poses))
+        return F.avg_pool2d(img[:, None], supersample)[:, 0].numpy()
 
     def render_jacobian(self, view: View, T, center, supersample: int = 1,
                         coarse: bool = False) -> tuple[np.ndarray, np.ndarray]:
