@@ -181,6 +181,8 @@ class DRR:
         from .geometry import compose, pose_to_matrix
 
         views = list(views)
+        if not views:
+            raise ValueError("render_jacobian needs at least one view")
         T = np.asarray(T_ct_to_carm, dtype=np.float64)
         c = np.asarray(center, dtype=np.float64)
         backend = self.backend if self.backend != "auto" else ("joseph" if self.device.type == "cpu" else "torch")
@@ -255,7 +257,7 @@ class DRR:
         out = []
         for a in range(3):
             others = np.delete(floor, a, axis=1).max(axis=1)
-            if self._stacks[a] is None and np.any(peak[:, a] >= others):
+            if self._stacks[a] is None and np.any(peak[:, a] >= others * (1 - 1e-9)):    # rounding: err to make it
                 self._stacks[a] = padded_stack(self.mu.detach().cpu().numpy(), a)
             out.append(self._stacks[a] if self._stacks[a] is not None else _NO_STACK)
         return out

@@ -125,16 +125,8 @@ class View:
         """(3, 4) matrix P: C-arm mm (homogeneous) -> ``w*(column, row, 1)``.
 
         ``w`` is positive for points in front of the source (on the detector's side of the
-        plane through the source parallel to the detector). Computed once per view (a copy
-        is returned).
+        plane through the source parallel to the detector).
         """
-        P = self.__dict__.get("_projection")
-        if P is None:
-            P = self._projection_matrix()
-            object.__setattr__(self, "_projection", P)      # frozen: a cache, not a field
-        return P.copy()
-
-    def _projection_matrix(self) -> np.ndarray:
         s, o, u, v = self.source, self.detector_origin, self.u, self.v
         su, sv = self.pixel_spacing
         n = self.normal

@@ -196,3 +196,18 @@ def test_noise_ceiling_is_the_best_ncc_the_noise_allows():
     want = np.sqrt(hp_c[valid].var() / (hp_c[valid].var() + 0.09))
     assert abs(noise_ceiling(hp_n, 0.09, valid) - want) < 0.03
     assert noise_ceiling(np.ones((30, 30)), 0.01) == 0.0      # flat: nothing to correlate
+
+
+def test_ncc_residuals_jacobian_is_the_derivative_of_ncc_residuals():
+    """The z-score's derivative (issue #21's analytic Jacobian): residuals equal
+    :func:`ncc_residuals`, and each column matches central differences along a direction."""
+    from RadGSRegLib.similarity import ncc_residuals, ncc_residuals_jacobian
+
+    rng = np.random.default_rng(3)
+    a, b, da = rng.normal(size=200), rng.normal(size=200), rng.normal(size=(3, 200))
+    r, J = ncc_residuals_jacobian(a, da, b)
+    assert np.allclose(r, ncc_residuals(a, b)) and J.shape == (200, 3)
+    h = 1e-6
+    for k in range(3):
+        fd = (ncc_residuals(a + h * da[k], b) - ncc_residuals(a - h * da[k], b)) / (2 * h)
+        assert np.allclose(J[:, k], fd, atol=1e-6)

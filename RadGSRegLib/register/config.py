@@ -174,8 +174,10 @@ class RefineConfig:
     real-CT all-effects 1.99 → 0.54 mm, a round-field case 4.97 → 0.74 mm, the best final NCC
     each time the best pose (issue #18's notes). ``jacobian``: how each LM iteration gets its
     derivatives: ``"analytic"`` (default) from the projector's own derivative of each DRR
-    (one pass per view), ``"finite"`` from forward finite differences of each level's
-    ``step_deg`` / ``step_mm`` (six more DRRs per view: the plain reference, issue #21)."""
+    (one pass per view; a projector without that pass, e.g. the torch backend on a GPU, gives
+    it by finite differences of 0.05°/mm, seven DRRs), ``"finite"`` from forward finite
+    differences of each level's ``step_deg`` / ``step_mm`` (six more DRRs per view: the plain
+    reference, issue #21)."""
 
     levels: list[Level] = field(default_factory=lambda: [Level(64, 15, 1.0, 1.0, 30.0, None),
                                                          Level(128, 10, 0.5, 0.5, 20.0, 20.0),

@@ -281,8 +281,8 @@ def refine2d_stage(reg: Registration) -> None:
                 done += 1
             if li < len(levels) - 1:
                 top = max((r[0] for r in alive if np.isfinite(r[0])), default=np.nan)
-                for r in alive:
-                    if r[0] < top - cfg.refine2d.keep_within:
+                for r in alive:              # NaN: no overlap left, it cannot win (unless none has any)
+                    if np.isfinite(top) and (not np.isfinite(r[0]) or r[0] < top - cfg.refine2d.keep_within):
                         behind[r[1]] = li + 1
                 alive = [r for r in alive if r[1] not in behind]
                 total = done + len(alive) * (len(levels) - 1 - li)

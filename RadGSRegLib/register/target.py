@@ -126,8 +126,8 @@ class Target:
 
     def highpassed(self, name: str, pixels: int, sigma_px: float) -> np.ndarray:
         """:meth:`image` high-passed (:func:`~RadGSRegLib.similarity.highpass`, sigma in
-        pixels, over :meth:`valid`), made once per size and sigma (the pose search asks for
-        the same one for every rotation hypothesis)."""
+        pixels, over :meth:`valid`), kept per size and sigma (the pose search asks for the
+        same one for its rotation hypotheses, up to the last bit of the sigma)."""
         key = (name, pixels, float(sigma_px), "highpass")
         if key not in self._cache:
             from ..similarity import highpass
