@@ -53,7 +53,8 @@ def default_model() -> Optional[Path]:
 @dataclass
 class Level:
     """One resolution level of the 2-D/3-D refinement: detector pixels per side (of the full
-    detector), LM iterations, finite-difference steps (deg, mm), the window margin around
+    detector), LM iterations, steps (deg, mm: the finite differences of ``jacobian="finite"``;
+    either way the LM stops when its step is below 2 % of them), the window margin around
     the vertebra (mm) and the high-pass scale (mm at the vertebra; None: no high-pass)."""
 
     pixels: int
