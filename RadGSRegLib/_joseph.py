@@ -31,9 +31,10 @@ def padded_stack(vol: np.ndarray, axis: int) -> np.ndarray:
 
 
 @njit(cache=True, fastmath=True, inline="always")
-def _ray_sum(stack, sa, da, sb, db, sc, dc):
-    """Sum of bilinear samples of slices m of ``stack`` ([b+2, c+2, a], zero border) along
-    the segment x(t) = s + t d, t in [0, 1], at t = (m - sa) / da."""
+def _slices(stack, sa, da, sb, db, sc, dc):
+    """The slices m (m0 to m1; none when m0 > m1) of ``stack`` ([b+2, c+2, a], zero border)
+    that the segment x(t) = s + t d, t in [0, 1], crosses where b is in (-1, nb) and c in
+    (-1, nc), the support of the bilinear samples."""
     na = stack.shape[2]
     nb = stack.shape[0] - 2
     nc = stack.shape[1] - 2
@@ -49,7 +50,7 @@ def _ray_sum(stack, sa, da, sb, db, sc, dc):
         x0 = s_ - sa * k                 # its value at m = 0
         if abs(k) < 1e-12:
             if x0 <= -1.0 or x0 >= n_:
-                return 0.0
+                return 0, -1
         else:
             ma = (-1.0 - x0) / k
             mb = (n_ - x0) / k
@@ -57,6 +58,30 @@ def _ray_sum(stack, sa, da, sb, db, sc, dc):
                 ma, mb = mb, ma
             m0 = max(m0, int(np.floor(ma)) + 1)
             m1 = min(m1, int(np.ceil(mb)) - 1)
+    return m0, m1
+
+
+@njit(cache=True, fastmath=True, inline="always")
+def _ray(P, col, r):
+    """Pixel (``col``, ``r``)'s ray from view parameters ``P`` (:func:`joseph_views`):
+    its direction (pixel minus source) in voxels and its length in mm."""
+    d0 = P[1, 0] + col * P[2, 0] + r * P[3, 0] - P[0, 0]
+    d1 = P[1, 1] + col * P[2, 1] + r * P[3, 1] - P[0, 1]
+    d2 = P[1, 2] + col * P[2, 2] + r * P[3, 2] - P[0, 2]
+    e0 = P[5, 0] + col * P[6, 0] + r * P[7, 0] - P[4, 0]
+    e1 = P[5, 1] + col * P[6, 1] + r * P[7, 1] - P[4, 1]
+    e2 = P[5, 2] + col * P[6, 2] + r * P[7, 2] - P[4, 2]
+    return d0, d1, d2, np.sqrt(e0 * e0 + e1 * e1 + e2 * e2)
+
+
+@njit(cache=True, fastmath=True, inline="always")
+def _ray_sum(stack, sa, da, sb, db, sc, dc):
+    """Sum of bilinear samples of slices m of ``stack`` ([b+2, c+2, a], zero border) along
+    the segment x(t) = s + t d, t in [0, 1], at t = (m - sa) / da."""
+    nb = stack.shape[0] - 2
+    nc = stack.shape[1] - 2
+    inv = 1.0 / da
+    m0, m1 = _slices(stack, sa, da, sb, db, sc, dc)
     acc = 0.0
     kb = db * inv
     kc = dc * inv
@@ -93,13 +118,7 @@ def joseph_views(s_i, s_j, s_k, params, cols, rows, out):
         r = vr % rows
         P = params[v]
         for col in range(cols):
-            d0 = P[1, 0] + col * P[2, 0] + r * P[3, 0] - P[0, 0]
-            d1 = P[1, 1] + col * P[2, 1] + r * P[3, 1] - P[0, 1]
-            d2 = P[1, 2] + col * P[2, 2] + r * P[3, 2] - P[0, 2]
-            e0 = P[5, 0] + col * P[6, 0] + r * P[7, 0] - P[4, 0]
-            e1 = P[5, 1] + col * P[6, 1] + r * P[7, 1] - P[4, 1]
-            e2 = P[5, 2] + col * P[6, 2] + r * P[7, 2] - P[4, 2]
-            length = np.sqrt(e0 * e0 + e1 * e1 + e2 * e2)
+            d0, d1, d2, length = _ray(P, col, r)
             a0, a1, a2 = abs(d0), abs(d1), abs(d2)
             if a0 >= a1 and a0 >= a2:
                 acc = _ray_sum(s_i, P[0, 0], d0, P[0, 1], d1, P[0, 2], d2)
@@ -118,27 +137,10 @@ def _ray_sum_grad(stack, sa, da, sb, db, sc, dc):
     """:func:`_ray_sum` and the in-slice derivatives of its samples: returns (sum, Σ g_b,
     Σ g_b t, Σ g_c, Σ g_c t) where g_b, g_c are the bilinear sample's derivatives along b
     and c (per voxel) and t = (m - sa) / da the sample's place on the segment."""
-    na = stack.shape[2]
     nb = stack.shape[0] - 2
     nc = stack.shape[1] - 2
     inv = 1.0 / da
-    lo = sa if da > 0 else sa + da
-    hi = sa + da if da > 0 else sa
-    m0 = max(0, int(np.ceil(lo)))
-    m1 = min(na - 1, int(np.floor(hi)))
-    for s_, d_, n_ in ((sb, db, nb), (sc, dc, nc)):
-        k = d_ * inv
-        x0 = s_ - sa * k
-        if abs(k) < 1e-12:
-            if x0 <= -1.0 or x0 >= n_:
-                return 0.0, 0.0, 0.0, 0.0, 0.0
-        else:
-            ma = (-1.0 - x0) / k
-            mb = (n_ - x0) / k
-            if ma > mb:
-                ma, mb = mb, ma
-            m0 = max(m0, int(np.floor(ma)) + 1)
-            m1 = min(m1, int(np.ceil(mb)) - 1)
+    m0, m1 = _slices(stack, sa, da, sb, db, sc, dc)
     acc = 0.0
     gb0 = 0.0
     gb1 = 0.0
@@ -194,13 +196,7 @@ def joseph_views_jacobian(s_i, s_j, s_k, params, motion, cols, rows, out, dout):
         P = params[v]
         Q = motion[v]
         for col in range(cols):
-            d0 = P[1, 0] + col * P[2, 0] + r * P[3, 0] - P[0, 0]
-            d1 = P[1, 1] + col * P[2, 1] + r * P[3, 1] - P[0, 1]
-            d2 = P[1, 2] + col * P[2, 2] + r * P[3, 2] - P[0, 2]
-            e0 = P[5, 0] + col * P[6, 0] + r * P[7, 0] - P[4, 0]
-            e1 = P[5, 1] + col * P[6, 1] + r * P[7, 1] - P[4, 1]
-            e2 = P[5, 2] + col * P[6, 2] + r * P[7, 2] - P[4, 2]
-            length = np.sqrt(e0 * e0 + e1 * e1 + e2 * e2)
+            d0, d1, d2, length = _ray(P, col, r)
             a0, a1, a2 = abs(d0), abs(d1), abs(d2)
             if a0 >= a1 and a0 >= a2:
                 ia, ib, ic, da, db, dc = 0, 1, 2, d0, d1, d2

@@ -146,7 +146,7 @@ class DRR:
             raise ValueError(f"render_each needs one pose per view, got {len(views)} views and {len(poses)} poses")
         if len({v.size for v in views}) != 1:
             raise ValueError(f"all views must have the same size, got {[v.size for v in views]}")
-        backend = self.backend if self.backend != "auto" else ("joseph" if self.device.type == "cpu" else "torch")
+        backend = self._forward_backend()
         if backend != "joseph":
             with torch.no_grad():
                 return np.concatenate([self.render([v], T, backend=backend).cpu().numpy()
@@ -185,7 +185,7 @@ class DRR:
             raise ValueError("render_jacobian needs at least one view")
         T = np.asarray(T_ct_to_carm, dtype=np.float64)
         c = np.asarray(center, dtype=np.float64)
-        backend = self.backend if self.backend != "auto" else ("joseph" if self.device.type == "cpu" else "torch")
+        backend = self._forward_backend()
         if backend != "joseph":
             with torch.no_grad():
                 base = self.render(views, T, backend=backend).cpu().numpy()
@@ -261,6 +261,11 @@ class DRR:
                 self._stacks[a] = padded_stack(self.mu.detach().cpu().numpy(), a)
             out.append(self._stacks[a] if self._stacks[a] is not None else _NO_STACK)
         return out
+
+    def _forward_backend(self) -> str:
+        """The backend of a render without gradients: the instance's, "auto" resolved as
+        :meth:`render` does (``"joseph"`` on the CPU)."""
+        return self.backend if self.backend != "auto" else ("joseph" if self.device.type == "cpu" else "torch")
 
     @staticmethod
     def _joseph_params(views: Sequence[View], M: np.ndarray) -> np.ndarray:

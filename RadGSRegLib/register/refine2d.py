@@ -50,9 +50,14 @@ class _Window(NamedTuple):
     img: list
 
 
+def _sampling(cfg: RefineConfig, level: Level) -> dict:
+    """How ``level``'s DRRs are rendered: rays per pixel side and which copy of the CT."""
+    return {"supersample": cfg.supersample if level.pixels <= 64 else 1,
+            "coarse": level.pixels <= cfg.coarse_below_pixels}
+
+
 def _render(tgt: Target, T, w: _Window, cfg: RefineConfig, level: Level) -> np.ndarray:
-    drr = tgt.render(w.view.cropped(*w.win), T, cfg.supersample if level.pixels <= 64 else 1,
-                     coarse=level.pixels <= cfg.coarse_below_pixels)
+    drr = tgt.render(w.view.cropped(*w.win), T, **_sampling(cfg, level))
     return highpass(drr, w.sig, w.valid) if w.sig else drr
 
 
@@ -63,9 +68,7 @@ def _residuals_jacobian(tgt: Target, T, windows, cfg: RefineConfig, level: Level
     high-pass (linear) and each tile's z-score."""
     rs_, out = [], []
     for w in windows.values():
-        drr, jac = tgt.render_jacobian(w.view.cropped(*w.win), T, center,
-                                       cfg.supersample if level.pixels <= 64 else 1,
-                                       coarse=level.pixels <= cfg.coarse_below_pixels)
+        drr, jac = tgt.render_jacobian(w.view.cropped(*w.win), T, center, **_sampling(cfg, level))
         if w.sig:
             both = highpass(np.concatenate([drr[None], jac]), w.sig, w.valid)
             drr, jac = both[0], both[1:]
