@@ -29,7 +29,8 @@ setup(
     packages=find_namespace_packages(include=["RadGSRegLib*"], exclude=["RadGSRegLib._resources*"])
     + ["RadGSRegLib._resources"],
     package_dir={"RadGSRegLib._resources": "Resources"},
-    package_data={"RadGSRegLib._resources": RESOURCE_FILES},
+    # the DiffDRR peer's environment (RadGSRegLib/bench/diffdrr_peer.py names this file in its set-up commands)
+    package_data={"RadGSRegLib._resources": RESOURCE_FILES, "RadGSRegLib.bench": ["diffdrr-requirements.txt"]},
     # only the files listed above (not every file git or a MANIFEST.in would add)
     include_package_data=False,
 )

@@ -381,12 +381,17 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--cases", type=Path, nargs="+", required=True, help="one or more suite folders")
     b.add_argument("--methods", default="initial,ours-2d",
                    help="comma-separated: initial, intensity-2d, search, ours-2d, gaussfit-3d, learned, learned-3d, "
-                        "learned-2d, learned-both, itk (default initial,ours-2d)")
+                        "learned-2d, learned-both, itk, diffdrr (default initial,ours-2d). With a peer (itk, diffdrr) "
+                        "and a method of ours, the run-time ratio peer / ours is printed and written per suite")
     b.add_argument("--model", help="weights for the learned methods (.pt, or 'default')")
     b.add_argument("--limit", type=_COUNT, help="only the first N cases of each suite")
     b.add_argument("--threads", type=_COUNT, default=1,
                    help="CPU threads of torch and of the compiled projector, for every method (default 1; the speed "
                         "goal of issue #21 is for 2)")
+    b.add_argument("--diffdrr-python", type=Path, metavar="PATH",
+                   help="the python of the DiffDRR peer's own environment (default: $RADGSREG_DIFFDRR_PYTHON, else "
+                        ".peers/diffdrr/bin/python here; make it with: python3 -m venv .peers/diffdrr && "
+                        ".peers/diffdrr/bin/pip install -r RadGSRegLib/bench/diffdrr-requirements.txt)")
     b.add_argument("--json", type=Path, default=Path("bench_out/register.json"))
     b = bsub.add_parser("metal", help="the metal segmentation network on case suites: precision, recall, Dice",
                         description="Scores the metal network (segment_metal, no dilation) on every case of each "
@@ -627,8 +632,10 @@ def _cmd_bench(args):
         for suite in args.cases:
             if not case_dirs(suite):
                 raise InputError(f"--cases {suite}: holds no case folders (folders with a case.json)")
+        if args.diffdrr_python is not None and "diffdrr" not in methods:
+            raise UsageError("--diffdrr-python: only with --methods ...,diffdrr")
         run_register_bench(list(args.cases), methods, json_path=args.json, limit=args.limit, model=args.model,
-                           threads=args.threads)
+                           threads=args.threads, diffdrr_python=args.diffdrr_python)
     elif args.bench == "metal":
         from .bench.metal_bench import run_metal_bench
         from .evaluate import case_dirs

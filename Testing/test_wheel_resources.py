@@ -37,7 +37,7 @@ WHEEL_SUBDIRS = ("Models", "SampleData")
 NOT_SHIPPED = {"SampleData/fetch_sample_data.py"}
 #: what the copy of the checkout leaves out: local caches, environments and outputs
 _IGNORE = shutil.ignore_patterns(".git", ".venv", "build", "dist", "*.egg-info", "__pycache__", "*.pyc",
-                                 ".pytest_cache", "runs", "demo_out", "bench_out", ".whl", ".gl")
+                                 ".pytest_cache", "runs", "demo_out", "bench_out", ".whl", ".gl", ".peers")
 
 
 def _sha256(path: Path) -> str:
@@ -144,6 +144,8 @@ def test_wheel_carries_the_package_and_the_shipped_resources(wheel):
     # every module of the package (a subpackage the build misses would fail here)
     src = {p.relative_to(ROOT).as_posix() for p in (ROOT / "RadGSRegLib").rglob("*.py") if "__pycache__" not in p.parts}
     assert src <= names, sorted(src - names)
+    # the DiffDRR peer's pinned environment, named by the bench's set-up commands (package data of bench)
+    assert "RadGSRegLib/bench/diffdrr-requirements.txt" in names
     # nothing else at the top: the package and its metadata (no Resources/, RadGSReg/, Testing/)
     assert {n.split("/")[0] for n in names} == {"RadGSRegLib", "-".join(wheel.name.split("-")[:2]) + ".dist-info"}
     assert wheel.stat().st_size < 12 * 2**20, f"{wheel.name}: {wheel.stat().st_size / 2**20:.1f} MiB"

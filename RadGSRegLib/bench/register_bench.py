@@ -6,6 +6,14 @@ truth and reports, per ``shared/docs/metrics.md``: mTRE (mean, median, 95th perc
 SR, CR (with SR per 5 mm bin of initial mTRE), rotation and translation errors, mPD, run
 time (model loading excluded), and SSIM/PSNR of the reconstruction when a method makes
 one. Prints a table and writes JSON.
+
+The peers (``itk``, ``diffdrr``) run on the same cases in the same run. Where a peer and a
+method of ours both ran on a suite, the run-time ratio peer / ours is reported per suite
+(:func:`rt_ratios`; ``result["suites"][suite]["ratios"]``, and a line after the table):
+the peer's mean RT over ours, and the median of the per-case ratios. Our RT is
+:func:`RadGSRegLib.register.run`'s ``runtime_s["total"]``; ITK's is timed by its wrapper, in
+process; DiffDRR's (a subprocess in its own environment, :mod:`.diffdrr_peer`) is measured
+inside its runner, without the interpreter's start, its imports or the file transfer.
 """
 from __future__ import annotations
 
@@ -13,10 +21,12 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
+import numpy as np
+
 from ..evaluate import case_dirs, case_row, format_table, summarize
 from ..io import read_case
 
-__all__ = ["METHODS", "run_register_bench"]
+__all__ = ["METHODS", "PEERS", "run_register_bench", "rt_ratios", "format_ratios"]
 
 #: method name -> (RegisterConfig fields (JSON form), what it is). The restarts of a doubtful
 #: result (``refine2d.restart_deg``) belong to every method of ours with the 2-D/3-D
@@ -47,22 +57,35 @@ METHODS = {
     "learned-2d": ({"init": "learned", "refine": "2d"}, "RadGS-Reg + 2-D/3-D refinement"),
     "learned-both": ({"init": "learned", "refine": "both"}, "RadGS-Reg + 3-D/3-D + 2-D/3-D refinement"),
     "itk": (None, "ITK two-projection registration (itk-twoprojectionregistration), a peer"),
+    "diffdrr": (None, "DiffDRR render-and-compare, DiffPose-style (Adam on multiscale NCC, 3 stages), a peer run in "
+                      "its own environment; RT measured inside its runner"),
 }
+#: the methods that are not ours: their RT is compared with ours (:func:`rt_ratios`)
+PEERS = ("itk", "diffdrr")
 
 
 def run_register_bench(suites: list[Path], methods: list[str], *, json_path: Path | None = None,
                        limit: int | None = None, model: str | None = None, overwrite: bool = True, log=print,
-                       threads: int = 1) -> dict:
+                       threads: int = 1, diffdrr_python=None) -> dict:
     """Run ``methods`` on every case of ``suites`` with torch and numba at ``threads`` threads
-    each (restored afterwards); returns (and optionally writes) the per-case rows and summaries.
+    each (restored afterwards; the DiffDRR peer's torch too); returns (and optionally writes)
+    the per-case rows, the summaries and, per suite, the peers' RT ratios (:func:`rt_ratios`).
 
     ``json_path`` is checked before anything runs (kind "bench-register"; not inside a
     suite) and written atomically with a ``"radgsreg"`` stamp; ``overwrite`` replaces only
-    our own earlier file."""
+    our own earlier file. With "diffdrr" among the methods, its python
+    (:func:`~RadGSRegLib.bench.diffdrr_peer.find_diffdrr_python`: ``diffdrr_python``, else
+    ``RADGSREG_DIFFDRR_PYTHON``, else ``.peers/diffdrr/bin/python``) is found before any
+    case runs, or a :class:`~RadGSRegLib.bench.diffdrr_peer.PeerNotFoundError` says how to
+    make one."""
     from ..io.outputs import check_output_file
 
     if json_path is not None:
         check_output_file(json_path, "bench-register", overwrite=overwrite, inputs=list(suites))
+    if "diffdrr" in methods:
+        from .diffdrr_peer import find_diffdrr_python
+
+        diffdrr_python = find_diffdrr_python(diffdrr_python)
     import numba
     import torch
 
@@ -71,13 +94,13 @@ def run_register_bench(suites: list[Path], methods: list[str], *, json_path: Pat
     numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))   # the compiled projector is parallel too
     try:
         return _bench(suites, methods, json_path=json_path, limit=limit, model=model, overwrite=overwrite, log=log,
-                      threads=threads)
+                      threads=threads, diffdrr_python=diffdrr_python)
     finally:
         torch.set_num_threads(before[0])
         numba.set_num_threads(before[1])
 
 
-def _bench(suites, methods, *, json_path, limit, model, overwrite, log, threads) -> dict:
+def _bench(suites, methods, *, json_path, limit, model, overwrite, log, threads, diffdrr_python) -> dict:
     from ..register import RegisterConfig, run
 
     unknown = [m for m in methods if m not in METHODS]
@@ -113,6 +136,10 @@ def _bench(suites, methods, *, json_path, limit, model, overwrite, log, threads)
                     from .itk_peer import register_itk
 
                     res = register_itk(case)
+                elif m == "diffdrr":
+                    from .diffdrr_peer import register_diffdrr
+
+                    res = register_diffdrr(case, python=diffdrr_python, threads=threads)
                 else:
                     kw = dict(METHODS[m][0])
                     if kw["init"] == "learned":
@@ -124,15 +151,20 @@ def _bench(suites, methods, *, json_path, limit, model, overwrite, log, threads)
                 rows[m].append(row)
                 ncc = row.get("final_ncc_views") or {}
                 log(f"  [{suite.name}] {m:<12} {i + 1:>3}/{len(cases)} {d.name}: {row['initial_mtre_mm']:6.1f} -> "
-                    f"{row['mtre_mm']:7.2f} mm ({wall:.1f} s)"
+                    f"{row['mtre_mm']:7.2f} mm ({wall:.1f} s"
+                    + (f"; RT {row['runtime_s']['total']:.1f} s" if m in PEERS else "") + ")"
                     + (f", NCC {sum(ncc.values()) / len(ncc):.3f}" if ncc else "")
                     + (" FLAGGED" if any("doubtful" in w or "diverged" in w for w in row["warnings"])
                        else " (warning)" if row["warnings"] else ""))
         per = {m: {"summary": summarize(r), "cases": r} for m, r in rows.items()}
+        per["ratios"] = rt_ratios(rows)
         result["suites"][suite.name] = per
     log("")
     log(f"Registration benchmark (CPU, {threads} thread{'s' if threads > 1 else ''}; RT excludes model loading{'; model ' + str(model) if model else ''})")
-    for line in format_table({s: {m: d["summary"] for m, d in per.items()} for s, per in result["suites"].items()}):
+    for line in format_table({s: {m: d["summary"] for m, d in per.items() if m != "ratios"}
+                              for s, per in result["suites"].items()}):
+        log(line)
+    for line in format_ratios({s: per["ratios"] for s, per in result["suites"].items()}):
         log(line)
     if json_path is not None:
         from ..io.outputs import write_json
@@ -140,3 +172,45 @@ def _bench(suites, methods, *, json_path, limit, model, overwrite, log, threads)
         write_json(json_path, result, "bench-register", overwrite=overwrite, inputs=list(suites), default=float)
         log(f"wrote {json_path}")
     return result
+
+
+def rt_ratios(rows: dict[str, list[dict]]) -> dict:
+    """Run-time ratios peer / ours on one suite: {peer: {our method: {"rt_mean_ratio": the
+    peer's mean RT over ours, "rt_median_case_ratio": the median over cases of the per-case
+    ratios, "peer_rt_s_mean", "ours_rt_s_mean" (s), "n"}}} for every peer of :data:`PEERS`
+    and every method of ours in ``rows`` ({method: per-case rows in the same case order,
+    each with ``runtime_s["total"]``}) but "initial" (which does no work). Empty when no
+    peer or no method of ours ran."""
+    rt = {m: np.array([r["runtime_s"].get("total", np.nan) for r in rs], dtype=float) for m, rs in rows.items()}
+    out = {}
+    for peer in (m for m in rows if m in PEERS):
+        for ours in (m for m in rows if m not in PEERS and m != "initial"):
+            a, b = rt[peer], rt[ours]
+            if len(a) != len(b) or not len(a):
+                raise ValueError(f"{peer} and {ours} ran on different cases ({len(a)} and {len(b)} rows)")
+            out.setdefault(peer, {})[ours] = {
+                "rt_mean_ratio": float(a.mean() / b.mean()), "rt_median_case_ratio": float(np.median(a / b)),
+                "peer_rt_s_mean": float(a.mean()), "ours_rt_s_mean": float(b.mean()), "n": int(len(a))}
+    return out
+
+
+def format_ratios(per_suite: dict[str, dict]) -> list[str]:
+    """Lines for {suite: :func:`rt_ratios`}: "ours is n x faster than the peer", and the note
+    on how each peer's RT was measured."""
+    lines = []
+    for sname, ratios in per_suite.items():
+        for peer, per in ratios.items():
+            for ours, r in per.items():
+                lines.append(f"RT ratio, {sname}: {peer} / {ours} = {r['rt_mean_ratio']:.1f}x (mean RT "
+                             f"{r['peer_rt_s_mean']:.2f} s / {r['ours_rt_s_mean']:.2f} s; median per-case ratio "
+                             f"{r['rt_median_case_ratio']:.1f}x; n = {r['n']}): {ours} is " + (
+                                 f"{r['rt_mean_ratio']:.1f}x faster than {_PEER_NAMES[peer]}" if r["rt_mean_ratio"] >= 1
+                                 else f"{1 / r['rt_mean_ratio']:.1f}x slower than {_PEER_NAMES[peer]}"))
+    ran = {p for ratios in per_suite.values() for p in ratios}
+    if "diffdrr" in ran:
+        lines.append("DiffDRR's RT: measured inside its runner (preparation + its registration), without the "
+                     "subprocess's interpreter start, imports and file transfer (per case: runtime_s.subprocess_wall)")
+    return lines
+
+
+_PEER_NAMES = {"itk": "ITK", "diffdrr": "DiffDRR"}
