@@ -19,15 +19,60 @@ from numba import njit, prange
 _ORDER = ((1, 0, 2), (2, 0, 1), (2, 1, 0))
 
 
-def padded_stack(vol: np.ndarray, axis: int) -> np.ndarray:
+def padded_stack(vol: np.ndarray, axis: int, factor: int = 1) -> np.ndarray:
     """A float32 copy of ``vol`` ([k, j, i]) for rays whose dominant axis is ``axis``
     (0, 1, 2: a = i, j, k), laid out [b+2, c+2, a] with a zero border in b and c (b < c in
     axis order): the dominant axis last, so that a ray's consecutive samples (one per slice
-    a, at nearly the same b and c) read neighbouring memory."""
-    s = np.transpose(np.asarray(vol, dtype=np.float32), _ORDER[axis])
-    p = np.zeros((s.shape[0] + 2, s.shape[1] + 2, s.shape[2]), np.float32)
-    p[1:-1, 1:-1, :] = s
+    a, at nearly the same b and c) read neighbouring memory.
+
+    ``factor`` > 1: the slices along a averaged in blocks of ``factor`` (the last block
+    filled with zeros, the air outside the volume), so that a ray samples every ``factor``-th
+    slice's worth: slice m' sits at a = factor m' + (factor - 1) / 2 (:func:`along_ray`);
+    b and c keep their full resolution, which is what sets the image's detail."""
+    v = np.asarray(vol, dtype=np.float32)
+    if factor > 1 and axis != 0:          # not vol's last axis: block means in vol's own layout (whole rows)
+        ax, n = 2 - axis, v.shape[2 - axis]
+        acc = np.zeros(v.shape[:ax] + (-(-n // factor),) + v.shape[ax + 1:], np.float32)
+        for d in range(factor):
+            part = v[(slice(None),) * ax + (slice(d, n, factor),)]
+            acc[(slice(None),) * ax + (slice(0, part.shape[ax]),)] += part
+        v, factor = acc * np.float32(1.0 / factor), 1
+    s = np.transpose(v, _ORDER[axis])
+    if factor == 1:                                  # a plain copy: NumPy's is fastest
+        p = np.zeros((s.shape[0] + 2, s.shape[1] + 2, s.shape[2]), np.float32)
+        p[1:-1, 1:-1, :] = s
+        return p
+    p = np.empty((s.shape[0] + 2, s.shape[1] + 2, -(-s.shape[2] // factor)), np.float32)
+    _pack(s, factor, p)                              # along vol's last axis: the means and the copy in one pass
     return p
+
+
+@njit(cache=True, parallel=True)
+def _pack(s, factor, p):
+    """``p`` [b+2, c+2, a'] = zero border around the means of ``s`` [b, c, a] over blocks of
+    ``factor`` along a (the last block's missing slices count as zeros)."""
+    nb, nc, na = s.shape
+    inv = np.float32(1.0 / factor)
+    p[0] = 0.0
+    p[nb + 1] = 0.0
+    for b in prange(nb):
+        p[b + 1, 0] = 0.0
+        p[b + 1, nc + 1] = 0.0
+        for c in range(nc):
+            for m in range(p.shape[2]):
+                acc = np.float32(0.0)
+                for d in range(factor):
+                    a = m * factor + d
+                    if a < na:
+                        acc += s[b, c, a]
+                p[b + 1, c + 1, m] = acc * inv
+
+
+def along_ray(factors) -> np.ndarray:
+    """(2, 3) float64 for the kernels: per dominant axis a, the scale and the offset of its
+    stack's slice index: slice m' = (a - offset) / scale (:func:`padded_stack`'s ``factor``)."""
+    f = np.asarray(factors, dtype=np.float64)
+    return np.stack([f, (f - 1.0) / 2.0])
 
 
 @njit(cache=True, fastmath=True, inline="always")
@@ -102,12 +147,13 @@ def _ray_sum(stack, sa, da, sb, db, sc, dc):
 
 
 @njit(cache=True, parallel=True, fastmath=True)
-def joseph_views(s_i, s_j, s_k, params, cols, rows, out):
+def joseph_views(s_i, s_j, s_k, axes, params, cols, rows, out):
     """Line integrals for V views.
 
     Args:
         s_i, s_j, s_k: :func:`padded_stack` of the volume for each dominant axis (one no ray
             takes may be any float32 stand-in).
+        axes: (2, 3) float64, :func:`along_ray` of the stacks' factors (all 1: every slice).
         params: (V, 8, 3) float64 per view: source, pixel (0, 0) centre, column step, row
             step in voxel coordinates (i, j, k), then the same four in mm.
         cols, rows: detector size. out: (V, rows, cols) float32, written.
@@ -121,14 +167,14 @@ def joseph_views(s_i, s_j, s_k, params, cols, rows, out):
             d0, d1, d2, length = _ray(P, col, r)
             a0, a1, a2 = abs(d0), abs(d1), abs(d2)
             if a0 >= a1 and a0 >= a2:
-                acc = _ray_sum(s_i, P[0, 0], d0, P[0, 1], d1, P[0, 2], d2)
-                da = a0
+                acc = _ray_sum(s_i, (P[0, 0] - axes[1, 0]) / axes[0, 0], d0 / axes[0, 0], P[0, 1], d1, P[0, 2], d2)
+                da = a0 / axes[0, 0]
             elif a1 >= a2:
-                acc = _ray_sum(s_j, P[0, 1], d1, P[0, 0], d0, P[0, 2], d2)
-                da = a1
+                acc = _ray_sum(s_j, (P[0, 1] - axes[1, 1]) / axes[0, 1], d1 / axes[0, 1], P[0, 0], d0, P[0, 2], d2)
+                da = a1 / axes[0, 1]
             else:
-                acc = _ray_sum(s_k, P[0, 2], d2, P[0, 0], d0, P[0, 1], d1)
-                da = a2
+                acc = _ray_sum(s_k, (P[0, 2] - axes[1, 2]) / axes[0, 2], d2 / axes[0, 2], P[0, 0], d0, P[0, 1], d1)
+                da = a2 / axes[0, 2]
             out[v, r, col] = acc * length / da if da > 1e-12 else 0.0
 
 
@@ -176,12 +222,12 @@ def _ray_sum_grad(stack, sa, da, sb, db, sc, dc):
 
 
 @njit(cache=True, parallel=True, fastmath=True)
-def joseph_views_jacobian(s_i, s_j, s_k, params, motion, cols, rows, out, dout):
+def joseph_views_jacobian(s_i, s_j, s_k, axes, params, motion, cols, rows, out, dout):
     """Line integrals for V views and their derivatives with respect to K motions of the
     volume (the exact derivative of Joseph's sum, the m-range's ends aside).
 
     Args:
-        s_i, s_j, s_k, params, cols, rows, out: as :func:`joseph_views`.
+        s_i, s_j, s_k, axes, params, cols, rows, out: as :func:`joseph_views`.
         motion: (V, K, 4, 3) float64: per motion k, the velocity (voxels per unit of the
             motion, in voxel coordinates i, j, k) of the ray's source, and of its direction
             (pixel minus source) at pixel (0, 0), per column and per row (a rigid motion
@@ -199,14 +245,18 @@ def joseph_views_jacobian(s_i, s_j, s_k, params, motion, cols, rows, out, dout):
             d0, d1, d2, length = _ray(P, col, r)
             a0, a1, a2 = abs(d0), abs(d1), abs(d2)
             if a0 >= a1 and a0 >= a2:
-                ia, ib, ic, da, db, dc = 0, 1, 2, d0, d1, d2
-                acc, gb0, gb1, gc0, gc1 = _ray_sum_grad(s_i, P[0, 0], d0, P[0, 1], d1, P[0, 2], d2)
+                ia, ib, ic, da, db, dc = 0, 1, 2, d0 / axes[0, 0], d1, d2
+                acc, gb0, gb1, gc0, gc1 = _ray_sum_grad(s_i, (P[0, 0] - axes[1, 0]) / axes[0, 0], da, P[0, 1], d1,
+                                                        P[0, 2], d2)
             elif a1 >= a2:
-                ia, ib, ic, da, db, dc = 1, 0, 2, d1, d0, d2
-                acc, gb0, gb1, gc0, gc1 = _ray_sum_grad(s_j, P[0, 1], d1, P[0, 0], d0, P[0, 2], d2)
+                ia, ib, ic, da, db, dc = 1, 0, 2, d1 / axes[0, 1], d0, d2
+                acc, gb0, gb1, gc0, gc1 = _ray_sum_grad(s_j, (P[0, 1] - axes[1, 1]) / axes[0, 1], da, P[0, 0], d0,
+                                                        P[0, 2], d2)
             else:
-                ia, ib, ic, da, db, dc = 2, 0, 1, d2, d0, d1
-                acc, gb0, gb1, gc0, gc1 = _ray_sum_grad(s_k, P[0, 2], d2, P[0, 0], d0, P[0, 1], d1)
+                ia, ib, ic, da, db, dc = 2, 0, 1, d2 / axes[0, 2], d0, d1
+                acc, gb0, gb1, gc0, gc1 = _ray_sum_grad(s_k, (P[0, 2] - axes[1, 2]) / axes[0, 2], da, P[0, 0], d0,
+                                                        P[0, 1], d1)
+            fa = axes[0, ia]                     # the a coordinate's scale in the stack: its velocities too
             if abs(da) <= 1e-12:
                 out[v, r, col] = 0.0
                 for k in range(K):
@@ -219,8 +269,8 @@ def joseph_views_jacobian(s_i, s_j, s_k, params, motion, cols, rows, out, dout):
             kc = dc / da
             for k in range(K):
                 # velocity of the source and of the direction of this ray under motion k
-                vs_a, vs_b, vs_c = Q[k, 0, ia], Q[k, 0, ib], Q[k, 0, ic]
-                vd_a = Q[k, 1, ia] + col * Q[k, 2, ia] + r * Q[k, 3, ia]
+                vs_a, vs_b, vs_c = Q[k, 0, ia] / fa, Q[k, 0, ib], Q[k, 0, ic]
+                vd_a = (Q[k, 1, ia] + col * Q[k, 2, ia] + r * Q[k, 3, ia]) / fa
                 vd_b = Q[k, 1, ib] + col * Q[k, 2, ib] + r * Q[k, 3, ib]
                 vd_c = Q[k, 1, ic] + col * Q[k, 2, ic] + r * Q[k, 3, ic]
                 # the sample in slice m moves along b by (v_b - v_a kb) at t_m (v = vs + t vd)

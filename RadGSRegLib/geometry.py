@@ -54,6 +54,14 @@ def _vec3(x, name: str) -> np.ndarray:
     return a
 
 
+def _cross(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """``np.cross`` of two (3,) vectors, the same arithmetic without its overhead (a view
+    is made for every window of every pose hypothesis)."""
+    a0, a1, a2 = float(a[0]), float(a[1]), float(a[2])
+    b0, b1, b2 = float(b[0]), float(b[1]), float(b[2])
+    return np.array([a1 * b2 - a2 * b1, a2 * b0 - a0 * b2, a0 * b1 - a1 * b0])
+
+
 @dataclass(frozen=True)
 class View:
     """One X-ray view of a cone-beam C-arm, in the C-arm frame (mm).
@@ -102,13 +110,13 @@ class View:
     @property
     def normal(self) -> np.ndarray:
         """(3,) unit detector normal ``u x v``."""
-        n = np.cross(self.u, self.v)
+        n = _cross(self.u, self.v)
         return n / np.linalg.norm(n)
 
     @property
     def source_to_detector(self) -> float:
         """Signed distance (mm) from the source to the detector plane along ``-normal``."""
-        return float(np.cross(self.u, self.v) @ (self.source - self.detector_origin))
+        return float(_cross(self.u, self.v) @ (self.source - self.detector_origin))
 
     @property
     def detector_center(self) -> np.ndarray:
@@ -127,6 +135,9 @@ class View:
         ``w`` is positive for points in front of the source (on the detector's side of the
         plane through the source parallel to the detector).
         """
+        cached = self.__dict__.get("_projection")          # a view is immutable: made once (a copy out)
+        if cached is not None:
+            return cached.copy()
         s, o, u, v = self.source, self.detector_origin, self.u, self.v
         su, sv = self.pixel_spacing
         n = self.normal
@@ -141,7 +152,8 @@ class View:
         P = np.vstack(rows + [np.append(n, -n @ s)])
         if d < 0:  # make w positive in front of the source
             P = -P
-        return P
+        self.__dict__["_projection"] = P
+        return P.copy()
 
     def project(self, points: np.ndarray) -> np.ndarray:
         """Project C-arm points to pixel coordinates.

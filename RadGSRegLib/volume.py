@@ -93,7 +93,13 @@ class Volume:
     def label_points(self, label: int, max_points: int | None = None, seed: int = 0) -> np.ndarray:
         """(N, 3) world centres of voxels equal to ``label`` (a fixed random subset if more
         than ``max_points``)."""
-        kji = np.argwhere(self.array == label)
+        mask = self.array == label
+        lo = [np.flatnonzero(mask.any(axis=tuple(a for a in range(3) if a != ax))) for ax in range(3)]
+        if any(len(x) == 0 for x in lo):
+            kji = np.zeros((0, 3), np.int64)
+        else:                                   # within the label's bounding box: the same points, in the same order
+            box = tuple(slice(x[0], x[-1] + 1) for x in lo)
+            kji = np.argwhere(mask[box]) + np.array([x[0] for x in lo])
         if max_points is not None and len(kji) > max_points:
             kji = kji[np.random.default_rng(seed).choice(len(kji), max_points, replace=False)]
         return self.index_to_world(kji[:, ::-1].astype(np.float64))

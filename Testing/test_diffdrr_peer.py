@@ -9,7 +9,6 @@ is none (CI has none).
 """
 import ast
 import json
-import os
 from dataclasses import replace
 from pathlib import Path
 

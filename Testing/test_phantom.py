@@ -74,3 +74,16 @@ def test_level_names():
     assert parse_levels("l1, L2") == ["L1", "L2"]
     with pytest.raises(ValueError, match="unknown vertebra level"):
         level_id("L7")
+
+
+def test_label_points_are_every_voxel_of_the_label_in_index_order(small_phantom):
+    """``Volume.label_points`` looks inside the label's bounding box only (issue #21: a
+    1 mm CT's whole label map was scanned): the same points, in the same order, as every
+    voxel of the whole array; none for an absent label; a seeded subset when capped."""
+    _, seg = small_phantom
+    for lab in (29, 26, 99):
+        kji = np.argwhere(seg.array == lab)
+        assert np.array_equal(seg.label_points(lab), seg.index_to_world(kji[:, ::-1].astype(np.float64)))
+    assert seg.label_points(99).shape == (0, 3)
+    sub = seg.label_points(29, max_points=50)
+    assert sub.shape == (50, 3) and np.array_equal(sub, seg.label_points(29, max_points=50))

@@ -147,6 +147,11 @@ def test_block_average_keeps_the_physical_position():
     assert b.shape == (9, 4, 3)                               # k not averaged (2.5 mm), j and i by 2
     ijk = np.array([1.0, 2.0, 4.0])
     assert b[4, 2, 1] == pytest.approx(float((B[:3, :3] @ ijk + B[:3, 3]) @ [1.0, 2.0, 3.0]), rel=1e-5)
+    # any content: each block's mean (the plain reshape-and-mean twin; remainders dropped)
+    r = np.random.default_rng(3).random((11, 9, 7)).astype(np.float32)
+    b, _ = block_average(r, A, 2.0)
+    twin = r[:, :8, :6].reshape(11, 4, 2, 3, 2).mean(axis=(2, 4))
+    assert b.dtype == np.float32 and b.shape == twin.shape and np.abs(b - twin).max() < 1e-6
 
 
 def test_evaluate_scores_result_folders(easy_case, tmp_path):
@@ -381,8 +386,12 @@ def test_a_doubtful_result_gets_a_second_attempt_with_the_tiled_similarity(metal
     from RadGSRegLib.register.config import MetalConfig, RobustConfig
 
     def runs(case):                   # the metal the mask would leave out is what the tiled attempt is for
-        return {mode: run(case, _fast_config(robust=RobustConfig(mode=mode), metal=MetalConfig(mode="never")))
-                for mode in ("auto", "never", "always")}
+        out = {}
+        for mode in ("auto", "never", "always"):     # the rescues aside: the second attempt has none of its own
+            cfg = _fast_config(robust=RobustConfig(mode=mode), metal=MetalConfig(mode="never"))
+            out[mode] = run(case, replace(cfg, search=replace(cfg.search, rescue=0, research=0),
+                                          refine2d=replace(cfg.refine2d, restart_deg=0.0)))
+        return out
 
     r = runs(read_case(easy_case))
     r_clean_never = r["never"]
@@ -406,7 +415,7 @@ def test_a_doubtful_result_gets_a_second_attempt_with_the_tiled_similarity(metal
     # finds no metal at its pose and cannot replace it
     case = read_case(easy_case)
     strict = _fast_config(min_ncc=0.999, metal=MetalConfig(mode="never"))
-    strict.search = replace(strict.search, rescue=0)                      # the tiled attempt alone
+    strict.search = replace(strict.search, rescue=0, research=0)                    # the tiled attempt alone
     strict.refine2d = replace(strict.refine2d, restart_deg=0.0)
     strict = run(case, strict)
     assert strict.info["doubtful"] and strict.info["robust"]["second_attempt"] and not strict.info["robust"]["on"]
@@ -460,6 +469,7 @@ def test_candidates_are_verified_at_the_first_level_and_only_the_best_go_on(easy
 
     case = read_case(easy_case)
     base = replace(_fast_config(), search=SearchConfig(rot_deg=(-4.0, 4.0), candidates=3))
+    base.refine2d = replace(base.refine2d, min_pixel_voxels=0.0)        # the levels as given (a 4 mm CT)
     one = run(case, replace(base, refine2d=replace(base.refine2d, keep=1)))
     coarse = one.info["refine2d_coarse"]
     assert [c["candidate"] for c in coarse] == [0, 1, 2]
@@ -699,6 +709,21 @@ def test_search_levels_first_is_the_translation_search_and_the_rest_lie_apart_al
     assert len(search_levels(tgt, T0, cfg.search, count=50, sep_mm=30.0)) <= 5      # +-60 mm holds five
 
 
+def _one_rescue(case, truth, search: dict, **kw):
+    """``case`` registered by the fast config with ``search`` settings, no metal mask, no
+    tiled attempt, no restarts (``kw``: more RegisterConfig fields): (result, mTRE mm)."""
+    from dataclasses import replace
+
+    from RadGSRegLib.metrics import truth_errors
+    from RadGSRegLib.register.config import MetalConfig, RobustConfig
+
+    cfg = _fast_config(metal=MetalConfig(mode="never"), robust=RobustConfig(mode="never"), **kw)
+    cfg.search = replace(cfg.search, **search)
+    cfg.refine2d = replace(cfg.refine2d, restart_deg=0.0)
+    res = run(case, cfg)
+    return res, truth_errors(truth, res.T_ct_to_carm)["mtre_mm"]
+
+
 def test_a_doubtful_neighbouring_level_is_rescued_at_the_other_levels(easy_case, small_phantom):
     """A search that can only pick the neighbouring vertebra (it starts there, and a strong
     prior keeps it there) gives a doubtful result; the rescue searches the levels its
@@ -709,20 +734,14 @@ def test_a_doubtful_neighbouring_level_is_rescued_at_the_other_levels(easy_case,
     from dataclasses import replace
 
     from RadGSRegLib.geometry import translation
-    from RadGSRegLib.metrics import truth_errors
-    from RadGSRegLib.register.config import MetalConfig, RobustConfig
 
     truth = read_case(easy_case, ground_truth=True)
     _, seg = small_phantom
     up = seg.label_centroid(29) - seg.label_centroid(28)            # L3 -> L2 (CT mm)
     case = replace(truth, ground_truth=None, initial_guess=truth.ground_truth @ translation(-up))
 
-    def reg(rescue):
-        cfg = _fast_config(metal=MetalConfig(mode="never"), robust=RobustConfig(mode="never"), min_explained=0.98)
-        cfg.search = replace(cfg.search, prior=2.0, rescue=rescue)
-        cfg.refine2d = replace(cfg.refine2d, restart_deg=0.0)                # the level rescue alone
-        res = run(case, cfg)
-        return res, truth_errors(truth, res.T_ct_to_carm)["mtre_mm"]
+    def reg(rescue):                                                         # the level rescue alone
+        return _one_rescue(case, truth, dict(prior=2.0, rescue=rescue, research=0), min_explained=0.98)
 
     wrong, e_wrong = reg(0)
     assert wrong.info["doubtful"] and e_wrong > 20 and "rescue" not in wrong.info
@@ -824,7 +843,7 @@ def test_a_doubtful_result_is_refined_again_from_six_turned_starts(easy_case):
 
     case = read_case(easy_case)
     base = _fast_config(min_ncc=0.999, metal=MetalConfig(mode="never"), robust=RobustConfig(mode="never"))
-    base.search = replace(base.search, rescue=0)
+    base.search = replace(base.search, rescue=0, research=0)
     off = run(case, replace(base, refine2d=replace(base.refine2d, restart_deg=0.0)))
     on = run(case, base)
     assert off.info["doubtful"] and "restart" not in off.info
@@ -934,3 +953,73 @@ def test_a_candidate_the_first_level_brings_to_a_better_ones_pose_goes_no_furthe
     assert calls == [1, 1, 1, 1]                           # the best alone goes on
     with pytest.raises(ValueError, match="keep_within"):
         RefineConfig(keep_within=-0.1)
+
+
+def test_a_doubtful_result_turned_beyond_the_grid_is_searched_again_about_its_candidate(small_phantom, tmp_path):
+    """``search.research`` (issue #18): a start turned 50° about the C-arm's z is beyond the
+    rotation grid's reach (±20°): the search's candidate stays ~30° off and its refinement
+    ends doubtful, several mm out. Searched again about that candidate's own pose, the grid
+    reaches the truth: the refined result replaces the first (higher final NCC), no longer
+    doubtful; ``info["research"]`` records it, the work adds up; 0 turns it off."""
+    from dataclasses import replace
+
+    from RadGSRegLib.geometry import apply, compose, pose_to_matrix
+
+    ct, seg = small_phantom
+    case = make_case(ct, seg, "L3", CaseGenConfig(rot_deg=4.0, trans_mm=8.0, pixels=128, seed=2), np.random.default_rng(2))
+    write_case(case, tmp_path / "case")
+    truth = read_case(tmp_path / "case", ground_truth=True)
+    c = apply(truth.ground_truth, truth.seg.label_points(truth.vertebra_label).mean(0)[None])[0]
+    start = compose(pose_to_matrix([0, 0, 50, 0, 0, 0], center=c), truth.ground_truth)
+    turned = replace(truth, ground_truth=None, initial_guess=start)
+
+    def reg(research):                                                       # the second search alone
+        return _one_rescue(turned, truth, dict(rot_deg=(-20.0, 0.0, 20.0), rescue=0, research=research))
+
+    off, e_off = reg(0)
+    assert off.info["doubtful"] and e_off > 2.0 and "research" not in off.info
+    on, e_on = reg(1)
+    assert e_on < 1.0 and not on.info["doubtful"]
+    rec = on.info["research"]
+    assert rec["kept"] and rec["hypotheses"] == len(rec["search"]) >= 1
+    assert rec["final_ncc_research"] > rec["final_ncc_first"] == pytest.approx(off.info["final_ncc"])
+    assert "research_search" in on.runtime_s and on.info["search"] == off.info["search"]
+    prof = on.info["profile"]
+    assert prof["total"]["renders"] == sum(v["renders"] for k, v in prof.items()
+                                           if k != "total" and not k.startswith("refinement level"))
+    with pytest.raises(ValueError, match="research"):
+        SearchConfig(research=-1)
+
+
+def test_levels_finer_than_the_ct_are_fitted_to_its_voxels(easy_case):
+    """``refine2d.min_pixel_voxels`` (issue #21): a level whose pixels at the vertebra are
+    below that share of the CT's voxel is halved per side, never below the previous level;
+    the registration records the pixels it used and every later stage (the check) works at
+    them; 0 keeps the levels as given."""
+    from dataclasses import replace
+
+    from RadGSRegLib.register.pipeline import fitted_levels
+    from RadGSRegLib.register.target import make_target
+
+    case = read_case(easy_case)                     # a 4 mm CT
+    cfg = RegisterConfig()
+    tgt = make_target(case, slab_mm=cfg.slab_mm, coarse_mm=cfg.coarse_mm)
+    T = case.initial_guess
+
+    def pixel_mm(p):
+        return max(v.size[0] * v.pixel_spacing[0] / p / tgt.magnification(v, T) for v in tgt.views.values())
+
+    given = [lv.pixels for lv in cfg.refine2d.levels]
+    got = [lv.pixels for lv in fitted_levels(cfg.refine2d, tgt, T)]
+    assert got != given and got == sorted(got) and got[0] <= given[0]
+    for g, p, prev in zip(given, got, [1] + got[:-1]):
+        assert p <= g and (pixel_mm(p) >= 0.4 * 4.0 or p // 2 < prev)        # fine enough, or the floor
+        assert p == g or pixel_mm(2 * p) < 0.4 * 4.0                          # halved only while too fine
+    assert fitted_levels(replace(cfg.refine2d, min_pixel_voxels=0.0), tgt, T) == cfg.refine2d.levels
+    res = run(case, _fast_config())
+    fast = _fast_config().refine2d
+    assert res.info.get("refine2d_pixels", [lv.pixels for lv in fast.levels]) == \
+        [lv.pixels for lv in fitted_levels(fast, tgt, T)]
+    assert [lv["pixels"] for lv in res.info["refine2d"]["levels"]] == [lv.pixels for lv in fitted_levels(fast, tgt, T)]
+    with pytest.raises(ValueError, match="min_pixel_voxels"):
+        RefineConfig(min_pixel_voxels=-1.0)

@@ -50,12 +50,23 @@ def default_model() -> Optional[Path]:
     return find_resource("Models/radgsreg_stage1.pt")
 
 
+def check_ray_step(cfg) -> None:
+    """``cfg.ray_step_mm`` is None or positive (:class:`~RadGSRegLib.drr.DRR`'s sample
+    spacing along a ray)."""
+    if cfg.ray_step_mm is not None and not cfg.ray_step_mm > 0:
+        raise ConfigError(f"must be a positive spacing (mm) or null (every slice), not {cfg.ray_step_mm}",
+                          field="ray_step_mm")
+
+
 @dataclass
 class Level:
     """One resolution level of the 2-D/3-D refinement: detector pixels per side (of the full
     detector), LM iterations, steps (deg, mm: the finite differences of ``jacobian="finite"``;
     either way the LM stops when its step is below 2 % of them), the window margin around
-    the vertebra (mm) and the high-pass scale (mm at the vertebra; None: no high-pass)."""
+    the vertebra (mm), the high-pass scale (mm at the vertebra; None: no high-pass) and the
+    sample spacing along a ray (mm; None: every slice of the CT copy the level renders;
+    :class:`~RadGSRegLib.drr.DRR`): the finest level's 2 mm halves a 1 mm CT's samples (its
+    high-passed DRR within NCC 0.9998 of every slice's) and leaves a 3 mm CT as it is."""
 
     pixels: int
     iterations: int
@@ -63,9 +74,11 @@ class Level:
     step_mm: float
     margin_mm: float = 20.0
     highpass_mm: Optional[float] = 8.0
+    ray_step_mm: Optional[float] = None
 
     def __post_init__(self):
         check(self)
+        check_ray_step(self)
 
 
 @dataclass
@@ -115,6 +128,19 @@ class SearchConfig:
             then no rotation's first: on the all-effects suites it
             ranked 13th-17th; refined, the right level's final NCC was the higher in every
             case measured (issue #18's notes).
+        research: a result still doubtful after the rescue is tried again from the pose
+            search run anew about each of this many of the first search's candidates (every
+            rotation hypothesis about that candidate's pose, :func:`.search.search_pose`):
+            the ``candidates`` best of each, refined as the first's (those that cannot win
+            stop after the first level); the best replaces the result when its final NCC is
+            higher (0: none). A pose turned beyond the grid's reach from the start is in
+            reach from a candidate's (a phantom all-effects case: its search's candidates
+            72, 36 and 13 mm off; about the second, the truth; issue #18's notes). Same
+            conditions as ``rescue``.
+        ray_step_mm: the templates' sample spacing along a ray (mm; None: every slice of the
+            block-averaged CT; :class:`~RadGSRegLib.drr.DRR`): 4 mm halves the samples of the
+            2 mm copy of a 1 mm CT (the high-passed template within NCC 0.999 of every
+            slice's) and leaves a 3 mm one as it is (issue #21).
         level_mm: a rescue placement at least this far (mm at the vertebra, along the
             column) from the candidates' and from every other one taken is at another level
             (about half a lumbar vertebra's spacing); each rotation's placements are twice
@@ -137,11 +163,16 @@ class SearchConfig:
     distinct_mm: float = 10.0
     rescue: int = 3
     level_mm: float = 15.0
+    research: int = 3
+    ray_step_mm: Optional[float] = 4.0
 
     def __post_init__(self):
         check(self)
+        check_ray_step(self)
         if self.rescue < 0:
             raise ConfigError(f"must be 0 (no rescue) or more, not {self.rescue}", field="rescue")
+        if self.research < 0:
+            raise ConfigError(f"must be 0 (no second search) or more, not {self.research}", field="research")
         if self.level_mm <= 0:
             raise ConfigError(f"must be positive, not {self.level_mm}", field="level_mm")
         if self.verify < 0:
@@ -178,11 +209,16 @@ class RefineConfig:
     (one pass per view; a projector without that pass, e.g. the torch backend on a GPU, gives
     it by finite differences of 0.05°/mm, seven DRRs), ``"finite"`` from forward finite
     differences of each level's ``step_deg`` / ``step_mm`` (six more DRRs per view: the plain
-    reference, issue #21)."""
+    reference, issue #21). ``min_pixel_voxels``: a level whose pixels, at the vertebra, are
+    smaller than this share of the CT's smallest voxel spacing renders half as many per side,
+    down to the previous level's (:func:`.pipeline.fitted_levels`; ``info["refine2d_pixels"]``
+    then says how many): finer pixels show no more of the CT. A 3 mm CT's finest level then
+    works at 128 px, not 256 (about a quarter of its time; mTRE 0.079 → 0.086 mm on 12
+    real-CT cases, issue #21); a 1 mm CT keeps 256; 0: never."""
 
     levels: list[Level] = field(default_factory=lambda: [Level(64, 15, 1.0, 1.0, 30.0, None),
                                                          Level(128, 10, 0.5, 0.5, 20.0, 20.0),
-                                                         Level(256, 6, 0.25, 0.25, 15.0, 8.0)])
+                                                         Level(256, 6, 0.25, 0.25, 15.0, 8.0, 2.0)])
     max_step_deg: float = 4.0
     max_step_mm: float = 8.0
     coarse_below_pixels: int = 128
@@ -192,6 +228,7 @@ class RefineConfig:
     same_mm: float = 3.0
     keep_within: float = 0.05
     jacobian: str = "analytic"
+    min_pixel_voxels: float = 0.4
 
     def __post_init__(self):
         check(self)
@@ -207,6 +244,9 @@ class RefineConfig:
             raise ConfigError(f"must be 0 (never the same) or more, not {self.same_mm}", field="same_mm")
         if self.keep < 1:
             raise ConfigError(f"must be at least 1, not {self.keep}", field="keep")
+        if not 0 <= self.min_pixel_voxels < 8:
+            raise ConfigError(f"must be a share of a voxel in [0, 8), not {self.min_pixel_voxels}",
+                              field="min_pixel_voxels")
 
 
 @dataclass

@@ -67,13 +67,13 @@ from ..errors import InputError
 from ..geometry import apply, compose, mtre, pose_to_matrix, translation
 from ..io import Case, Result
 from ..volume import Volume
-from .config import MetalConfig, RegisterConfig, RobustConfig
+from .config import MetalConfig, RefineConfig, RegisterConfig, RobustConfig
 from .refine2d import ncc_ceiling, outlier_fraction, refine_lm, windowed_ncc
 from .refine3d import refine_3d
 from .search import rotation_hypotheses, search_other_levels, search_pose
 from .target import Target, make_target
 
-__all__ = ["run", "reconstruct_volume", "check_refinement", "Candidate", "Registration", "stages_for",
+__all__ = ["run", "reconstruct_volume", "check_refinement", "fitted_levels", "Candidate", "Registration", "stages_for",
            "mask_metal", "search_stage", "learned_stage", "refine3d_stage", "refine2d_stage", "check_stage", "output_stage"]
 
 
@@ -145,6 +145,25 @@ class Registration:
     def say(self, line: str) -> None:
         if self.log:
             self.log(line)
+
+
+def fitted_levels(cfg: RefineConfig, tgt: Target, T: np.ndarray) -> list:
+    """``cfg.levels`` with each level's detector pixels halved while its pixels, at the
+    vertebra (pose ``T``, the larger of both views'), are smaller than
+    ``cfg.min_pixel_voxels`` of the CT's smallest voxel spacing, but never below the
+    previous level's: finer pixels show no more of the CT (a 3 mm CT's finest level at
+    128 px, not 256; issue #21)."""
+    vox = float(np.linalg.norm(tgt.drr.affine[:3, :3], axis=0).min())
+    out = []
+    for lv in cfg.levels:
+        p, floor = lv.pixels, out[-1].pixels if out else 1
+        while p // 2 >= floor:
+            mm = max(v.size[0] * v.pixel_spacing[0] / p / tgt.magnification(v, T) for v in tgt.views.values())
+            if mm >= cfg.min_pixel_voxels * vox:
+                break
+            p //= 2
+        out.append(lv if p == lv.pixels else replace(lv, pixels=p))
+    return out
 
 
 def check_refinement(tgt: Target, T_start: np.ndarray, T_result: np.ndarray, ncc_result: float,
@@ -418,6 +437,10 @@ def run(case: Case, config: RegisterConfig | None = None, log=None, *, net=None,
     T = case.initial_guess if case.initial_guess is not None else translation(-tgt.centre)
     info = {"init": mode, "refine": cfg.refine,
             "initial_pose_from": "case" if case.initial_guess is not None else "nominal (vertebra at the isocentre)"}
+    levels = fitted_levels(cfg.refine2d, tgt, T)
+    if levels != cfg.refine2d.levels:
+        cfg = replace(cfg, refine2d=replace(cfg.refine2d, levels=levels))
+        info["refine2d_pixels"] = [lv.pixels for lv in levels]
     prep = time.perf_counter() - t0
     t1 = time.perf_counter()
     info["metal"] = mask_metal(tgt, cfg.metal, net=metal_net, report=report, log=log)
@@ -450,6 +473,8 @@ def run(case: Case, config: RegisterConfig | None = None, log=None, *, net=None,
 
     if cfg.search.rescue and reg.info["doubtful"] and search_stage in core and refine2d_stage in core:
         reg = _rescue_levels(reg, T, refine_every)
+    if cfg.search.research and reg.info["doubtful"] and search_stage in core and refine2d_stage in core:
+        reg = _research(reg, lambda cands: attempt(reg.robust, cands, [refine2d_stage, check_stage]))
     if cfg.refine2d.restart_deg and reg.info["doubtful"] and refine2d_stage in core:
         reg = _restart(reg, refine_every)
     # a second attempt can only differ where the similarity chooses the pose: the search, the 2-D/3-D refinement
@@ -526,27 +551,61 @@ def _rescue_levels(first: Registration, T0: np.ndarray, refine) -> Registration:
                                     progress=lambda i, n: first.report.stage(
                                         "check", f"doubtful: searching other levels of the spine ({i + 1}/{n})",
                                         within=(i, n)))
+    return _try_hypotheses(first, found, refine, "rescue", "other-level")
+
+
+def _research(first: Registration, refine) -> Registration:
+    """A doubtful result tried again from the pose search run anew about each of the first
+    search's candidates (``search.research`` of them, :func:`.search.search_pose` from its
+    pose: the rotation grid about a pose turned beyond the grid's reach): every candidate
+    of each, refined and checked (``refine(candidates)``: the 2-D/3-D refinement as the
+    first's, the starts that cannot win stopped after the first level, and the check).
+    Their result replaces the first when its final NCC is higher, with the same ``level:``
+    warning when it moved ``search.level_mm`` or more along the spine; ``info["research"]``
+    records both NCCs and the hypotheses' search record (``research_search``: the
+    searches' time)."""
+    tgt, cfg = first.target, first.cfg.search
+    about = first.searched[:cfg.research]
+    first.say(f"  doubtful: the pose search again about {len(about)} of its candidates")
+    found = []
+    with first.timed("research_search"):
+        for n, T in enumerate(about):
+            first.report.stage("check", f"doubtful: searching again about candidate {n + 1}/{len(about)}",
+                               within=(n, len(about)))
+            found += search_pose(tgt, T, cfg, robust=first.robust)
+    return _try_hypotheses(first, found, refine, "research", "searched-again")
+
+
+def _try_hypotheses(first: Registration, found: list, refine, key: str, label: str) -> Registration:
+    """A rescue's hypotheses ``found`` refined and checked (``refine(candidates)``, a new
+    :class:`Registration`), kept when its final NCC is higher than ``first``'s (the runtimes
+    and profiles add up, :func:`_better`); ``info[key]`` records ``hypotheses``, ``kept``,
+    ``final_ncc_first``, ``final_ncc_<key>``, their ``search`` records, the ``other_warnings``
+    and, when kept, the move (``moved_mm``, with a ``level:`` warning at ``search.level_mm``
+    or more along the spine: the surgeon must see it)."""
     record = {"hypotheses": len(found), "kept": False, "final_ncc_first": first.info["final_ncc"],
               "search": [h.info for h in found]}
     if not found:
-        first.info["rescue"] = record
+        first.info[key] = record
         return first
     second = refine([Candidate(h.T, h.score, h.info) for h in found])
-    record["final_ncc_rescue"] = second.info["final_ncc"]
+    record[f"final_ncc_{key}"] = second.info["final_ncc"]
     keep, other, switch = _better(first, second)
     if switch:
         keep.searched = first.searched + [h.T for h in found]
+        tgt, cfg = first.target, first.cfg.search
         moved = apply(keep.T, tgt.centre) - apply(first.T, tgt.centre)
         record["moved_mm"] = moved.tolist()
-        if abs(moved[2]) >= cfg.level_mm:                  # another level: the surgeon must see it
+        if abs(moved[2]) >= cfg.level_mm:
             keep.warnings.append(f"level: the search's first choice fit poorly (final NCC {first.info['final_ncc']:.2f}); "
                                  f"a pose {abs(moved[2]):.0f} mm along the spine (C-arm z {moved[2]:+.0f} mm) explains "
-                                 f"the X-rays better (final NCC {second.info['final_ncc']:.2f}) and was kept: check the level")
+                                 f"the X-rays better (final NCC {second.info['final_ncc']:.2f}) and was kept: check "
+                                 "the level")
     record["kept"] = switch
     record["other_warnings"] = [w for w in other.warnings if w not in keep.warnings]
-    keep.info["rescue"] = record
-    keep.say(f"  kept the {'other level' if switch else 'first result'} (final NCC {second.info['final_ncc']:.3f} "
-             f"at the other levels vs {first.info['final_ncc']:.3f})")
+    keep.info[key] = record
+    keep.say(f"  kept the {label if switch else 'first'} result (final NCC {second.info['final_ncc']:.3f} vs "
+             f"{first.info['final_ncc']:.3f})")
     return keep
 
 
@@ -630,7 +689,7 @@ def _second_attempt(first: Registration, attempt) -> Registration:
     keep.runtime["robust_choice"] = time.perf_counter() - t
     keep.profile["robust_choice"] = {"seconds": keep.runtime["robust_choice"], "renders": tgt.renders - n0,
                                      "rays": tgt.rays - rays0}
-    for k in ("rescue", "restart"):                        # the first attempt's, whichever is kept
+    for k in ("rescue", "research", "restart"):            # the first attempt's, whichever is kept
         if k in first.info:
             keep.info.setdefault(k, first.info[k])
     keep.say(f"  kept the {'tiled' if switch else 'first'} attempt (tiled NCC {score_second:.3f} vs {score_first:.3f}; "

@@ -51,9 +51,10 @@ class _Window(NamedTuple):
 
 
 def _sampling(cfg: RefineConfig, level: Level) -> dict:
-    """How ``level``'s DRRs are rendered: rays per pixel side and which copy of the CT."""
+    """How ``level``'s DRRs are rendered: rays per pixel side, which copy of the CT and the
+    sample spacing along a ray."""
     return {"supersample": cfg.supersample if level.pixels <= 64 else 1,
-            "coarse": level.pixels <= cfg.coarse_below_pixels}
+            "coarse": level.pixels <= cfg.coarse_below_pixels, "ray_step_mm": level.ray_step_mm}
 
 
 def _render(tgt: Target, T, w: _Window, cfg: RefineConfig, level: Level) -> np.ndarray:

@@ -102,7 +102,7 @@ def search_levels(tgt: Target, T: np.ndarray, cfg: SearchConfig, robust: RobustC
     # rows of both views run along -z: the row shift is chosen jointly, each view moving the
     # vertebra by half its rows' mm (so one row of both is the mean of their mm per row)
     rng = min(maps["ap"][1], maps["lat"][1])
-    joint = np.array([sum(m[dv + r_, :].max() for m, r_, _, _ in maps.values()) for dv in range(-rng, rng + 1)])
+    joint = sum(m[r_ - rng:r_ + rng + 1].max(axis=1) for m, r_, _, _ in maps.values())    # per row shift
     mm_per_row = sum(px_mm for _, _, px_mm, _ in maps.values()) / 2
     rows = []
     for i in np.argsort(-joint, kind="stable"):                # best first; ties: the first row, as before
@@ -150,7 +150,7 @@ def _templates(tgt: Target, poses: list, cfg: SearchConfig) -> list[dict]:
             jobs.append(((c0, r0, w, h), sig, (ca, ra, cb - ca, rb - ra)))
         cols, rows = max(j[2][2] for j in jobs), max(j[2][3] for j in jobs)
         views = [view.cropped(ca, ra, cols, rows) for _, _, (ca, ra, _, _) in jobs]   # one size: may reach past
-        drrs = tgt.render_each(views, poses, cfg.supersample, coarse=True)             # the detector (cut below)
+        drrs = tgt.render_each(views, poses, cfg.supersample, coarse=True, ray_step_mm=cfg.ray_step_mm)             # the detector (cut below)
         covs = tgt.covered_each(views, poses)
         for n, ((c0, r0, w, h), sig, (ca, ra, wa, ha)) in enumerate(jobs):
             cov = None if covs[n] is None else covs[n][:ha, :wa]     # DRR pixels whose rays leave the CT: not compared

@@ -13,6 +13,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 import torch.nn.functional as F
+from numba import njit, prange
 
 from ..drr import DRR, hu_to_mu
 from ..simulate import beyond_ct
@@ -54,11 +55,30 @@ def block_average(mu: np.ndarray, affine: np.ndarray, target_mm: float) -> tuple
         return mu, affine
     fk, fj, fi = f[2], f[1], f[0]
     K, J, I = (n // m * m for n, m in zip(mu.shape, (fk, fj, fi)))
-    b = mu[:K, :J, :I].reshape(K // fk, fk, J // fj, fj, I // fi, fi).mean(axis=(1, 3, 5))
+    b = np.empty((K // fk, J // fj, I // fi), np.float32)
+    _block_mean(np.asarray(mu, dtype=np.float32), int(fk), int(fj), int(fi), b)
     A = affine.copy()
     A[:3, :3] = affine[:3, :3] * f[None, :]
     A[:3, 3] = affine[:3, :3] @ ((f - 1) / 2.0) + affine[:3, 3]
     return np.ascontiguousarray(b, dtype=np.float32), A
+
+
+@njit(cache=True, parallel=True)
+def _block_mean(mu, fk, fj, fi, out):
+    """``out`` (K', J', I') = the means of ``mu`` ([k, j, i]) over blocks of fk x fj x fi
+    voxels (summed in float64; ``out``'s shape says how many blocks: a remainder is left
+    out)."""
+    K2, J2, I2 = out.shape
+    inv = 1.0 / (fk * fj * fi)
+    for kb in prange(K2):
+        for jb in range(J2):
+            for ib in range(I2):
+                acc = 0.0
+                for dk in range(fk):
+                    for dj in range(fj):
+                        for di in range(fi):
+                            acc += mu[kb * fk + dk, jb * fj + dj, ib * fi + di]
+                out[kb, jb, ib] = acc * inv
 
 
 class Target:
@@ -184,25 +204,28 @@ class Target:
             out[n] = ~lost if lost.any() else None
         return out
 
-    def render(self, view: View, T, supersample: int = 1, coarse: bool = False) -> np.ndarray:
+    def render(self, view: View, T, supersample: int = 1, coarse: bool = False,
+               ray_step_mm: float | None = None) -> np.ndarray:
         """DRR of ``view`` at pose ``T`` (area-averaged from ``supersample``^2 rays per pixel;
-        ``coarse``: from the block-averaged CT, for the low-resolution stages)."""
-        return self.render_each([view], [T], supersample, coarse)[0]
+        ``coarse``: from the block-averaged CT, for the low-resolution stages; ``ray_step_mm``:
+        the sample spacing along a ray, :class:`~RadGSRegLib.drr.DRR`)."""
+        return self.render_each([view], [T], supersample, coarse, ray_step_mm)[0]
 
-    def render_each(self, views: list, poses: list, supersample: int = 1, coarse: bool = False) -> np.ndarray:
+    def render_each(self, views: list, poses: list, supersample: int = 1, coarse: bool = False,
+                    ray_step_mm: float | None = None) -> np.ndarray:
         """:meth:`render` of each view at its own pose (views of one size; (N, rows, cols)),
         from one pass of the projector (:meth:`~RadGSRegLib.drr.DRR.render_each`)."""
         drr = self.coarse if coarse else self.drr
         self.renders += len(views)
         self.rays += views[0].size[0] * views[0].size[1] * max(supersample, 1) ** 2 * len(views)
         if supersample <= 1:
-            return drr.render_each(views, poses)
+            return drr.render_each(views, poses, ray_step_mm=ray_step_mm)
         fine = [v.resized((v.size[0] * supersample, v.size[1] * supersample)) for v in views]
-        img = torch.from_numpy(drr.render_each(fine, poses))
+        img = torch.from_numpy(drr.render_each(fine, poses, ray_step_mm=ray_step_mm))
         return F.avg_pool2d(img[:, None], supersample)[:, 0].numpy()
 
-    def render_jacobian(self, view: View, T, center, supersample: int = 1,
-                        coarse: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    def render_jacobian(self, view: View, T, center, supersample: int = 1, coarse: bool = False,
+                        ray_step_mm: float | None = None) -> tuple[np.ndarray, np.ndarray]:
         """:meth:`render` and its derivatives (6, rows, cols) with respect to the step
         ``p`` of ``pose_to_matrix(p, center) @ T`` (deg, mm; ``center`` (3,) C-arm mm):
         :meth:`~RadGSRegLib.drr.DRR.render_jacobian`, area-averaged like the DRR. Counts
@@ -211,10 +234,10 @@ class Target:
         self.renders += 1
         self.rays += view.size[0] * view.size[1] * max(supersample, 1) ** 2
         if supersample <= 1:
-            img, jac = drr.render_jacobian([view], T, center)
+            img, jac = drr.render_jacobian([view], T, center, ray_step_mm=ray_step_mm)
             return img[0], jac[0]
         fine = view.resized((view.size[0] * supersample, view.size[1] * supersample))
-        img, jac = drr.render_jacobian([fine], T, center)
+        img, jac = drr.render_jacobian([fine], T, center, ray_step_mm=ray_step_mm)
         both = F.avg_pool2d(torch.from_numpy(np.concatenate([img, jac[0]]))[:, None], supersample)[:, 0].numpy()
         return both[0], both[1:]
 
