@@ -107,6 +107,14 @@ def _slices(stack, sa, da, sb, db, sc, dc):
 
 
 @njit(cache=True, fastmath=True, inline="always")
+def _flat(stack):
+    """``stack`` (C-contiguous [b+2, c+2, a]) as one flat array and its strides along b and c:
+    a sample's four neighbours from one (unsigned) index, without the per-axis wrap-around
+    checks of a 3-D index (the same values; 1.2-1.8x faster)."""
+    return stack.reshape(-1), stack.shape[1] * stack.shape[2], stack.shape[2]
+
+
+@njit(cache=True, fastmath=True, inline="always")
 def _ray(P, col, r):
     """Pixel (``col``, ``r``)'s ray from view parameters ``P`` (:func:`joseph_views`):
     its direction (pixel minus source) in voxels and its length in mm."""
@@ -132,6 +140,8 @@ def _ray_sum(stack, sa, da, sb, db, sc, dc):
     kc = dc * inv
     b = sb + (m0 - sa) * kb + 1.0
     c = sc + (m0 - sa) * kc + 1.0
+    flat, s0, s1 = _flat(stack)
+    u0, u1 = np.uint64(s0), np.uint64(s1)
     for m in range(m0, m1 + 1):
         bb = min(max(b, 0.0), nb + 0.999999)
         cc = min(max(c, 0.0), nc + 0.999999)
@@ -139,8 +149,9 @@ def _ray_sum(stack, sa, da, sb, db, sc, dc):
         c0 = int(cc)
         fb = bb - b0
         fc = cc - c0
-        acc += ((1.0 - fb) * ((1.0 - fc) * stack[b0, c0, m] + fc * stack[b0, c0 + 1, m])
-                + fb * ((1.0 - fc) * stack[b0 + 1, c0, m] + fc * stack[b0 + 1, c0 + 1, m]))
+        i = np.uint64(b0 * s0 + c0 * s1 + m)           # [b0, c0, m]: one index, no wrap-around checks
+        acc += ((1.0 - fb) * ((1.0 - fc) * flat[i] + fc * flat[i + u1])
+                + fb * ((1.0 - fc) * flat[i + u0] + fc * flat[i + u0 + u1]))
         b += kb
         c += kc
     return acc
@@ -197,6 +208,8 @@ def _ray_sum_grad(stack, sa, da, sb, db, sc, dc):
     b = sb + (m0 - sa) * kb + 1.0
     c = sc + (m0 - sa) * kc + 1.0
     t = (m0 - sa) * inv
+    flat, s0, s1 = _flat(stack)
+    u0, u1 = np.uint64(s0), np.uint64(s1)
     for m in range(m0, m1 + 1):
         bb = min(max(b, 0.0), nb + 0.999999)
         cc = min(max(c, 0.0), nc + 0.999999)
@@ -204,10 +217,11 @@ def _ray_sum_grad(stack, sa, da, sb, db, sc, dc):
         c0 = int(cc)
         fb = bb - b0
         fc = cc - c0
-        v00 = stack[b0, c0, m]
-        v01 = stack[b0, c0 + 1, m]
-        v10 = stack[b0 + 1, c0, m]
-        v11 = stack[b0 + 1, c0 + 1, m]
+        i = np.uint64(b0 * s0 + c0 * s1 + m)
+        v00 = flat[i]
+        v01 = flat[i + u1]
+        v10 = flat[i + u0]
+        v11 = flat[i + u0 + u1]
         acc += (1.0 - fb) * ((1.0 - fc) * v00 + fc * v01) + fb * ((1.0 - fc) * v10 + fc * v11)
         gb = (1.0 - fc) * (v10 - v00) + fc * (v11 - v01)
         gc = (1.0 - fb) * (v01 - v00) + fb * (v11 - v10)

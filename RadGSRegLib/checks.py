@@ -95,6 +95,7 @@ LIMITS = {
     "intensity_negative_level": 0.05,
     "intensity_li_like_max": (1.5, 20.0),  # a float image with its 99th percentile here looks like -ln(I/I0)
     "swap_margin": 0.5,               # AP attenuating more than the lateral by this (-ln units): swapped
+    "swap_body_min": 1.0,             # -ln(I/I0) above this is body (~50 mm of water), for the swap check
     "polarity_warn": 0.10,            # |bone-bright evidence| that counts as a clear contradiction
     "intensity_compression_warn": 0.60,  # median position in the 1-99 % range of a raw intensity image
 }
@@ -552,29 +553,37 @@ def check_xray(image, kind: str, field: str = "xray") -> list[str]:
 
 
 # ---------------------------------------------------------------------------- a case
-def _attenuation_p90(img: np.ndarray, kind: str, i0: float | None) -> float:
-    """90th percentile of -ln(I/I0) in the central 70 % of an image (sampled to <= 256
-    pixels a side): collimator shutters at the borders, fully dark, would say nothing about
-    the anatomy."""
+def _attenuation_stats(img: np.ndarray, kind: str, i0: float | None) -> tuple[float, float | None]:
+    """Two measures of how much an image attenuates, in the central 70 % of it (sampled to
+    <= 256 pixels a side; collimator shutters at the borders, fully dark, would say nothing
+    about the anatomy): the 90th percentile of -ln(I/I0) over every pixel, and the median
+    over the body's pixels (above ``LIMITS["swap_body_min"]``; None when fewer than a
+    twentieth are body). Metal (screws seen end-on, retractor blades) pulls the first up;
+    air (a field that reaches past the scan, the body's edge) moves the second."""
     a = _sample2d(img)
     r, c = a.shape
     a = a[int(0.15 * r): r - int(0.15 * r) or None, int(0.15 * c): c - int(0.15 * c) or None]
     if kind == "intensity":
         a = -np.log(np.clip(a, i0 * 1e-6, None) / i0)
-    return float(np.percentile(a, 90))
+    body = a[a > LIMITS["swap_body_min"]]
+    return float(np.percentile(a, 90)), (float(np.median(body)) if body.size >= 0.05 * a.size else None)
 
 
 def check_xray_pair(xrays: Mapping[str, np.ndarray], kind: str) -> list[str]:
     """The two images as a pair: is the "ap" image really the AP?
 
     Through a trunk the lateral path (300-350 mm, left to right) is longer than the AP path
-    (200-250 mm), so the lateral image attenuates more: its 90th percentile of -ln(I/I0) is
-    higher (by 0.8-1.9 in every simulated lumbar pair: lumbar CT and phantoms). Warns "AP and
-    lateral look swapped" when the AP's is higher by more than 0.5. For intensities both
-    images are converted with one I0 (the larger 99.9th percentile), and only when they share
-    a scale (99.9th percentiles within a factor of 1.5; exposure control may differ between
-    views); images that are not in physical line-integral units (99th percentile below 1.5)
-    are skipped.
+    (200-250 mm), so the lateral image attenuates more (:func:`_attenuation_stats`: its 90th
+    percentile of -ln(I/I0), and its body's median). Warns "AP and lateral look swapped" when
+    the AP's are higher by more than 0.5 on both: on the 250 cases of the development suites
+    (lumbar CT and phantoms, with metal, a round field, a bending spine, a tenth of the dose,
+    a field longer than the scan or not) this never fires, and it names 88 % of them with
+    their images exchanged; either measure alone fired on two (the percentile with pedicle
+    screws in the AP, the median with air past the scan's end; issue #18). For intensities
+    both images are converted with one I0 (the larger 99.9th percentile), and only when
+    they share a scale (99.9th percentiles within a factor of 1.5; exposure control may
+    differ between views); images that are not in physical line-integral units (99th
+    percentile below 1.5) are skipped.
     """
     if not all(k in xrays for k in ("ap", "lat")):
         return []
@@ -587,12 +596,13 @@ def check_xray_pair(xrays: Mapping[str, np.ndarray], kind: str) -> list[str]:
         i0 = max(hi)
     elif min(float(np.percentile(x, 99)) for x in (ap, lat)) < LIMITS["li_intensity_like_p99"]:
         return []
-    p_ap, p_lat = _attenuation_p90(ap, kind, i0), _attenuation_p90(lat, kind, i0)
-    if p_ap - p_lat > LIMITS["swap_margin"]:
-        return [f"views: AP and lateral look swapped: the 'ap' image attenuates more than the 'lat' image (90th "
-                f"percentile of -ln(I/I0) {p_ap:.2f} vs {p_lat:.2f}), but through a trunk the lateral path "
-                "(300-350 mm) is longer than the AP path (200-250 mm). Check that the AP image is the one of "
-                "views.ap (xray_ap) and the lateral the one of views.lat."]
+    (p_ap, m_ap), (p_lat, m_lat) = _attenuation_stats(ap, kind, i0), _attenuation_stats(lat, kind, i0)
+    margin = LIMITS["swap_margin"]
+    if m_ap is not None and m_lat is not None and p_ap - p_lat > margin and m_ap - m_lat > margin:
+        return [f"views: AP and lateral look swapped: the 'ap' image attenuates more than the 'lat' image (-ln(I/I0) "
+                f"90th percentile {p_ap:.2f} vs {p_lat:.2f}, the body's median {m_ap:.2f} vs {m_lat:.2f}), but "
+                "through a trunk the lateral path (300-350 mm) is longer than the AP path (200-250 mm). Check that "
+                "the AP image is the one of views.ap (xray_ap) and the lateral the one of views.lat."]
     return []
 
 

@@ -418,3 +418,24 @@ def test_a_small_round_field_does_not_fake_a_polarity(simulated):
                 inv = np.where(out, 0.0, img.max() - img).astype(np.float32)
                 hits.append(any("inverted polarity?" in m for m in check_xray(inv, "intensity", "x")))
     assert np.mean(hits) >= 0.85, hits
+
+
+def test_metal_and_air_past_the_scan_do_not_read_as_swapped_views(lumbar):
+    """The swap check needs both of its measures (issue #18): pedicle screws, a K-wire and
+    retractor blades in the AP (they raised its 90th percentile 0.68 above the lateral's)
+    and a field reaching past the scan's end into air (the lateral's body median 1.0 below
+    the AP's) each fool one measure alone: the pair as it is passes (clean pairs exchanged
+    are still named: test_swapped_images_are_named)."""
+    from RadGSRegLib.cases import CaseGenConfig, make_case
+    from RadGSRegLib.checks import _attenuation_stats
+    from RadGSRegLib.instruments import InstrumentsConfig
+    from RadGSRegLib.levels import level_id
+
+    ct, seg = lumbar
+    metal = CaseGenConfig(pixels=128, seed=41, instruments=InstrumentsConfig(screws="both", kwires=1, retractors=2))
+    air = CaseGenConfig(pixels=128, seed=43, beyond_ct_mm=0.0)
+    for cfg, fooled in ((metal, 0), (air, 1)):
+        case = make_case(ct, seg, "L1", cfg, np.random.default_rng(cfg.seed), label=level_id("L1"))
+        ap, lat = (_attenuation_stats(case.xrays[k], "line_integral", None) for k in ("ap", "lat"))
+        assert ap[fooled] - lat[fooled] > 0.5                    # that measure alone would have warned
+        assert check_xray_pair(case.xrays, case.image_kind) == []
