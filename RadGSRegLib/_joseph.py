@@ -163,7 +163,7 @@ def joseph_views(s_i, s_j, s_k, axes, params, cols, rows, out):
 
     Args:
         s_i, s_j, s_k: :func:`padded_stack` of the volume for each dominant axis (one no ray
-            takes may be any float32 stand-in).
+            takes may be any C-contiguous float32 stand-in; :func:`_flat` reads them flat).
         axes: (2, 3) float64, :func:`along_ray` of the stacks' factors (all 1: every slice).
         params: (V, 8, 3) float64 per view: source, pixel (0, 0) centre, column step, row
             step in voxel coordinates (i, j, k), then the same four in mm.

@@ -55,7 +55,8 @@ def hu_to_mu(hu, mu_water: float = MU_WATER):
     """
     if isinstance(hu, torch.Tensor):
         return torch.clamp(mu_water * (1.0 + hu / 1000.0), min=0.0)
-    mu = np.asarray(hu, dtype=np.float32) / np.float32(1000.0)      # the same float32 steps, in place
+    mu = np.array(hu, dtype=np.float32)                  # a copy; the same float32 steps, in place
+    mu /= np.float32(1000.0)
     mu += np.float32(1.0)
     mu *= np.float32(mu_water)
     return np.maximum(mu, np.float32(0.0), out=mu)

@@ -72,7 +72,8 @@ def case_row(truth: Case, res: Result, name: str = "") -> dict:
     row = {"case": name, "initial_mtre_mm": e0, **e, "runtime_s": dict(res.runtime_s),
            "warnings": list(res.info.get("warnings", [])), "robust": res.info.get("robust"),
            "final_ncc_views": res.info.get("final_ncc_views"), "metal": res.info.get("metal"),
-           "profile": res.info.get("profile"), "rescue": res.info.get("rescue"),
+           "profile": res.info.get("profile"), "rescue": res.info.get("rescue"), "research": res.info.get("research"),
+           "restart": res.info.get("restart"),
            "T_ct_to_carm": np.asarray(res.T_ct_to_carm, dtype=float).tolist()}
     if res.recon is not None:
         gt = ground_truth_volume(truth.ct, truth.seg, truth.vertebra_label, truth.ground_truth,

@@ -1016,6 +1016,11 @@ def test_levels_finer_than_the_ct_are_fitted_to_its_voxels(easy_case):
         assert p <= g and (pixel_mm(p) >= 0.4 * 4.0 or p // 2 < prev)        # fine enough, or the floor
         assert p == g or pixel_mm(2 * p) < 0.4 * 4.0                          # halved only while too fine
     assert fitted_levels(replace(cfg.refine2d, min_pixel_voxels=0.0), tgt, T) == cfg.refine2d.levels
+    # with a coarse copy that differs from the CT, a full-resolution level never halves into it
+    two = make_target(case, slab_mm=cfg.slab_mm, coarse_mm=8.0)
+    assert two.coarse is not two.drr
+    wide = [lv.pixels for lv in fitted_levels(replace(cfg.refine2d, min_pixel_voxels=4.0), two, T)]
+    assert wide[-1] == 256 and max(wide[:-1]) <= 128         # the coarse ones halve; 256 stays above 128
     res = run(case, _fast_config())
     fast = _fast_config().refine2d
     assert res.info.get("refine2d_pixels", [lv.pixels for lv in fast.levels]) == \
@@ -1023,3 +1028,34 @@ def test_levels_finer_than_the_ct_are_fitted_to_its_voxels(easy_case):
     assert [lv["pixels"] for lv in res.info["refine2d"]["levels"]] == [lv.pixels for lv in fitted_levels(fast, tgt, T)]
     with pytest.raises(ValueError, match="min_pixel_voxels"):
         RefineConfig(min_pixel_voxels=-1.0)
+
+
+def test_a_level_warning_is_measured_from_the_first_result_through_every_rescue(easy_case):
+    """The rescues chain (issue #18's review): a rescue that moves the pose to another level
+    warns; a later step that keeps that level (a restart) keeps the warning; one that comes
+    back (the second search) drops it, the move measured from the first attempt's result."""
+    from RadGSRegLib.geometry import translation
+    from RadGSRegLib.register.pipeline import Candidate, Registration, _better, _try_hypotheses
+    from RadGSRegLib.register.search import Hypothesis
+    from RadGSRegLib.register.target import make_target
+
+    case = read_case(easy_case, ground_truth=True)
+    cfg = RegisterConfig()
+    tgt = make_target(case, slab_mm=cfg.slab_mm, coarse_mm=cfg.coarse_mm)
+    T0 = case.ground_truth
+
+    def reg(T, ncc):
+        return Registration(case, cfg, tgt, [Candidate(T)], None, info={"final_ncc": ncc})
+
+    first = reg(T0, 0.5)
+    first.origin_T = T0
+    other = translation([0.0, 0.0, 30.0]) @ T0                        # a level along the spine
+    hyp = [Hypothesis(0.4, other, {})]
+    moved = _try_hypotheses(first, hyp, lambda c: reg(other, 0.6), "rescue", "other-level")
+    assert [w for w in moved.warnings if w.startswith("level:")] and moved.origin_T is T0
+    kept, _, switched = _better(moved, reg(translation([0.0, 0.0, 31.0]) @ T0, 0.65))     # a restart there
+    assert switched and [w for w in kept.warnings if w.startswith("level:")]
+    back = translation([0.0, 0.0, 2.0]) @ T0
+    final = _try_hypotheses(kept, hyp, lambda c: reg(back, 0.7), "research", "searched-again")
+    assert not [w for w in final.warnings if w.startswith("level:")]
+    assert final.info["research"]["kept"] and abs(final.info["research"]["moved_mm"][2]) < 3.0

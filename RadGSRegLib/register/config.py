@@ -210,9 +210,9 @@ class RefineConfig:
     it by finite differences of 0.05°/mm, seven DRRs), ``"finite"`` from forward finite
     differences of each level's ``step_deg`` / ``step_mm`` (six more DRRs per view: the plain
     reference, issue #21). ``min_pixel_voxels``: a level whose pixels, at the vertebra, are
-    smaller than this share of the CT's smallest voxel spacing renders half as many per side,
-    down to the previous level's (:func:`.pipeline.fitted_levels`; ``info["refine2d_pixels"]``
-    then says how many): finer pixels show no more of the CT. A 3 mm CT's finest level then
+    smaller than this share of the CT's smallest voxel spacing has its pixels per side halved
+    until they are not, but never below the previous level's (:func:`.pipeline.fitted_levels`;
+    ``info["refine2d_pixels"]`` then says how many): finer pixels show no more of the CT. A 3 mm CT's finest level then
     works at 128 px, not 256 (about a quarter of its time; mTRE 0.079 → 0.086 mm on 12
     real-CT cases, issue #21); a 1 mm CT keeps 256; 0: never."""
 

@@ -29,6 +29,12 @@ result replaces the first when its final NCC is higher (``info["rescue"]``; a ``
 warning when it lies at another level): a look-alike neighbour that won the search is then
 caught where the fine levels' NCC tells the levels apart.
 
+A result still doubtful is tried from the pose search run again about each of the first
+search's candidates (``search.research``, :func:`_research`): a pose turned beyond the
+rotation grid's reach from the start is within it from a candidate's; their result replaces
+the first when its final NCC is higher (``info["research"]``; the same ``level:`` warning,
+measured from the first attempt's result).
+
 A result still doubtful is refined again from six starts, its pose turned by
 ``refine2d.restart_deg`` either way about each axis (:func:`_restart`): the best replaces it
 when its final NCC is higher (``info["restart"]``): a refinement stopped a few mm off in a
@@ -117,6 +123,7 @@ class Registration:
     drrs: Optional[dict] = None
     robust: Optional[RobustConfig] = None
     searched: list = field(default_factory=list)        # the poses the search passed on, (4, 4) each
+    origin_T: Optional[np.ndarray] = None                # the first attempt's result: a rescue's move is from here
     profile: dict = field(default_factory=dict)         # per stage and refinement level: seconds, DRRs, rays
 
     @property
@@ -151,12 +158,15 @@ def fitted_levels(cfg: RefineConfig, tgt: Target, T: np.ndarray) -> list:
     """``cfg.levels`` with each level's detector pixels halved while its pixels, at the
     vertebra (pose ``T``, the larger of both views'), are smaller than
     ``cfg.min_pixel_voxels`` of the CT's smallest voxel spacing, but never below the
-    previous level's: finer pixels show no more of the CT (a 3 mm CT's finest level at
-    128 px, not 256; issue #21)."""
+    previous level's, nor (when the block-averaged copy differs from the CT) down to
+    ``cfg.coarse_below_pixels`` for a level above it: it would render the coarse copy. Finer
+    pixels show no more of the CT (a 3 mm CT's finest level at 128 px, not 256; issue #21)."""
     vox = float(np.linalg.norm(tgt.drr.affine[:3, :3], axis=0).min())
     out = []
     for lv in cfg.levels:
         p, floor = lv.pixels, out[-1].pixels if out else 1
+        if tgt.coarse is not tgt.drr and p > cfg.coarse_below_pixels:
+            floor = max(floor, cfg.coarse_below_pixels + 1)    # a full-resolution level stays one
         while p // 2 >= floor:
             mm = max(v.size[0] * v.pixel_spacing[0] / p / tgt.magnification(v, T) for v in tgt.views.values())
             if mm >= cfg.min_pixel_voxels * vox:
@@ -465,6 +475,7 @@ def run(case: Case, config: RegisterConfig | None = None, log=None, *, net=None,
 
     rc = cfg.robust
     reg = attempt(rc if rc.mode == "always" else None)
+    reg.origin_T = reg.T
     reg.info["robust"] = {"mode": rc.mode, "on": rc.mode == "always"}
     def refine_every(cands):          # the rescues: each start refined through every level, then checked
         every = replace(cfg, refine2d=replace(cfg.refine2d, keep=max(len(cands), cfg.refine2d.keep), same_mm=0.0,
@@ -594,8 +605,10 @@ def _try_hypotheses(first: Registration, found: list, refine, key: str, label: s
     if switch:
         keep.searched = first.searched + [h.T for h in found]
         tgt, cfg = first.target, first.cfg.search
-        moved = apply(keep.T, tgt.centre) - apply(first.T, tgt.centre)
+        origin = first.origin_T if first.origin_T is not None else first.T
+        moved = apply(keep.T, tgt.centre) - apply(origin, tgt.centre)      # from the first attempt's result
         record["moved_mm"] = moved.tolist()
+        keep.warnings = [w for w in keep.warnings if not w.startswith("level:")]   # an earlier rescue's: restated
         if abs(moved[2]) >= cfg.level_mm:
             keep.warnings.append(f"level: the search's first choice fit poorly (final NCC {first.info['final_ncc']:.2f}); "
                                  f"a pose {abs(moved[2]):.0f} mm along the spine (C-arm z {moved[2]:+.0f} mm) explains "
@@ -618,6 +631,8 @@ def _better(first: Registration, second: Registration) -> tuple:
     keep, other = (second, first) if switch else (first, second)
     _absorb(keep, other)
     if switch:
+        keep.origin_T = first.origin_T
+        keep.warnings += [w for w in first.warnings if w.startswith("level:") and w not in keep.warnings]
         for k, v in first.info.items():
             keep.info.setdefault(k, v)
         keep.searched = first.searched
