@@ -112,8 +112,12 @@ class DRR:
             return np.ones(3, int)
         if not ray_step_mm > 0:
             raise ValueError(f"ray_step_mm must be positive (mm) or None, not {ray_step_mm}")
-        spacing = np.linalg.norm(self.affine[:3, :3], axis=0)                  # (i, j, k) mm
-        return np.maximum(1, np.floor(ray_step_mm / spacing + 1e-6)).astype(int)
+        return np.maximum(1, np.floor(ray_step_mm / self.spacing + 1e-6)).astype(int)
+
+    @property
+    def spacing(self) -> np.ndarray:
+        """(3,) voxel size (mm) along i, j, k."""
+        return np.linalg.norm(self.affine[:3, :3], axis=0)
 
     @classmethod
     def from_ct(cls, ct, *, mu_water: float = MU_WATER, **kw) -> "DRR":
@@ -153,7 +157,7 @@ class DRR:
 
         if backend == "joseph":
             T = np.asarray(T.detach().cpu() if isinstance(T, torch.Tensor) else T, dtype=np.float64)
-            return torch.from_numpy(self._joseph(views, T, ray_step_mm))
+            return torch.from_numpy(self._joseph_each(views, [T] * len(views), ray_step_mm))
         src_mm, pix_mm = _rays_mm(views)
         rows, cols = views[0].shape
         return self._torch(src_mm, pix_mm, T, chunk_samples).reshape(len(views), rows, cols)
@@ -176,13 +180,7 @@ class DRR:
             with torch.no_grad():
                 return np.concatenate([self.render([v], T, backend=backend).cpu().numpy()
                                        for v, T in zip(views, poses)])
-        from ._joseph import joseph_views
-
-        params = np.concatenate([self._joseph_params([v], self._to_voxel(T)) for v, T in zip(views, poses)])
-        cols, rows = views[0].size
-        out = np.empty((len(views), rows, cols), dtype=np.float32)
-        joseph_views(*self._stacks_for(params, cols, rows, ray_step_mm), params, cols, rows, out)
-        return out
+        return self._joseph_each(views, poses, ray_step_mm)
 
     def render_jacobian(self, views: Sequence[View], T_ct_to_carm, center, *,
                         fd_step: float = 0.05, ray_step_mm: float | None = None) -> tuple[np.ndarray, np.ndarray]:
@@ -255,10 +253,12 @@ class DRR:
             return torch.linalg.inv(T.to(torch.float64) @ A)
         return np.linalg.inv(np.asarray(T, dtype=np.float64) @ self.affine)
 
-    def _joseph(self, views: Sequence[View], T, ray_step_mm: float | None = None) -> np.ndarray:
+    def _joseph_each(self, views: Sequence[View], poses: Sequence, ray_step_mm: float | None = None) -> np.ndarray:
+        """(V, rows, cols) float32: the Joseph kernel's line integrals of ``views[n]`` at
+        ``poses[n]`` ((4, 4) float64), in one pass."""
         from ._joseph import joseph_views
 
-        params = self._joseph_params(views, self._to_voxel(T))
+        params = np.concatenate([self._joseph_params([v], self._to_voxel(T)) for v, T in zip(views, poses)])
         cols, rows = views[0].size
         out = np.empty((len(views), rows, cols), dtype=np.float32)
         joseph_views(*self._stacks_for(params, cols, rows, ray_step_mm), params, cols, rows, out)

@@ -161,7 +161,7 @@ def fitted_levels(cfg: RefineConfig, tgt: Target, T: np.ndarray) -> list:
     previous level's, nor (when the block-averaged copy differs from the CT) down to
     ``cfg.coarse_below_pixels`` for a level above it: it would render the coarse copy. Finer
     pixels show no more of the CT (a 3 mm CT's finest level at 128 px, not 256; issue #21)."""
-    vox = float(np.linalg.norm(tgt.drr.affine[:3, :3], axis=0).min())
+    vox = float(tgt.drr.spacing.min())
     out = []
     for lv in cfg.levels:
         p, floor = lv.pixels, out[-1].pixels if out else 1

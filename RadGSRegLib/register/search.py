@@ -83,7 +83,7 @@ def search_levels(tgt: Target, T: np.ndarray, cfg: SearchConfig, robust: RobustC
     for name in ("ap", "lat"):
         img, view = tgt.image(name, cfg.pixels)
         valid = tgt.valid(name, cfg.pixels)
-        px_mm = view.pixel_spacing[0] / tgt.magnification(view, T)                   # mm at the vertebra per pixel
+        px_mm = _px_mm(tgt, view, T)
         sig = cfg.highpass_mm / px_mm
         (c0, r0, w, h), templ, cov = templates[name]
         rng_px = int(np.ceil(cfg.range_mm / px_mm))
@@ -125,6 +125,11 @@ def search_levels(tgt: Target, T: np.ndarray, cfg: SearchConfig, robust: RobustC
     return out
 
 
+def _px_mm(tgt: Target, view, T: np.ndarray) -> float:
+    """mm at the vertebra per pixel of ``view`` at pose ``T``."""
+    return view.pixel_spacing[0] / tgt.magnification(view, T)
+
+
 def _templates(tgt: Target, poses: list, cfg: SearchConfig) -> list[dict]:
     """For each pose, per view: the vertebra's window (col0, row0, cols, rows), the high-passed
     DRR template of it and its comparable pixels (``covered``; None: all), every pose's DRRs
@@ -143,7 +148,7 @@ def _templates(tgt: Target, poses: list, cfg: SearchConfig) -> list[dict]:
         jobs = []
         for T in poses:
             c0, r0, w, h = tgt.window(view, T, cfg.margin_mm)
-            sig = cfg.highpass_mm / (view.pixel_spacing[0] / tgt.magnification(view, T))   # as search_levels
+            sig = cfg.highpass_mm / _px_mm(tgt, view, T)                # as search_levels
             b = int(4.0 * sig + 0.5) + 1                        # scipy.ndimage.gaussian_filter's radius (truncate 4)
             ca, ra = max(c0 - b, 0), max(r0 - b, 0)                # the border, as far as the detector goes (the
             cb, rb = min(c0 + w + b, view.size[0]), min(r0 + h + b, view.size[1])   # X-ray's filter repeats its edge)
