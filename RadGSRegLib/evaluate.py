@@ -63,7 +63,7 @@ def result_matches_case(case_dir, res: Result) -> str | None:
 def case_row(truth: Case, res: Result, name: str = "") -> dict:
     """Metrics of one result against its case's ground truth: initial and final mTRE,
     rotation / translation error, mPD, runtime per stage, warnings, the result's own check
-    (``final_ncc_views``), metal record and pose, and PSNR/SSIM of the reconstruction when there
+    (``final_ncc_views``, ``ncc_ceiling_views`` and their ``explained`` share), metal record and pose, and PSNR/SSIM of the reconstruction when there
     is one."""
     if truth.ground_truth is None:
         raise InputError(f"case {name or '?'} has no ground_truth to evaluate against")
@@ -71,7 +71,8 @@ def case_row(truth: Case, res: Result, name: str = "") -> dict:
     e = truth_errors(truth, res.T_ct_to_carm)
     row = {"case": name, "initial_mtre_mm": e0, **e, "runtime_s": dict(res.runtime_s),
            "warnings": list(res.info.get("warnings", [])), "robust": res.info.get("robust"),
-           "final_ncc_views": res.info.get("final_ncc_views"), "metal": res.info.get("metal"),
+           "final_ncc_views": res.info.get("final_ncc_views"), "ncc_ceiling_views": res.info.get("ncc_ceiling_views"),
+           "explained": res.info.get("explained"), "metal": res.info.get("metal"),
            "profile": res.info.get("profile"), "rescue": res.info.get("rescue"), "research": res.info.get("research"),
            "restart": res.info.get("restart"),
            "T_ct_to_carm": np.asarray(res.T_ct_to_carm, dtype=float).tolist()}

@@ -2,6 +2,7 @@
 expected exit code, a message naming the file/field/option, no traceback, inputs
 byte-identical, no partial output, no planted code run. And Ctrl-C during a registration:
 exit 130 and no result folder that looks complete."""
+import json
 import os
 import signal
 import subprocess
@@ -46,14 +47,18 @@ def test_bad_input(row, workspace):
 def test_ctrl_c_during_a_registration_leaves_no_result(workspace, tmp_path):
     ws = workspace.fresh("ctrl-c")
     out = tmp_path / "res"
+    # a search of 9^3 rotations lasts seconds (the default's 65 took 0.3 s on a fast machine:
+    # the interrupt came after the result was written), so the signal lands inside it
+    cfg = tmp_path / "slow_search.json"
+    cfg.write_text(json.dumps({"search": {"rot_deg": [-20, -15, -10, -5, 0, 5, 10, 15, 20]}}))
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     proc = subprocess.Popen([sys.executable, "-m", "RadGSRegLib.cli", "register", str(ws.path("case")), "--out",
-                             str(out), "--progress", "json"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, env=env)
-    for line in proc.stdout:                       # wait until the registration is under way
-        if '"stage": "search"' in line or '"stage": "refine2d"' in line:
+                             str(out), "--progress", "json", "--config", str(cfg)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=env)
+    for line in proc.stdout:                       # wait until the search is under way
+        if '"stage": "search"' in line:
             break
-    time.sleep(0.3)
+    time.sleep(0.1)
     proc.send_signal(signal.SIGINT)
     stdout, stderr = proc.communicate(timeout=60)
     assert proc.returncode == 130, stderr

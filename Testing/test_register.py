@@ -389,7 +389,7 @@ def test_a_doubtful_result_gets_a_second_attempt_with_the_tiled_similarity(metal
         out = {}
         for mode in ("auto", "never", "always"):     # the rescues aside: the second attempt has none of its own
             cfg = _fast_config(robust=RobustConfig(mode=mode), metal=MetalConfig(mode="never"))
-            out[mode] = run(case, replace(cfg, search=replace(cfg.search, rescue=0, research=0),
+            out[mode] = run(case, replace(cfg, search=replace(cfg.search, rescue=0, research=0, level_steps=0, level_check=0.0),
                                           refine2d=replace(cfg.refine2d, restart_deg=0.0)))
         return out
 
@@ -415,7 +415,7 @@ def test_a_doubtful_result_gets_a_second_attempt_with_the_tiled_similarity(metal
     # finds no metal at its pose and cannot replace it
     case = read_case(easy_case)
     strict = _fast_config(min_ncc=0.999, metal=MetalConfig(mode="never"))
-    strict.search = replace(strict.search, rescue=0, research=0)                    # the tiled attempt alone
+    strict.search = replace(strict.search, rescue=0, research=0, level_steps=0, level_check=0.0)                    # the tiled attempt alone
     strict.refine2d = replace(strict.refine2d, restart_deg=0.0)
     strict = run(case, strict)
     assert strict.info["doubtful"] and strict.info["robust"]["second_attempt"] and not strict.info["robust"]["on"]
@@ -566,7 +566,7 @@ def test_the_check_flags_a_neighbouring_vertebra_at_any_dose(small_phantom):
             share[dose, name] = (np.mean(list(ncc.values())), np.mean([ncc[k] / ceil[k] for k in ncc]))
         assert np.linalg.norm(apply(wrong, tgt.centre) - apply(G, tgt.centre)) > 20
     for dose in (3000.0, 15.0):
-        assert share[dose, "right"][1] > 0.9 > cfg.min_explained > share[dose, "neighbour"][1]
+        assert share[dose, "right"][1] > max(0.95, cfg.min_explained) and cfg.min_explained > share[dose, "neighbour"][1] + 0.05
     assert share[15.0, "right"][0] < share[3000.0, "neighbour"][0]       # a fixed NCC bar cannot do this
 
 
@@ -740,8 +740,8 @@ def test_a_doubtful_neighbouring_level_is_rescued_at_the_other_levels(easy_case,
     up = seg.label_centroid(29) - seg.label_centroid(28)            # L3 -> L2 (CT mm)
     case = replace(truth, ground_truth=None, initial_guess=truth.ground_truth @ translation(-up))
 
-    def reg(rescue):                                                         # the level rescue alone
-        return _one_rescue(case, truth, dict(prior=2.0, rescue=rescue, research=0), min_explained=0.98)
+    def reg(rescue):                                                         # the level rescue's search alone
+        return _one_rescue(case, truth, dict(prior=2.0, rescue=rescue, research=0, level_steps=0), min_explained=0.98)
 
     wrong, e_wrong = reg(0)
     assert wrong.info["doubtful"] and e_wrong > 20 and "rescue" not in wrong.info
@@ -776,6 +776,98 @@ def test_a_doubtful_neighbouring_level_is_rescued_at_the_other_levels(easy_case,
     for bad in ({"rescue": -1}, {"level_mm": 0.0}):
         with pytest.raises(ValueError, match=next(iter(bad))):
             SearchConfig(**bad)
+
+
+def test_a_result_a_level_off_is_rescued_by_stepping_it_one_vertebra(easy_case, small_phantom):
+    """The same wrong-level start as above, the level rescue's search off: the result moved
+    by whole vertebrae (the CT labels' centroid to centroid) lands at the true level and is
+    kept, with the level warning; without the steps the wrong level stays, flagged."""
+    from dataclasses import replace
+
+    from RadGSRegLib.geometry import translation
+
+    truth = read_case(easy_case, ground_truth=True)
+    _, seg = small_phantom
+    up = seg.label_centroid(29) - seg.label_centroid(28)
+    case = replace(truth, ground_truth=None, initial_guess=truth.ground_truth @ translation(-up))
+
+    def reg(steps):
+        return _one_rescue(case, truth, dict(prior=2.0, rescue=0, research=0, level_steps=steps), min_explained=0.98)
+
+    wrong, e_wrong = reg(0)
+    assert wrong.info["doubtful"] and e_wrong > 20 and "rescue" not in wrong.info
+    right, e_right = reg(1)
+    assert e_right < 1.0 and not right.info["doubtful"]
+    rec = right.info["rescue"]
+    assert rec["kept"] and rec["hypotheses"] == 2                       # one step up, one down
+    assert sorted(h["level_step"] for h in rec["search"]) == [-1, 1]
+    assert any(w.startswith("level:") for w in right.info["warnings"])
+    with pytest.raises(ValueError, match="level_steps"):
+        SearchConfig(level_steps=-1)
+
+
+def test_a_level_off_result_the_check_does_not_doubt_has_its_level_checked(easy_case, small_phantom):
+    """The same wrong-level start, at the default doubtful bar: the neighbour explains enough
+    of the noise ceiling not to be doubted (the small phantom's vertebrae are alike), but
+    less than ``level_check``: the result moved one vertebra either way is refined, the true
+    level explains more and is kept, with the level warning. Without the check the wrong
+    level stays, unflagged: the failure this check exists for."""
+    from dataclasses import replace
+
+    from RadGSRegLib.geometry import translation
+
+    truth = read_case(easy_case, ground_truth=True)
+    _, seg = small_phantom
+    up = seg.label_centroid(29) - seg.label_centroid(28)
+    case = replace(truth, ground_truth=None, initial_guess=truth.ground_truth @ translation(-up))
+
+    def reg(check):
+        return _one_rescue(case, truth, dict(prior=2.0, rescue=0, research=0, level_steps=0, level_check=check))
+
+    wrong, e_wrong = reg(0.0)
+    assert e_wrong > 20 and not wrong.info["doubtful"] and "level_check" not in wrong.info
+    assert RegisterConfig().min_explained <= wrong.info["explained"] < 0.99
+    right, e_right = reg(0.99)
+    assert e_right < 1.0 and not right.info["doubtful"]
+    rec = right.info["level_check"]
+    assert rec["kept"] and rec["hypotheses"] == 2 and rec["final_ncc_level_check"] > rec["final_ncc_first"]
+    assert sorted(h["level_step"] for h in rec["search"]) == [-1, 1]
+    assert any(w.startswith("level:") for w in right.info["warnings"])
+    assert "level_check" in right.runtime_s
+    above, e_above = reg(wrong.info["explained"] - 0.01)             # a bar below the result's share: not checked
+    assert "level_check" not in above.info and e_above == pytest.approx(e_wrong)
+    for bad in (-0.1, 2.0):
+        with pytest.raises(ValueError, match="level_check"):
+            SearchConfig(level_check=bad)
+
+
+def test_neighbour_offsets_and_level_steps(small_phantom):
+    """The offsets are the labels' centroid differences, up to ``max_step`` either way, and
+    stop at a label the map lacks or at a hop no vertebra makes; a step puts the CT's target
+    where the pose put that neighbour."""
+    from RadGSRegLib.geometry import apply, pose_to_matrix
+    from RadGSRegLib.register.search import level_steps, neighbour_offsets
+    from RadGSRegLib.volume import Volume
+
+    _, seg = small_phantom                           # T12 (32) .. L5 (27) and S1 (26)
+    c = {k: seg.label_centroid(k) for k in range(26, 33)}
+    off = neighbour_offsets(seg, 29, 2)                  # L3: L4, L5 below; L2, L1 above
+    assert sorted(off) == [-2, -1, 1, 2]
+    for k, v in off.items():
+        np.testing.assert_allclose(v, c[29 + k] - c[29], atol=1e-9)
+    assert sorted(neighbour_offsets(seg, 31, 3)) == [-3, -2, -1, 1]   # L1: only T12 above it
+    assert neighbour_offsets(seg, 29, 0) == {}
+    gap = seg.array.copy()
+    gap[gap == 28] = 0                                   # L4 missing: nothing below L3
+    assert sorted(neighbour_offsets(Volume(gap, seg.affine), 29, 2)) == [1, 2]
+    assert neighbour_offsets(seg, 29, 2, hop_mm=(60.0, 80.0)) == {}   # no vertebra that far apart
+    T = pose_to_matrix([5.0, -3.0, 8.0, 10.0, -4.0, 700.0])
+    hyps = level_steps(T, off)
+    assert [h.info["level_step"] for h in hyps] == [-1, 1, -2, 2]
+    for h in hyps:
+        k = h.info["level_step"]
+        np.testing.assert_allclose(apply(h.T, c[29]), apply(T, c[29 + k]), atol=1e-6)
+        assert np.isnan(h.score) and h.info["other_level"]
 
 
 def test_the_profile_counts_every_drr_by_stage_and_refinement_level(easy_case, tmp_path):
@@ -843,7 +935,7 @@ def test_a_doubtful_result_is_refined_again_from_six_turned_starts(easy_case):
 
     case = read_case(easy_case)
     base = _fast_config(min_ncc=0.999, metal=MetalConfig(mode="never"), robust=RobustConfig(mode="never"))
-    base.search = replace(base.search, rescue=0, research=0)
+    base.search = replace(base.search, rescue=0, research=0, level_steps=0, level_check=0.0)
     off = run(case, replace(base, refine2d=replace(base.refine2d, restart_deg=0.0)))
     on = run(case, base)
     assert off.info["doubtful"] and "restart" not in off.info
@@ -974,7 +1066,7 @@ def test_a_doubtful_result_turned_beyond_the_grid_is_searched_again_about_its_ca
     turned = replace(truth, ground_truth=None, initial_guess=start)
 
     def reg(research):                                                       # the second search alone
-        return _one_rescue(turned, truth, dict(rot_deg=(-20.0, 0.0, 20.0), rescue=0, research=research))
+        return _one_rescue(turned, truth, dict(rot_deg=(-20.0, 0.0, 20.0), rescue=0, research=research, level_steps=0, level_check=0.0))
 
     off, e_off = reg(0)
     assert off.info["doubtful"] and e_off > 2.0 and "research" not in off.info

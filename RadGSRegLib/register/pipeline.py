@@ -76,7 +76,7 @@ from ..volume import Volume
 from .config import MetalConfig, RefineConfig, RegisterConfig, RobustConfig
 from .refine2d import ncc_ceiling, outlier_fraction, refine_lm, windowed_ncc
 from .refine3d import refine_3d
-from .search import rotation_hypotheses, search_other_levels, search_pose
+from .search import level_steps, neighbour_offsets, rotation_hypotheses, search_other_levels, search_pose
 from .target import Target, make_target
 
 __all__ = ["run", "reconstruct_volume", "check_refinement", "fitted_levels", "Candidate", "Registration", "stages_for",
@@ -325,7 +325,9 @@ def refine2d_stage(reg: Registration) -> None:
             else:
                 end = f"final NCC {m:.3f}" if len(lv) == len(levels) else "not among the best"
             reg.info["refine2d_coarse"].append(record)
-            what = "network pose" if c.info.get("learned") else f"search score {c.score:.3f}"
+            what = "network pose" if c.info.get("learned") else \
+                f"the result moved {c.info['level_step']:+d} level(s)" if "level_step" in c.info else \
+                f"search score {c.score:.3f}"
             reg.say(f"  candidate ({what}): NCC {ncc(lv[0]):.3f} after the first level, {end}")
         m, Tr, lv, start = max(((r[0], r[2], r[3], r[4]) for r in alive),
                                key=lambda x: x[0] if np.isfinite(x[0]) else -np.inf)
@@ -482,7 +484,11 @@ def run(case: Case, config: RegisterConfig | None = None, log=None, *, net=None,
                                               keep_within=2.0))        # NCCs differ by at most 2: none dropped
         return attempt(reg.robust, cands, [refine2d_stage, check_stage], every)
 
-    if cfg.search.rescue and reg.info["doubtful"] and search_stage in core and refine2d_stage in core:
+    if cfg.search.level_check and not reg.info["doubtful"] and reg.info["explained"] < cfg.search.level_check \
+            and search_stage in core and refine2d_stage in core:
+        reg = _level_check(reg, refine_every)
+    if (cfg.search.rescue or cfg.search.level_steps) and reg.info["doubtful"] and search_stage in core \
+            and refine2d_stage in core:
         reg = _rescue_levels(reg, T, refine_every)
     if cfg.search.research and reg.info["doubtful"] and search_stage in core and refine2d_stage in core:
         reg = _research(reg, lambda cands: attempt(reg.robust, cands, [refine2d_stage, check_stage]))
@@ -547,7 +553,9 @@ def mask_metal(tgt: Target, cfg: MetalConfig, *, net=None, report=None, log=None
 def _rescue_levels(first: Registration, T0: np.ndarray, refine) -> Registration:
     """A doubtful result tried again at other levels of the spine: the best hypotheses at
     levels the search's candidates did not try (:func:`.search.search_other_levels` from the
-    search's start ``T0``), refined and checked (``refine(candidates)``: the 2-D/3-D
+    search's start ``T0``; ``search.rescue`` of them) and the result itself moved by whole
+    vertebrae (:func:`.search.level_steps`, up to ``search.level_steps`` either way, from the
+    case's labels), refined and checked (``refine(candidates)``: the 2-D/3-D
     refinement of every one through every level and the check, a new :class:`Registration`). Their result replaces
     the first when its final NCC (the same similarity) is higher, with a warning that names
     the move along the spine when it is ``search.level_mm`` or more (a different level: the
@@ -555,14 +563,32 @@ def _rescue_levels(first: Registration, T0: np.ndarray, refine) -> Registration:
     record and the move; the runtimes and profiles add up (``rescue_search``: its search).
     Only the 2-D/3-D refinement runs on the rescue's hypotheses (no 3-D/3-D refinement, no
     network); a network's reconstruction is kept with the rescued pose."""
-    tgt, cfg = first.target, first.cfg.search
+    tgt, cfg, case = first.target, first.cfg.search, first.case
     first.say("  doubtful: the best hypotheses at other levels of the spine")
     with first.timed("rescue_search"):
         found = search_other_levels(tgt, T0, cfg, first.searched, robust=first.robust,
                                     progress=lambda i, n: first.report.stage(
                                         "check", f"doubtful: searching other levels of the spine ({i + 1}/{n})",
-                                        within=(i, n)))
+                                        within=(i, n))) if cfg.rescue else []
+        if cfg.level_steps and case.seg is not None and case.vertebra_label is not None:
+            found += level_steps(first.T, neighbour_offsets(case.seg, case.vertebra_label, cfg.level_steps))
     return _try_hypotheses(first, found, refine, "rescue", "other-level")
+
+
+def _level_check(first: Registration, refine) -> Registration:
+    """A result not doubted but not clearly right (``explained`` below ``search.level_check``)
+    checked for its level: the result moved one vertebra either way (:func:`.search.level_steps`
+    from the case's labels), refined and checked (``refine(candidates)``); kept as
+    :func:`_try_hypotheses` keeps (``info["level_check"]``, the ``level:`` warning when it
+    moved; ``level_check`` in the runtimes: finding the neighbours)."""
+    case = first.case
+    if case.seg is None or case.vertebra_label is None:
+        return first
+    first.say(f"  explains {first.info['explained']:.0%} of what the noise allows: checking the level "
+              "(the result moved one vertebra either way)")
+    with first.timed("level_check"):
+        found = level_steps(first.T, neighbour_offsets(case.seg, case.vertebra_label, 1))
+    return _try_hypotheses(first, found, refine, "level_check", "level-checked")
 
 
 def _research(first: Registration, refine) -> Registration:

@@ -23,13 +23,13 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
-from ..geometry import apply, compose, pose_to_matrix
+from ..geometry import apply, compose, pose_to_matrix, translation
 from ..similarity import highpass, ncc_map, ncc_map_tiled
 from .config import RobustConfig, SearchConfig
 from .target import Target
 
 __all__ = ["SearchConfig", "Hypothesis", "rotation_hypotheses", "search_translation", "search_levels", "search_pose",
-           "search_other_levels"]
+           "search_other_levels", "neighbour_offsets", "level_steps"]
 
 
 @dataclass
@@ -286,3 +286,44 @@ def search_other_levels(tgt: Target, T: np.ndarray, cfg: SearchConfig, tried: li
         taken = _second_pass(tgt, taken, cfg, robust,
                              progress and (lambda j, _: progress(len(hypotheses) + j, n)))
     return taken
+
+
+def neighbour_offsets(seg, label: int, max_step: int, hop_mm: tuple = (8.0, 80.0)) -> dict[int, np.ndarray]:
+    """CT-frame vectors (mm, (3,) each) from the centroid of vertebra ``label`` to the
+    centroids of the vertebrae up to ``max_step`` levels above and below it in the label
+    map ``seg`` (a :class:`~RadGSRegLib.volume.Volume`): {step: vector}, step -k for the
+    label k below ``label``'s value, +k above (TotalSegmentator's ids and the phantom's run
+    one per level along the spine, :mod:`RadGSRegLib.levels`). A direction ends at the
+    first label the map lacks, or whose centroid is not ``hop_mm`` (min, max) from the last
+    one's: not the next vertebra (another numbering, or a label that is no vertebra)."""
+    out = {}
+    if max_step <= 0 or seg is None:
+        return out
+    labels = set(np.unique(seg.array).tolist())
+    centre = seg.label_centroid(label) if label in labels else None
+    if centre is None:
+        return out
+    for sign in (-1, 1):
+        last = centre
+        for k in range(1, max_step + 1):
+            nb = label + sign * k
+            if nb not in labels:
+                break
+            c = seg.label_centroid(nb)
+            if not hop_mm[0] <= np.linalg.norm(c - last) <= hop_mm[1]:
+                break
+            out[sign * k] = c - centre
+            last = c
+    return out
+
+
+def level_steps(T: np.ndarray, offsets: dict[int, np.ndarray]) -> list[Hypothesis]:
+    """``T`` (``T_ct_to_carm``) moved by whole vertebrae: for each {step: CT-frame vector
+    (mm)} of :func:`neighbour_offsets`, the pose that puts the CT's target where ``T`` put
+    that neighbour (``T @ translation(vector)``): a result that aligned the whole column
+    one level over is then aligned with its own level, within the column's bend. Returns
+    them nearest steps first, score NaN (no search scored them), ``info``
+    ``{"level_step": step, "other_level": True}``."""
+    order = sorted(offsets, key=lambda k: (abs(k), k))
+    return [Hypothesis(float("nan"), np.asarray(T, dtype=np.float64) @ translation(offsets[k]),
+                       {"level_step": int(k), "other_level": True}) for k in order]
