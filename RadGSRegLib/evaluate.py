@@ -74,6 +74,7 @@ def case_row(truth: Case, res: Result, name: str = "") -> dict:
            "final_ncc_views": res.info.get("final_ncc_views"), "ncc_ceiling_views": res.info.get("ncc_ceiling_views"),
            "explained": res.info.get("explained"), "metal": res.info.get("metal"),
            "profile": res.info.get("profile"), "rescue": res.info.get("rescue"), "research": res.info.get("research"),
+           "level_check": res.info.get("level_check"),
            "restart": res.info.get("restart"),
            "T_ct_to_carm": np.asarray(res.T_ct_to_carm, dtype=float).tolist()}
     if res.recon is not None:

@@ -280,3 +280,46 @@ def test_network_images_standardise_over_the_pixels_with_signal(rng):
     assert np.allclose(x[0][~m], 0) and np.isclose(x[0][m].mean(), 0, atol=1e-5) and np.isclose(x[0][m].std(), 1, atol=1e-3)
     assert np.allclose(x[0][m], ((imgs["ap"][0] - imgs["ap"][0][m].mean()) / imgs["ap"][0][m].std())[m], atol=1e-4)
     assert np.allclose(x[1], network_images({"lat": field["lat"], "ap": field["ap"]})[0][1])   # None: all pixels
+
+
+def test_the_gate_keeps_the_search_pose_against_a_network_that_outputs_nonsense(small_phantom, monkeypatch):
+    """``init learned``: a network whose pose is far off (60 mm, 30°) cannot replace the search's
+    pose: without refinement the result is the search's own, bit for bit, and the gate says
+    the input was kept; a network that returns the truth is kept (it explains the X-rays
+    better). (issue #19: ``--init learned`` never worse than ``--init search``.)"""
+    from types import SimpleNamespace
+
+    import RadGSRegLib.learned.infer as infer
+    from RadGSRegLib.cases import CaseGenConfig, make_case
+    from RadGSRegLib.geometry import pose_to_matrix
+    from RadGSRegLib.learned.model import RadGSRegNet
+    from RadGSRegLib.register import RegisterConfig, run
+    from RadGSRegLib.register.config import MetalConfig
+
+    ct, seg = small_phantom
+    case = make_case(ct, seg, "L3", CaseGenConfig(rot_deg=5.0, trans_mm=10.0, pixels=128, seed=4),
+                     np.random.default_rng(4))
+    truth = case.ground_truth
+    from dataclasses import replace
+
+    case = replace(case, ground_truth=None)
+    net = RadGSRegNet(ModelConfig(**TINY))
+    base = dict(refine="none", metal=MetalConfig(mode="never"))
+    searched = run(case, RegisterConfig(init="search", **base))
+
+    def network(pose_of_input):
+        def fake(net_, case_, T_in, **kw):
+            return SimpleNamespace(T_ct_to_carm=pose_of_input(T_in), recon=None, region=SimpleNamespace(crop=None),
+                                   runtime_s={"total": 0.0})
+        return fake
+
+    monkeypatch.setattr(infer, "predict", network(lambda T: pose_to_matrix([30.0, 0, 0, 60.0, 0, 0]) @ T))
+    bad = run(case, RegisterConfig(init="learned", model="default", **base), net=net)      # the net given is used
+    assert bad.info["learned"]["gate"]["kept"] == "input"
+    assert bad.info["learned"]["gate"]["ncc_network"] < bad.info["learned"]["gate"]["ncc_input"]
+    np.testing.assert_array_equal(bad.T_ct_to_carm, searched.T_ct_to_carm)
+
+    monkeypatch.setattr(infer, "predict", network(lambda T: truth.copy()))
+    good = run(case, RegisterConfig(init="learned", model="default", **base), net=net)
+    assert good.info["learned"]["gate"]["kept"] == "network"
+    np.testing.assert_allclose(good.T_ct_to_carm, truth)

@@ -841,6 +841,18 @@ def test_a_level_off_result_the_check_does_not_doubt_has_its_level_checked(easy_
             SearchConfig(level_check=bad)
 
 
+def test_the_level_check_leaves_a_right_result_alone(easy_case):
+    """A right result checked anyway (a bar above any share): both neighbours refine to
+    worse, so nothing switches and no level warning is given; the check's work is counted."""
+    truth = read_case(easy_case, ground_truth=True)
+    case = read_case(easy_case)
+    res, e = _one_rescue(case, truth, dict(level_check=1.5))
+    rec = res.info["level_check"]
+    assert e < 1.0 and not rec["kept"] and rec["hypotheses"] == 2
+    assert not any(w.startswith("level:") for w in res.info["warnings"])
+    assert "level_check" in res.runtime_s
+
+
 def test_neighbour_offsets_and_level_steps(small_phantom):
     """The offsets are the labels' centroid differences, up to ``max_step`` either way, and
     stop at a label the map lacks or at a hop no vertebra makes; a step puts the CT's target
@@ -861,6 +873,12 @@ def test_neighbour_offsets_and_level_steps(small_phantom):
     gap[gap == 28] = 0                                   # L4 missing: nothing below L3
     assert sorted(neighbour_offsets(Volume(gap, seg.affine), 29, 2)) == [1, 2]
     assert neighbour_offsets(seg, 29, 2, hop_mm=(60.0, 80.0)) == {}   # no vertebra that far apart
+    one = Volume((seg.array == 29).astype(np.int16), seg.affine)      # a one-vertebra mask, label 1
+    assert neighbour_offsets(one, 1, 2) == {}                          # the background (0) is no neighbour
+    skip = seg.array.copy()
+    skip[skip == 28] = 0
+    skip[skip == 27] = 28                                              # L5 numbered as if it were L4
+    assert sorted(neighbour_offsets(Volume(skip, seg.affine), 30, 2)) == [-1, 1, 2]   # L2: L3, then no L4-hop
     T = pose_to_matrix([5.0, -3.0, 8.0, 10.0, -4.0, 700.0])
     hyps = level_steps(T, off)
     assert [h.info["level_step"] for h in hyps] == [-1, 1, -2, 2]

@@ -122,7 +122,7 @@ class SearchConfig:
             levels of the spine the candidates did not try (:func:`.search.search_other_levels`:
             each rotation's best placements along the column, not only its best), each
             refined (2-D/3-D only); the best of them replaces the result when its final NCC
-            is higher (0: no rescue). Runs with the pose search and the 2-D/3-D refinement
+            is higher (0: none of these; ``level_steps`` still runs). Runs with the pose search and the 2-D/3-D refinement
             (``init`` search/learned, ``refine`` 2d/both); otherwise never. The search's
             look-alike neighbours often outscore the true level, whose best placement is
             then no rotation's first: on the all-effects suites it
@@ -164,7 +164,9 @@ class SearchConfig:
             all-effects case of other poses, 36 mm off; one vertebra over it refined to
             0.56 mm, 1.00), right results on the clean suites 0.97-1.01; 22 of 350 development
             results were below 0.97 (issue #18's tenth-session note). Runs with the pose search
-            and the 2-D/3-D refinement, as ``rescue``. 0: never.
+            and the 2-D/3-D refinement, as ``rescue``; the switch is made only to a result the
+            check does not doubt that explains more (not by the raw NCC: the first result
+            passed). 0, or a bar at or below ``min_explained``: never.
     """
 
     rot_deg: tuple = (-15.0, -5.0, 5.0, 15.0)
@@ -190,7 +192,7 @@ class SearchConfig:
         check(self)
         check_ray_step(self)
         if self.rescue < 0:
-            raise ConfigError(f"must be 0 (no rescue) or more, not {self.rescue}", field="rescue")
+            raise ConfigError(f"must be 0 (no search of other levels) or more, not {self.rescue}", field="rescue")
         if self.research < 0:
             raise ConfigError(f"must be 0 (no second search) or more, not {self.research}", field="research")
         if not 0 <= self.level_check <= 1.5:

@@ -22,9 +22,15 @@ poses on their way through); :func:`stages_for` picks them from :class:`Register
    at the final pose if asked for;
 6. ``output`` (``reconstruct`` without a reconstruction yet): a Gaussian fit for display.
 
+A result the check passes but that explains less than ``search.level_check`` of what the
+noise allows has its level checked (:func:`_level_check`): itself moved one vertebra either
+way (from the case's labels), refined; kept when that is not doubtful and explains more
+(``info["level_check"]``; the ``level:`` warning).
+
 A result the check finds doubtful is first tried at the other levels of the spine
 (``search.rescue``, with the search and the 2-D/3-D refinement: :func:`_rescue_levels`):
-the best hypotheses at levels the search's candidates did not try are refined, and their
+the best hypotheses at levels the search's candidates did not try, and the result moved by
+1 to ``search.level_steps`` whole vertebrae either way, are refined, and their
 result replaces the first when its final NCC is higher (``info["rescue"]``; a ``level:``
 warning when it lies at another level): a look-alike neighbour that won the search is then
 caught where the fine levels' NCC tells the levels apart.
@@ -211,9 +217,13 @@ def search_stage(reg: Registration) -> None:
 
 
 def learned_stage(reg: Registration) -> None:
-    """The RadGS-Reg network from the best candidate; its pose goes first, the best search
-    poses stay as further starts (a wrong network output cannot lose a case the search
-    alone would have won; same count)."""
+    """The RadGS-Reg network from the best candidate, behind a gate: its pose goes first only
+    when it explains the X-rays better than its input (:func:`learned_gate`), otherwise the
+    input stays first and the network's pose goes last; the best search poses stay as
+    further starts either way (``search.candidates`` poses in all, one more when the gate
+    keeps the input of a single one). So without refinement a network output that
+    explains less cannot replace the search's pose, and with it the network's pose is one
+    more start (``info["learned"]["gate"]`` says which went first and why)."""
     from ..learned.infer import predict
 
     reg.report.stage("learned", "RadGS-Reg network")
@@ -225,10 +235,30 @@ def learned_stage(reg: Registration) -> None:
         pred = predict(net, reg.case, reg.T, images=images, valid=valid, device=reg.cfg.device)
         reg.recon, reg.region = pred.recon, pred.region.crop
         best = reg.candidates[0]
-        reg.candidates = ([Candidate(pred.T_ct_to_carm, best.score, {"learned": True})]
-                          + reg.candidates[:max(reg.cfg.search.candidates - 1, 0)])
-        reg.info["learned"] = {"runtime_s": pred.runtime_s}
-    reg.say(f"  RadGS-Reg network: {reg.runtime['learned']:.2f} s")
+        gate = learned_gate(reg.target, best.T, pred.T_ct_to_carm, reg.cfg, reg.robust)
+        mine = Candidate(pred.T_ct_to_carm, best.score, {"learned": True})
+        n = reg.cfg.search.candidates
+        if gate["kept"] == "network":
+            reg.candidates = [mine] + reg.candidates[:max(n - 1, 0)]
+        else:                                            # the input first, always kept; the network's last
+            reg.candidates = reg.candidates[:max(n - 1, 1)] + [mine]
+        reg.info["learned"] = {"runtime_s": pred.runtime_s, "gate": gate}
+    reg.say(f"  RadGS-Reg network: {reg.runtime['learned']:.2f} s; its pose explains the X-rays "
+            f"{'better' if gate['kept'] == 'network' else 'less well'} than its input (windowed NCC "
+            f"{gate['ncc_network']:.3f} vs {gate['ncc_input']:.3f}): the {gate['kept']}'s goes first")
+
+
+def learned_gate(tgt: Target, T_input: np.ndarray, T_network: np.ndarray, cfg: RegisterConfig,
+                 robust: RobustConfig | None = None) -> dict:
+    """Which pose goes on first, the network's or its input's (``T_ct_to_carm`` (4, 4) each):
+    the network's when its windowed NCC (the check's similarity: both views' mean at the
+    finest refinement level, :func:`.refine2d.windowed_ncc`, tiled with ``robust``) is
+    higher; a NaN (no comparable pixel at that pose) loses. Returns ``{"kept": "network" |
+    "input", "ncc_network", "ncc_input"}``."""
+    n, i = (float(np.mean(list(windowed_ncc(tgt, T, cfg.refine2d, robust=robust).values())))
+            for T in (T_network, T_input))
+    better = np.isfinite(n) and (not np.isfinite(i) or n > i)
+    return {"kept": "network" if better else "input", "ncc_network": n, "ncc_input": i}
 
 
 def refine3d_stage(reg: Registration) -> None:
@@ -564,7 +594,9 @@ def _rescue_levels(first: Registration, T0: np.ndarray, refine) -> Registration:
     Only the 2-D/3-D refinement runs on the rescue's hypotheses (no 3-D/3-D refinement, no
     network); a network's reconstruction is kept with the rescued pose."""
     tgt, cfg, case = first.target, first.cfg.search, first.case
-    first.say("  doubtful: the best hypotheses at other levels of the spine")
+    first.say("  doubtful: " + " and ".join(
+        ["the best hypotheses at other levels of the spine"] * bool(cfg.rescue)
+        + ["the result moved by whole vertebrae"] * bool(cfg.level_steps)))
     with first.timed("rescue_search"):
         found = search_other_levels(tgt, T0, cfg, first.searched, robust=first.robust,
                                     progress=lambda i, n: first.report.stage(
@@ -578,9 +610,11 @@ def _rescue_levels(first: Registration, T0: np.ndarray, refine) -> Registration:
 def _level_check(first: Registration, refine) -> Registration:
     """A result not doubted but not clearly right (``explained`` below ``search.level_check``)
     checked for its level: the result moved one vertebra either way (:func:`.search.level_steps`
-    from the case's labels), refined and checked (``refine(candidates)``); kept as
-    :func:`_try_hypotheses` keeps (``info["level_check"]``, the ``level:`` warning when it
-    moved; ``level_check`` in the runtimes: finding the neighbours)."""
+    from the case's labels), refined and checked (``refine(candidates)``). Their result
+    replaces the first only when the check does not doubt it and it explains *more* of what
+    the noise allows (``explained``, not the raw NCC: two windows at different places have
+    different ceilings, and the first result passed the check); ``info["level_check"]``, the
+    ``level:`` warning when it moved; ``level_check`` in the runtimes: finding the neighbours."""
     case = first.case
     if case.seg is None or case.vertebra_label is None:
         return first
@@ -588,7 +622,7 @@ def _level_check(first: Registration, refine) -> Registration:
               "(the result moved one vertebra either way)")
     with first.timed("level_check"):
         found = level_steps(first.T, neighbour_offsets(case.seg, case.vertebra_label, 1))
-    return _try_hypotheses(first, found, refine, "level_check", "level-checked")
+    return _try_hypotheses(first, found, refine, "level_check", "level-checked", by="explained")
 
 
 def _research(first: Registration, refine) -> Registration:
@@ -613,9 +647,10 @@ def _research(first: Registration, refine) -> Registration:
     return _try_hypotheses(first, found, refine, "research", "searched-again")
 
 
-def _try_hypotheses(first: Registration, found: list, refine, key: str, label: str) -> Registration:
+def _try_hypotheses(first: Registration, found: list, refine, key: str, label: str, by: str = "ncc") -> Registration:
     """A rescue's hypotheses ``found`` refined and checked (``refine(candidates)``, a new
-    :class:`Registration`), kept when its final NCC is higher than ``first``'s (the runtimes
+    :class:`Registration`), kept when its final NCC is higher than ``first``'s (``by``
+    "explained": when it is not doubtful and its ``explained`` is higher; the runtimes
     and profiles add up, :func:`_better`); ``info[key]`` records ``hypotheses``, ``kept``,
     ``final_ncc_first``, ``final_ncc_<key>``, their ``search`` records, the ``other_warnings``
     and, when kept, the move (``moved_mm``, with a ``level:`` warning at ``search.level_mm``
@@ -627,7 +662,7 @@ def _try_hypotheses(first: Registration, found: list, refine, key: str, label: s
         return first
     second = refine([Candidate(h.T, h.score, h.info) for h in found])
     record[f"final_ncc_{key}"] = second.info["final_ncc"]
-    keep, other, switch = _better(first, second)
+    keep, other, switch = _better(first, second, by)
     if switch:
         keep.searched = first.searched + [h.T for h in found]
         tgt, cfg = first.target, first.cfg.search
@@ -636,10 +671,12 @@ def _try_hypotheses(first: Registration, found: list, refine, key: str, label: s
         record["moved_mm"] = moved.tolist()
         keep.warnings = [w for w in keep.warnings if not w.startswith("level:")]   # an earlier rescue's: restated
         if abs(moved[2]) >= cfg.level_mm:
-            keep.warnings.append(f"level: the search's first choice fit poorly (final NCC {first.info['final_ncc']:.2f}); "
-                                 f"a pose {abs(moved[2]):.0f} mm along the spine (C-arm z {moved[2]:+.0f} mm) explains "
-                                 f"the X-rays better (final NCC {second.info['final_ncc']:.2f}) and was kept: check "
-                                 "the level")
+            first_fit = (f"the first result passed the check but explained {first.info['explained']:.0%} of what the "
+                         "noise allows" if by == "explained" else
+                         f"the search's first choice fit poorly (final NCC {first.info['final_ncc']:.2f})")
+            keep.warnings.append(f"level: {first_fit}; a pose {abs(moved[2]):.0f} mm along the spine (C-arm z "
+                                 f"{moved[2]:+.0f} mm) explains the X-rays better (final NCC "
+                                 f"{second.info['final_ncc']:.2f}) and was kept: check the level")
     record["kept"] = switch
     record["other_warnings"] = [w for w in other.warnings if w not in keep.warnings]
     keep.info[key] = record
@@ -648,12 +685,16 @@ def _try_hypotheses(first: Registration, found: list, refine, key: str, label: s
     return keep
 
 
-def _better(first: Registration, second: Registration) -> tuple:
+def _better(first: Registration, second: Registration, by: str = "ncc") -> tuple:
     """(kept, other, switched): ``second`` (a new attempt's refinement and check) replaces
-    ``first`` when its final NCC is higher. The runtimes and profiles add up; a kept second
+    ``first`` when its final NCC is higher (``by`` "explained": when the check does not doubt
+    it and its ``explained`` is higher). The runtimes and profiles add up; a kept second
     takes the first's other records (the search's, the robust mode) and its reconstruction
     when it has none (a network's, init learned)."""
-    switch = second.info["final_ncc"] > first.info["final_ncc"]
+    if by == "explained":
+        switch = not second.info["doubtful"] and second.info["explained"] > first.info["explained"]
+    else:
+        switch = second.info["final_ncc"] > first.info["final_ncc"]
     keep, other = (second, first) if switch else (first, second)
     _absorb(keep, other)
     if switch:
@@ -730,7 +771,7 @@ def _second_attempt(first: Registration, attempt) -> Registration:
     keep.runtime["robust_choice"] = time.perf_counter() - t
     keep.profile["robust_choice"] = {"seconds": keep.runtime["robust_choice"], "renders": tgt.renders - n0,
                                      "rays": tgt.rays - rays0}
-    for k in ("rescue", "research", "restart"):            # the first attempt's, whichever is kept
+    for k in ("level_check", "rescue", "research", "restart"):   # the first attempt's, whichever is kept
         if k in first.info:
             keep.info.setdefault(k, first.info[k])
     keep.say(f"  kept the {'tiled' if switch else 'first'} attempt (tiled NCC {score_second:.3f} vs {score_first:.3f}; "

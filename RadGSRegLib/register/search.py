@@ -288,30 +288,34 @@ def search_other_levels(tgt: Target, T: np.ndarray, cfg: SearchConfig, tried: li
     return taken
 
 
-def neighbour_offsets(seg, label: int, max_step: int, hop_mm: tuple = (8.0, 80.0)) -> dict[int, np.ndarray]:
+def neighbour_offsets(seg, label: int, max_step: int, hop_mm: tuple = (8.0, 60.0)) -> dict[int, np.ndarray]:
     """CT-frame vectors (mm, (3,) each) from the centroid of vertebra ``label`` to the
     centroids of the vertebrae up to ``max_step`` levels above and below it in the label
     map ``seg`` (a :class:`~RadGSRegLib.volume.Volume`): {step: vector}, step -k for the
     label k below ``label``'s value, +k above (TotalSegmentator's ids and the phantom's run
     one per level along the spine, :mod:`RadGSRegLib.levels`). A direction ends at the
-    first label the map lacks, or whose centroid is not ``hop_mm`` (min, max) from the last
-    one's: not the next vertebra (another numbering, or a label that is no vertebra)."""
+    first label that is not a positive id the map holds (0 is the background), or whose
+    centroid is not the next vertebra's: the first hop outside ``hop_mm`` (min, max), a
+    later one outside 0.6-1.6 times the first (a level missing from another numbering)."""
     out = {}
     if max_step <= 0 or seg is None:
         return out
     labels = set(np.unique(seg.array).tolist())
-    centre = seg.label_centroid(label) if label in labels else None
-    if centre is None:
+    if label not in labels:
         return out
+    centre = seg.label_centroid(label)
     for sign in (-1, 1):
-        last = centre
+        last, first = centre, None
         for k in range(1, max_step + 1):
             nb = label + sign * k
-            if nb not in labels:
+            if nb <= 0 or nb not in labels:
                 break
             c = seg.label_centroid(nb)
-            if not hop_mm[0] <= np.linalg.norm(c - last) <= hop_mm[1]:
+            hop = float(np.linalg.norm(c - last))
+            lo, hi = hop_mm if first is None else (0.6 * first, 1.6 * first)
+            if not lo <= hop <= hi:
                 break
+            first = hop if first is None else first
             out[sign * k] = c - centre
             last = c
     return out
