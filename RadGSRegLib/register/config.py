@@ -159,14 +159,15 @@ class SearchConfig:
         level_check: a result the check does not doubt but that explains less than this share
             of what the X-rays' noise allows (``RegisterConfig.min_explained``'s measure) has
             its level checked: the result moved one vertebra either way (as ``level_steps``),
-            both refined through every level; the better final NCC is kept, with the level
+            both refined through every level; their result replaces it only when the check
+            does not doubt it and it explains more (not by the raw NCC: the first result
+            passed, and windows at two places have different ceilings), with the level
             warning when it moved. A look-alike neighbour can explain 0.94 of it (a phantom
             all-effects case of other poses, 36 mm off; one vertebra over it refined to
-            0.56 mm, 1.00), right results on the clean suites 0.97-1.01; 22 of 350 development
-            results were below 0.97 (issue #18's tenth-session note). Runs with the pose search
-            and the 2-D/3-D refinement, as ``rescue``; the switch is made only to a result the
-            check does not doubt that explains more (not by the raw NCC: the first result
-            passed). 0, or a bar at or below ``min_explained``: never.
+            0.56 mm, 1.00), right results on the clean suites 0.97-1.01; 22 of the 350 results
+            of the development and held-out suites were below 0.97 (issue #18's tenth-session
+            note). Runs with the pose search and the 2-D/3-D refinement, as ``rescue``. 0, or
+            a bar at or below ``min_explained``: never.
     """
 
     rot_deg: tuple = (-15.0, -5.0, 5.0, 15.0)
