@@ -279,6 +279,29 @@ def build_parser() -> argparse.ArgumentParser:
                         "(stage, fraction, message; see RadGSRegLib/progress.py) and the human log on stderr")
     p.add_argument("--overwrite", action="store_true")
 
+    p = sub.add_parser("register-batch", help="register every case folder under a folder (resumable; local workers)",
+                       formatter_class=argparse.RawDescriptionHelpFormatter,
+                       description="Registers every case folder under CASES (folders with a case.json) into "
+                                   "OUT/<case name>/ (the result folder 'register' writes), on --workers local "
+                                   "processes. Resumable: a case whose result folder already holds its result is "
+                                   "kept, not redone; a result of another case is never overwritten. A case that "
+                                   "fails is recorded and the batch goes on. Writes OUT/batch.json (every case: "
+                                   "registered, kept or failed, with its error) and, when the cases carry their "
+                                   "ground truth, OUT/evaluation.json (as 'evaluate').",
+                       epilog="examples:\n"
+                              "  radgsreg register-batch suites/real50 --out res/real50 --workers 2\n"
+                              "  radgsreg register-batch suites/real50 --out res/real50    # again: only what is missing\n"
+                              "  radgsreg register-batch cases --out res --config cfg.json --model default")
+    p.add_argument("cases", type=Path, metavar="CASES", help="a folder of case folders (e.g. made by simulate-cases)")
+    p.add_argument("--out", type=Path, required=True, help="results folder (one result folder per case, batch.json)")
+    p.add_argument("--config", type=Path, metavar="JSON", help="registration settings (RegisterConfig fields), as "
+                                                                "for 'register'")
+    p.add_argument("--model", help="RadGS-Reg weights (.pt), or 'default': the search + network path")
+    p.add_argument("--workers", type=_COUNT, default=1,
+                   help="local worker processes (default 1); each loads the networks once")
+    p.add_argument("--threads", type=_COUNT, default=None,
+                   help="torch/numba threads per worker (default: the CPU cores divided among the workers)")
+
     p = sub.add_parser("train", help="train the RadGS-Reg network (stage 1, 2 or 3)",
                        formatter_class=argparse.RawDescriptionHelpFormatter,
                        description="Module-aware training (RecM alone, RegM alone, then both: paper Eq. 2-4) on "
@@ -744,6 +767,24 @@ def _cmd_register(args):
     emit(ProgressEvent("done", "", 1.0, str(args.out)))
 
 
+def _cmd_register_batch(args):
+    from .batch import register_batch
+
+    from .register import read_config
+
+    config = {}
+    if args.config is not None:
+        read_config(args.config)                       # its errors name the file and the field
+        config = json.loads(Path(args.config).read_text())
+    if args.model:
+        config.update(model=args.model, init="learned")
+    summary = register_batch(args.cases, args.out, config=config, workers=args.workers, threads=args.threads)
+    if summary["counts"]["failed"]:
+        raise InputError(f"{summary['counts']['failed']} of {len(summary['rows'])} cases failed (each with its error "
+                         f"in {Path(args.out) / 'batch.json'}); the others are done: run the same command again to "
+                         "retry only those")
+
+
 def _one_line(e: BaseException) -> str:
     """An exception as one line for a user: its message, or its type when it has none."""
     if isinstance(e, KeyboardInterrupt):
@@ -868,7 +909,7 @@ def _cmd_train_metal(args):
 
 
 _COMMANDS = {"demo": _cmd_demo, "phantom": _cmd_phantom, "simulate-cases": _cmd_simulate, "show": _cmd_show,
-             "sample-case": _cmd_sample_case, "fit-gaussians": _cmd_fit_gaussians, "register": _cmd_register,
+             "sample-case": _cmd_sample_case, "fit-gaussians": _cmd_fit_gaussians, "register": _cmd_register, "register-batch": _cmd_register_batch,
              "train": _cmd_train, "train-metal": _cmd_train_metal, "evaluate": _cmd_evaluate, "bench": _cmd_bench}
 
 

@@ -1,0 +1,222 @@
+"""Many case folders registered once each (``radgsreg register-batch``), on local worker
+processes.
+
+:func:`register_batch` registers every case folder under a folder (or a list of case
+folders) into ``OUT/<case name>/`` (the result folder ``radgsreg register`` writes,
+:func:`~RadGSRegLib.io.write_result`: written to a temporary and renamed, so a result
+folder is either whole or absent). It resumes: a case whose result folder already holds a
+result *of that case* (:func:`~RadGSRegLib.evaluate.result_matches_case`) is kept, not
+redone; a result folder of another case is never overwritten (that case fails, said so). A
+case that fails is recorded with its error and the batch goes on. With ``workers`` > 1 the
+cases run on that many processes (spawned; each with ``threads`` torch/numba threads, by
+default the cores shared out so they are not oversubscribed), each loading the networks
+once. ``OUT/batch.json`` records every case (status ``registered``, ``kept`` or
+``failed``, seconds, error) and, when every case carries its ground truth and none failed,
+the evaluation (:func:`~RadGSRegLib.evaluate.evaluate_results`, ``OUT/evaluation.json``).
+
+Callable from Slicer's Python console as from a script::
+
+    from RadGSRegLib.batch import register_batch
+    summary = register_batch("cases/", "results/", workers=2)
+"""
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+
+__all__ = ["register_batch"]
+
+
+def _cases(cases) -> list[Path]:
+    """The case folders: those under a folder (``*/case.json``), or a list of them; their
+    names (the result folders' names) must differ."""
+    from .errors import InputError
+    from .evaluate import case_dirs
+
+    if isinstance(cases, (str, os.PathLike)):
+        if not Path(cases).is_dir():
+            raise InputError(f"CASES {cases}: folder not found")
+        dirs = case_dirs(cases)
+        if not dirs:
+            raise InputError(f"CASES {cases}: holds no case folders (folders with a case.json)")
+    else:
+        dirs = [Path(d) for d in cases]
+        for d in dirs:
+            if not (d / "case.json").is_file():
+                raise InputError(f"{d}: not a case folder (no case.json)")
+    seen = {}
+    for d in dirs:
+        if d.name in seen:
+            raise InputError(f"two cases share the name {d.name!r} ({seen[d.name]} and {d}): their results would "
+                             "share a folder")
+        seen[d.name] = d
+    return dirs
+
+
+_WORKER = {}          # per worker process: its configuration and loaded networks (set by _init)
+
+
+def _init(config: dict, threads: int) -> None:
+    """A worker's start: its threads, its configuration and the networks, loaded once."""
+    import numba
+    import torch
+
+    from .register import RegisterConfig
+
+    torch.set_num_threads(threads)
+    numba.set_num_threads(max(1, min(threads, numba.config.NUMBA_NUM_THREADS)))
+    cfg = RegisterConfig.from_dict(config)
+    net = metal_net = None
+    if cfg.init_mode == "learned":
+        from .learned.model import RadGSRegNet
+
+        net = RadGSRegNet.load(cfg.model_path(), device=cfg.device)
+    if cfg.metal.mode == "mask":
+        from .learned.metal import MetalNet
+
+        metal_net = MetalNet.load(cfg.metal.model_path(), device=cfg.device)
+    _WORKER.update(cfg=cfg, net=net, metal_net=metal_net, threads=threads)
+
+
+def _one(case_dir: str, out_dir: str) -> dict:
+    """Register one case into ``out_dir`` (in a worker: :func:`_init` ran). Returns its row."""
+    from .evaluate import case_fingerprint
+    from .io import read_case, write_result
+    from .register import run
+
+    t = time.perf_counter()
+    row = {"case": Path(case_dir).name, "status": "failed", "seconds": 0.0, "error": None}
+    try:
+        case = read_case(case_dir)                      # never the ground truth
+        cfg = _WORKER["cfg"]
+        res = run(case, cfg, net=_WORKER["net"], metal_net=_WORKER["metal_net"])
+        res.info.update({"case": str(case_dir), "case_fingerprint": case_fingerprint(case_dir), "device": cfg.device,
+                         "threads": _WORKER["threads"], "model": str(cfg.model_path()) if _WORKER["net"] else None})
+        write_result(res, out_dir, inputs=[case_dir])
+        row.update(status="registered", doubtful=bool(res.info.get("doubtful")), runtime_s=res.runtime_s["total"])
+    except Exception as e:                                 # recorded; the batch goes on
+        row["error"] = " ".join(str(e).split()) or type(e).__name__
+    row["seconds"] = time.perf_counter() - t
+    return row
+
+
+def register_batch(cases, out, *, config: dict | None = None, workers: int = 1, threads: int | None = None,
+                   log=print, progress: bool = True) -> dict:
+    """Register every case of ``cases`` into ``out`` (see the module docstring).
+
+    Args:
+        cases: a folder of case folders, or a list of case folders.
+        out: the results folder (made if missing); ``out/<case name>/`` per case,
+            ``out/batch.json`` the summary.
+        config: :class:`~RadGSRegLib.register.RegisterConfig` fields (JSON form, as
+            ``--config``); None: the defaults.
+        workers: processes (1: this process, no pool).
+        threads: torch/numba threads per worker (None: the CPU cores divided among the
+            workers, at least 1).
+        log: a callable taking one line of text. progress: a progress bar (tqdm, stderr).
+
+    Returns:
+        ``{"cases", "out", "workers", "threads", "rows": [{"case", "status", "seconds",
+        "error", ...}], "counts": {status: n}, "evaluation": evaluate_results' summary or
+        None, "wall_s", "cases_per_minute"}``.
+    """
+    from tqdm import tqdm
+
+    from .errors import InputError
+    from .evaluate import evaluate_results, result_matches_case
+    from .io import read_result
+    from .io.outputs import write_json
+    from .register import RegisterConfig
+
+    dirs = _cases(cases)
+    config = dict(config or {})
+    RegisterConfig.from_dict(config)                    # a bad setting fails before any case
+    if workers < 1:
+        raise InputError(f"--workers must be 1 or more, not {workers}")
+    threads = threads or max(1, (os.cpu_count() or 1) // workers)
+    out = Path(out)
+    roots = {d.resolve() for d in dirs} | {d.resolve().parent for d in dirs}
+    if any(out.resolve() == r or r in out.resolve().parents for r in roots):
+        raise InputError(f"--out {out}: the results must go to a folder of their own, not into the cases' folder "
+                         "or a case folder")
+    out.mkdir(parents=True, exist_ok=True)
+    rows, todo = {}, []
+    for d in dirs:
+        r = out / d.name
+        if (r / "result.json").is_file():
+            try:
+                why = result_matches_case(d, read_result(r))
+            except Exception as e:                      # unreadable: not ours to replace
+                why = f"unreadable ({' '.join(str(e).split())})"
+            rows[d.name] = ({"case": d.name, "status": "kept", "seconds": 0.0, "error": None} if why is None else
+                            {"case": d.name, "status": "failed", "seconds": 0.0,
+                             "error": f"{r} holds another result, left as it is: {why}"})
+        elif r.exists() and any(r.iterdir()):
+            rows[d.name] = {"case": d.name, "status": "failed", "seconds": 0.0,
+                            "error": f"{r} exists and is not a result folder: left as it is"}
+        else:
+            todo.append(d)
+    kept = sum(r["status"] == "kept" for r in rows.values())
+    log(f"{len(dirs)} cases: {kept} done before (kept), {len(todo)} to register on {workers} worker"
+        f"{'s' if workers > 1 else ''} x {threads} thread{'s' if threads > 1 else ''}")
+    t0 = time.perf_counter()
+    bar = tqdm(total=len(todo), unit="case", disable=not progress or not todo)
+    if workers == 1:                                    # in this process: its thread settings restored after
+        import numba
+        import torch
+
+        before = torch.get_num_threads(), numba.get_num_threads()
+        try:
+            _init(config, threads)
+            for d in todo:
+                row = _one(str(d), str(out / d.name))
+                rows[d.name] = row
+                bar.update(1)
+                if row["error"]:
+                    log(f"{d.name}: failed: {row['error']}")
+        finally:
+            _WORKER.clear()
+            torch.set_num_threads(before[0])
+            numba.set_num_threads(before[1])
+    else:
+        import multiprocessing as mp
+        from concurrent.futures import ProcessPoolExecutor, as_completed
+
+        with ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn"), initializer=_init,
+                                 initargs=(config, threads)) as pool:
+            futures = {pool.submit(_one, str(d), str(out / d.name)): d for d in todo}
+            for f in as_completed(futures):
+                d = futures[f]
+                try:
+                    row = f.result()
+                except Exception as e:                  # the worker itself died
+                    row = {"case": d.name, "status": "failed", "seconds": 0.0,
+                           "error": " ".join(str(e).split()) or type(e).__name__}
+                rows[d.name] = row
+                bar.update(1)
+                if row["error"]:
+                    log(f"{d.name}: failed: {row['error']}")
+    bar.close()
+    wall = time.perf_counter() - t0
+    ordered = [rows[d.name] for d in dirs]
+    counts = {s: sum(r["status"] == s for r in ordered) for s in ("registered", "kept", "failed")}
+    done = counts["registered"]
+    summary = {"cases": str(cases) if isinstance(cases, (str, os.PathLike)) else [str(d) for d in dirs],
+               "out": str(out), "workers": workers, "threads": threads, "config": config, "rows": ordered,
+               "counts": counts, "wall_s": wall, "cases_per_minute": 60.0 * done / wall if done and wall > 0 else None,
+               "evaluation": None}
+    log(f"registered {counts['registered']}, kept {counts['kept']}, failed {counts['failed']} in {wall:.1f} s"
+        + (f" ({summary['cases_per_minute']:.1f} cases/min)" if summary["cases_per_minute"] else ""))
+    truth = all("ground_truth" in json.loads((d / "case.json").read_text()) for d in dirs)
+    if truth and isinstance(cases, (str, os.PathLike)):
+        if counts["failed"]:
+            log(f"no evaluation while {counts['failed']} case(s) failed: once all are done, run this again or "
+                f"'radgsreg evaluate {cases} --results {out}'")
+        else:
+            summary["evaluation"] = evaluate_results(Path(cases), out, json_path=out / "evaluation.json",
+                                                     log=log)["summary"]
+    write_json(out / "batch.json", summary, "batch", overwrite=True, inputs=dirs, allow_in=[out], default=float)
+    log(f"wrote {out / 'batch.json'}")
+    return summary
