@@ -1,5 +1,5 @@
 """Many case folders registered once each (``radgsreg register-batch``), on local worker
-processes.
+processes or on a Ray cluster.
 
 :func:`register_batch` registers every case folder under a folder (or a list of case
 folders) into ``OUT/<case name>/`` (the result folder ``radgsreg register`` writes,
@@ -102,8 +102,49 @@ def _one(case_dir: str, out_dir: str) -> dict:
     return row
 
 
+class _RayWorker:
+    """One Ray actor: a worker process that keeps its networks between cases."""
+
+    def __init__(self, config: dict, threads: int):
+        _init(config, threads)
+
+    def one(self, case_dir: str, out_dir: str) -> dict:
+        return _one(case_dir, out_dir)
+
+
+def _on_ray(todo: list, out: Path, config: dict, workers: int, threads: int, address: str, on_row, log) -> int:
+    """The cases on Ray: ``address`` "local" starts a Ray instance here (stopped after), else
+    ``ray.init(address=...)`` joins a cluster ("auto", "host:port", "ray://host:port"); an
+    already initialised Ray is used as it is. ``workers`` actors of ``threads`` CPUs each, at
+    most as many as the cluster's CPUs hold. Returns the actors used."""
+    try:
+        import ray
+        from ray.util import ActorPool
+    except ImportError as e:
+        from .errors import InputError
+
+        raise InputError("--ray needs Ray: pip install -e '.[ray]' (or pip install ray)") from e
+    started = not ray.is_initialized()
+    if started:
+        kw = {"include_dashboard": False, "log_to_driver": False}
+        ray.init(**kw) if address == "local" else ray.init(address=address, **kw)
+    try:
+        cpus = int(ray.cluster_resources().get("CPU", 1))
+        n = max(1, min(workers, cpus // threads))
+        if n < workers:
+            log(f"Ray: {cpus} CPUs hold {n} worker(s) of {threads} thread(s), not {workers}")
+        actor = ray.remote(num_cpus=threads)(_RayWorker)
+        pool = ActorPool([actor.remote(config, threads) for _ in range(n)])
+        for row in pool.map_unordered(lambda a, d: a.one.remote(str(d), str(out / d.name)), todo):
+            on_row(row)
+        return n
+    finally:
+        if started:
+            ray.shutdown()
+
+
 def register_batch(cases, out, *, config: dict | None = None, workers: int = 1, threads: int | None = None,
-                   log=print, progress: bool = True) -> dict:
+                   ray: str | None = None, log=print, progress: bool = True) -> dict:
     """Register every case of ``cases`` into ``out`` (see the module docstring).
 
     Args:
@@ -112,9 +153,15 @@ def register_batch(cases, out, *, config: dict | None = None, workers: int = 1, 
             ``out/batch.json`` the summary.
         config: :class:`~RadGSRegLib.register.RegisterConfig` fields (JSON form, as
             ``--config``); None: the defaults.
-        workers: processes (1: this process, no pool).
+        workers: processes (1: this process, no pool), or Ray actors.
         threads: torch/numba threads per worker (None: the CPU cores divided among the
-            workers, at least 1).
+            workers, at least 1; on Ray 1, each actor asking for that many CPUs).
+        ray: run the cases as tasks of Ray actors (``workers`` of them, each loading the
+            networks once, at most as many as the cluster's CPUs hold): "local" starts a Ray
+            instance on this machine, "auto" joins the cluster this machine belongs to, or an
+            address ("host:port", "ray://host:port"); None: local processes. On a cluster the
+            case and result folders must be on a file system every node sees, and the nodes
+            need this package (``pip install radgsreg[ray]``).
         log: a callable taking one line of text. progress: a progress bar (tqdm, stderr).
 
     Returns:
@@ -135,6 +182,7 @@ def register_batch(cases, out, *, config: dict | None = None, workers: int = 1, 
     RegisterConfig.from_dict(config)                    # a bad setting fails before any case
     if workers < 1:
         raise InputError(f"--workers must be 1 or more, not {workers}")
+    threads_given = threads
     threads = threads or max(1, (os.cpu_count() or 1) // workers)
     out = Path(out)
     roots = {d.resolve() for d in dirs} | {d.resolve().parent for d in dirs}
@@ -159,11 +207,23 @@ def register_batch(cases, out, *, config: dict | None = None, workers: int = 1, 
         else:
             todo.append(d)
     kept = sum(r["status"] == "kept" for r in rows.values())
-    log(f"{len(dirs)} cases: {kept} done before (kept), {len(todo)} to register on {workers} worker"
+    if ray:
+        threads = threads_given or 1
+    where = f"Ray ({ray})" if ray else "this machine"
+    log(f"{len(dirs)} cases: {kept} done before (kept), {len(todo)} to register on {where}, {workers} worker"
         f"{'s' if workers > 1 else ''} x {threads} thread{'s' if threads > 1 else ''}")
     t0 = time.perf_counter()
     bar = tqdm(total=len(todo), unit="case", disable=not progress or not todo)
-    if workers == 1:                                    # in this process: its thread settings restored after
+
+    def take(row):
+        rows[row["case"]] = row
+        bar.update(1)
+        if row["error"]:
+            log(f"{row['case']}: failed: {row['error']}")
+
+    if ray and todo:
+        _on_ray(todo, out, config, workers, threads, ray, take, log)
+    elif workers == 1:                                  # in this process: its thread settings restored after
         import numba
         import torch
 
@@ -171,11 +231,7 @@ def register_batch(cases, out, *, config: dict | None = None, workers: int = 1, 
         try:
             _init(config, threads)
             for d in todo:
-                row = _one(str(d), str(out / d.name))
-                rows[d.name] = row
-                bar.update(1)
-                if row["error"]:
-                    log(f"{d.name}: failed: {row['error']}")
+                take(_one(str(d), str(out / d.name)))
         finally:
             _WORKER.clear()
             torch.set_num_threads(before[0])
@@ -188,23 +244,19 @@ def register_batch(cases, out, *, config: dict | None = None, workers: int = 1, 
                                  initargs=(config, threads)) as pool:
             futures = {pool.submit(_one, str(d), str(out / d.name)): d for d in todo}
             for f in as_completed(futures):
-                d = futures[f]
                 try:
                     row = f.result()
                 except Exception as e:                  # the worker itself died
-                    row = {"case": d.name, "status": "failed", "seconds": 0.0,
+                    row = {"case": futures[f].name, "status": "failed", "seconds": 0.0,
                            "error": " ".join(str(e).split()) or type(e).__name__}
-                rows[d.name] = row
-                bar.update(1)
-                if row["error"]:
-                    log(f"{d.name}: failed: {row['error']}")
+                take(row)
     bar.close()
     wall = time.perf_counter() - t0
     ordered = [rows[d.name] for d in dirs]
     counts = {s: sum(r["status"] == s for r in ordered) for s in ("registered", "kept", "failed")}
     done = counts["registered"]
     summary = {"cases": str(cases) if isinstance(cases, (str, os.PathLike)) else [str(d) for d in dirs],
-               "out": str(out), "workers": workers, "threads": threads, "config": config, "rows": ordered,
+               "out": str(out), "workers": workers, "threads": threads, "ray": ray, "config": config, "rows": ordered,
                "counts": counts, "wall_s": wall, "cases_per_minute": 60.0 * done / wall if done and wall > 0 else None,
                "evaluation": None}
     log(f"registered {counts['registered']}, kept {counts['kept']}, failed {counts['failed']} in {wall:.1f} s"

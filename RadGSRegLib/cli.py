@@ -291,7 +291,8 @@ def build_parser() -> argparse.ArgumentParser:
                        epilog="examples:\n"
                               "  radgsreg register-batch suites/real50 --out res/real50 --workers 2\n"
                               "  radgsreg register-batch suites/real50 --out res/real50    # again: only what is missing\n"
-                              "  radgsreg register-batch cases --out res --config cfg.json --model default")
+                              "  radgsreg register-batch cases --out res --config cfg.json --model default\n"
+                              "  radgsreg register-batch /shared/cases --out /shared/res --ray auto --workers 16")
     p.add_argument("cases", type=Path, metavar="CASES", help="a folder of case folders (e.g. made by simulate-cases)")
     p.add_argument("--out", type=Path, required=True, help="results folder (one result folder per case, batch.json)")
     p.add_argument("--config", type=Path, metavar="JSON", help="registration settings (RegisterConfig fields), as "
@@ -300,7 +301,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=_COUNT, default=1,
                    help="local worker processes (default 1); each loads the networks once")
     p.add_argument("--threads", type=_COUNT, default=None,
-                   help="torch/numba threads per worker (default: the CPU cores divided among the workers)")
+                   help="torch/numba threads per worker (default: the CPU cores divided among the workers; 1 on Ray)")
+    p.add_argument("--ray", metavar="ADDRESS", default=None,
+                   help="run the workers as Ray actors: 'local' (a Ray instance started here), 'auto' (the cluster "
+                        "this machine belongs to) or an address (host:port, ray://host:port); the case and result "
+                        "folders must be visible to every node; needs pip install -e '.[ray]'")
 
     p = sub.add_parser("train", help="train the RadGS-Reg network (stage 1, 2 or 3)",
                        formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -778,7 +783,8 @@ def _cmd_register_batch(args):
         config = json.loads(Path(args.config).read_text())
     if args.model:
         config.update(model=args.model, init="learned")
-    summary = register_batch(args.cases, args.out, config=config, workers=args.workers, threads=args.threads)
+    summary = register_batch(args.cases, args.out, config=config, workers=args.workers, threads=args.threads,
+                             ray=args.ray)
     if summary["counts"]["failed"]:
         raise InputError(f"{summary['counts']['failed']} of {len(summary['rows'])} cases failed (each with its error "
                          f"in {Path(args.out) / 'batch.json'}); the others are done: run the same command again to "

@@ -87,3 +87,18 @@ def test_register_batch_cli(cases, tmp_path, capsys):
     assert "folder of their own" in capsys.readouterr().err
     assert main(["register-batch", str(tmp_path / "nowhere"), "--out", str(tmp_path / "r2")]) == 1
     assert "folder not found" in capsys.readouterr().err
+
+
+def test_a_local_ray_cluster_gives_the_serial_transforms(cases, tmp_path):
+    """``ray="local"``: a Ray instance with this machine's CPUs, two actors (each loads the
+    networks once); the same transforms as the serial run, the same batch record."""
+    pytest.importorskip("ray")
+    serial = register_batch(cases, tmp_path / "serial", workers=1, **_quiet())
+    on_ray = register_batch(cases, tmp_path / "ray", workers=2, ray="local", **_quiet())
+    assert serial["counts"] == on_ray["counts"] == {"registered": 3, "kept": 0, "failed": 0}
+    assert on_ray["ray"] == "local" and on_ray["threads"] == 1
+    for name in ("case_000", "case_001", "case_002"):
+        np.testing.assert_array_equal(read_result(tmp_path / "serial" / name).T_ct_to_carm,
+                                      read_result(tmp_path / "ray" / name).T_ct_to_carm)
+    again = register_batch(cases, tmp_path / "ray", workers=2, ray="local", **_quiet())
+    assert again["counts"] == {"registered": 0, "kept": 3, "failed": 0}       # nothing started: nothing to do
