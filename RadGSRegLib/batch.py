@@ -130,7 +130,12 @@ def _on_ray(todo: list, out: Path, config: dict, workers: int, threads: int, add
         ray.init(**kw) if address == "local" else ray.init(address=address, **kw)
     try:
         cpus = int(ray.cluster_resources().get("CPU", 1))
-        n = max(1, min(workers, cpus // threads))
+        if cpus < threads:                              # an actor that can never be placed: no hang, an error
+            from .errors import InputError
+
+            raise InputError(f"--threads {threads}: the Ray cluster has {cpus} CPU(s); an actor asks for as many "
+                             "CPUs as it has threads")
+        n = min(workers, cpus // threads)
         if n < workers:
             log(f"Ray: {cpus} CPUs hold {n} worker(s) of {threads} thread(s), not {workers}")
         actor = ray.remote(num_cpus=threads)(_RayWorker)

@@ -102,3 +102,9 @@ def test_a_local_ray_cluster_gives_the_serial_transforms(cases, tmp_path):
                                       read_result(tmp_path / "ray" / name).T_ct_to_carm)
     again = register_batch(cases, tmp_path / "ray", workers=2, ray="local", **_quiet())
     assert again["counts"] == {"registered": 0, "kept": 3, "failed": 0}       # nothing started: nothing to do
+    import shutil
+
+    shutil.rmtree(tmp_path / "ray" / "case_001")                        # one to do, on actors of too many threads
+    with pytest.raises(Exception, match="CPU"):
+        register_batch(cases, tmp_path / "ray", workers=1, ray="local", config=FAST, threads=4096,
+                       log=lambda line: None, progress=False)
