@@ -1,5 +1,7 @@
 """The learned RadGS-Reg: data frames, networks, losses, training, weight files, inference."""
 import json
+import os
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -323,3 +325,43 @@ def test_the_gate_keeps_the_search_pose_against_a_network_that_outputs_nonsense(
     good = run(case, RegisterConfig(init="learned", model="default", **base), net=net)
     assert good.info["learned"]["gate"]["kept"] == "network"
     np.testing.assert_allclose(good.T_ct_to_carm, truth)
+
+
+def test_train_under_torchrun_on_two_processes(tmp_path):
+    """``torchrun --nproc-per-node 2 ... train`` (gloo on the CPU): the samples are simulated
+    once, rank 0 writes one run folder (log, checkpoint, model.pt), the losses fall, and the
+    validation numbers agree with a one-process run of the same config within noise; the
+    same command again resumes and finds nothing left to do (issue #20)."""
+    import subprocess
+    import sys
+
+    torchrun = Path(sys.executable).with_name("torchrun")
+    if not torchrun.exists():
+        pytest.skip("torchrun is not next to this interpreter")
+    cfg = {"model": {**TINY, "regm_channels": list(TINY["regm_channels"])}, "phantoms": 1, "phantom_spacing_mm": 4.0,
+           "samples_per_ct": 4, "val_samples": 2, "levels": ["L3"], "rec_epochs": 2, "reg_epochs": 1,
+           "joint_epochs": 0, "batch": 2, "threads": 1}
+    (tmp_path / "tiny.json").write_text(json.dumps(cfg))
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+    def train_with(prefix, out):
+        p = subprocess.run([*prefix, "-m", "RadGSRegLib.cli", "train", "--config", str(tmp_path / "tiny.json"),
+                            "--out", str(tmp_path / out)], capture_output=True, encoding="utf-8", errors="replace",
+                           env=env, timeout=300)
+        assert p.returncode == 0, p.stderr[-2000:]
+        return p
+
+    two = [str(torchrun), "--standalone", "--nproc-per-node", "2"]
+    first = train_with(two, "run2")
+    assert first.stdout.count("data: 4 training + 2 validation samples in") == 1      # simulated once
+    assert first.stdout.count("wrote ") == 1 and first.stdout.count("rec epoch 1/2") == 1   # rank 0 speaks
+    rows2 = [json.loads(x) for x in (tmp_path / "run2" / "log.jsonl").read_text().splitlines()]
+    assert [r["phase"] for r in rows2] == ["rec", "rec", "reg"] and rows2[1]["loss"] < rows2[0]["loss"]
+    net = RadGSRegNet.load(tmp_path / "run2" / "model.pt")
+    assert net.card["processes"] == 2
+    train_with([sys.executable], "run1")
+    rows1 = [json.loads(x) for x in (tmp_path / "run1" / "log.jsonl").read_text().splitlines()]
+    assert abs(rows1[-1]["val_psnr_db"] - rows2[-1]["val_psnr_db"]) < 1.0
+    assert abs(rows1[-1]["val_mtre_mm"] - rows2[-1]["val_mtre_mm"]) < 1.0
+    again = train_with(two, "run2")
+    assert "resuming" in again.stdout and "phase done" in again.stdout

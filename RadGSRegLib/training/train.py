@@ -426,17 +426,29 @@ def train(cfg: TrainConfig, *, log=print, progress: bool = True) -> Path:
     """
     from tqdm import tqdm
 
-    run = check_run(cfg, log=log)
+    from .distributed import Dist
+
+    if Dist.env_rank() != 0:                    # under torchrun: rank 0 speaks for the run
+        log = _silent
+    run = check_run(cfg, log=log)               # every process: reads only
     cfg, device, net, blob = run.cfg, run.device, run.net, run.blob
+    par = Dist.from_env(device)
+    device = par.device(device)
+    progress = progress and par.main
     out = Path(cfg.out)
-    if read_marker(out) is None:                # mark the run folder as ours before anything is in it
+    par.barrier()                               # every process checked the folder before rank 0 writes in it
+    if par.main and read_marker(out) is None:   # mark the run folder as ours before anything is in it
         out.mkdir(parents=True, exist_ok=True)
         write_marker(out, "train")
     torch.set_num_threads(cfg.threads)
     _seed(cfg.seed)
-    tr, va = _dataset(cfg, log)
+    if par.main:                                # simulated once (and cached); the others read the cache
+        tr, va = _dataset(cfg, log)
+    par.barrier()
+    if not par.main:
+        tr, va = _dataset(cfg, log)
     cfg_path = out / "config.json"
-    if run.replace_config:
+    if par.main and run.replace_config:
         if cfg_path.is_file():
             log(f"replacing {cfg_path}: its run never started (no checkpoint)")
         text = json.dumps(_cfg_json(cfg), indent=2)
@@ -445,6 +457,7 @@ def train(cfg: TrainConfig, *, log=print, progress: bool = True) -> Path:
     if cfg.init:
         log(f"starting from {cfg.init} (model config from the weights)")
     net.to(device).train()
+    par.broadcast(net)                          # one start for every process
     model_cfg = net.cfg
     ckpt = out / "checkpoint.pt"
     schedule = [(p, n) for p, n in zip(PHASES, (cfg.rec_epochs, cfg.reg_epochs, cfg.joint_epochs)) if n > 0]
@@ -454,7 +467,7 @@ def train(cfg: TrainConfig, *, log=print, progress: bool = True) -> Path:
         _set_rng_states(blob)
         log(f"resuming {out} at phase {schedule[start[0]][0] if start[0] < len(schedule) else 'done'}, "
             f"epoch {start[1] + 1}")
-    logger = _Logger(out, history)
+    logger = _Logger(out, history) if par.main else None
     step = sum(1 for _ in history)
     for pi, (phase, epochs) in enumerate(schedule):
         if pi < start[0]:
@@ -483,7 +496,7 @@ def train(cfg: TrainConfig, *, log=print, progress: bool = True) -> Path:
             rng = np.random.default_rng([cfg.seed, pi, ep])
             order = rng.permutation(len(tr))
             sums, nb = {}, 0
-            bar = tqdm(range(0, len(order), cfg.batch), desc=f"{phase} {ep + 1}/{epochs}", unit="batch",
+            bar = tqdm(par.share(range(0, len(order), cfg.batch)), desc=f"{phase} {ep + 1}/{epochs}", unit="batch",
                        disable=not progress)
             for i in bar:
                 b = _to(collate([tr[j] for j in order[i:i + cfg.batch]]), device)
@@ -504,10 +517,11 @@ def train(cfg: TrainConfig, *, log=print, progress: bool = True) -> Path:
                         _, rec = net.reconstruct(b["images"], b["proj"], b["centre"])
                     loss, _, pg = net.registration_loss(b, rec, lambda_geo=cfg.lambda_geo)
                     parts.update({f"reg_{k}": v for k, v in pg.items()})
-                if not torch.isfinite(loss):
+                if not par.all_finite(loss):
                     log(f"{phase} epoch {ep + 1}: skipped a batch with a non-finite loss")
                     continue
                 loss.backward()
+                par.average_gradients(params)
                 torch.nn.utils.clip_grad_norm_(params, 5.0)
                 opt.step()
                 parts["loss"] = float(loss.detach())
@@ -516,6 +530,10 @@ def train(cfg: TrainConfig, *, log=print, progress: bool = True) -> Path:
                 nb += 1
                 bar.set_postfix(loss=f"{sums['loss'] / nb:.3f}")
             seconds += time.perf_counter() - t0
+            par.average_buffers(net)                 # one set of batch-norm statistics
+            if not par.main:                         # rank 0 validates and writes; the others wait for it
+                par.barrier()
+                continue
             val = evaluate_samples(net, va, device=device) if va else {}
             row = {"phase": phase, "epoch": ep + 1, "lr": opt.param_groups[0]["lr"],
                    **{k: v / max(nb, 1) for k, v in sums.items()}, **{f"val_{k}": v for k, v in val.items()},
@@ -533,10 +551,21 @@ def train(cfg: TrainConfig, *, log=print, progress: bool = True) -> Path:
                 f"PSNR {val.get('psnr_db', float('nan')):.2f} dB, SSIM {val.get('ssim_pct', float('nan')):.1f} %, "
                 f"mTRE {val.get('mtre_in_mm', float('nan')):.1f} -> {val.get('mtre_mm', float('nan')):.2f} mm "
                 f"({seconds:.0f} s)")
+            par.barrier()
+    if not par.main:
+        par.barrier()                           # until rank 0 has written model.pt
+        par.close()
+        return out / "model.pt"
     card = {"stage": cfg.stage, "train_config": _cfg_json(cfg), "train_samples": len(tr), "val_samples": len(va),
-            "train_seconds": seconds, "device": str(device), "threads": cfg.threads,
+            "train_seconds": seconds, "device": str(device), "threads": cfg.threads, "processes": par.world,
             "validation": {k[4:]: v for k, v in (history[-1] if history else {}).items() if k.startswith("val_")},
             "history": history, "model_config": model_cfg.to_dict()}
     path = net.save(out / "model.pt", card=card, overwrite=True)
     log(f"wrote {path}")
+    par.barrier()
+    par.close()
     return path
+
+
+def _silent(*_args) -> None:
+    """The log of a process other than rank 0."""
