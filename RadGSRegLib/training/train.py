@@ -420,6 +420,12 @@ def train(cfg: TrainConfig, *, log=print, progress: bool = True) -> Path:
     Everything that can fail is checked first (:func:`check_run`); then the samples are
     read from the cache or simulated, ``config.json`` is written, and the epochs run.
 
+    Under ``torchrun --nproc-per-node N`` the same call trains on N processes
+    (:mod:`.distributed`): every process checks, rank 0 simulates the samples and the others
+    read its cache, each takes its share of the batches with the gradients averaged, and rank
+    0 alone logs, validates and writes the run folder; every process returns the
+    ``model.pt`` path.
+
     Raises:
         InputError: from :func:`check_run` (before any work), or a CT / case that cannot
             be simulated.
