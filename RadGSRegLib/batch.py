@@ -26,7 +26,9 @@ import os
 import time
 from pathlib import Path
 
-__all__ = ["register_batch"]
+__all__ = ["register_batch", "config_key"]
+
+READY_S = 120.0       # seconds Ray gets to place every worker
 
 
 def _cases(cases) -> list[Path]:
@@ -77,7 +79,16 @@ def _init(config: dict, threads: int) -> None:
         from .learned.metal import MetalNet
 
         metal_net = MetalNet.load(cfg.metal.model_path(), device=cfg.device)
-    _WORKER.update(cfg=cfg, net=net, metal_net=metal_net, threads=threads)
+    _WORKER.update(cfg=cfg, net=net, metal_net=metal_net, threads=threads, key=config_key(config))
+
+
+def config_key(config: dict) -> str:
+    """What identifies a batch's settings (SHA-256 of its RegisterConfig fields as JSON), kept
+    in each result (``info["batch_config"]``) so that a resumed batch with other settings does
+    not pass earlier results off as its own."""
+    import hashlib
+
+    return hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 def _one(case_dir: str, out_dir: str) -> dict:
@@ -93,7 +104,8 @@ def _one(case_dir: str, out_dir: str) -> dict:
         cfg = _WORKER["cfg"]
         res = run(case, cfg, net=_WORKER["net"], metal_net=_WORKER["metal_net"])
         res.info.update({"case": str(case_dir), "case_fingerprint": case_fingerprint(case_dir), "device": cfg.device,
-                         "threads": _WORKER["threads"], "model": str(cfg.model_path()) if _WORKER["net"] else None})
+                         "threads": _WORKER["threads"], "model": str(cfg.model_path()) if _WORKER["net"] else None,
+                         "batch_config": _WORKER["key"]})
         write_result(res, out_dir, inputs=[case_dir])
         row.update(status="registered", doubtful=bool(res.info.get("doubtful")), runtime_s=res.runtime_s["total"])
     except Exception as e:                                 # recorded; the batch goes on
@@ -139,13 +151,30 @@ def _on_ray(todo: list, out: Path, config: dict, workers: int, threads: int, add
         if n < workers:
             log(f"Ray: {cpus} CPUs hold {n} worker(s) of {threads} thread(s), not {workers}")
         actor = ray.remote(num_cpus=threads)(_RayWorker)
-        pool = ActorPool([actor.remote(config, threads) for _ in range(n)])
-        for row in pool.map_unordered(lambda a, d: a.one.remote(str(d), str(out / d.name)), todo):
+        actors = [actor.remote(config, threads) for _ in range(n)]
+        ready, waiting = ray.wait([a.__ray_ready__.remote() for a in actors], num_returns=n, timeout=READY_S)
+        if waiting:                                     # no node has room for them: an error, not a hang
+            from .errors import InputError
+
+            raise InputError(f"Ray placed {len(ready)} of {n} worker(s) of {threads} CPU(s) in {READY_S:.0f} s (too "
+                             "few free CPUs on one node?): use fewer --workers or --threads")
+        ray.get(ready)                                  # a worker that failed to start says why here
+        pool = ActorPool(actors)
+        for row in pool.map_unordered(lambda a, d: a.one.remote(str(d.resolve()), str((out / d.name).resolve())),
+                                      todo):
             on_row(row)
         return n
     finally:
         if started:
             ray.shutdown()
+
+
+def _has_truth(case_dir: Path) -> bool:
+    """Whether a case folder's case.json holds a ground truth (an unreadable one: no)."""
+    try:
+        return "ground_truth" in json.loads((case_dir / "case.json").read_text())
+    except (OSError, ValueError):
+        return False
 
 
 def register_batch(cases, out, *, config: dict | None = None, workers: int = 1, threads: int | None = None,
@@ -184,7 +213,14 @@ def register_batch(cases, out, *, config: dict | None = None, workers: int = 1, 
 
     dirs = _cases(cases)
     config = dict(config or {})
-    RegisterConfig.from_dict(config)                    # a bad setting fails before any case
+    settings = RegisterConfig.from_dict(config)         # a bad setting fails before any case
+    for what, path in (("the RadGS-Reg weights (model)", settings.model_path() if settings.init_mode == "learned"
+                        else None),
+                       ("the metal network's weights (metal.model)", settings.metal.model_path()
+                        if settings.metal.mode == "mask" else None)):
+        if path is not None and not Path(path).is_file():          # before a worker fails on it
+            raise InputError(f"{what}: {path} not found")
+    key = config_key(config)
     if workers < 1:
         raise InputError(f"--workers must be 1 or more, not {workers}")
     threads_given = threads
@@ -200,13 +236,17 @@ def register_batch(cases, out, *, config: dict | None = None, workers: int = 1, 
         r = out / d.name
         if (r / "result.json").is_file():
             try:
-                why = result_matches_case(d, read_result(r))
+                res = read_result(r)
+                why = result_matches_case(d, res)
+                made = res.info.get("batch_config")
+                if why is None and made is not None and made != key:
+                    why = "it was made with other settings (batch_config in result.json); move it away to redo it"
             except Exception as e:                      # unreadable: not ours to replace
                 why = f"unreadable ({' '.join(str(e).split())})"
             rows[d.name] = ({"case": d.name, "status": "kept", "seconds": 0.0, "error": None} if why is None else
                             {"case": d.name, "status": "failed", "seconds": 0.0,
                              "error": f"{r} holds another result, left as it is: {why}"})
-        elif r.exists() and any(r.iterdir()):
+        elif r.exists() and (not r.is_dir() or any(r.iterdir())):
             rows[d.name] = {"case": d.name, "status": "failed", "seconds": 0.0,
                             "error": f"{r} exists and is not a result folder: left as it is"}
         else:
@@ -227,7 +267,15 @@ def register_batch(cases, out, *, config: dict | None = None, workers: int = 1, 
             log(f"{row['case']}: failed: {row['error']}")
 
     if ray and todo:
-        _on_ray(todo, out, config, workers, threads, ray, take, log)
+        try:
+            _on_ray(todo, out, config, workers, threads, ray, take, log)
+        except InputError:                              # settings the cluster cannot run: said before any case
+            raise
+        except Exception as e:                          # a dead worker, a lost cluster: the rest recorded
+            why = " ".join(str(e).split()) or type(e).__name__
+            for d in todo:
+                if d.name not in rows:
+                    take({"case": d.name, "status": "failed", "seconds": 0.0, "error": f"not registered: {why}"})
     elif workers == 1:                                  # in this process: its thread settings restored after
         import numba
         import torch
@@ -266,14 +314,19 @@ def register_batch(cases, out, *, config: dict | None = None, workers: int = 1, 
                "evaluation": None}
     log(f"registered {counts['registered']}, kept {counts['kept']}, failed {counts['failed']} in {wall:.1f} s"
         + (f" ({summary['cases_per_minute']:.1f} cases/min)" if summary["cases_per_minute"] else ""))
-    truth = all("ground_truth" in json.loads((d / "case.json").read_text()) for d in dirs)
-    if truth and isinstance(cases, (str, os.PathLike)):
+    # written now (the registrations' record stands whatever the evaluation does) and again with it
+    write_json(out / "batch.json", summary, "batch", overwrite=True, inputs=dirs, allow_in=[out], default=float)
+    if isinstance(cases, (str, os.PathLike)) and all(_has_truth(d) for d in dirs):
         if counts["failed"]:
             log(f"no evaluation while {counts['failed']} case(s) failed: once all are done, run this again or "
                 f"'radgsreg evaluate {cases} --results {out}'")
         else:
-            summary["evaluation"] = evaluate_results(Path(cases), out, json_path=out / "evaluation.json",
-                                                     log=log)["summary"]
+            try:
+                summary["evaluation"] = evaluate_results(Path(cases), out, json_path=out / "evaluation.json",
+                                                         log=log)["summary"]
+            except Exception as e:                      # the registrations stand; the evaluation says why not
+                summary["evaluation_error"] = " ".join(str(e).split()) or type(e).__name__
+                log(f"no evaluation: {summary['evaluation_error']}")
     write_json(out / "batch.json", summary, "batch", overwrite=True, inputs=dirs, allow_in=[out], default=float)
     log(f"wrote {out / 'batch.json'}")
     return summary

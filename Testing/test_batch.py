@@ -108,3 +108,27 @@ def test_a_local_ray_cluster_gives_the_serial_transforms(cases, tmp_path):
     with pytest.raises(Exception, match="CPU"):
         register_batch(cases, tmp_path / "ray", workers=1, ray="local", config=FAST, threads=4096,
                        log=lambda line: None, progress=False)
+
+
+def test_a_batch_with_other_settings_does_not_keep_earlier_results(cases, tmp_path):
+    out = tmp_path / "res"
+    register_batch(cases, out, workers=1, **_quiet())
+    other = {**FAST, "min_ncc": 0.55}
+    res = register_batch(cases, out, workers=1, **{**_quiet(), "config": other})
+    assert res["counts"] == {"registered": 0, "kept": 0, "failed": 3}
+    assert all("other settings" in r["error"] for r in res["rows"])
+    with pytest.raises(Exception, match="not found"):
+        register_batch(cases, tmp_path / "x", **{**_quiet(), "config": {**FAST, "init": "learned", "model": "nope.pt"}})
+
+
+@pytest.mark.parametrize("n, world", [(0, 2), (1, 2), (1, 4), (3, 2), (5, 3), (6, 3), (2, 4)])
+def test_every_rank_takes_as_many_batches(n, world):
+    """torchrun's ranks must take the same number of steps (their collectives pair up), and
+    every batch is taken by some rank."""
+    from RadGSRegLib.training.distributed import Dist
+
+    starts = list(range(0, 2 * n, 2))
+    parts = [Dist(rank, world).share(starts) for rank in range(world)]
+    assert len({len(p) for p in parts}) == 1
+    assert set().union(*map(set, parts)) == set(starts)
+    assert len(parts[0]) == (-(-n // world) if n else 0)

@@ -65,10 +65,12 @@ class Dist:
         """This process's batches of an epoch (``starts``: every batch's first index, the
         same list on every process): every ``world``-th, the list padded from its start so
         that every process takes as many steps."""
-        if self.world <= 1:
-            return list(starts)
-        starts = list(starts) + list(starts)[:(-len(starts)) % self.world]
-        return starts[self.rank::self.world]
+        starts = list(starts)
+        if self.world <= 1 or not starts:
+            return starts
+        steps = -(-len(starts) // self.world)                  # every rank takes this many
+        padded = [starts[i % len(starts)] for i in range(steps * self.world)]
+        return padded[self.rank::self.world]
 
     def broadcast(self, module: torch.nn.Module) -> None:
         """Rank 0's parameters and buffers to every process (the same start everywhere)."""
@@ -99,6 +101,18 @@ class Dist:
         t = torch.tensor([1.0 if ok else 0.0], device=loss.device)
         dist.all_reduce(t, op=dist.ReduceOp.MIN)
         return bool(t.item() > 0)
+
+    def sum_stats(self, sums: dict, n: int) -> tuple[dict, int]:
+        """``sums`` (name -> float, the same names on every process) and ``n`` added up over
+        the processes: the epoch's logged losses cover every process's batches."""
+        if self.world <= 1:
+            return sums, n
+        import torch.distributed as dist
+
+        keys = sorted(sums)
+        t = torch.tensor([float(n)] + [sums[k] for k in keys], dtype=torch.float64)
+        dist.all_reduce(t)
+        return dict(zip(keys, t[1:].tolist())), int(t[0].item())
 
     def average_buffers(self, module: torch.nn.Module) -> None:
         """The floating-point buffers (batch-norm statistics) averaged over the processes."""

@@ -501,6 +501,8 @@ def train(cfg: TrainConfig, *, log=print, progress: bool = True) -> Path:
             t0 = time.perf_counter()
             rng = np.random.default_rng([cfg.seed, pi, ep])
             order = rng.permutation(len(tr))
+            # the input poses of the RegM phase: one stream per process (one process: the same as before)
+            draws = rng if par.world == 1 else np.random.default_rng([cfg.seed, pi, ep, 1 + par.rank])
             sums, nb = {}, 0
             bar = tqdm(par.share(range(0, len(order), cfg.batch)), desc=f"{phase} {ep + 1}/{epochs}", unit="batch",
                        disable=not progress)
@@ -518,7 +520,7 @@ def train(cfg: TrainConfig, *, log=print, progress: bool = True) -> Path:
                         parts.update({f"reg_{k}": v for k, v in pg.items()})
                         loss = loss + lreg
                 else:
-                    b = _fresh_inputs(b, rng, cfg)
+                    b = _fresh_inputs(b, draws, cfg)
                     with torch.no_grad():
                         _, rec = net.reconstruct(b["images"], b["proj"], b["centre"])
                     loss, _, pg = net.registration_loss(b, rec, lambda_geo=cfg.lambda_geo)
@@ -536,6 +538,7 @@ def train(cfg: TrainConfig, *, log=print, progress: bool = True) -> Path:
                 nb += 1
                 bar.set_postfix(loss=f"{sums['loss'] / nb:.3f}")
             seconds += time.perf_counter() - t0
+            sums, nb = par.sum_stats(sums, nb)       # the logged losses: every process's batches
             par.average_buffers(net)                 # one set of batch-norm statistics
             if not par.main:                         # rank 0 validates and writes; the others wait for it
                 par.barrier()
