@@ -57,6 +57,11 @@ def _cases(cases) -> list[Path]:
     return dirs
 
 
+def _failed(case: str, error: str) -> dict:
+    """The record of a case that was not registered."""
+    return {"case": case, "status": "failed", "seconds": 0.0, "error": error}
+
+
 _WORKER = {}          # per worker process: its configuration and loaded networks (set by _init)
 
 
@@ -93,12 +98,13 @@ def config_key(config: dict) -> str:
 
 def _one(case_dir: str, out_dir: str) -> dict:
     """Register one case into ``out_dir`` (in a worker: :func:`_init` ran). Returns its row."""
+    from .errors import one_line
     from .evaluate import case_fingerprint
     from .io import read_case, write_result
     from .register import run
 
     t = time.perf_counter()
-    row = {"case": Path(case_dir).name, "status": "failed", "seconds": 0.0, "error": None}
+    row = _failed(Path(case_dir).name, None)
     try:
         case = read_case(case_dir)                      # never the ground truth
         cfg = _WORKER["cfg"]
@@ -109,7 +115,7 @@ def _one(case_dir: str, out_dir: str) -> dict:
         write_result(res, out_dir, inputs=[case_dir])
         row.update(status="registered", doubtful=bool(res.info.get("doubtful")), runtime_s=res.runtime_s["total"])
     except Exception as e:                                 # recorded; the batch goes on
-        row["error"] = " ".join(str(e).split()) or type(e).__name__
+        row["error"] = one_line(e)
     row["seconds"] = time.perf_counter() - t
     return row
 
@@ -205,7 +211,7 @@ def register_batch(cases, out, *, config: dict | None = None, workers: int = 1, 
     """
     from tqdm import tqdm
 
-    from .errors import InputError
+    from .errors import InputError, one_line
     from .evaluate import evaluate_results, result_matches_case
     from .io import read_result
     from .io.outputs import write_json
@@ -242,13 +248,11 @@ def register_batch(cases, out, *, config: dict | None = None, workers: int = 1, 
                 if why is None and made is not None and made != key:
                     why = "it was made with other settings (batch_config in result.json); move it away to redo it"
             except Exception as e:                      # unreadable: not ours to replace
-                why = f"unreadable ({' '.join(str(e).split())})"
+                why = f"unreadable ({one_line(e)})"
             rows[d.name] = ({"case": d.name, "status": "kept", "seconds": 0.0, "error": None} if why is None else
-                            {"case": d.name, "status": "failed", "seconds": 0.0,
-                             "error": f"{r} holds another result, left as it is: {why}"})
+                            _failed(d.name, f"{r} holds another result, left as it is: {why}"))
         elif r.exists() and (not r.is_dir() or any(r.iterdir())):
-            rows[d.name] = {"case": d.name, "status": "failed", "seconds": 0.0,
-                            "error": f"{r} exists and is not a result folder: left as it is"}
+            rows[d.name] = _failed(d.name, f"{r} exists and is not a result folder: left as it is")
         else:
             todo.append(d)
     kept = sum(r["status"] == "kept" for r in rows.values())
@@ -272,10 +276,9 @@ def register_batch(cases, out, *, config: dict | None = None, workers: int = 1, 
         except InputError:                              # settings the cluster cannot run: said before any case
             raise
         except Exception as e:                          # a dead worker, a lost cluster: the rest recorded
-            why = " ".join(str(e).split()) or type(e).__name__
             for d in todo:
                 if d.name not in rows:
-                    take({"case": d.name, "status": "failed", "seconds": 0.0, "error": f"not registered: {why}"})
+                    take(_failed(d.name, f"not registered: {one_line(e)}"))
     elif workers == 1:                                  # in this process: its thread settings restored after
         import numba
         import torch
@@ -300,8 +303,7 @@ def register_batch(cases, out, *, config: dict | None = None, workers: int = 1, 
                 try:
                     row = f.result()
                 except Exception as e:                  # the worker itself died
-                    row = {"case": futures[f].name, "status": "failed", "seconds": 0.0,
-                           "error": " ".join(str(e).split()) or type(e).__name__}
+                    row = _failed(futures[f].name, one_line(e))
                 take(row)
     bar.close()
     wall = time.perf_counter() - t0
@@ -325,7 +327,7 @@ def register_batch(cases, out, *, config: dict | None = None, workers: int = 1, 
                 summary["evaluation"] = evaluate_results(Path(cases), out, json_path=out / "evaluation.json",
                                                          log=log)["summary"]
             except Exception as e:                      # the registrations stand; the evaluation says why not
-                summary["evaluation_error"] = " ".join(str(e).split()) or type(e).__name__
+                summary["evaluation_error"] = one_line(e)
                 log(f"no evaluation: {summary['evaluation_error']}")
     write_json(out / "batch.json", summary, "batch", overwrite=True, inputs=dirs, allow_in=[out], default=float)
     log(f"wrote {out / 'batch.json'}")

@@ -12,7 +12,7 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-from .errors import InputError, UsageError
+from .errors import InputError, UsageError, one_line
 from .register.config import DEVICES, INITS, METAL_MODES, REFINES, ROBUST_MODES, RegisterConfig
 
 __all__ = ["main", "build_parser", "register_config"]
@@ -763,7 +763,7 @@ def _cmd_register(args):
         report.stage("write", f"writing {args.out}")
         write_result(res, args.out, overwrite=args.overwrite, inputs=[args.case, args.config, model])
     except BaseException as e:
-        emit(ProgressEvent("error", "", report.fraction, _one_line(e)))
+        emit(ProgressEvent("error", "", report.fraction, one_line(e)))
         raise
     for w in res.info["warnings"]:
         log(f"warning: {w}")
@@ -789,14 +789,6 @@ def _cmd_register_batch(args):
         raise InputError(f"{summary['counts']['failed']} of {len(summary['rows'])} cases failed (each with its error "
                          f"in {Path(args.out) / 'batch.json'}); the others are done: run the same command again to "
                          "retry only those")
-
-
-def _one_line(e: BaseException) -> str:
-    """An exception as one line for a user: its message, or its type when it has none."""
-    if isinstance(e, KeyboardInterrupt):
-        return "interrupted"
-    text = " ".join(str(e).split())
-    return text or type(e).__name__
 
 
 def _cmd_train(args):
@@ -945,12 +937,12 @@ def main(argv=None) -> int:
         return 2
     except (InputError, OSError) as e:             # bad input, a refused output, a file system error
         _debug_traceback(args)
-        print(f"{name}: error: {_one_line(e)}", file=sys.stderr)
+        print(f"{name}: error: {one_line(e)}", file=sys.stderr)
         return 1
     except Exception as e:                         # a bug: one line here, the whole story in a file
         report = _crash_report(argv, e)
         _debug_traceback(args)
-        print(f"{name}: internal error: {type(e).__name__}: {_one_line(e)} (full report: {report}; please "
+        print(f"{name}: internal error: {type(e).__name__}: {one_line(e)} (full report: {report}; please "
               "include it when you report the problem)", file=sys.stderr)
         return 1
     return 0

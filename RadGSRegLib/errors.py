@@ -10,7 +10,7 @@ all are InputErrors.
 """
 from __future__ import annotations
 
-__all__ = ["InputError", "UsageError", "OutputError"]
+__all__ = ["InputError", "UsageError", "OutputError", "one_line"]
 
 
 class InputError(ValueError):
@@ -24,3 +24,12 @@ class UsageError(InputError):
 class OutputError(InputError):
     """An output location that must not be written: it is an input, lies inside one, holds
     files we did not write, or cannot be written."""
+
+
+def one_line(e: BaseException) -> str:
+    """An exception as one line for a user (the command line's error line, a batch's record of
+    a failed case): its message with the whitespace folded, or its type when it has none;
+    "interrupted" for Ctrl-C."""
+    if isinstance(e, KeyboardInterrupt):
+        return "interrupted"
+    return " ".join(str(e).split()) or type(e).__name__
