@@ -106,10 +106,23 @@ class Volume:
 
     def label_centroid(self, label: int) -> np.ndarray:
         """(3,) world centroid (mm) of the voxels equal to ``label``."""
-        kji = np.argwhere(self.array == label)
-        if len(kji) == 0:
+        c = self.label_centroids([label])
+        if label not in c:
             raise ValueError(f"label {label} is not present")
-        return self.index_to_world(kji.mean(axis=0)[::-1])
+        return c[label]
+
+    def label_centroids(self, labels) -> dict[int, np.ndarray]:
+        """{label: (3,) world centroid (mm)} of those of ``labels`` present (absent ones left
+        out), from one pass over the array."""
+        labels = [int(lb) for lb in labels]
+        kji = np.argwhere(np.isin(self.array, labels))
+        values = self.array[tuple(kji.T)]
+        out = {}
+        for lb in labels:
+            sel = kji[values == lb]
+            if len(sel):
+                out[lb] = self.index_to_world(sel.mean(axis=0)[::-1])
+        return out
 
     def same_grid(self, other: "Volume", tol: float = 1e-3) -> bool:
         """True when both volumes have the same size and affine (within ``tol`` mm)."""

@@ -300,17 +300,17 @@ def neighbour_offsets(seg, label: int, max_step: int, hop_mm: tuple = (8.0, 60.0
     out = {}
     if max_step <= 0 or seg is None:
         return out
-    labels = set(np.unique(seg.array).tolist())
-    if label not in labels:
+    cents = seg.label_centroids(lb for lb in range(label - max_step, label + max_step + 1) if lb > 0)   # one pass
+    if label not in cents:
         return out
-    centre = seg.label_centroid(label)
+    centre = cents[label]
     for sign in (-1, 1):
         last, first = centre, None
         for k in range(1, max_step + 1):
             nb = label + sign * k
-            if nb <= 0 or nb not in labels:
+            if nb not in cents:                          # absent, or not positive (0 is the background)
                 break
-            c = seg.label_centroid(nb)
+            c = cents[nb]
             hop = float(np.linalg.norm(c - last))
             lo, hi = hop_mm if first is None else (0.6 * first, 1.6 * first)
             if not lo <= hop <= hi:
