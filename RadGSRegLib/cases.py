@@ -33,7 +33,7 @@ from .simulate import XraySimConfig, simulate_xrays
 from .volume import Volume
 
 __all__ = ["CaseGenConfig", "nominal_pose", "make_case", "generate_cases", "LabelledCT", "load_labelled_ct",
-           "sample_level", "load_sample", "sample_case", "SAMPLE_SOURCE"]
+           "sample_level", "load_sample", "sample_case", "SAMPLE_SOURCE", "random_case_config"]
 
 #: provenance of the cases made from the bundled lumbar CT (case.json ``generator.source``)
 SAMPLE_SOURCE = "RadGSReg lumbar sample CT (TotalSegmentator 2.18.0 test data)"
@@ -77,6 +77,33 @@ class CaseGenConfig:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+def random_case_config(rng: np.random.Generator, *, pixels: int = 256, detector_mm: float = 292.8,
+                       metal_share: float = 0.8, rot_deg: float = 20.0, trans_mm: float = 50.0,
+                       seed: int = 0) -> CaseGenConfig:
+    """A :class:`CaseGenConfig` with every realism effect drawn, as training data needs it
+    (the metal network's and RadGS-Reg's): instruments (in ``metal_share`` of the cases:
+    screws in the neighbours and/or the target, K-wires, retractor blades, at least one),
+    articulation (half: up to 3° / 1.5 mm per joint), a round field of 180-300 mm (a
+    third), dose 150-6000 photons/mm² (log-uniform), scatter-to-primary 0.1-0.5, the body
+    0-200 mm beyond the scan; the pose ranges ``rot_deg`` / ``trans_mm`` (± per axis) and a
+    ``pixels``² detector of ``detector_mm`` (mm) on the standard C-arm."""
+    if rng.random() < metal_share:
+        while True:
+            tools = InstrumentsConfig(screws=str(rng.choice(["none", "neighbours", "target", "both"])),
+                                      kwires=int(rng.integers(0, 3)), retractors=int(rng.integers(0, 3)))
+            if tools.enabled:
+                break
+    else:
+        tools = InstrumentsConfig()
+    art = ArticulationConfig(float(rng.uniform(0, 3)), float(rng.uniform(0, 1.5))) if rng.random() < 0.5 \
+        else ArticulationConfig()
+    sim = XraySimConfig(photons_per_mm2=float(np.exp(rng.uniform(np.log(150), np.log(6000)))),
+                        scatter_to_primary=float(rng.uniform(0.1, 0.5)),
+                        field_diameter_mm=float(rng.uniform(180, 300)) if rng.random() < 1 / 3 else None)
+    return CaseGenConfig(rot_deg=rot_deg, trans_mm=trans_mm, pixels=pixels, detector_mm=detector_mm, sim=sim,
+                         articulation=art, instruments=tools, beyond_ct_mm=float(rng.uniform(0, 200)), seed=seed)
 
 
 def nominal_pose(seg: Volume, label: int, isocentre=(0.0, 0.0, 0.0)) -> np.ndarray:

@@ -14,8 +14,8 @@ from .io import Case, Result
 from .metrics import capture_range, recon_metrics, success_rate, truth_errors
 from .region import ground_truth_volume
 
-__all__ = ["case_row", "summarize", "format_table", "evaluate_results", "case_dirs", "case_fingerprint",
-           "result_matches_case"]
+__all__ = ["case_row", "summarize", "learned_summary", "format_table", "evaluate_results", "case_dirs",
+           "case_fingerprint", "result_matches_case"]
 
 
 def case_dirs(root: Path) -> list[Path]:
@@ -77,6 +77,11 @@ def case_row(truth: Case, res: Result, name: str = "") -> dict:
            "level_check": res.info.get("level_check"),
            "restart": res.info.get("restart"),
            "T_ct_to_carm": np.asarray(res.T_ct_to_carm, dtype=float).tolist()}
+    learned = res.info.get("learned")
+    if isinstance(learned, dict) and "T_network" in learned:   # the network's own pose and its input's
+        row["learned"] = {"input_mtre_mm": truth_errors(truth, np.asarray(learned["T_input"]))["mtre_mm"],
+                          "network_mtre_mm": truth_errors(truth, np.asarray(learned["T_network"]))["mtre_mm"],
+                          "kept": learned["gate"]["kept"]}
     if res.recon is not None:
         gt = ground_truth_volume(truth.ct, truth.seg, truth.vertebra_label, truth.ground_truth,
                                  res.recon.array.shape, res.recon.affine)
@@ -109,12 +114,30 @@ def summarize(rows: list[dict]) -> dict:
          "flagged_pct": 100 * float(flagged.mean()),
          "failures_flagged_pct": 100 * float(flagged[fin >= 2].mean()) if np.any(fin >= 2) else float("nan"),
          "successes_flagged_pct": 100 * float(flagged[fin < 2].mean()) if np.any(fin < 2) else float("nan")}
+    if rows and all("learned" in r for r in rows):
+        s["learned"] = learned_summary([r["learned"] for r in rows])
     if all("ssim_pct" in r for r in rows):
         ss = np.array([r["ssim_pct"] for r in rows])
         s["ssim_pct"] = float(np.nanmean(ss)) if np.isfinite(ss).any() else float("nan")
         s["psnr_db"] = float(np.nanmean([r["psnr_db"] for r in rows])) if np.isfinite(ss).any() else float("nan")
         s["recon_undefined"] = int((~np.isfinite(ss)).sum())      # grids that miss the vertebra: not averaged
     return s
+
+
+def learned_summary(rows: list[dict]) -> dict:
+    """The RadGS-Reg network against its input (the pose search's best), before the gate:
+    rows of ``{"input_mtre_mm", "network_mtre_mm", "kept"}`` (:func:`case_row`'s
+    ``learned``). Returns the mean / median mTRE and SR (%) of each, and how often the gate
+    kept the network's pose, and of those how often it was nearer the truth than its input
+    (``kept_better``) or further (``kept_worse``)."""
+    a = np.array([r["input_mtre_mm"] for r in rows], dtype=float)
+    b = np.array([r["network_mtre_mm"] for r in rows], dtype=float)
+    kept = np.array([r["kept"] == "network" for r in rows])
+    return {"input_mtre_mean": float(a.mean()), "input_mtre_median": float(np.median(a)),
+            "input_sr_pct": 100 * success_rate(a), "network_mtre_mean": float(b.mean()),
+            "network_mtre_median": float(np.median(b)), "network_sr_pct": 100 * success_rate(b),
+            "network_better": int((b < a).sum()), "kept_network": int(kept.sum()),
+            "kept_better": int((kept & (b < a)).sum()), "kept_worse": int((kept & (b > a)).sum())}
 
 
 def _profile_summary(rows: list[dict]) -> dict:
@@ -150,6 +173,16 @@ def format_table(per_suite: dict[str, dict[str, dict]]) -> list[str]:
             bins = ", ".join(f"{b['bin_mm'][0]:.0f}-{b['bin_mm'][1]:.0f}: {100 * b['sr']:.0f}% ({b['n']})"
                              for b in s["sr_per_bin"] if b["n"])
             lines.append(f"SR per initial-mTRE bin, {sname} {m}: {bins}")
+    for sname, per in per_suite.items():
+        for m, s in per.items():
+            if s.get("learned"):
+                g = s["learned"]
+                lines.append(f"RadGS-Reg network, {sname} {m}: its input (pose search) mTRE mean / median "
+                             f"{g['input_mtre_mean']:.2f} / {g['input_mtre_median']:.2f} mm, SR {g['input_sr_pct']:.0f} %; "
+                             f"the network's own pose {g['network_mtre_mean']:.2f} / {g['network_mtre_median']:.2f} mm, "
+                             f"SR {g['network_sr_pct']:.0f} %, nearer than its input in {g['network_better']}/{s['n']}; "
+                             f"the gate kept it in {g['kept_network']} ({g['kept_better']} nearer, {g['kept_worse']} "
+                             "further)")
     for sname, per in per_suite.items():
         for m, s in per.items():
             prof = s.get("profile") or {}

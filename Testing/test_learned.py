@@ -246,7 +246,41 @@ def test_stage2_trains_on_case_folders_and_stage3_on_a_ct(small_phantom, tmp_pat
     assert RadGSRegNet.load(train(cfg3, progress=False)).card["train_samples"] == 2
 
 
-@pytest.mark.parametrize("name", ["stage1_tiny", "stage3_tiny", "stage1_paper"])
+def test_drawn_realism_makes_each_sample_a_realistic_case(small_phantom, tmp_path, monkeypatch):
+    """realism "drawn": every sample is a generated case with its effects drawn (here metal
+    in all of them), at twice the working detector size, its pose the case's ground truth;
+    seeded (the same config, the same X-rays) and other X-rays than realism "none"."""
+    import RadGSRegLib.cases as cases
+    from RadGSRegLib.io import write_volume
+    from RadGSRegLib.training.data import build_samples
+
+    ct, seg = small_phantom
+    write_volume(ct, tmp_path / "ct.nrrd")
+    write_volume(seg, tmp_path / "seg.nrrd")
+    made = []
+    real_make_case = cases.make_case
+
+    def spy(*args, **kwargs):
+        made.append((args[3], real_make_case(*args, **kwargs)))
+        return made[-1][1]
+
+    monkeypatch.setattr(cases, "make_case", spy)
+    kw = dict(stage=3, out=str(tmp_path / "s3"), init="default", ct_dirs=[str(tmp_path)], levels=["L2", "L3"],
+              model=ModelConfig(**TINY), samples_per_ct=3, val_samples=1, pose_rot_deg=5.0, pose_trans_mm=10.0)
+    drawn = build_samples(TrainConfig(**kw, realism="drawn", metal_share=1.0), validation=False)
+    assert len(drawn) == len(made) == 3
+    for s, (cfg, case) in zip(drawn, made):
+        assert cfg.instruments.enabled and cfg.pixels == 2 * TINY["image_pixels"]
+        assert (cfg.rot_deg, cfg.trans_mm) == (5.0, 10.0)
+        assert torch.allclose(s["G"], torch.as_tensor(case.ground_truth, dtype=torch.float32))
+    again = build_samples(TrainConfig(**kw, realism="drawn", metal_share=1.0), validation=False)
+    assert all(torch.equal(a["images"], b["images"]) for a, b in zip(drawn, again))
+    made.clear()
+    plain = build_samples(TrainConfig(**kw), validation=False)
+    assert not made and not torch.allclose(plain[0]["images"], drawn[0]["images"])
+
+
+@pytest.mark.parametrize("name", ["stage1_tiny", "stage3_tiny", "stage1_paper", "stage1_cpu", "stage3_cpu"])
 def test_shipped_configs_load_and_build(name):
     """Every config in Resources/Models/configs is valid (no unknown key, consistent stage)
     and builds its network; the paper's uses its backbone and Eq. 3 weight."""
@@ -304,7 +338,7 @@ def test_the_gate_keeps_the_search_pose_against_a_network_that_outputs_nonsense(
     truth = case.ground_truth
     from dataclasses import replace
 
-    case = replace(case, ground_truth=None)
+    truth_case, case = case, replace(case, ground_truth=None)
     net = RadGSRegNet(ModelConfig(**TINY))
     base = dict(refine="none", metal=MetalConfig(mode="never"))
     searched = run(case, RegisterConfig(init="search", **base))
@@ -325,6 +359,16 @@ def test_the_gate_keeps_the_search_pose_against_a_network_that_outputs_nonsense(
     good = run(case, RegisterConfig(init="learned", model="default", **base), net=net)
     assert good.info["learned"]["gate"]["kept"] == "network"
     np.testing.assert_allclose(good.T_ct_to_carm, truth)
+    # the evaluation scores the network's own pose and its input's, before the gate
+    from RadGSRegLib.evaluate import case_row, summarize
+
+    rows = [case_row(truth_case, r) for r in (bad, good)]
+    assert rows[0]["learned"]["kept"] == "input" and rows[0]["learned"]["network_mtre_mm"] > 30
+    assert rows[1]["learned"]["network_mtre_mm"] < 1e-3 and rows[1]["learned"]["kept"] == "network"
+    assert rows[0]["learned"]["input_mtre_mm"] == pytest.approx(rows[0]["mtre_mm"])
+    g = summarize(rows)["learned"]
+    assert (g["kept_network"], g["kept_better"], g["kept_worse"], g["network_better"]) == (1, 1, 0, 1)
+    assert "learned" not in summarize([case_row(truth_case, searched)])
 
 
 def test_train_under_torchrun_on_two_processes(tmp_path):

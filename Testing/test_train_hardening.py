@@ -194,6 +194,8 @@ def test_planted_cache_is_replaced_checkpoints_are_atomic_and_resume_works(tmp_p
     ({"levels": ["L9"]}, r"levels\[0\] must be a vertebra level"),
     ({"levels": "L3"}, "levels must be a list"),
     ({"init": 3}, "init must be a string"),
+    ({"realism": "all"}, "realism must be one of none, drawn"),
+    ({"metal_share": 1.5}, "metal_share must be between 0 and 1"),
     ({"rec_epochs": 0, "reg_epochs": 0, "joint_epochs": 0}, "rec_epochs, reg_epochs and joint_epochs are all 0"),
 ])
 def test_config_file_errors_name_the_file_and_field(tmp_path, change, words):

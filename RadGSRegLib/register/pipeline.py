@@ -223,7 +223,8 @@ def learned_stage(reg: Registration) -> None:
     further starts either way (``search.candidates`` poses in all, one more when the gate
     keeps the input of a single one). So without refinement a network output that
     explains less cannot replace the search's pose, and with it the network's pose is one
-    more start (``info["learned"]["gate"]`` says which went first and why)."""
+    more start (``info["learned"]["gate"]`` says which went first and why; ``T_input`` and
+    ``T_network`` are both poses, ``T_ct_to_carm`` (4, 4))."""
     from ..learned.infer import predict
 
     reg.report.stage("learned", "RadGS-Reg network")
@@ -242,7 +243,9 @@ def learned_stage(reg: Registration) -> None:
             reg.candidates = [mine] + reg.candidates[:max(n - 1, 0)]
         else:                                            # the input first, always kept; the network's last
             reg.candidates = reg.candidates[:max(n - 1, 1)] + [mine]
-        reg.info["learned"] = {"runtime_s": pred.runtime_s, "gate": gate}
+        reg.info["learned"] = {"runtime_s": pred.runtime_s, "gate": gate,
+                               "T_input": np.asarray(best.T, dtype=float).tolist(),
+                               "T_network": np.asarray(pred.T_ct_to_carm, dtype=float).tolist()}
     reg.say(f"  RadGS-Reg network: {reg.runtime['learned']:.2f} s; its pose explains the X-rays "
             f"{'better' if gate['kept'] == 'network' else 'less well'} than its input (windowed NCC "
             f"{gate['ncc_network']:.3f} vs {gate['ncc_input']:.3f}): the {gate['kept']}'s goes first")

@@ -16,9 +16,11 @@ from pathlib import Path
 from ..configio import ConfigError, at_least, build, check, read_json
 from ..learned.config import ModelConfig
 
-__all__ = ["TrainConfig", "STAGES", "DEVICES", "load_train_config", "ConfigError"]
+__all__ = ["TrainConfig", "STAGES", "DEVICES", "REALISM", "load_train_config", "ConfigError"]
 
 STAGES = (1, 2, 3)
+#: ``TrainConfig.realism`` values
+REALISM = ("none", "drawn")
 #: ``TrainConfig.device`` values (also "cuda:N")
 DEVICES = ("cpu", "cuda")
 
@@ -50,6 +52,13 @@ class TrainConfig:
             (as the case generator's).
         input_rot_deg / input_trans_mm: RegM's input pose, the truth perturbed about the
             vertebra (what the localisation step leaves).
+        realism: the X-rays of stages 1 and 3: "none" (the whole CT only, with the default
+            formation model: the first shipped weights' data) or "drawn" (every sample's
+            effects drawn as :func:`~RadGSRegLib.cases.random_case_config` draws them for a
+            case: instruments, articulation, round field, dose, scatter, the body beyond
+            the scan; simulated at twice ``model.image_pixels`` on the standard 292.8 mm
+            detector, as the case suites are, then resampled).
+        metal_share: with ``realism`` "drawn", the share of samples with instruments.
         rec_epochs / reg_epochs / joint_epochs: module-aware phases: RecM alone, RegM alone
             (on the frozen RecM's reconstruction, input poses redrawn every batch), then
             both with Eq. 4.
@@ -83,6 +92,8 @@ class TrainConfig:
     pose_trans_mm: float = 50.0
     input_rot_deg: float = 10.0
     input_trans_mm: float = 10.0
+    realism: str = "none"
+    metal_share: float = 0.3
     rec_epochs: int = 6
     reg_epochs: int = 6
     joint_epochs: int = 3
@@ -113,6 +124,10 @@ class TrainConfig:
         for name in ("phantom_spacing_mm", "lr"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"must be positive, not {getattr(self, name)}", field=name)
+        if self.realism not in REALISM:
+            raise ConfigError(f"must be one of {', '.join(REALISM)}, not {self.realism!r}", field="realism")
+        if not 0 <= self.metal_share <= 1:
+            raise ConfigError(f"must be between 0 and 1, not {self.metal_share}", field="metal_share")
         if self.device not in DEVICES and not re.fullmatch(r"cuda:\d+", self.device):
             raise ConfigError(f"must be one of {', '.join(DEVICES)} (or cuda:N), not {self.device!r}", field="device")
         if not self.levels:

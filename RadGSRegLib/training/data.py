@@ -20,7 +20,11 @@ A sample is one vertebra seen by a biplanar C-arm at a known pose ``G`` (``T_ct_
   ``centroid`` (3,) CT mm.
 
 Sources: stage 1 phantoms (seeded) and any CT + labels; stage 2 real case folders with
-ground truth (their own X-rays); stage 3 the target patient's CT.
+ground truth (their own X-rays); stage 3 the target patient's CT. In stages 1 and 3 the
+X-rays are simulated at a random pose (``pose_rot_deg`` / ``pose_trans_mm`` about the
+nominal one) either with the whole CT only (``realism`` "none") or as a realistic case with
+every effect drawn (``realism`` "drawn": :func:`~RadGSRegLib.cases.make_case` with
+:func:`~RadGSRegLib.cases.random_case_config`).
 """
 from __future__ import annotations
 
@@ -173,6 +177,8 @@ def sample_sources(cfg: TrainConfig, *, validation: bool) -> Iterator[tuple[str,
 
 def build_samples(cfg: TrainConfig, *, validation: bool, progress=None) -> list[dict]:
     """All samples of a run's training (or validation) set, seeded."""
+    from ..cases import make_case, random_case_config
+
     mc = cfg.model
     views = biplanar_views(pixels=mc.image_pixels)
     sim = XraySimConfig()
@@ -202,11 +208,18 @@ def build_samples(cfg: TrainConfig, *, validation: bool, progress=None) -> list[
                 regions[lv] = VertebraRegion.of(ct, seg, levels[lv], side_mm=mc.roi_mm,
                                                 voxel_mm=mc.voxel_mm)
             vr = regions[lv]
-            T0 = np.eye(4)
-            T0[:3, 3] = -vr.centroid
-            G = compose(sample_offsets(1, rng, rot_deg=cfg.pose_rot_deg, trans_mm=cfg.pose_trans_mm)[0], T0)
-            xr = simulate_xrays(ct, list(views.values()), G, sim, rng)
-            out.append(make_sample(vr, G, xr, views, sim.output, mc, rng,
+            if cfg.realism == "drawn":      # a realistic case, its effects drawn (at the suites' detector)
+                case = make_case(ct, seg, lv, random_case_config(
+                    rng, pixels=2 * mc.image_pixels, metal_share=cfg.metal_share, rot_deg=cfg.pose_rot_deg,
+                    trans_mm=cfg.pose_trans_mm), rng, label=levels[lv])
+                G, xr, sviews, kind = case.ground_truth, case.xrays, case.views, case.image_kind
+            else:
+                T0 = np.eye(4)
+                T0[:3, 3] = -vr.centroid
+                G = compose(sample_offsets(1, rng, rot_deg=cfg.pose_rot_deg, trans_mm=cfg.pose_trans_mm)[0], T0)
+                xr = simulate_xrays(ct, list(views.values()), G, sim, rng)
+                sviews, kind = views, sim.output
+            out.append(make_sample(vr, G, xr, sviews, kind, mc, rng,
                                    input_rot_deg=cfg.input_rot_deg, input_trans_mm=cfg.input_trans_mm))
         if total is not None and len(out) >= total:
             break

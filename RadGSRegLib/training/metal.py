@@ -2,7 +2,7 @@
 simulator makes.
 
 A training image is one view of a simulated case (:func:`~RadGSRegLib.cases.make_case`)
-whose effects are drawn per case (:func:`draw_case_config`): instruments (screws in the
+whose effects are drawn per case (:func:`~RadGSRegLib.cases.random_case_config`): instruments (screws in the
 neighbours and/or the target, K-wires, retractor blades; none in a share of the cases, so
 that the network learns to leave clean images alone), articulation, a round field or not,
 the dose, the scatter, the body beyond the scan. Its label is exact: the metal's own line
@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from ..instruments import case_metal_line_integrals
 from ..learned.metal import MetalNet, MetalNetConfig, network_input
 
-__all__ = ["MetalTrainConfig", "draw_case_config", "training_cts", "metal_images", "train_metal", "mask_metrics"]
+__all__ = ["MetalTrainConfig", "training_cts", "metal_images", "train_metal", "mask_metrics"]
 
 
 @dataclass
@@ -83,34 +83,6 @@ class MetalTrainConfig:
         return asdict(self)
 
 
-def draw_case_config(rng: np.random.Generator, cfg: MetalTrainConfig, seed: int):
-    """The :class:`~RadGSRegLib.cases.CaseGenConfig` of one training case: the suites' pose
-    ranges (±20°, ±50 mm) and C-arm, and every effect drawn: instruments (in
-    ``metal_share`` of the cases), articulation (half), a round field of 180-300 mm
-    (a third), dose 150-6000 photons/mm² (log-uniform), scatter-to-primary 0.1-0.5, the
-    body 0-200 mm beyond the scan."""
-    from ..articulation import ArticulationConfig
-    from ..cases import CaseGenConfig
-    from ..instruments import InstrumentsConfig
-    from ..simulate import XraySimConfig
-
-    if rng.random() < cfg.metal_share:
-        while True:
-            tools = InstrumentsConfig(screws=str(rng.choice(["none", "neighbours", "target", "both"])),
-                                      kwires=int(rng.integers(0, 3)), retractors=int(rng.integers(0, 3)))
-            if tools.enabled:
-                break
-    else:
-        tools = InstrumentsConfig()
-    art = ArticulationConfig(float(rng.uniform(0, 3)), float(rng.uniform(0, 1.5))) if rng.random() < 0.5 \
-        else ArticulationConfig()
-    sim = XraySimConfig(photons_per_mm2=float(np.exp(rng.uniform(np.log(150), np.log(6000)))),
-                        scatter_to_primary=float(rng.uniform(0.1, 0.5)),
-                        field_diameter_mm=float(rng.uniform(180, 300)) if rng.random() < 1 / 3 else None)
-    return CaseGenConfig(pixels=cfg.pixels, detector_mm=cfg.detector_mm, sim=sim, articulation=art,
-                         instruments=tools, beyond_ct_mm=float(rng.uniform(0, 200)), seed=seed)
-
-
 def training_cts(cfg: MetalTrainConfig) -> list:
     """The :class:`~RadGSRegLib.cases.LabelledCT` s images are made of: the phantoms of
     ``cfg.phantom_seeds`` and, with ``cfg.sample_ct``, the bundled lumbar CT."""
@@ -129,7 +101,7 @@ def metal_images(cfg: MetalTrainConfig, *, validation: bool, sources: list | Non
     label at the working size, ``metal`` whether the case had instruments, ``source``.
     ``sources``: :func:`training_cts` when already loaded. ``progress(i, n)``, if given,
     after each case."""
-    from ..cases import make_case
+    from ..cases import make_case, random_case_config
     from ..levels import level_name
     from ..xray import as_line_integral, resize_view_image, signal_mask
 
@@ -142,8 +114,9 @@ def metal_images(cfg: MetalTrainConfig, *, validation: bool, sources: list | Non
         rng = np.random.default_rng([seed, i])
         src = sources[i % len(sources)]
         lv = levels[id(src)][(i // len(sources)) % len(levels[id(src)])]
-        case = make_case(src.ct, src.seg, level_name(lv), draw_case_config(rng, cfg, seed), rng, label=lv,
-                         source=src.source)
+        case_cfg = random_case_config(rng, pixels=cfg.pixels, detector_mm=cfg.detector_mm,
+                                      metal_share=cfg.metal_share, seed=seed)
+        case = make_case(src.ct, src.seg, level_name(lv), case_cfg, rng, label=lv, source=src.source)
         metal = case_metal_line_integrals(case)
         for name in ("ap", "lat"):
             img = as_line_integral(case.xrays[name], case.image_kind)

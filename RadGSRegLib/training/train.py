@@ -70,6 +70,8 @@ def _seed(seed: int):
 def _data_key(cfg: TrainConfig) -> str:
     keys = ("stage", "phantoms", "phantom_spacing_mm", "ct_dirs", "case_dirs", "levels", "samples_per_ct",
             "val_samples", "pose_rot_deg", "pose_trans_mm", "input_rot_deg", "input_trans_mm", "seed")
+    if cfg.realism != "none":                  # keys of runs before realism keep their caches
+        keys += ("realism", "metal_share")
     d = {k: getattr(cfg, k) for k in keys}
     d["model"] = {k: getattr(cfg.model, k) for k in ("image_pixels", "roi_mm", "voxels", "render_pixels")}
     return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:16]
