@@ -177,12 +177,12 @@ def format_table(per_suite: dict[str, dict[str, dict]]) -> list[str]:
         for m, s in per.items():
             if s.get("learned"):
                 g = s["learned"]
-                lines.append(f"RadGS-Reg network, {sname} {m}: its input (pose search) mTRE mean / median "
-                             f"{g['input_mtre_mean']:.2f} / {g['input_mtre_median']:.2f} mm, SR {g['input_sr_pct']:.0f} %; "
-                             f"the network's own pose {g['network_mtre_mean']:.2f} / {g['network_mtre_median']:.2f} mm, "
-                             f"SR {g['network_sr_pct']:.0f} %, nearer than its input in {g['network_better']}/{s['n']}; "
-                             f"the gate kept it in {g['kept_network']} ({g['kept_better']} nearer, {g['kept_worse']} "
-                             "further)")
+                lines.append(
+                    f"RadGS-Reg network, {sname} {m}: its input (pose search) mTRE mean / median "
+                    f"{g['input_mtre_mean']:.2f} / {g['input_mtre_median']:.2f} mm, SR {g['input_sr_pct']:.0f} %; "
+                    f"the network's own pose {g['network_mtre_mean']:.2f} / {g['network_mtre_median']:.2f} mm, "
+                    f"SR {g['network_sr_pct']:.0f} %, nearer than its input in {g['network_better']}/{s['n']}; "
+                    f"the gate kept it in {g['kept_network']} ({g['kept_better']} nearer, {g['kept_worse']} further)")
     for sname, per in per_suite.items():
         for m, s in per.items():
             prof = s.get("profile") or {}

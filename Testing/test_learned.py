@@ -360,7 +360,7 @@ def test_the_gate_keeps_the_search_pose_against_a_network_that_outputs_nonsense(
     assert good.info["learned"]["gate"]["kept"] == "network"
     np.testing.assert_allclose(good.T_ct_to_carm, truth)
     # the evaluation scores the network's own pose and its input's, before the gate
-    from RadGSRegLib.evaluate import case_row, summarize
+    from RadGSRegLib.evaluate import case_row, format_table, summarize
 
     rows = [case_row(truth_case, r) for r in (bad, good)]
     assert rows[0]["learned"]["kept"] == "input" and rows[0]["learned"]["network_mtre_mm"] > 30
@@ -368,6 +368,8 @@ def test_the_gate_keeps_the_search_pose_against_a_network_that_outputs_nonsense(
     assert rows[0]["learned"]["input_mtre_mm"] == pytest.approx(rows[0]["mtre_mm"])
     g = summarize(rows)["learned"]
     assert (g["kept_network"], g["kept_better"], g["kept_worse"], g["network_better"]) == (1, 1, 0, 1)
+    line = [t for t in format_table({"suite": {"learned": summarize(rows)}}) if t.startswith("RadGS-Reg network")]
+    assert len(line) == 1 and "nearer than its input in 1/2" in line[0] and "kept it in 1 (1 nearer, 0 further)" in line[0]
     assert "learned" not in summarize([case_row(truth_case, searched)])
 
 
