@@ -71,19 +71,12 @@ def _init(config: dict, threads: int) -> None:
     import torch
 
     from .register import RegisterConfig
+    from .register.pipeline import load_networks
 
     torch.set_num_threads(threads)
     numba.set_num_threads(max(1, min(threads, numba.config.NUMBA_NUM_THREADS)))
     cfg = RegisterConfig.from_dict(config)
-    net = metal_net = None
-    if cfg.init_mode == "learned":
-        from .learned.model import RadGSRegNet
-
-        net = RadGSRegNet.load(cfg.model_path(), device=cfg.device)
-    if cfg.metal.mode == "mask":
-        from .learned.metal import MetalNet
-
-        metal_net = MetalNet.load(cfg.metal.model_path(), device=cfg.device)
+    net, metal_net = load_networks(cfg)
     _WORKER.update(cfg=cfg, net=net, metal_net=metal_net, threads=threads, key=config_key(config))
 
 

@@ -750,14 +750,12 @@ def _cmd_register(args):
         from .evaluate import case_fingerprint
 
         fingerprint = case_fingerprint(args.case)       # read now: nothing after the work can fail on it
-        net = None
-        if model is not None:                          # the weights before the work: a bad file fails now
-            from .learned.model import RadGSRegNet
+        from .register.pipeline import load_networks
 
-            net = RadGSRegNet.load(model, device=cfg.device)
+        net, metal_net = load_networks(cfg)            # the weights before the work: a bad file fails now
         log(f"registering {args.case} ({case.vertebra_name or case.vertebra_label}), init={cfg.init_mode}, "
             f"refine={cfg.refine}{f', model {model}' if model else ''}")
-        res = run(case, cfg, log=log, progress=emit, net=net)
+        res = run(case, cfg, log=log, progress=emit, net=net, metal_net=metal_net)
         res.info.update({"case": str(args.case), "case_fingerprint": fingerprint,
                          "device": cfg.device, "threads": args.threads, "model": str(model) if model else None})
         report.stage("write", f"writing {args.out}")
@@ -907,8 +905,8 @@ def _cmd_train_metal(args):
 
 
 _COMMANDS = {"demo": _cmd_demo, "phantom": _cmd_phantom, "simulate-cases": _cmd_simulate, "show": _cmd_show,
-             "sample-case": _cmd_sample_case, "fit-gaussians": _cmd_fit_gaussians, "register": _cmd_register, "register-batch": _cmd_register_batch,
-             "train": _cmd_train, "train-metal": _cmd_train_metal, "evaluate": _cmd_evaluate, "bench": _cmd_bench}
+             "sample-case": _cmd_sample_case, "fit-gaussians": _cmd_fit_gaussians, "register": _cmd_register,
+             "register-batch": _cmd_register_batch, "train": _cmd_train, "train-metal": _cmd_train_metal, "evaluate": _cmd_evaluate, "bench": _cmd_bench}
 
 
 def main(argv=None) -> int:

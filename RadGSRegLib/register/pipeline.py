@@ -85,7 +85,7 @@ from .refine3d import refine_3d
 from .search import level_steps, neighbour_offsets, rotation_hypotheses, search_other_levels, search_pose
 from .target import Target, make_target
 
-__all__ = ["run", "reconstruct_volume", "check_refinement", "fitted_levels", "Candidate", "Registration", "stages_for",
+__all__ = ["run", "load_networks", "reconstruct_volume", "check_refinement", "fitted_levels", "Candidate", "Registration", "stages_for",
            "mask_metal", "search_stage", "learned_stage", "refine3d_stage", "refine2d_stage", "check_stage", "output_stage"]
 
 
@@ -427,6 +427,26 @@ def stages_for(cfg: RegisterConfig) -> list:
     return stages
 
 
+def load_networks(cfg: RegisterConfig, *, net=None, metal_net=None) -> tuple:
+    """(RadGS-Reg network, metal network) that ``cfg`` needs, on ``cfg.device``: those given
+    are kept, the others loaded from ``cfg.model_path()`` (init learned) and
+    ``cfg.metal.model_path()`` (metal "mask"); None where ``cfg`` needs none. Load once
+    for many cases (a batch's worker) and pass them to :func:`run`.
+
+    Raises:
+        WeightFileError: a weight file missing, unsafe or not ours (names the file).
+    """
+    if cfg.init_mode == "learned" and net is None:
+        from ..learned.model import RadGSRegNet
+
+        net = RadGSRegNet.load(cfg.model_path(), device=cfg.device)
+    if cfg.metal.mode == "mask" and metal_net is None:
+        from ..learned.metal import MetalNet
+
+        metal_net = MetalNet.load(cfg.metal.model_path(), device=cfg.device)
+    return net, metal_net
+
+
 def run(case: Case, config: RegisterConfig | None = None, log=None, *, net=None, metal_net=None,
         progress=None) -> Result:
     """Register a case. Returns a :class:`~RadGSRegLib.io.Result` with ``T_ct_to_carm``,
@@ -462,14 +482,7 @@ def run(case: Case, config: RegisterConfig | None = None, log=None, *, net=None,
     # the inputs first: what cannot be right is refused before any work, what is unusual is said
     warnings = list(case.warnings) if case.checked else check_case(case)
     mode = cfg.init_mode
-    if mode == "learned" and net is None:
-        from ..learned.model import RadGSRegNet
-
-        net = RadGSRegNet.load(cfg.model_path(), device=cfg.device)
-    if cfg.metal.mode == "mask" and metal_net is None:
-        from ..learned.metal import MetalNet
-
-        metal_net = MetalNet.load(cfg.metal.model_path(), device=cfg.device)
+    net, metal_net = load_networks(cfg, net=net, metal_net=metal_net)
     t0 = time.perf_counter()
     if case.seg is None or case.vertebra_label is None:
         if mode == "learned" or cfg.refine in ("3d", "both"):
