@@ -332,6 +332,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="stage 2: case folders with ground_truth (repeatable)")
     p.add_argument("--device", choices=["cpu", "cuda"])
     p.add_argument("--threads", type=_COUNT)
+    p.add_argument("--data-workers", type=_COUNT,
+                   help="processes simulating the samples (the config's data_shards streams; default 1)")
     p.add_argument("--seed", type=_integer(0))
     p.add_argument("--no-cal", action="store_true", help="train without counterfactual attention (ablation)")
 
@@ -799,7 +801,7 @@ def _cmd_train(args):
         raise UsageError("--no-cal does not apply with --init: the network (with or without CAL) comes with the "
                          "weights; train from scratch for the ablation")
     over = {"out": str(args.out), "stage": args.stage, "init": args.init, "device": args.device,
-            "threads": args.threads, "seed": args.seed}
+            "threads": args.threads, "seed": args.seed, "data_workers": args.data_workers}
     if args.ct:
         over["ct_dirs"] = args.ct
     if args.cases:

@@ -52,12 +52,13 @@ def cube_affine(centre, side_mm: float, voxel_mm: float) -> tuple[tuple[int, int
 
 def cube_affine_batch(centre, side_mm: float, voxels: int):
     """:func:`cube_affine` for a batch, in torch: ``voxels`` per side of ``side_mm`` around
-    each of ``centre`` (B, 3) mm. Returns a (B, 4, 4) float32 tensor (voxel -> mm)."""
+    each of ``centre`` (B, 3) mm. Returns a (B, 4, 4) float32 tensor (voxel -> mm) on
+    ``centre``'s device."""
     import torch
 
     centre = torch.as_tensor(centre, dtype=torch.float32).reshape(-1, 3)
     sp = side_mm / voxels
-    A = torch.eye(4).repeat(centre.shape[0], 1, 1)
+    A = torch.eye(4, device=centre.device).repeat(centre.shape[0], 1, 1)
     A[:, :3, :3] *= sp
     A[:, :3, 3] = centre - side_mm / 2 + sp / 2          # = centre - (voxels - 1) / 2 * sp
     return A

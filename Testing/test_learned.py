@@ -280,6 +280,50 @@ def test_drawn_realism_makes_each_sample_a_realistic_case(small_phantom, tmp_pat
     assert not made and not torch.allclose(plain[0]["images"], drawn[0]["images"])
 
 
+def test_shard_plan_splits_sources_or_one_sources_samples():
+    """Enough sources: each lies whole in one shard (round robin); fewer: every source's
+    samples split into near-equal parts, one per shard; nothing lost or drawn twice."""
+    from RadGSRegLib.training.data import shard_plan
+
+    assert shard_plan([8, 8, 8], 1) == [[(0, 8), (1, 8), (2, 8)]]
+    assert shard_plan([8, 8, 8, 8, 8], 2) == [[(0, 8), (2, 8), (4, 8)], [(1, 8), (3, 8)]]
+    assert shard_plan([5], 3) == [[(0, 2)], [(0, 2)], [(0, 1)]]
+    assert shard_plan([1, 3], 3) == [[(0, 1), (1, 1)], [(1, 1)], [(1, 1)]]
+    for counts, shards in (([7, 2, 9], 2), ([7, 2, 9], 5), ([4], 4)):
+        done = {}
+        for work in shard_plan(counts, shards):
+            for j, n in work:
+                done[j] = done.get(j, 0) + n
+        assert [done.get(j, 0) for j in range(len(counts))] == counts
+
+
+def test_sharded_samples_depend_on_the_shards_not_on_the_processes(small_phantom, tmp_path):
+    """data_shards streams made by one process or by two give the same samples, in the same
+    order; another shard count gives other samples (and another cache key)."""
+    from RadGSRegLib.io import write_volume
+    from RadGSRegLib.training.data import build_samples
+    from RadGSRegLib.training.train import _data_key
+
+    ct, seg = small_phantom
+    write_volume(ct, tmp_path / "ct.nrrd")
+    write_volume(seg, tmp_path / "seg.nrrd")
+    kw = dict(stage=3, out=str(tmp_path / "s3"), init="default", ct_dirs=[str(tmp_path)], levels=["L2", "L3"],
+              model=ModelConfig(**TINY), samples_per_ct=3, val_samples=1)
+    one = build_samples(TrainConfig(**kw, data_shards=2, data_workers=1), validation=False)
+    two = build_samples(TrainConfig(**kw, data_shards=2, data_workers=2), validation=False)
+    assert len(one) == len(two) == 3
+    for a, b in zip(one, two):
+        assert torch.equal(a["images"], b["images"]) and torch.equal(a["G"], b["G"])
+        assert torch.equal(a["T_in"], b["T_in"]) and torch.equal(a["gt_volume"], b["gt_volume"])
+    single = build_samples(TrainConfig(**kw), validation=False)
+    assert len(single) == 3 and not torch.equal(single[1]["G"], one[1]["G"])
+    assert _data_key(TrainConfig(**kw, data_shards=2)) != _data_key(TrainConfig(**kw))
+    assert _data_key(TrainConfig(**kw, data_shards=2, data_workers=2)) == _data_key(TrainConfig(**kw, data_shards=2))
+    # validation is one stream whatever the shards
+    va = build_samples(TrainConfig(**kw, data_shards=2, data_workers=2), validation=True)
+    assert torch.equal(va[0]["images"], build_samples(TrainConfig(**kw), validation=True)[0]["images"])
+
+
 @pytest.mark.parametrize("name", ["stage1_tiny", "stage3_tiny", "stage1_paper", "stage1_cpu", "stage3_cpu"])
 def test_shipped_configs_load_and_build(name):
     """Every config in Resources/Models/configs is valid (no unknown key, consistent stage)

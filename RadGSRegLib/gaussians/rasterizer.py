@@ -126,8 +126,9 @@ def _box_values(t: torch.Tensor, base, U, V, u0, v0, w, h, B: int) -> torch.Tens
     c = ar[None, None, :]                                           # (1, 1, B)
     inf = torch.tensor(1e30, dtype=dt, device=base.device)          # finite: keeps 0 * grad = 0
     # outside the true box: a huge exponent in the per-row term (rows) and per-column term (columns)
-    row_out = torch.where(ar[None, :] < h.to(dt)[:, None], torch.zeros((), dtype=dt), inf)[..., None]   # (n, B, 1)
-    col_out = torch.where(ar[None, :] < w.to(dt)[:, None], torch.zeros((), dtype=dt), inf)[:, None, :]  # (n, 1, B)
+    zero = torch.zeros((), dtype=dt, device=base.device)
+    row_out = torch.where(ar[None, :] < h.to(dt)[:, None], zero, inf)[..., None]   # (n, B, 1)
+    col_out = torch.where(ar[None, :] < w.to(dt)[:, None], zero, inf)[:, None, :]  # (n, 1, B)
 
     def coef(p, q, scale=1.0):                                      # |p + c q|^2 = k0 + c (k1 + c k2)
         return (scale * (p * p).sum(-1)[..., None], (2.0 * scale) * (p * q).sum(-1)[..., None],

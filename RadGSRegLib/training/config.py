@@ -59,6 +59,12 @@ class TrainConfig:
             the scan; simulated at twice ``model.image_pixels`` on the standard 292.8 mm
             detector, as the case suites are, then resampled).
         metal_share: with ``realism`` "drawn", the share of samples with instruments.
+        data_shards: the training samples are drawn as this many independent seeded streams
+            (phantoms split among them, or one CT's samples split among them when there are
+            fewer sources than streams), so that several processes can make them; 1 (default)
+            is the first runs' single stream. A data setting: other shards, other samples.
+        data_workers: processes that simulate the shards in parallel (at most
+            ``data_shards``; each uses one torch thread). The samples do not depend on it.
         rec_epochs / reg_epochs / joint_epochs: module-aware phases: RecM alone, RegM alone
             (on the frozen RecM's reconstruction, input poses redrawn every batch), then
             both with Eq. 4.
@@ -94,6 +100,8 @@ class TrainConfig:
     input_trans_mm: float = 10.0
     realism: str = "none"
     metal_share: float = 0.3
+    data_shards: int = 1
+    data_workers: int = 1
     rec_epochs: int = 6
     reg_epochs: int = 6
     joint_epochs: int = 3
@@ -118,7 +126,8 @@ class TrainConfig:
             raise ConfigError("must name the run folder", field="out")
         at_least(self, ("phantoms", "val_samples", "rec_epochs", "reg_epochs", "joint_epochs", "seed"), 0,
                   "an integer >= 0")
-        at_least(self, ("samples_per_ct", "batch", "lr_halve_epochs", "threads"), 1, "an integer >= 1")
+        at_least(self, ("samples_per_ct", "batch", "lr_halve_epochs", "threads", "data_shards", "data_workers"), 1,
+                 "an integer >= 1")
         at_least(self, ("pose_rot_deg", "pose_trans_mm", "input_rot_deg", "input_trans_mm", "lr_template",
                          "lambda_ssim", "lambda_tv", "lambda_volume", "lambda_geo"), 0, ">= 0")
         for name in ("phantom_spacing_mm", "lr"):

@@ -44,7 +44,7 @@ from ..volume import resample_to_grid
 from .config import TrainConfig
 
 __all__ = ["perturb_pose", "make_sample", "collate", "sample_sources",
-           "build_samples", "usable_levels", "CTSpecError", "SAMPLE_KEYS", "ct_spec_paths"]
+           "build_samples", "shard_plan", "usable_levels", "CTSpecError", "SAMPLE_KEYS", "ct_spec_paths"]
 
 
 #: the entries of a sample (:func:`make_sample`)
@@ -175,33 +175,61 @@ def sample_sources(cfg: TrainConfig, *, validation: bool) -> Iterator[tuple[str,
             yield f"case {d}", (lambda d=d: read_case(d, ground_truth=True))
 
 
-def build_samples(cfg: TrainConfig, *, validation: bool, progress=None) -> list[dict]:
-    """All samples of a run's training (or validation) set, seeded."""
+def _counts(cfg: TrainConfig, sources: list, *, validation: bool) -> list[int]:
+    """Samples to draw from each source (stage 1 validation: until ``val_samples``)."""
+    per, n_src = cfg.samples_per_ct, max(len(sources), 1)
+    if cfg.stage == 2:
+        return [per if not validation else max(1, per // 4)] * len(sources)
+    n = per if not validation or cfg.stage == 1 else max(1, cfg.val_samples // n_src)
+    return [n] * len(sources)
+
+
+def shard_plan(counts: list[int], shards: int) -> list[list[tuple[int, int]]]:
+    """Which samples each of ``shards`` streams draws: a list per shard of (source index,
+    sample count). With at least as many sources as shards every source lies whole in one
+    shard (round robin: a phantom is made once); otherwise each source's samples are split
+    into ``shards`` near-equal parts, one per shard (one CT's samples on every core)."""
+    if shards <= 1:
+        return [[(j, n) for j, n in enumerate(counts)]]
+    plan: list[list[tuple[int, int]]] = [[] for _ in range(shards)]
+    if len(counts) >= shards:
+        for j, n in enumerate(counts):
+            plan[j % shards].append((j, n))
+    else:
+        for j, n in enumerate(counts):
+            for k in range(shards):
+                part = n // shards + (1 if k < n % shards else 0)
+                if part:
+                    plan[k].append((j, part))
+    return plan
+
+
+def _shard_samples(cfg: TrainConfig, work: list[tuple[int, int]], rng: np.random.Generator, *, validation: bool,
+                   progress=None) -> list[dict]:
+    """The samples of one stream: ``work`` (source index, count) drawn in order with ``rng``."""
     from ..cases import make_case, random_case_config
 
     mc = cfg.model
     views = biplanar_views(pixels=mc.image_pixels)
     sim = XraySimConfig()
-    rng = np.random.default_rng([cfg.seed, 1 if validation else 0, cfg.stage])
-    per = cfg.samples_per_ct
-    total = cfg.val_samples if validation else None
-    out = []
+    total = cfg.val_samples if validation and cfg.stage == 1 else None
     sources = list(sample_sources(cfg, validation=validation))
-    it = progress(sources) if progress else sources
-    for name, load in it:
+    out = []
+    it = progress(work) if progress else work
+    for j, n in it:
+        name, load = sources[j]
         obj = load()
         if cfg.stage == 2:
             case = obj
             if case.ground_truth is None:
                 raise ValueError(f"{name}: stage 2 needs cases with ground_truth")
             vr = VertebraRegion.of(case.ct, case.seg, case.vertebra_label, side_mm=mc.roi_mm, voxel_mm=mc.voxel_mm)
-            for _ in range(per if not validation else max(1, per // 4)):
+            for _ in range(n):
                 out.append(make_sample(vr, case.ground_truth, case.xrays, case.views, case.image_kind, mc, rng,
                                        input_rot_deg=cfg.input_rot_deg, input_trans_mm=cfg.input_trans_mm))
             continue
         ct, seg, levels = obj
         regions = {}
-        n = per if not validation or cfg.stage == 1 else max(1, cfg.val_samples // max(len(sources), 1))
         for _ in range(n):
             lv = str(rng.choice(sorted(levels)))
             if lv not in regions:
@@ -224,3 +252,48 @@ def build_samples(cfg: TrainConfig, *, validation: bool, progress=None) -> list[
         if total is not None and len(out) >= total:
             break
     return out[:total] if total is not None else out
+
+
+def _shard_rng(cfg: TrainConfig, k: int, shards: int, *, validation: bool) -> np.random.Generator:
+    """Stream ``k``'s generator; one stream (``shards`` 1) keeps the first runs' sequence.
+    (The shard count is in the key: NumPy's seeds ignore trailing zeros, so ``key + [0]``
+    would repeat the single stream.)"""
+    key = [cfg.seed, 1 if validation else 0, cfg.stage]
+    return np.random.default_rng(key if shards <= 1 else key + [shards, k])
+
+
+def _build_shard(cfg: TrainConfig, k: int, shards: int, validation: bool) -> list[dict]:
+    """One stream's samples in a worker process (one torch thread; NumPy values made plain)."""
+    from ..learned.model import plain
+
+    torch.set_num_threads(1)
+    sources = list(sample_sources(cfg, validation=validation))
+    work = shard_plan(_counts(cfg, sources, validation=validation), shards)[k]
+    return plain(_shard_samples(cfg, work, _shard_rng(cfg, k, shards, validation=validation), validation=validation))
+
+
+def build_samples(cfg: TrainConfig, *, validation: bool, progress=None) -> list[dict]:
+    """All samples of a run's training (or validation) set, seeded.
+
+    The training set is drawn as ``cfg.data_shards`` independent streams (:func:`shard_plan`;
+    validation always as one), made by ``cfg.data_workers`` processes: the samples depend on
+    the shard count, never on the worker count. ``progress`` wraps an iterable (the sources
+    of one process, or the shards of several).
+    """
+    shards = 1 if validation else cfg.data_shards
+    if shards == 1:
+        sources = list(sample_sources(cfg, validation=validation))
+        work = shard_plan(_counts(cfg, sources, validation=validation), 1)[0]
+        return _shard_samples(cfg, work, _shard_rng(cfg, 0, 1, validation=validation), validation=validation,
+                              progress=progress)
+    workers = min(cfg.data_workers, shards)
+    if workers <= 1:
+        it = progress(range(shards)) if progress else range(shards)
+        return [s for k in it for s in _build_shard(cfg, k, shards, validation)]
+    import multiprocessing as mp
+    from concurrent.futures import ProcessPoolExecutor
+
+    with ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn")) as pool:
+        futures = [pool.submit(_build_shard, cfg, k, shards, validation) for k in range(shards)]
+        it = progress(futures) if progress else futures
+        return [s for f in it for s in f.result()]

@@ -72,6 +72,8 @@ def _data_key(cfg: TrainConfig) -> str:
             "val_samples", "pose_rot_deg", "pose_trans_mm", "input_rot_deg", "input_trans_mm", "seed")
     if cfg.realism != "none":                  # keys of runs before realism keep their caches
         keys += ("realism", "metal_share")
+    if cfg.data_shards != 1:                   # and those of one stream
+        keys += ("data_shards",)
     d = {k: getattr(cfg, k) for k in keys}
     d["model"] = {k: getattr(cfg.model, k) for k in ("image_pixels", "roi_mm", "voxels", "render_pixels")}
     return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:16]
@@ -111,8 +113,10 @@ def _dataset(cfg: TrainConfig, log) -> tuple[list, list]:
     from tqdm import tqdm
 
     t = time.perf_counter()
-    log("data: simulating training samples")
-    tr = build_samples(cfg, validation=False, progress=lambda it: tqdm(it, desc="training data", unit="CT"))
+    unit = "CT" if cfg.data_shards == 1 else "shard"
+    log(f"data: simulating training samples ({cfg.data_shards} shard(s), {min(cfg.data_workers, cfg.data_shards)} "
+        "process(es))" if cfg.data_shards > 1 else "data: simulating training samples")
+    tr = build_samples(cfg, validation=False, progress=lambda it: tqdm(it, desc="training data", unit=unit))
     va = build_samples(cfg, validation=True, progress=lambda it: tqdm(it, desc="validation data", unit="CT"))
     tr, va = plain(tr), plain(va)
     with atomic_file(path, overwrite=True) as tmp:
