@@ -1,10 +1,10 @@
 """Radiative Gaussians: representation, cone-beam rasterizer, density voxelizer, per-case fitting."""
 from .model import RadiativeGaussians
-from .rasterizer import rasterize, rasterize_dense, projected_boxes
-from .voxelizer import voxelize, voxelize_dense, to_volume
+from .rasterizer import rasterize, rasterize_dense, rasterize_many, projected_boxes
+from .voxelizer import voxelize, voxelize_dense, voxelize_many, to_volume
 
-__all__ = ["RadiativeGaussians", "rasterize", "rasterize_dense", "projected_boxes", "voxelize", "voxelize_dense",
-           "to_volume", "render", "voxelize_model"]
+__all__ = ["RadiativeGaussians", "rasterize", "rasterize_many", "rasterize_dense", "projected_boxes", "voxelize",
+           "voxelize_many", "voxelize_dense", "to_volume", "render", "voxelize_model"]
 
 
 def render(g: RadiativeGaussians, views, **kw):

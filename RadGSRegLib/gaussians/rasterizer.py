@@ -38,7 +38,7 @@ from torch.utils.checkpoint import checkpoint
 from ..geometry import View
 from ._scatter import box_scatter_add
 
-__all__ = ["rasterize", "rasterize_dense", "projected_boxes"]
+__all__ = ["rasterize", "rasterize_many", "rasterize_dense", "projected_boxes"]
 
 
 def _view_tensors(view: View, device, dtype=torch.float32):
@@ -59,6 +59,13 @@ def projected_boxes(position: torch.Tensor, covariance: torch.Tensor, view: View
         empty where ``u1 < u0`` or ``v1 < v0``. A Gaussian whose ellipsoid holds the source
         gets the whole detector.
     """
+    P = torch.as_tensor(view.projection_matrix(), dtype=torch.float64, device=position.device)
+    return _boxes(position, covariance, P, view.size, cutoff)
+
+
+def _boxes(position: torch.Tensor, covariance: torch.Tensor, P: torch.Tensor, size, cutoff: float):
+    """:func:`projected_boxes` with the projection matrix ``P`` (3, 4), or one per Gaussian
+    (N, 3, 4) float64, on a detector of ``size`` (cols, rows)."""
     with torch.no_grad():
         dev = position.device
         p = position.detach().double()
@@ -69,9 +76,8 @@ def projected_boxes(position: torch.Tensor, covariance: torch.Tensor, view: View
         Qd[:, :3, 3] = -p
         Qd[:, 3, :3] = -p
         Qd[:, 3, 3] = -1.0
-        P = torch.as_tensor(view.projection_matrix(), dtype=torch.float64, device=dev)
-        C = P @ Qd @ P.T                                             # (N, 3, 3) dual conic
-        cols, rows = view.size
+        C = P @ Qd @ P.transpose(-1, -2)                             # (N, 3, 3) dual conic
+        cols, rows = size
 
         def extent(i, size):
             cii, ci3, c33 = C[:, i, i], C[:, i, 2], C[:, 2, 2]
@@ -96,9 +102,10 @@ def projected_boxes(position: torch.Tensor, covariance: torch.Tensor, view: View
 
 
 def _box_values(t: torch.Tensor, base, U, V, u0, v0, w, h, B: int) -> torch.Tensor:
-    """Exact line integrals over B x B pixel boxes: Gaussian terms t (13, n), box corners
-    u0, v0 and true box sizes w, h (n,) -> (n, B, B) values at pixels (v0 + row, u0 + col),
-    (~0: below 1e-34) outside each true box.
+    """Exact line integrals over B x B pixel boxes: Gaussian terms t (13, n), each pair's
+    detector (``base`` = detector origin - source, ``U``, ``V`` pixel steps; (n, 3) mm), box
+    corners u0, v0 and true box sizes w, h (n,) -> (n, B, B) values at pixels (v0 + row,
+    u0 + col), (~0: below 1e-34) outside each true box.
 
     With M = W^T W (W = S^-1 R^T, the whitening map), d' = W d and Delta' = W Delta, the
     module docstring's integral is ``rho sqrt(2 pi / a) exp(-|Delta' x d'|^2 / (2 a))`` with
@@ -118,9 +125,9 @@ def _box_values(t: torch.Tensor, base, U, V, u0, v0, w, h, B: int) -> torch.Tens
     E = t[9:12].T                                                   # (n, 3) W Delta
     rho2 = (2.0 * math.pi * t[12] ** 2)[:, None, None]              # (n, 1, 1)
     rv = v0.to(dt)[:, None] + ar[None, :]                           # (n, B) absolute rows
-    row = (base + u0.to(dt)[:, None] * U)[:, None, :] + rv[..., None] * V   # (n, B, 3)
+    row = (base + u0.to(dt)[:, None] * U)[:, None, :] + rv[..., None] * V[:, None, :]   # (n, B, 3)
     A = torch.einsum("nij,nbj->nbi", W, row)                        # (n, B, 3) W row_start
-    WU = W @ U                                                      # (n, 3)
+    WU = (W @ U[:, :, None])[:, :, 0]                               # (n, 3)
     Xr = torch.cross(E[:, None, :].expand_as(A), A, dim=-1)         # (n, B, 3)
     Y = torch.cross(E, WU, dim=-1)[:, None, :]                      # (n, 1, 3)
     c = ar[None, None, :]                                           # (1, 1, B)
@@ -135,7 +142,7 @@ def _box_values(t: torch.Tensor, base, U, V, u0, v0, w, h, B: int) -> torch.Tens
                 scale * (q * q).sum(-1)[..., None])
 
     a0, a1, a2 = coef(A, WU[:, None, :])
-    d0, d1, d2 = coef(row, U[None, None, :], 1.0)
+    d0, d1, d2 = coef(row, U[:, None, :], 1.0)
     e0, e1, e2 = coef(Xr, Y, -0.5)
     inv_a = 1.0 / (a0 + c * (a1 + c * a2))                          # (n, B, B)
     ratio = (rho2 * d0 + c * (rho2 * d1 + c * (rho2 * d2))) * inv_a   # rho^2 2 pi |d|^2 / a
@@ -145,8 +152,9 @@ def _box_values(t: torch.Tensor, base, U, V, u0, v0, w, h, B: int) -> torch.Tens
 
 
 def _gaussian_terms(density, position, whitening, source) -> torch.Tensor:
-    """(13, N): W (9, row-major), W Delta (3) with Delta = source - p, rho (rows contiguous)."""
-    delta = source[None, :] - position
+    """(13, N): W (9, row-major), W Delta (3) with Delta = source - p, rho (rows contiguous);
+    ``source`` (3,) or one per Gaussian (N, 3)."""
+    delta = source - position
     wd = (whitening @ delta[:, :, None])[:, :, 0]
     return torch.cat([whitening.reshape(-1, 9), wd, density[:, None]], dim=1).T.contiguous()
 
@@ -165,13 +173,24 @@ def _naive_values(density, position, precision, source, d) -> torch.Tensor:
 _LADDER = tuple(range(1, 17)) + tuple(sorted({int(round(16 * 1.2 ** k)) for k in range(1, 40)}))
 
 
+#: (padded) Gaussian/pixel pairs evaluated at once by default: on the CPU the fastest of
+#: 2^17-2^23 measured on a training batch (2^19: ~30 MB of intermediates); on a GPU, where each
+#: chunk is a dozen kernel launches, far more (2^22: ~250 MB)
+CHUNK_PAIRS = {"cpu": 2 ** 19, "cuda": 2 ** 22}
+
+
+def chunk_pairs_for(device: torch.device, given: int | None) -> int:
+    """``given``, or the default of :data:`CHUNK_PAIRS` for ``device``'s type."""
+    return int(given) if given else CHUNK_PAIRS.get(torch.device(device).type, CHUNK_PAIRS["cpu"])
+
+
 def _bucket(n: torch.Tensor) -> torch.Tensor:
     """Index into :data:`_LADDER` of the smallest size >= n."""
     return torch.searchsorted(torch.tensor(_LADDER, device=n.device), n)
 
 
 def rasterize(density: torch.Tensor, position: torch.Tensor, covariance: torch.Tensor, whitening: torch.Tensor,
-              views: Sequence[View], *, cutoff: float = 3.0, chunk_pairs: int = 2 ** 17) -> torch.Tensor:
+              views: Sequence[View], *, cutoff: float = 3.0, chunk_pairs: int | None = None) -> torch.Tensor:
     """Line-integral images of Gaussians (C-arm frame) for views of equal size.
 
     Gaussians are grouped by the size of their pixel box (square, padded up to a size of
@@ -184,48 +203,85 @@ def rasterize(density: torch.Tensor, position: torch.Tensor, covariance: torch.T
         views: detectors of equal ``size``.
         cutoff: support in sigmas (contributions beyond the projected box are dropped;
             they are below exp(-cutoff²/2) of the Gaussian's peak line integral).
-        chunk_pairs: at most this many (padded) Gaussian/pixel pairs are evaluated at once.
+        chunk_pairs: at most this many (padded) Gaussian/pixel pairs are evaluated at once
+            (default: :data:`CHUNK_PAIRS` of the device).
     Returns:
         (V, rows, cols) tensor (dtype of ``position``).
     """
-    views = list(views)
-    if len({v.size for v in views}) != 1:
-        raise ValueError(f"all views must have the same size, got {[v.size for v in views]}")
-    cols, rows = views[0].size
-    dev, dt = position.device, position.dtype
-    out = []
-    for view in views:
-        u0, u1, v0, v1 = projected_boxes(position, covariance, view, cutoff)
-        w = u1 - u0 + 1
-        h = v1 - v0 + 1
-        live = (w > 0) & (h > 0)
-        pad = _LADDER[int(_bucket(torch.maximum(w, h)[live].max()))] if bool(live.any()) else 0
-        pc = cols + pad                                                      # padded row length
-        img = torch.zeros((rows + pad) * pc, dtype=dt, device=dev)
-        if pad == 0:
-            out.append(img.reshape(rows, cols))
-            continue
-        s, base, U, V = _view_tensors(view, dev, dt)
-        terms = _gaussian_terms(density, position, whitening, s)            # (13, N)
+    return rasterize_many([(density, position, covariance, whitening, views)], cutoff=cutoff,
+                          chunk_pairs=chunk_pairs)[0]
+
+
+def rasterize_many(items: Sequence[tuple], *, cutoff: float = 3.0,
+                   chunk_pairs: int | None = None) -> list[torch.Tensor]:
+    """:func:`rasterize` of several Gaussian sets, each on its own views, in one pass: every
+    (Gaussian, view) pair of every set is grouped by box size together, so a batch costs
+    one group loop instead of one per set and view (on a GPU, where each small operation
+    is a kernel launch, this is what makes a training batch cheap).
+
+    Args:
+        items: (density (N_i,), position (N_i, 3), covariance (N_i, 3, 3), whitening
+            (N_i, 3, 3), views) per set, as :func:`rasterize` takes them; every view of
+            every set has the same size; all tensors on one device and of one dtype.
+    Returns:
+        One (V_i, rows, cols) tensor per set.
+    """
+    items = [(d, p, c, w, list(vs)) for d, p, c, w, vs in items]
+    sizes = {v.size for *_, vs in items for v in vs}
+    if len(sizes) > 1:
+        raise ValueError(f"all views must have the same size, got {sorted(sizes)}")
+    if not sizes:
+        raise ValueError("no views to rasterize")
+    cols, rows = sizes.pop()
+    dev, dt = items[0][1].device, items[0][1].dtype
+    chunk_pairs = chunk_pairs_for(dev, chunk_pairs)
+    # every (Gaussian, view) pair: its set's tensors repeated per view, its view's detector
+    dens, pos, cov, wht, img, Ps, det = [], [], [], [], [], [], []
+    k = 0
+    for d, p, c, w, vs in items:
+        for v in vs:
+            dens.append(d), pos.append(p), cov.append(c), wht.append(w)
+            img.append(torch.full((d.shape[0],), k, dtype=torch.long, device=dev))
+            Ps.append(torch.as_tensor(v.projection_matrix(), dtype=torch.float64, device=dev))
+            det.append(torch.stack(_view_tensors(v, dev, dt)))                # (4, 3): s, base, U, V
+            k += 1
+    n_img = k
+    img = torch.cat(img)
+    det = torch.stack(det)[img]                                              # (M, 4, 3)
+    position, covariance = torch.cat(pos), torch.cat(cov)
+    u0, u1, v0, v1 = _boxes(position, covariance, torch.stack(Ps)[img], (cols, rows), cutoff)
+    w = u1 - u0 + 1
+    h = v1 - v0 + 1
+    live = (w > 0) & (h > 0)
+    bucket = torch.where(live, _bucket(torch.maximum(w, h)), torch.full_like(w, -1))
+    used = [b for b in torch.unique(bucket).tolist() if b >= 0]
+    pad = _LADDER[used[-1]] if used else 0
+    pc = cols + pad                                                          # padded row length
+    plane = (rows + pad) * pc
+    out = torch.zeros(n_img * plane, dtype=dt, device=dev)
+    if used:
+        terms = _gaussian_terms(torch.cat(dens), position, torch.cat(wht), det[:, 0])   # (13, M)
         grad = torch.is_grad_enabled() and terms.requires_grad
-        bucket = torch.where(live, _bucket(torch.maximum(w, h)), torch.full_like(w, -1))
-        for bi in torch.unique(bucket).tolist():
-            if bi < 0:
-                continue
+        first = img * plane + v0 * pc + u0                                   # each box's first pixel
+        for bi in used:
             B = _LADDER[bi]
             idx_all = torch.nonzero(bucket == bi).flatten()
             step = max(1, chunk_pairs // (B * B))
             for c0 in range(0, idx_all.numel(), step):
                 idx = idx_all[c0:c0 + step]
-                args = (terms[:, idx], base, U, V, u0[idx], v0[idx], w[idx], h[idx], B)
+                args = (terms[:, idx], det[idx, 1], det[idx, 2], det[idx, 3], u0[idx], v0[idx], w[idx], h[idx], B)
                 # with gradients, recompute each chunk in the backward pass instead of keeping its
                 # intermediates: memory stays bounded by one chunk whatever N and the detector size
                 val = checkpoint(_box_values, *args, use_reentrant=False) if grad else _box_values(*args)
-                # the image has a margin of B columns and rows, so padded pixels (value ~0)
-                # beyond the detector's edge still have valid indices
-                img = box_scatter_add(img, val, v0[idx] * pc + u0[idx], B, (pc, 1))
-        out.append(img.reshape(rows + pad, pc)[:rows, :cols])
-    return torch.stack(out)
+                # each image has a margin of B columns and rows, so padded pixels (value ~0)
+                # beyond the detector's edge still have valid indices (in their own image)
+                out = box_scatter_add(out, val, first[idx], B, (pc, 1))
+    images = out.reshape(n_img, rows + pad, pc)[:, :rows, :cols]
+    res, k = [], 0
+    for *_, vs in items:
+        res.append(images[k:k + len(vs)])
+        k += len(vs)
+    return res
 
 
 def rasterize_dense(density, position, precision, views: Sequence[View]) -> torch.Tensor:

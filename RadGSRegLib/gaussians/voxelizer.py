@@ -20,7 +20,7 @@ from torch.utils.checkpoint import checkpoint
 from ..volume import Volume
 from ._scatter import box_scatter_add
 
-__all__ = ["voxelize", "voxelize_dense", "to_volume"]
+__all__ = ["voxelize", "voxelize_many", "voxelize_dense", "to_volume"]
 
 
 def _index_space(position, precision, covariance, affine, dev, dt):
@@ -55,7 +55,8 @@ def _cube_values(P, q0, rho, ext, B: int) -> torch.Tensor:
 
 
 def voxelize(density: torch.Tensor, position: torch.Tensor, covariance: torch.Tensor, precision: torch.Tensor,
-             shape: tuple[int, int, int], affine, *, cutoff: float = 3.0, chunk_pairs: int = 2 ** 17) -> torch.Tensor:
+             shape: tuple[int, int, int], affine, *, cutoff: float = 3.0,
+             chunk_pairs: int | None = None) -> torch.Tensor:
     """Density of Gaussians (C-arm frame) on a grid.
 
     Each Gaussian's index-space box (``cutoff`` sigmas along each grid axis) is padded to a
@@ -67,32 +68,61 @@ def voxelize(density: torch.Tensor, position: torch.Tensor, covariance: torch.Te
         density (N,), position (N, 3), covariance and precision (N, 3, 3): the Gaussians.
         shape: ``(K, J, I)`` array shape. affine: (4, 4) voxel (i, j, k) -> C-arm mm.
         cutoff: support in sigmas along each grid axis.
-        chunk_pairs: at most this many (padded) Gaussian/voxel pairs at once.
+        chunk_pairs: at most this many (padded) Gaussian/voxel pairs at once (default: the
+            rasterizer's ``CHUNK_PAIRS`` of the device).
     Returns:
         (K, J, I) tensor of densities (1/mm).
     """
-    from .rasterizer import _LADDER, _bucket
+    return voxelize_many([(density, position, covariance, precision, affine)], shape, cutoff=cutoff,
+                         chunk_pairs=chunk_pairs)[0]
+
+
+def voxelize_many(items, shape: tuple[int, int, int], *, cutoff: float = 3.0,
+                  chunk_pairs: int | None = None) -> torch.Tensor:
+    """:func:`voxelize` of several Gaussian sets, each on its own grid of one ``shape``, in
+    one pass (every set's Gaussians grouped by cube size together: one group loop for a
+    batch, which is what a GPU needs).
+
+    Args:
+        items: (density (N_i,), position (N_i, 3), covariance, precision (N_i, 3, 3),
+            affine (4, 4)) per set; tensors on one device, of one dtype.
+        shape: ``(K, J, I)`` of every grid.
+    Returns:
+        (S, K, J, I) tensor: set i's density on its grid.
+    """
+    from .rasterizer import _LADDER, _bucket, chunk_pairs_for
 
     K, J, I = (int(x) for x in shape)
-    dev, dt = position.device, position.dtype
-    mean, prec, cov_diag = _index_space(position, precision, covariance, affine, dev, dt)
+    items = list(items)
+    dev, dt = items[0][1].device, items[0][1].dtype
+    chunk_pairs = chunk_pairs_for(dev, chunk_pairs)
+    means, precs, diags, dens, vol = [], [], [], [], []
+    for k, (density, position, covariance, precision, affine) in enumerate(items):
+        mean, prec, cov_diag = _index_space(position, precision, covariance, affine, dev, dt)
+        means.append(mean)
+        precs.append(prec)
+        diags.append(cov_diag)
+        dens.append(density)
+        vol.append(torch.full((density.shape[0],), k, dtype=torch.long, device=dev))
+    mean, prec, density, vol = torch.cat(means), torch.cat(precs), torch.cat(dens), torch.cat(vol)
     with torch.no_grad():
-        half = cutoff * torch.sqrt(torch.clamp(cov_diag, min=0))
+        half = cutoff * torch.sqrt(torch.clamp(torch.cat(diags), min=0))
         size = torch.tensor([I, J, K], device=dev)
         lo = torch.clamp(torch.ceil(mean - half), min=0).long()
         hi = torch.minimum(torch.floor(mean + half).long(), size - 1)
         ext = hi - lo + 1                                                   # (N, 3) along i, j, k
         live = (ext > 0).all(dim=1)
         bucket = torch.where(live, _bucket(ext.max(dim=1).values), torch.full_like(live, -1, dtype=torch.long))
-    if not bool(live.any()):
-        return torch.zeros(K, J, I, dtype=dt, device=dev)
-    pad = _LADDER[int(bucket.max())]
-    grad = torch.is_grad_enabled() and (density.requires_grad or position.requires_grad or precision.requires_grad)
+    used = [b for b in torch.unique(bucket).tolist() if b >= 0]
+    if not used:
+        return torch.zeros(len(items), K, J, I, dtype=dt, device=dev)
+    pad = _LADDER[used[-1]]
+    grad = torch.is_grad_enabled() and (density.requires_grad or mean.requires_grad or prec.requires_grad)
     Ip, Jp = I + pad, J + pad
-    out = torch.zeros((K + pad) * Jp * Ip, dtype=dt, device=dev)
-    for bi in torch.unique(bucket).tolist():
-        if bi < 0:
-            continue
+    cube = (K + pad) * Jp * Ip
+    out = torch.zeros(len(items) * cube, dtype=dt, device=dev)
+    first = vol * cube + (lo[:, 2] * Jp + lo[:, 1]) * Ip + lo[:, 0]          # each box's first voxel
+    for bi in used:
         B = _LADDER[bi]
         idx_all = torch.nonzero(bucket == bi).flatten()
         step = max(1, chunk_pairs // B ** 3)
@@ -100,9 +130,8 @@ def voxelize(density: torch.Tensor, position: torch.Tensor, covariance: torch.Te
             idx = idx_all[c0:c0 + step]
             args = (prec[idx], lo[idx].to(dt) - mean[idx], density[idx], ext[idx], B)
             val = checkpoint(_cube_values, *args, use_reentrant=False) if grad else _cube_values(*args)
-            l_ = lo[idx]
-            out = box_scatter_add(out, val, (l_[:, 2] * Jp + l_[:, 1]) * Ip + l_[:, 0], B, (Jp * Ip, Ip, 1))
-    return out.reshape(K + pad, Jp, Ip)[:K, :J, :I]
+            out = box_scatter_add(out, val, first[idx], B, (Jp * Ip, Ip, 1))
+    return out.reshape(len(items), K + pad, Jp, Ip)[:, :K, :J, :I]
 
 
 def voxelize_dense(density, position, precision, shape, affine) -> torch.Tensor:

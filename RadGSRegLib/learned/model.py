@@ -15,8 +15,8 @@ import torch
 from torch import nn
 
 from ..errors import InputError
-from ..gaussians.rasterizer import rasterize
-from ..gaussians.voxelizer import voxelize
+from ..gaussians.rasterizer import rasterize_many
+from ..gaussians.voxelizer import voxelize_many
 from ..losses import projection_loss, ssim_loss, tv_3d
 from ..geometry import apply_delta_torch
 from ..region import cube_affine_batch, resample_region
@@ -25,8 +25,8 @@ from .config import ModelConfig
 from .recm import GaussianSet, RecM
 from .regm import VOLUME_SCALE, RegM, pose_loss
 
-__all__ = ["RadGSRegNet", "FORMAT", "render_windows", "voxelize_set", "load_plain", "UnsafeFileError",
-           "WeightFileError", "plain", "read_weight_file", "write_weight_file"]
+__all__ = ["RadGSRegNet", "FORMAT", "render_windows", "render_windows_many", "voxelize_set", "voxelize_sets", "load_plain",
+           "UnsafeFileError", "WeightFileError", "plain", "read_weight_file", "write_weight_file"]
 
 FORMAT = "radgsreg-model/1"
 
@@ -126,16 +126,35 @@ def write_weight_file(path, fmt: str, config: dict, state_dict: dict, card: dict
 def render_windows(g: GaussianSet, views: dict, win, size: int) -> torch.Tensor:
     """(2, size, size) line integrals of ``g`` in the AP and lateral windows whose
     (column, row) origins are ``win`` (2, 2) on the working ``views``."""
-    d, p, cov, _, W = g.tensors()
-    out = [rasterize(d, p, cov, W, [views[n].cropped(int(win[i][0]), int(win[i][1]), size, size)])[0]
-           for i, n in enumerate(("ap", "lat"))]
-    return torch.stack(out)
+    return render_windows_many([g], [views], [win], size)[0]
+
+
+def render_windows_many(sets: list, views: list, wins: list, size: int) -> list:
+    """:func:`render_windows` of several Gaussian sets (each with its own working ``views``
+    and windows ``wins``), rasterized in one pass (:func:`~..gaussians.rasterizer.rasterize_many`).
+    Returns one (2, size, size) tensor per set."""
+    items = []
+    for g, vs, win in zip(sets, views, wins):
+        d, p, cov, _, W = g.tensors()
+        items.append((d, p, cov, W, [vs[n].cropped(int(win[i][0]), int(win[i][1]), size, size)
+                                     for i, n in enumerate(("ap", "lat"))]))
+    return rasterize_many(items)
 
 
 def voxelize_set(g: GaussianSet, affine: torch.Tensor, voxels: int) -> torch.Tensor:
     """(V, V, V) density of ``g`` on the reconstruction grid ``affine`` (4, 4)."""
-    d, p, cov, prec, _ = g.tensors()
-    return voxelize(d, p, cov, prec, (voxels,) * 3, affine.detach().cpu().double().numpy())
+    return voxelize_sets([g], affine[None], voxels)[0]
+
+
+def voxelize_sets(sets: list, affines: torch.Tensor, voxels: int) -> torch.Tensor:
+    """(S, V, V, V) densities of the Gaussian sets, set i on its grid ``affines[i]`` (S, 4, 4),
+    voxelized in one pass (:func:`~..gaussians.voxelizer.voxelize_many`)."""
+    A = affines.detach().cpu().double().numpy()
+    items = []
+    for g, a in zip(sets, A):
+        d, p, cov, prec, _ = g.tensors()
+        items.append((d, p, cov, prec, a))
+    return voxelize_many(items, (voxels,) * 3)
 
 
 class RadGSRegNet(nn.Module):
@@ -160,7 +179,7 @@ class RadGSRegNet(nn.Module):
         """
         fact, _ = self.recm(images, proj, centre)
         A = cube_affine_batch(centre.cpu(), self.cfg.roi_mm, self.cfg.voxels)
-        rec = torch.stack([voxelize_set(g, A[k], self.cfg.voxels) for k, g in enumerate(fact)])[:, None]
+        rec = voxelize_sets(list(fact), A, self.cfg.voxels)[:, None]
         return fact, rec.to(centre.device)
 
     # ------------------------------------------------------------------ losses
@@ -182,10 +201,16 @@ class RadGSRegNet(nn.Module):
         A = cube_affine_batch(batch["centre"], cfg.roi_mm, cfg.voxels)
         total, vols, parts = 0.0, [], {"proj": 0.0, "tv": 0.0, "volume": 0.0, "effect": 0.0}
         B = len(fact)
+        sets = list(fact) + (list(eff) if eff is not None else [])
+        reps = len(sets) // B
+        # one rasterizer and one voxelizer pass for the whole batch (factual sets, then effect sets)
+        renders = render_windows_many(sets, list(batch["views"]) * reps, list(batch["win"]) * reps,
+                                      cfg.render_pixels)
+        vols_all = voxelize_sets(sets, A.repeat(reps, 1, 1), cfg.voxels)
         for b in range(B):
-            views, win, tgt = batch["views"][b], batch["win"][b], batch["target"][b]
-            V = voxelize_set(fact[b], A[b], cfg.voxels)
-            lp = projection_loss(render_windows(fact[b], views, win, cfg.render_pixels), tgt, lambda_ssim=lambda_ssim)
+            tgt = batch["target"][b]
+            V = vols_all[b]
+            lp = projection_loss(renders[b], tgt, lambda_ssim=lambda_ssim)
             ltv = tv_3d(V / VOLUME_SCALE)
             lvol = ((V - batch["gt_volume"][b]) / VOLUME_SCALE).pow(2).mean()
             # keeps densities alive: softplus has no gradient far below zero, and an untrained
@@ -193,8 +218,8 @@ class RadGSRegNet(nn.Module):
             lalive = fact[b].raw_density.clamp(max=-2.0).add(2.0).pow(2).mean()
             loss = lp + lambda_tv * ltv + lambda_volume * lvol + 0.01 * lalive
             if eff is not None:
-                Ve = voxelize_set(eff[b], A[b], cfg.voxels)
-                le = projection_loss(render_windows(eff[b], views, win, cfg.render_pixels), tgt, lambda_ssim=lambda_ssim)
+                Ve = vols_all[B + b]
+                le = projection_loss(renders[B + b], tgt, lambda_ssim=lambda_ssim)
                 le = le + lambda_tv * tv_3d(Ve / VOLUME_SCALE)
                 loss = loss + le
                 parts["effect"] += float(le.detach()) / B
