@@ -31,6 +31,7 @@ examples:
   radgsreg fit-gaussians cases/case_000 --out fit    # radiative Gaussians fitted to the two X-rays
   radgsreg bench drr                                 # our DRR vs RTK's Joseph projector
   radgsreg bench gaussians                           # rasterizer / voxelizer speed
+  radgsreg bench train --device cuda                 # training speed of a configuration
 
 Frames: millimetres, LPS; a pose is T_ct_to_carm (x_carm = T x_ct). The case folder
 format is documented in docs/case-format.md.
@@ -436,6 +437,22 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--threads", type=_COUNT, default=1, help="CPU threads (default 1: fastest on 2 shared cores)")
     b.add_argument("--repeat", type=_COUNT, default=5)
     b.add_argument("--json", type=Path, default=Path("bench_out/gaussians.json"))
+    b = bsub.add_parser("train", help="training speed of a configuration: seconds per sample of each phase",
+                        formatter_class=argparse.RawDescriptionHelpFormatter,
+                        description="Trains the configuration's network for 2 RecM, 2 RegM and 1 joint epochs on a "
+                                    "few simulated phantom samples (radgsreg train itself, in a temporary folder), once "
+                                    "per batch size, and prints each phase's seconds per sample and epoch and what one "
+                                    "epoch of the configuration's whole training set would take.",
+                        epilog="examples:\n"
+                               "  radgsreg bench train                                  # stage1_cpu.json on the CPU\n"
+                               "  radgsreg bench train --device cuda --batch 4 16 --data-workers 8")
+    b.add_argument("--config", type=Path, help="JSON training config (default: the shipped stage1_cpu.json)")
+    b.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    b.add_argument("--threads", type=_COUNT, default=2, help="CPU threads for torch (default 2)")
+    b.add_argument("--samples", type=_COUNT, default=32, help="training samples per run (default 32)")
+    b.add_argument("--batch", type=_COUNT, nargs="+", default=[4], help="batch sizes, one run each (default 4)")
+    b.add_argument("--data-workers", type=_COUNT, default=1, help="processes simulating the samples (default 1)")
+    b.add_argument("--json", type=Path, default=Path("bench_out/train.json"))
     for sp in list(sub.choices.values()) + list(bsub.choices.values()):     # `radgsreg CMD ... --debug` too
         sp.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
                         help="show the full traceback of an error")
@@ -679,8 +696,15 @@ def _cmd_bench(args):
         from .bench.gaussians_bench import run_gaussians_bench
 
         run_gaussians_bench(threads=args.threads, repeat=args.repeat, json_path=args.json)
+    elif args.bench == "train":
+        from .bench.train_bench import run_train_bench
+        from .resources import resource_path
+
+        config = args.config or resource_path("Models/configs/stage1_cpu.json")
+        run_train_bench(config, device=args.device, threads=args.threads, samples=args.samples, batches=args.batch,
+                        data_workers=args.data_workers, json_path=args.json)
     else:
-        raise UsageError("choose a benchmark: radgsreg bench drr | gaussians | register | metal")
+        raise UsageError("choose a benchmark: radgsreg bench drr | gaussians | register | metal | train")
 
 
 def register_config(args) -> RegisterConfig:

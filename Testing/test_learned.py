@@ -280,6 +280,29 @@ def test_drawn_realism_makes_each_sample_a_realistic_case(small_phantom, tmp_pat
     assert not made and not torch.allclose(plain[0]["images"], drawn[0]["images"])
 
 
+def test_bench_train_times_every_phase_of_a_real_run(tmp_path, capsys):
+    """`radgsreg bench train`: one short real run per batch size; every phase timed (seconds
+    per sample > 0), the full configuration's epoch = that x its samples; JSON written."""
+    import json
+
+    from RadGSRegLib.cli import main
+
+    cfg = tmp_path / "c.json"
+    cfg.write_text(json.dumps({"model": TINY, "phantoms": 50, "samples_per_ct": 2, "val_samples": 1,
+                               "phantom_spacing_mm": 4.0}))
+    out = tmp_path / "bt.json"
+    assert main(["bench", "train", "--config", str(cfg), "--samples", "3", "--batch", "2", "4", "--threads", "1",
+                 "--json", str(out)]) == 0
+    res = json.loads(out.read_text())
+    assert res["samples"] == 4 and res["config_samples"] == 100 and res["init"] == "random"
+    assert [r["batch"] for r in res["rows"]] == [2, 4]
+    for r in res["rows"]:
+        assert set(r["s_per_sample"]) == {"rec", "reg", "joint"} and min(r["s_per_sample"].values()) > 0
+        for k, v in r["s_per_sample"].items():
+            assert r["epoch_s_full"][k] == pytest.approx(100 * v)
+    assert "RecM s/sample" in capsys.readouterr().out
+
+
 def test_shard_plan_splits_sources_or_one_sources_samples():
     """Enough sources: each lies whole in one shard (round robin); fewer: every source's
     samples split into near-equal parts, one per shard; nothing lost or drawn twice."""
