@@ -236,16 +236,15 @@ def rasterize_many(items: Sequence[tuple], *, cutoff: float = 3.0,
     dev, dt = items[0][1].device, items[0][1].dtype
     chunk_pairs = chunk_pairs_for(dev, chunk_pairs)
     # every (Gaussian, view) pair: its set's tensors repeated per view, its view's detector
-    dens, pos, cov, wht, img, Ps, det = [], [], [], [], [], [], []
-    k = 0
+    parts, img, Ps, det = [], [], [], []
     for d, p, c, w, vs in items:
         for v in vs:
-            dens.append(d), pos.append(p), cov.append(c), wht.append(w)
-            img.append(torch.full((d.shape[0],), k, dtype=torch.long, device=dev))
+            parts.append((d, p, c, w))
+            img.append(torch.full((d.shape[0],), len(Ps), dtype=torch.long, device=dev))
             Ps.append(torch.as_tensor(v.projection_matrix(), dtype=torch.float64, device=dev))
             det.append(torch.stack(_view_tensors(v, dev, dt)))                # (4, 3): s, base, U, V
-            k += 1
-    n_img = k
+    n_img = len(Ps)
+    dens, pos, cov, wht = zip(*parts)
     img = torch.cat(img)
     det = torch.stack(det)[img]                                              # (M, 4, 3)
     position, covariance = torch.cat(pos), torch.cat(cov)

@@ -263,13 +263,18 @@ def _shard_rng(cfg: TrainConfig, k: int, shards: int, *, validation: bool) -> np
 
 
 def _build_shard(cfg: TrainConfig, k: int, shards: int, validation: bool) -> list[dict]:
-    """One stream's samples in a worker process (one torch thread; NumPy values made plain)."""
+    """One stream's samples (NumPy values made plain, as they cross processes)."""
     from ..learned.model import plain
 
-    torch.set_num_threads(1)
     sources = list(sample_sources(cfg, validation=validation))
     work = shard_plan(_counts(cfg, sources, validation=validation), shards)[k]
     return plain(_shard_samples(cfg, work, _shard_rng(cfg, k, shards, validation=validation), validation=validation))
+
+
+def _worker_shard(cfg: TrainConfig, k: int, shards: int, validation: bool) -> list[dict]:
+    """:func:`_build_shard` in a worker process, on one torch thread (the workers share the cores)."""
+    torch.set_num_threads(1)
+    return _build_shard(cfg, k, shards, validation)
 
 
 def build_samples(cfg: TrainConfig, *, validation: bool, progress=None) -> list[dict]:
@@ -294,6 +299,6 @@ def build_samples(cfg: TrainConfig, *, validation: bool, progress=None) -> list[
     from concurrent.futures import ProcessPoolExecutor
 
     with ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn")) as pool:
-        futures = [pool.submit(_build_shard, cfg, k, shards, validation) for k in range(shards)]
+        futures = [pool.submit(_worker_shard, cfg, k, shards, validation) for k in range(shards)]
         it = progress(futures) if progress else futures
         return [s for f in it for s in f.result()]

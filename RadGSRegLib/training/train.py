@@ -459,6 +459,7 @@ def train(cfg: TrainConfig, *, log=print, progress: bool = True) -> Path:
     par.barrier()
     if not par.main:
         tr, va = _dataset(cfg, log)
+    torch.set_num_threads(cfg.threads)          # again: the simulation's parallel projector may have reset it
     cfg_path = out / "config.json"
     if par.main and run.replace_config:
         if cfg_path.is_file():
