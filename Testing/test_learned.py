@@ -11,7 +11,7 @@ from RadGSRegLib.geometry import apply, biplanar_views, compose, sample_offsets
 from RadGSRegLib.learned.config import ModelConfig
 from RadGSRegLib.region import VertebraRegion, cube_affine_batch, resample_region
 from RadGSRegLib.similarity import ncc_torch
-from RadGSRegLib.training.config import TrainConfig, load_train_config
+from RadGSRegLib.training.config import ConfigError, TrainConfig, load_train_config
 from RadGSRegLib.training.data import collate, make_sample
 from RadGSRegLib.learned.model import RadGSRegNet
 from RadGSRegLib.simulate import XraySimConfig, simulate_xrays
@@ -347,14 +347,22 @@ def test_sharded_samples_depend_on_the_shards_not_on_the_processes(small_phantom
     assert torch.equal(va[0]["images"], build_samples(TrainConfig(**kw), validation=True)[0]["images"])
 
 
-@pytest.mark.parametrize("name", ["stage1_tiny", "stage3_tiny", "stage1_paper", "stage1_cpu", "stage3_cpu"])
+@pytest.mark.parametrize("name", ["stage1_tiny", "stage3_tiny", "stage1_paper", "stage1_cpu", "stage3_cpu",
+                                  "stage1_cpu_reg5"])
 def test_shipped_configs_load_and_build(name):
     """Every config in Resources/Models/configs is valid (no unknown key, consistent stage)
-    and builds its network; the paper's uses its backbone and Eq. 3 weight."""
+    and builds its network; the paper's uses its backbone and Eq. 3 weight. The RegM-only
+    continuation needs the weights it continues (``--init``: refused without them)."""
     from pathlib import Path
 
     path = Path(__file__).resolve().parents[1] / "Resources" / "Models" / "configs" / f"{name}.json"
-    cfg = load_train_config(path)
+    if name == "stage1_cpu_reg5":
+        with pytest.raises(ConfigError, match="init"):
+            load_train_config(path)
+        cfg = load_train_config(path, init="default")
+        assert (cfg.rec_epochs, cfg.joint_epochs, cfg.input_rot_deg) == (0, 0, 5.0)
+    else:
+        cfg = load_train_config(path)
     net = RadGSRegNet(cfg.model)
     assert sum(p.numel() for p in net.parameters()) > 1e5
     if name == "stage1_paper":

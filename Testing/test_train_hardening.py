@@ -197,6 +197,9 @@ def test_planted_cache_is_replaced_checkpoints_are_atomic_and_resume_works(tmp_p
     ({"realism": "all"}, "realism must be one of none, drawn"),
     ({"metal_share": 1.5}, "metal_share must be between 0 and 1"),
     ({"rec_epochs": 0, "reg_epochs": 0, "joint_epochs": 0}, "rec_epochs, reg_epochs and joint_epochs are all 0"),
+    ({"rec_epochs": 0, "reg_epochs": 3, "joint_epochs": 0}, "init rec_epochs and joint_epochs are 0 without init"),
+    ({"data_shards": 0}, "data_shards must be an integer >= 1"),
+    ({"data_workers": 0}, "data_workers must be an integer >= 1"),
 ])
 def test_config_file_errors_name_the_file_and_field(tmp_path, change, words):
     p = tmp_path / "train.json"

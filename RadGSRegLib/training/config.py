@@ -152,6 +152,9 @@ class TrainConfig:
                                       field=f"levels[{i}]") from None
         if self.rec_epochs + self.reg_epochs + self.joint_epochs < 1:
             raise ConfigError("rec_epochs, reg_epochs and joint_epochs are all 0: nothing to train")
+        if self.rec_epochs == 0 and self.joint_epochs == 0 and not self.init:
+            raise ConfigError("rec_epochs and joint_epochs are 0 without init: RegM would learn on an untrained "
+                              "RecM's reconstructions; give init (the weights to continue from)", field="init")
         if self.stage == 1 and self.phantoms < 1 and not self.ct_dirs:
             raise ConfigError("stage 1 trains on phantoms and CTs: give phantoms >= 1 or ct_dirs")
         if self.stage == 2 and not self.case_dirs:
