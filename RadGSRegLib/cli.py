@@ -334,7 +334,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", choices=["cpu", "cuda"])
     p.add_argument("--threads", type=_COUNT)
     p.add_argument("--data-workers", type=_COUNT,
-                   help="processes simulating the samples (the config's data_shards streams; default 1)")
+                   help="processes simulating the samples, at most the config's data_shards (its independent "
+                        "sample streams; the samples do not depend on N). Default: the config's data_workers, else 1")
     p.add_argument("--seed", type=_integer(0))
     p.add_argument("--no-cal", action="store_true", help="train without counterfactual attention (ablation)")
 
@@ -836,6 +837,10 @@ def _cmd_train(args):
         cfg = TrainConfig.from_dict({k: v for k, v in over.items() if v is not None}, source="the command line")
     if args.no_cal:
         cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, cal=False))
+    if args.data_workers and args.data_workers > cfg.data_shards:
+        print(f"note: --data-workers {args.data_workers}: the config draws its samples as {cfg.data_shards} "
+              f"stream(s) (data_shards), so at most {cfg.data_shards} process(es) simulate them; set data_shards in "
+              "the config to use more (other shards, other samples)", file=sys.stderr)
     from .io.outputs import check_output
     from .training.data import ct_spec_paths
 

@@ -371,3 +371,18 @@ def test_init_weights_set_the_network_and_the_samples(tmp_path, no_simulation):
     run = T.check_run(tiny(tmp_path, init=str(w)), log=lines.append)
     assert run.cfg.model.image_pixels == 48 and run.net.cfg.image_pixels == 48
     assert any("come from the weights" in x for x in lines)
+
+
+def test_data_workers_beyond_the_shards_is_said(tmp_path, capsys):
+    """--data-workers N with a config of fewer sample streams: a note says that only
+    data_shards processes can work (before any work; here the run stops at its missing init)."""
+    from pathlib import Path
+
+    from RadGSRegLib.cli import main
+
+    cfg = Path(__file__).resolve().parents[1] / "Resources" / "Models" / "configs" / "stage1_tiny.json"
+    rc = main(["train", "--config", str(cfg), "--out", str(tmp_path / "run"), "--data-workers", "3",
+               "--init", str(tmp_path / "missing.pt")])
+    err = capsys.readouterr().err
+    assert rc != 0 and "note: --data-workers 3" in err and "1 stream(s)" in err and "missing.pt" in err
+    assert not (tmp_path / "run").exists()

@@ -40,7 +40,7 @@ def run_train_bench(config, *, device: str = "cpu", threads: int = 2, samples: i
     Args:
         samples: training samples per run (rounded up to whole CTs of ``samples_per_ct``).
         batches: batch sizes, one run each.
-        data_workers: processes simulating the samples (the config's ``data_shards``).
+        data_workers: processes simulating the samples (as many sample streams at least).
     Returns:
         ``{"config", "device", "device_name", "torch", "threads", "samples", "data_s_per_sample",
         "rows": [{"batch", "s_per_sample": {phase: s}, "epoch_s_full": {phase: s}}]}``; written
@@ -72,7 +72,7 @@ def run_train_bench(config, *, device: str = "cpu", threads: int = 2, samples: i
                                     phantoms=max(1, -(-samples // per)), val_samples=1,
                                     rec_epochs=_EPOCHS["rec"], reg_epochs=_EPOCHS["reg"], joint_epochs=_EPOCHS["joint"],
                                     device=device, threads=threads, data_workers=data_workers,
-                                    data_cache=str(tmp / "data"))
+                                    data_shards=max(full.data_shards, data_workers), data_cache=str(tmp / "data"))
         n = small.phantoms * per
         rows, data_s = [], None
         for batch in batches:
@@ -84,7 +84,8 @@ def run_train_bench(config, *, device: str = "cpu", threads: int = 2, samples: i
             sps = _per_sample(hist, n)
             if data_s is None:                     # the first run simulated the samples
                 data_s = max(0.0, wall - hist[-1]["seconds"]) / (n + 1)
-            rows.append({"batch": batch, "s_per_sample": sps, "epoch_s_full": {k: v * full_n for k, v in sps.items()}})
+            rows.append({"batch": batch, "s_per_sample": sps,
+                         "epoch_s_full": {k: v * full_n for k, v in sps.items()}})
             log(f"  batch {batch}: " + ", ".join(f"{k} {v:.4f} s/sample" for k, v in sps.items()))
     name = torch.cuda.get_device_name(torch.device(device)) if device.startswith("cuda") else "cpu"
     log("")
@@ -99,8 +100,8 @@ def run_train_bench(config, *, device: str = "cpu", threads: int = 2, samples: i
             f"{s.get('joint', float('nan')):>15.4f}   {e.get('rec', 0) / 60:.1f} / {e.get('reg', 0) / 60:.1f} / "
             f"{e.get('joint', 0) / 60:.1f} min")
     result = {"config": str(config) if not isinstance(config, TrainConfig) else full.to_dict(), "device": device,
-              "init": "shipped" if init else "random", "device_name": name, "torch": torch.__version__, "threads": threads, "samples": n,
-              "config_samples": full_n, "data_s_per_sample": data_s, "rows": rows}
+              "init": "shipped" if init else "random", "device_name": name, "torch": torch.__version__,
+              "threads": threads, "samples": n, "config_samples": full_n, "data_s_per_sample": data_s, "rows": rows}
     if json_path is not None:
         write_json(json_path, result, "bench-train", overwrite=overwrite, default=float)
         log(f"wrote {json_path}")

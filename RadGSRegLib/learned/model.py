@@ -25,8 +25,8 @@ from .config import ModelConfig
 from .recm import GaussianSet, RecM
 from .regm import VOLUME_SCALE, RegM, pose_loss
 
-__all__ = ["RadGSRegNet", "FORMAT", "render_windows", "render_windows_many", "voxelize_set", "voxelize_sets", "load_plain",
-           "UnsafeFileError", "WeightFileError", "plain", "read_weight_file", "write_weight_file"]
+__all__ = ["RadGSRegNet", "FORMAT", "render_windows", "render_windows_many", "voxelize_set", "voxelize_sets",
+           "load_plain", "UnsafeFileError", "WeightFileError", "plain", "read_weight_file", "write_weight_file"]
 
 FORMAT = "radgsreg-model/1"
 
