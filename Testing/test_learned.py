@@ -280,6 +280,41 @@ def test_drawn_realism_makes_each_sample_a_realistic_case(small_phantom, tmp_pat
     assert not made and not torch.allclose(plain[0]["images"], drawn[0]["images"])
 
 
+def test_sharded_samples_cross_processes_within_a_small_open_file_limit(small_phantom, tmp_path):
+    """Worker processes hand their samples back without holding a file handle per tensor
+    (torch's shared-memory pickling does): 24 samples in 2 processes under a 200-file limit."""
+    import resource
+
+    from RadGSRegLib.io import write_volume
+    from RadGSRegLib.training.data import build_samples
+
+    ct, seg = small_phantom
+    write_volume(ct, tmp_path / "ct.nrrd")
+    write_volume(seg, tmp_path / "seg.nrrd")
+    cfg = TrainConfig(stage=3, out=str(tmp_path / "s3"), init="default", ct_dirs=[str(tmp_path)], levels=["L2"],
+                      model=ModelConfig(**TINY), samples_per_ct=24, val_samples=1, data_shards=2, data_workers=2)
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (min(200, hard), hard))
+    try:
+        got = build_samples(cfg, validation=False)
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    assert len(got) == 24 and all(torch.isfinite(s["images"]).all() for s in got)
+
+
+def test_validation_is_capped_at_val_samples_in_every_stage(small_phantom, tmp_path):
+    """Stage 3 with more CTs than val_samples: still val_samples validation samples."""
+    from RadGSRegLib.io import write_volume
+    from RadGSRegLib.training.data import build_samples
+
+    ct, seg = small_phantom
+    write_volume(ct, tmp_path / "ct.nrrd")
+    write_volume(seg, tmp_path / "seg.nrrd")
+    cfg = TrainConfig(stage=3, out=str(tmp_path / "s3"), init="default", ct_dirs=[str(tmp_path)] * 3, levels=["L2"],
+                      model=ModelConfig(**TINY), samples_per_ct=1, val_samples=2)
+    assert len(build_samples(cfg, validation=True)) == 2
+
+
 def test_bench_train_times_every_phase_of_a_real_run(tmp_path, capsys):
     """`radgsreg bench train`: one short real run per batch size; every phase timed (seconds
     per sample > 0), the full configuration's epoch = that x its samples; JSON written."""
@@ -288,8 +323,9 @@ def test_bench_train_times_every_phase_of_a_real_run(tmp_path, capsys):
     from RadGSRegLib.cli import main
 
     cfg = tmp_path / "c.json"
+    # a RegM-only continuation's config (refused by train without init): the bench sets its own epochs
     cfg.write_text(json.dumps({"model": TINY, "phantoms": 50, "samples_per_ct": 2, "val_samples": 1,
-                               "phantom_spacing_mm": 4.0}))
+                               "phantom_spacing_mm": 4.0, "rec_epochs": 0, "joint_epochs": 0}))
     out = tmp_path / "bt.json"
     assert main(["bench", "train", "--config", str(cfg), "--samples", "3", "--batch", "2", "4", "--threads", "1",
                  "--json", str(out)]) == 0

@@ -386,3 +386,19 @@ def test_data_workers_beyond_the_shards_is_said(tmp_path, capsys):
     err = capsys.readouterr().err
     assert rc != 0 and "note: --data-workers 3" in err and "1 stream(s)" in err and "missing.pt" in err
     assert not (tmp_path / "run").exists()
+
+
+def test_a_run_resumes_under_a_config_json_written_before_a_key_existed():
+    """same_run: a run folder's config.json lacking keys added since (at their defaults) or
+    with other machine-only settings (data_workers) is the same run; another value is not."""
+    from RadGSRegLib.training.train import _cfg_json, same_run
+
+    cfg = TrainConfig(phantoms=3, rec_epochs=1, reg_epochs=1, joint_epochs=0, data_workers=2)
+    old = _cfg_json(cfg)
+    for key in ("data_shards", "data_workers"):
+        old.pop(key)
+    assert same_run(old, cfg)                                    # written before the keys existed
+    assert same_run({**old, "data_workers": 7}, cfg)             # other processes, same samples
+    assert not same_run({**old, "data_shards": 2}, cfg)          # other samples
+    assert not same_run({**old, "lr": 0.1}, cfg)
+    assert not same_run({**old, "no_such_key": 1}, cfg) and not same_run(None, cfg) and not same_run([1], cfg)

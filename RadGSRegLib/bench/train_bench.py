@@ -22,6 +22,7 @@ from pathlib import Path
 __all__ = ["run_train_bench"]
 
 _EPOCHS = {"rec": 2, "reg": 2, "joint": 1}
+_EPOCHS_CFG = {f"{k}_epochs": v for k, v in _EPOCHS.items()}
 
 
 def _per_sample(rows: list, n: int) -> dict:
@@ -57,7 +58,8 @@ def run_train_bench(config, *, device: str = "cpu", threads: int = 2, samples: i
     from ..learned.model import RadGSRegNet
     from ..resources import resource_path
 
-    full = config if isinstance(config, TrainConfig) else load_train_config(config)
+    # the epochs are the bench's own (a RegM-only continuation without its init loads too)
+    full = config if isinstance(config, TrainConfig) else load_train_config(config, **_EPOCHS_CFG)
     model = RadGSRegNet.load(full.init_path()).cfg if full.init else full.model   # stages 2-3: the weights'
     shipped = resource_path("Models/radgsreg_stage1.pt")
     init = str(shipped) if RadGSRegNet.load(shipped).cfg == model else None

@@ -94,6 +94,8 @@ def voxelize_many(items, shape: tuple[int, int, int], *, cutoff: float = 3.0,
 
     K, J, I = (int(x) for x in shape)
     items = list(items)
+    if not items:
+        raise ValueError("no Gaussian sets to voxelize")
     dev, dt = items[0][1].device, items[0][1].dtype
     chunk_pairs = chunk_pairs_for(dev, chunk_pairs)
     means, precs, diags, dens, vol = [], [], [], [], []

@@ -212,7 +212,7 @@ def _shard_samples(cfg: TrainConfig, work: list[tuple[int, int]], rng: np.random
     mc = cfg.model
     views = biplanar_views(pixels=mc.image_pixels)
     sim = XraySimConfig()
-    total = cfg.val_samples if validation and cfg.stage == 1 else None
+    total = cfg.val_samples if validation else None
     sources = list(sample_sources(cfg, validation=validation))
     out = []
     it = progress(work) if progress else work
@@ -271,10 +271,27 @@ def _build_shard(cfg: TrainConfig, k: int, shards: int, validation: bool) -> lis
     return plain(_shard_samples(cfg, work, _shard_rng(cfg, k, shards, validation=validation), validation=validation))
 
 
-def _worker_shard(cfg: TrainConfig, k: int, shards: int, validation: bool) -> list[dict]:
-    """:func:`_build_shard` in a worker process, on one torch thread (the workers share the cores)."""
+def _worker_shard(cfg: TrainConfig, k: int, shards: int, validation: bool) -> bytes:
+    """:func:`_build_shard` in a worker process, on one torch and one numba thread (the
+    workers share the cores), returned as ``torch.save`` bytes: pickled tensors would cross
+    as shared-memory handles, two open files each until the parent has read them all (a
+    shard of a few hundred samples exceeds the usual limit of 1 024)."""
+    import io
+
+    import numba
+
     torch.set_num_threads(1)
-    return _build_shard(cfg, k, shards, validation)
+    numba.set_num_threads(1)
+    buf = io.BytesIO()
+    torch.save(_build_shard(cfg, k, shards, validation), buf)
+    return buf.getvalue()
+
+
+def _shard_from_bytes(data: bytes) -> list[dict]:
+    """A worker's shard read back (``weights_only``: tensors and plain values only)."""
+    import io
+
+    return torch.load(io.BytesIO(data), weights_only=True)
 
 
 def build_samples(cfg: TrainConfig, *, validation: bool, progress=None) -> list[dict]:
@@ -298,7 +315,13 @@ def build_samples(cfg: TrainConfig, *, validation: bool, progress=None) -> list[
     import multiprocessing as mp
     from concurrent.futures import ProcessPoolExecutor
 
-    with ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn")) as pool:
+    pool = ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn"))
+    try:
         futures = [pool.submit(_worker_shard, cfg, k, shards, validation) for k in range(shards)]
         it = progress(futures) if progress else futures
-        return [s for f in it for s in f.result()]
+        return [s for f in it for s in _shard_from_bytes(f.result())]
+    except BaseException:
+        pool.shutdown(wait=False, cancel_futures=True)     # a failed shard: the queued ones never start
+        raise
+    finally:
+        pool.shutdown(wait=True)

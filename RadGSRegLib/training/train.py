@@ -46,7 +46,7 @@ from ..learned.model import RadGSRegNet, UnsafeFileError, load_plain, plain
 from .config import TrainConfig
 from .data import SAMPLE_KEYS, build_samples, collate, perturb_pose
 
-__all__ = ["train", "check_run", "evaluate_samples", "PHASES", "RunFolderError", "CHECKPOINT_FORMAT",
+__all__ = ["train", "check_run", "same_run", "evaluate_samples", "PHASES", "RunFolderError", "CHECKPOINT_FORMAT",
            "SAMPLES_FORMAT", "RUN_FILES"]
 
 PHASES = ("rec", "reg", "joint")
@@ -128,6 +128,29 @@ def _dataset(cfg: TrainConfig, log) -> tuple[list, list]:
 # ------------------------------------------------------------------ checks before any work
 def _cfg_json(cfg: TrainConfig) -> dict:
     return json.loads(json.dumps(cfg.to_dict(), default=str))
+
+
+#: settings that do not change a run's samples or weights: a run resumes with other values
+_MACHINE_ONLY = ("data_workers",)
+
+
+def same_run(old, cfg: TrainConfig) -> bool:
+    """Whether a run folder's ``config.json`` (``old``, parsed JSON or None) describes the run
+    ``cfg`` would make: compared with the keys it lacks at their defaults (a folder written
+    before a key existed), and without :data:`_MACHINE_ONLY` settings."""
+    if not isinstance(old, dict):
+        return False
+    from ..configio import ConfigError
+
+    try:
+        then = _cfg_json(TrainConfig.from_dict(old))
+    except (ConfigError, TypeError, ValueError):
+        return False
+    now = _cfg_json(cfg)
+    for k in _MACHINE_ONLY:
+        then.pop(k, None)
+        now.pop(k, None)
+    return then == now
 
 
 def _started(out: Path) -> bool:
@@ -296,6 +319,8 @@ def check_run(cfg: TrainConfig, *, log=print) -> _Run:
         except (json.JSONDecodeError, UnicodeDecodeError, OSError):
             old = None
         if old == _cfg_json(cfg):
+            replace_config = False
+        elif started and same_run(old, cfg):    # written before a key existed, or other machine settings
             replace_config = False
         elif started:
             raise RunFolderError(f"{out} holds a run with another configuration ({cfg_path}); "
