@@ -937,7 +937,8 @@ def _cmd_train_metal(args):
 
 _COMMANDS = {"demo": _cmd_demo, "phantom": _cmd_phantom, "simulate-cases": _cmd_simulate, "show": _cmd_show,
              "sample-case": _cmd_sample_case, "fit-gaussians": _cmd_fit_gaussians, "register": _cmd_register,
-             "register-batch": _cmd_register_batch, "train": _cmd_train, "train-metal": _cmd_train_metal, "evaluate": _cmd_evaluate, "bench": _cmd_bench}
+             "register-batch": _cmd_register_batch, "train": _cmd_train, "train-metal": _cmd_train_metal,
+             "evaluate": _cmd_evaluate, "bench": _cmd_bench}
 
 
 def main(argv=None) -> int:

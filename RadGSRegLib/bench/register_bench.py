@@ -106,20 +106,18 @@ def _bench(suites, methods, *, json_path, limit, model, overwrite, log, threads,
     unknown = [m for m in methods if m not in METHODS]
     if unknown:
         raise ValueError(f"unknown method(s) {unknown}; choose from {sorted(METHODS)}")
-    net = None
-    if any(m.startswith("learned") for m in methods):
-        if not model:
-            raise ValueError("the learned methods need --model (a weight file, or 'default')")
-        from ..learned.model import RadGSRegNet
-
-        cfg_m = RegisterConfig(init="learned", model=model)
-        net = RadGSRegNet.load(cfg_m.model_path())
-    metal_net = None
+    learned = any(m.startswith("learned") for m in methods)
+    if learned and not model:
+        raise ValueError("the learned methods need --model (a weight file, or 'default')")
     default_metal = RegisterConfig().metal
-    if any(METHODS[m][0].get("metal", {}).get("mode", default_metal.mode) == "mask" for m in methods if METHODS[m][0]):
-        from ..learned.metal import MetalNet
+    mask = any(METHODS[m][0].get("metal", {}).get("mode", default_metal.mode) == "mask"
+               for m in methods if METHODS[m][0])
+    # the networks of the union of the methods, loaded once for every case (register.pipeline.load_networks)
+    from ..register.pipeline import load_networks
 
-        metal_net = MetalNet.load(default_metal.model_path())
+    union = RegisterConfig(init="learned" if learned else "search", model=model if learned else None,
+                           metal={"mode": "mask" if mask else "never"})
+    net, metal_net = load_networks(union)
     result = {"device": "cpu", "threads": threads, "model": str(model) if model else None, "suites": {},
               "methods": {m: METHODS[m][1] for m in methods}}
     for suite in suites:

@@ -85,8 +85,9 @@ from .refine3d import refine_3d
 from .search import level_steps, neighbour_offsets, rotation_hypotheses, search_other_levels, search_pose
 from .target import Target, make_target
 
-__all__ = ["run", "load_networks", "reconstruct_volume", "check_refinement", "fitted_levels", "Candidate", "Registration", "stages_for",
-           "mask_metal", "search_stage", "learned_stage", "refine3d_stage", "refine2d_stage", "check_stage", "output_stage"]
+__all__ = ["run", "load_networks", "reconstruct_volume", "check_refinement", "fitted_levels", "Candidate",
+           "Registration", "stages_for", "mask_metal", "search_stage", "learned_stage", "refine3d_stage",
+           "refine2d_stage", "check_stage", "output_stage"]
 
 
 @dataclass
