@@ -129,15 +129,21 @@ def learned_summary(rows: list[dict]) -> dict:
     rows of ``{"input_mtre_mm", "network_mtre_mm", "kept"}`` (:func:`case_row`'s
     ``learned``). Returns the mean / median mTRE and SR (%) of each, and how often the gate
     kept the network's pose, and of those how often it was nearer the truth than its input
-    (``kept_better``) or further (``kept_worse``)."""
+    (``kept_better``) or further (``kept_worse``); with ``true_volume_mtre_mm`` in every row
+    (RegM fed the true volume, ``radgsreg bench register``) its mean / median / SR too."""
     a = np.array([r["input_mtre_mm"] for r in rows], dtype=float)
     b = np.array([r["network_mtre_mm"] for r in rows], dtype=float)
     kept = np.array([r["kept"] == "network" for r in rows])
-    return {"input_mtre_mean": float(a.mean()), "input_mtre_median": float(np.median(a)),
-            "input_sr_pct": 100 * success_rate(a), "network_mtre_mean": float(b.mean()),
-            "network_mtre_median": float(np.median(b)), "network_sr_pct": 100 * success_rate(b),
-            "network_better": int((b < a).sum()), "kept_network": int(kept.sum()),
-            "kept_better": int((kept & (b < a)).sum()), "kept_worse": int((kept & (b > a)).sum())}
+    out = {"input_mtre_mean": float(a.mean()), "input_mtre_median": float(np.median(a)),
+           "input_sr_pct": 100 * success_rate(a), "network_mtre_mean": float(b.mean()),
+           "network_mtre_median": float(np.median(b)), "network_sr_pct": 100 * success_rate(b),
+           "network_better": int((b < a).sum()), "kept_network": int(kept.sum()),
+           "kept_better": int((kept & (b < a)).sum()), "kept_worse": int((kept & (b > a)).sum())}
+    if rows and all("true_volume_mtre_mm" in r for r in rows):
+        c = np.array([r["true_volume_mtre_mm"] for r in rows], dtype=float)
+        out.update({"true_volume_mtre_mean": float(c.mean()), "true_volume_mtre_median": float(np.median(c)),
+                    "true_volume_sr_pct": 100 * success_rate(c)})
+    return out
 
 
 def _profile_summary(rows: list[dict]) -> dict:
@@ -182,7 +188,10 @@ def format_table(per_suite: dict[str, dict[str, dict]]) -> list[str]:
                     f"{g['input_mtre_mean']:.2f} / {g['input_mtre_median']:.2f} mm, SR {g['input_sr_pct']:.0f} %; "
                     f"the network's own pose {g['network_mtre_mean']:.2f} / {g['network_mtre_median']:.2f} mm, "
                     f"SR {g['network_sr_pct']:.0f} %, nearer than its input in {g['network_better']}/{s['n']}; "
-                    f"the gate kept it in {g['kept_network']} ({g['kept_better']} nearer, {g['kept_worse']} further)")
+                    f"the gate kept it in {g['kept_network']} ({g['kept_better']} nearer, {g['kept_worse']} further)"
+                    + (f"; RegM fed the true volume instead of RecM's: {g['true_volume_mtre_mean']:.2f} / "
+                       f"{g['true_volume_mtre_median']:.2f} mm, SR {g['true_volume_sr_pct']:.0f} %"
+                       if "true_volume_mtre_mean" in g else ""))
     for sname, per in per_suite.items():
         for m, s in per.items():
             prof = s.get("profile") or {}

@@ -53,12 +53,53 @@ def test_sample_frames_agree(samples):
     assert (b["target"].flatten(2).max(-1).values > 0.3).all()
 
 
-def test_untrained_regm_returns_the_input_pose(samples):
+@pytest.mark.parametrize("kind", ["resnet", "flow"])
+def test_untrained_regm_returns_the_input_pose(samples, kind):
     mc, ss = samples
-    net = RadGSRegNet(mc)
+    net = RadGSRegNet(ModelConfig(**{**TINY, "regm": kind}))
     b = collate(ss)
     T = net.estimate(b, b["gt_volume"][:, None])
     assert torch.allclose(T, b["T_in"], atol=1e-4)
+
+
+def test_flow_regm_fit_of_the_true_correspondences_is_the_true_pose(samples):
+    """FlowRegM's rigid fit, given the true displacement of every grid voxel (where T_in
+    puts a CT point -> where the truth puts it), returns the truth, whatever the weights;
+    a field that is the truth's on half the voxels and nonsense on the rest returns it too
+    when the weights keep the true half only."""
+    from RadGSRegLib.geometry import apply_delta_torch
+    from RadGSRegLib.learned.regm import FlowRegM, grid_offsets, true_flow
+
+    mc, ss = samples
+    b = {k: (v.double() if torch.is_tensor(v) else v) for k, v in collate(ss).items()}
+    regm = FlowRegM(ModelConfig(**{**TINY, "regm": "flow"})).double()
+    off = grid_offsets(mc.voxels, mc.voxel_mm, dtype=torch.float64)
+    flow = true_flow(b["T_in"], b["G"], b["centre"], off)
+    B, M = flow.shape[:2]
+    w = torch.rand(B, M, dtype=torch.float64)
+    T = apply_delta_torch(regm.fit(flow, w / w.sum(1, keepdim=True)), b["T_in"], b["centre"])
+    assert torch.allclose(T, b["G"], atol=1e-6)
+    half = torch.arange(M) % 2 == 0
+    noisy = torch.where(half[None, :, None], flow, 30 * torch.randn_like(flow))
+    w = half.double().expand(B, -1)
+    T = apply_delta_torch(regm.fit(noisy, w / w.sum(1, keepdim=True)), b["T_in"], b["centre"])
+    assert torch.allclose(T, b["G"], atol=1e-6)
+    assert not torch.allclose(T, b["T_in"], atol=1e-2)
+
+
+def test_weights_written_before_regm_kinds_load_as_resnet(tmp_path):
+    """A weight file whose model_config has no ``regm`` (every file before the flow RegM)
+    is the ResNet RegM; a wrong kind is refused naming the field."""
+    from RadGSRegLib.learned.config import ConfigError as ModelConfigError
+    from RadGSRegLib.learned.model import write_weight_file, FORMAT
+    from RadGSRegLib.learned.regm import RegM
+
+    net = RadGSRegNet(ModelConfig(**TINY))
+    old = {k: v for k, v in net.cfg.to_dict().items() if k != "regm"}
+    write_weight_file(tmp_path / "old.pt", FORMAT, {"model_config": old}, net.state_dict(), {})
+    assert isinstance(RadGSRegNet.load(tmp_path / "old.pt").regm, RegM)
+    with pytest.raises(ModelConfigError, match="regm"):
+        ModelConfig(**{**TINY, "regm": "unet"})
 
 
 def test_cal_effect_branch(samples):
@@ -72,10 +113,11 @@ def test_cal_effect_branch(samples):
     assert eff2 is None and len(fact2[0].density) == 4 ** 3
 
 
-def test_training_steps_lower_the_losses(samples):
+@pytest.mark.parametrize("kind", ["resnet", "flow"])
+def test_training_steps_lower_the_losses(samples, kind):
     mc, ss = samples
     torch.manual_seed(0)
-    net = RadGSRegNet(mc)
+    net = RadGSRegNet(ModelConfig(**{**TINY, "regm": kind}))
     b = collate(ss)
     opt = torch.optim.Adam([{"params": [p for n, p in net.named_parameters() if n != "recm.anchor_bias"], "lr": 1e-3},
                             {"params": [net.recm.anchor_bias], "lr": 0.03}])
@@ -138,6 +180,27 @@ def test_regm_and_joint_phases_touch_what_they_should(tmp_path):
     assert any(not torch.equal(p0, p1) for p0, p1 in zip(before.recm.parameters(), joint.recm.parameters()))
 
 
+def test_new_regm_keeps_the_init_recm_and_trains_a_new_regm_of_that_kind(tmp_path):
+    """``new_regm``: the init weights' RecM, unchanged by a RegM-only run, and a new RegM of
+    the kind asked for, trained (not its untrained identity), in the written weights."""
+    from RadGSRegLib.learned.regm import FlowRegM, RegM
+    from RadGSRegLib.training.train import train
+
+    torch.manual_seed(0)
+    RadGSRegNet(ModelConfig(**TINY)).save(tmp_path / "w.pt")
+    before = RadGSRegNet.load(tmp_path / "w.pt")
+    assert isinstance(before.regm, RegM)
+    cfg = TrainConfig(out=str(tmp_path / "flow"), init=str(tmp_path / "w.pt"), new_regm="flow", phantoms=1,
+                      phantom_spacing_mm=4.0, samples_per_ct=2, val_samples=1, levels=["L3"], rec_epochs=0,
+                      reg_epochs=1, joint_epochs=0, batch=2)
+    after = RadGSRegNet.load(train(cfg, progress=False))
+    assert isinstance(after.regm, FlowRegM) and after.cfg.regm == "flow"
+    for (name, p0), p1 in zip(before.recm.state_dict().items(), after.recm.state_dict().values()):
+        assert torch.equal(p0, p1), name
+    assert after.regm.head.weight.abs().max() > 0          # trained away from its zero start
+    assert json.loads((tmp_path / "flow" / "config.json").read_text())["new_regm"] == "flow"
+
+
 def test_train_run_writes_resumes_and_refuses_another_config(tmp_path):
     from RadGSRegLib.training.train import train
 
@@ -164,6 +227,10 @@ def test_config_errors_name_the_problem(tmp_path):
         TrainConfig(stage=3, init="x.pt")
     with pytest.raises(ValueError, match="backbone"):
         ModelConfig(backbone="resnet18")
+    with pytest.raises(ValueError, match="new_regm.*needs init"):
+        TrainConfig(new_regm="flow")
+    with pytest.raises(ValueError, match="new_regm.*resnet, flow"):
+        TrainConfig(init="x.pt", new_regm="unet")
     p = tmp_path / "c.json"
     p.write_text("{not json")
     with pytest.raises(ValueError, match="not valid JSON"):
@@ -384,7 +451,7 @@ def test_sharded_samples_depend_on_the_shards_not_on_the_processes(small_phantom
 
 
 @pytest.mark.parametrize("name", ["stage1_tiny", "stage3_tiny", "stage1_paper", "stage1_cpu", "stage3_cpu",
-                                  "stage1_cpu_reg5"])
+                                  "stage1_cpu_reg5", "stage1_cpu_flow"])
 def test_shipped_configs_load_and_build(name):
     """Every config in Resources/Models/configs is valid (no unknown key, consistent stage)
     and builds its network; the paper's uses its backbone and Eq. 3 weight. The RegM-only
@@ -392,11 +459,12 @@ def test_shipped_configs_load_and_build(name):
     from pathlib import Path
 
     path = Path(__file__).resolve().parents[1] / "Resources" / "Models" / "configs" / f"{name}.json"
-    if name == "stage1_cpu_reg5":
+    if name in ("stage1_cpu_reg5", "stage1_cpu_flow"):
         with pytest.raises(ConfigError, match="init"):
             load_train_config(path)
         cfg = load_train_config(path, init="default")
         assert (cfg.rec_epochs, cfg.joint_epochs, cfg.input_rot_deg) == (0, 0, 5.0)
+        assert cfg.new_regm == ("flow" if name == "stage1_cpu_flow" else None)
     else:
         cfg = load_train_config(path)
     net = RadGSRegNet(cfg.model)
@@ -522,3 +590,47 @@ def test_train_under_torchrun_on_two_processes(tmp_path):
     assert abs(rows1[-1]["val_mtre_mm"] - rows2[-1]["val_mtre_mm"]) < 1.0
     again = train_with(two, "run2")
     assert "resuming" in again.stdout and "phase done" in again.stdout
+
+
+def test_register_volume_is_regm_on_predicts_grid_and_refuses_another(small_phantom):
+    """``register_volume`` (RegM fed a volume instead of RecM's, the bench's "true volume"
+    column): fed ``predict``'s own reconstruction it returns ``predict``'s pose; fed the
+    true volume, a pose; a volume on another grid is refused."""
+    from dataclasses import replace
+
+    from RadGSRegLib.cases import CaseGenConfig, make_case
+    from RadGSRegLib.learned.infer import predict, register_volume
+    from RadGSRegLib.region import ground_truth_volume
+    from RadGSRegLib.volume import Volume
+
+    ct, seg = small_phantom
+    case = make_case(ct, seg, "L3", CaseGenConfig(rot_deg=5.0, trans_mm=10.0, pixels=64, seed=3),
+                     np.random.default_rng(3))
+    G = case.ground_truth
+    torch.manual_seed(1)
+    net = RadGSRegNet(ModelConfig(**{**TINY, "regm": "flow"}))
+    with torch.no_grad():                       # a RegM that moves the pose
+        for p in net.regm.head.parameters():
+            p.normal_(0, 0.05)
+    T_in = compose(sample_offsets(1, np.random.default_rng(0), rot_deg=3.0, trans_mm=3.0)[0], G)
+    seen = replace(case, ground_truth=None)
+    pred = predict(net, seen, T_in)
+    np.testing.assert_allclose(register_volume(net, seen, T_in, pred.recon), pred.T_ct_to_carm, atol=1e-5)
+    assert not np.allclose(pred.T_ct_to_carm, T_in, atol=1e-3)
+    gt = ground_truth_volume(ct, seg, case.vertebra_label, G, pred.recon.array.shape, pred.recon.affine)
+    T_gt = register_volume(net, seen, T_in, gt)
+    assert T_gt.shape == (4, 4) and not np.allclose(T_gt, pred.T_ct_to_carm, atol=1e-4)
+    A = gt.affine.copy()
+    A[:3, 3] += 1.0                             # the same cube 1 mm off
+    shifted = Volume(gt.array, A)
+    with pytest.raises(ValueError, match="not on the network's grid"):
+        register_volume(net, seen, T_in, shifted)
+    # the bench's summary: RegM fed the true volume, beside the network's own pose
+    from RadGSRegLib.evaluate import learned_summary
+
+    rows = [{"input_mtre_mm": 5.0, "network_mtre_mm": 4.0, "kept": "network", "true_volume_mtre_mm": 1.0},
+            {"input_mtre_mm": 6.0, "network_mtre_mm": 7.0, "kept": "input", "true_volume_mtre_mm": 4.0}]
+    g = learned_summary(rows)
+    assert (g["true_volume_mtre_mean"], g["true_volume_mtre_median"], g["true_volume_sr_pct"]) == (2.5, 2.5, 50.0)
+    assert "true_volume_mtre_mean" not in learned_summary([{k: v for k, v in r.items() if k != "true_volume_mtre_mm"}
+                                                           for r in rows])

@@ -146,6 +146,8 @@ def _bench(suites, methods, *, json_path, limit, model, overwrite, log, threads,
                 wall = time.perf_counter() - t
                 row = case_row(truth, res, d.name)
                 row["wall_s"] = wall
+                if "learned" in row and res.recon is not None:
+                    row["learned"]["true_volume_mtre_mm"] = _regm_on_true_volume(net, truth, res)
                 rows[m].append(row)
                 ncc = row.get("final_ncc_views") or {}
                 log(f"  [{suite.name}] {m:<12} {i + 1:>3}/{len(cases)} {d.name}: {row['initial_mtre_mm']:6.1f} -> "
@@ -170,6 +172,21 @@ def _bench(suites, methods, *, json_path, limit, model, overwrite, log, threads,
         write_json(json_path, result, "bench-register", overwrite=overwrite, inputs=list(suites), default=float)
         log(f"wrote {json_path}")
     return result
+
+
+def _regm_on_true_volume(net, truth, res) -> float:
+    """mTRE (mm) of RegM's pose from the network's input pose when fed the true vertebra
+    volume on its grid instead of RecM's reconstruction (:func:`~RadGSRegLib.learned.infer.register_volume`):
+    what RegM does with a perfect reconstruction, so the network's error splits into RecM's
+    and RegM's share."""
+    from ..learned.infer import register_volume
+    from ..metrics import truth_errors
+    from ..region import ground_truth_volume
+
+    T_in = np.asarray(res.info["learned"]["T_input"], dtype=float)
+    gt = ground_truth_volume(truth.ct, truth.seg, truth.vertebra_label, truth.ground_truth, res.recon.array.shape,
+                             res.recon.affine)
+    return truth_errors(truth, register_volume(net, truth, T_in, gt))["mtre_mm"]
 
 
 def rt_ratios(rows: dict[str, list[dict]]) -> dict:

@@ -13,9 +13,10 @@ from dataclasses import asdict, dataclass
 
 from ..configio import ConfigError, at_least, build, check
 
-__all__ = ["ModelConfig", "BACKBONES", "ConfigError"]
+__all__ = ["ModelConfig", "BACKBONES", "REGM_KINDS", "ConfigError"]
 
 BACKBONES = ("small", "resnet50", "densenet121", "vit")
+REGM_KINDS = ("resnet", "flow")
 
 
 @dataclass
@@ -39,7 +40,9 @@ class ModelConfig:
         cal: counterfactual attention (Eq. 1) before the Gaussian head.
         render_pixels: side (pixels of the working detector) of the window around the
             vertebra that the training loss renders.
-        regm_channels: widths of RegM's 3-D ResNet stages.
+        regm: RegM's kind (:mod:`~RadGSRegLib.learned.regm`): "resnet" (the paper's pose
+            regressor) or "flow" (per-voxel correspondences and a rigid fit).
+        regm_channels: widths of RegM's 3-D ResNet stages ("resnet") or U-Net levels ("flow").
     """
 
     backbone: str = "small"
@@ -54,12 +57,15 @@ class ModelConfig:
     density_scale: float = 0.01
     cal: bool = True
     render_pixels: int = 64
+    regm: str = "resnet"
     regm_channels: tuple[int, int, int, int] = (16, 32, 64, 128)
 
     def __post_init__(self):
         check(self)
         if self.backbone not in BACKBONES:
             raise ConfigError(f"must be one of {', '.join(BACKBONES)}, not {self.backbone!r}", field="backbone")
+        if self.regm not in REGM_KINDS:
+            raise ConfigError(f"must be one of {', '.join(REGM_KINDS)}, not {self.regm!r}", field="regm")
         at_least(self, ("image_pixels", "features", "hidden", "anchors", "per_anchor", "voxels", "render_pixels"),
                   1, "a positive integer")
         for name in ("roi_mm", "density_scale"):

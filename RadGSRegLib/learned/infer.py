@@ -20,7 +20,7 @@ from .inputs import network_images, prepare_images
 from .model import RadGSRegNet
 from .recm import GaussianSet
 
-__all__ = ["Prediction", "predict"]
+__all__ = ["Prediction", "predict", "register_volume"]
 
 
 @dataclass
@@ -73,10 +73,35 @@ def predict(net: RadGSRegNet, case, T_in: np.ndarray, *, images: dict | None = N
         A = cube_affine_batch(c.cpu(), cfg.roi_mm, cfg.voxels)
         runtime["reconstruction"] = time.perf_counter() - t
         t = time.perf_counter()
-        batch = {"ct": torch.as_tensor(vr.crop.array, dtype=torch.float32, device=device)[None],
-                 "ct_affine": torch.as_tensor(vr.crop.affine, dtype=torch.float32, device=device)[None],
-                 "T_in": torch.as_tensor(T_in, dtype=torch.float32, device=device)[None], "centre": c}
-        T = orthonormalized(net.estimate(batch, rec).cpu().numpy()[0])
+        T = orthonormalized(net.estimate(_regm_batch(vr, T_in, c, device), rec).cpu().numpy()[0])
         runtime["registration"] = time.perf_counter() - t
     recon = Volume(rec[0, 0].cpu().numpy().astype(np.float32), A[0].numpy().astype(np.float64))
     return Prediction(T, recon, fact[0], vr, runtime)
+
+
+def _regm_batch(vr: VertebraRegion, T_in: np.ndarray, centre: torch.Tensor, device) -> dict:
+    """RegM's inputs but the volume, for one case (see :meth:`RadGSRegNet.estimate`)."""
+    return {"ct": torch.as_tensor(vr.crop.array, dtype=torch.float32, device=device)[None],
+            "ct_affine": torch.as_tensor(vr.crop.affine, dtype=torch.float32, device=device)[None],
+            "T_in": torch.as_tensor(T_in, dtype=torch.float32, device=device)[None], "centre": centre}
+
+
+def register_volume(net: RadGSRegNet, case, T_in: np.ndarray, volume: Volume, *, device="cpu",
+                    region: VertebraRegion | None = None) -> np.ndarray:
+    """RegM alone: the (4, 4) pose ``T_ct_to_carm`` it returns from ``T_in`` when fed
+    ``volume`` (1/mm, C-arm frame) in place of RecM's reconstruction. ``volume`` must lie on
+    the grid :func:`predict` uses for this ``T_in`` (its ``recon.affine``): e.g. the true
+    vertebra volume there (:func:`~RadGSRegLib.region.ground_truth_volume`), which tells
+    RegM's share of the network's error from RecM's (``radgsreg bench register``)."""
+    cfg = net.cfg
+    vr = region or VertebraRegion.of(case.ct, case.seg, case.vertebra_label, side_mm=cfg.roi_mm,
+                                     voxel_mm=cfg.voxel_mm)
+    c = torch.as_tensor(apply(T_in, vr.centroid), dtype=torch.float32, device=device)[None]
+    A = cube_affine_batch(c.cpu(), cfg.roi_mm, cfg.voxels)[0].numpy()
+    if volume.array.shape != (cfg.voxels,) * 3 or not np.allclose(volume.affine, A, atol=1e-3):
+        raise ValueError(f"the volume is not on the network's grid for this input pose "
+                         f"({cfg.voxels}^3 voxels of {cfg.voxel_mm:g} mm centred where T_in puts the vertebra)")
+    net.eval()
+    with torch.no_grad():
+        v = torch.as_tensor(volume.array, dtype=torch.float32, device=device)[None, None]
+        return orthonormalized(net.estimate(_regm_batch(vr, T_in, c, device), v).cpu().numpy()[0])

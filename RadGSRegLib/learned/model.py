@@ -23,7 +23,7 @@ from ..region import cube_affine_batch, resample_region
 from ..similarity import ncc_torch
 from .config import ModelConfig
 from .recm import GaussianSet, RecM
-from .regm import VOLUME_SCALE, RegM, pose_loss
+from .regm import VOLUME_SCALE, FlowRegM, grid_offsets, make_regm, pose_loss, support, true_flow
 
 __all__ = ["RadGSRegNet", "FORMAT", "render_windows", "render_windows_many", "voxelize_set", "voxelize_sets",
            "load_plain", "UnsafeFileError", "WeightFileError", "plain", "read_weight_file", "write_weight_file"]
@@ -164,7 +164,7 @@ class RadGSRegNet(nn.Module):
         super().__init__()
         self.cfg = cfg or ModelConfig()
         self.recm = RecM(self.cfg)
-        self.regm = RegM(self.cfg)
+        self.regm = make_regm(self.cfg)
         self.card: dict = {}
 
     def reconstruct(self, images: torch.Tensor, proj: torch.Tensor, centre: torch.Tensor):
@@ -230,25 +230,54 @@ class RadGSRegNet(nn.Module):
             parts["volume"] += float(lvol.detach()) / B
         return total, torch.stack(vols)[:, None], parts
 
-    def registration_loss(self, batch: dict, recon: torch.Tensor, *, lambda_geo=0.02):
+    def registration_loss(self, batch: dict, recon: torch.Tensor, *, lambda_geo=0.02, lambda_flow=1.0):
         """Eq. 3: NCC + SSIM (3-D) between the CT moved by the estimate and ``recon``, plus
-        ``lambda_geo`` x the pose error. Returns (loss, T (B, 4, 4), parts)."""
-        T = self.estimate(batch, recon)
+        ``lambda_geo`` x the pose error; with the "flow" RegM also ``lambda_flow`` x the mean
+        error of its displacements against the true ones (over the voxels where the CT at
+        ``T_in`` shows tissue, :func:`~.regm.support`; in units of 10 mm: the correspondences
+        are supervised directly, the rigid fit end to end through the pose terms).
+        Returns (loss, T (B, 4, 4), parts)."""
+        T, field = self._estimate(batch, recon)
         cfg = self.cfg
         A = cube_affine_batch(batch["centre"], cfg.roi_mm, cfg.voxels)
         moved = resample_region(batch["ct"][:, None], batch["ct_affine"], T, A, cfg.voxels)
         lncc = (1 - ncc_torch(moved, recon)).mean()
         lssim = ssim_loss(moved / VOLUME_SCALE, recon / VOLUME_SCALE, spatial_dims=3, data_range=1.5)
         lgeo = pose_loss(T, batch["G"], batch["centroid"]).mean()
-        return lncc + lssim + lambda_geo * lgeo, T, {"ncc": float(lncc.detach()), "ssim": float(lssim.detach()), "geo": float(lgeo.detach())}
+        loss = lncc + lssim + lambda_geo * lgeo
+        parts = {"ncc": float(lncc.detach()), "ssim": float(lssim.detach()), "geo": float(lgeo.detach())}
+        if field is not None:
+            offsets = grid_offsets(cfg.voxels, cfg.voxel_mm, device=recon.device, dtype=recon.dtype)
+            err = (field[0] - true_flow(batch["T_in"], batch["G"], batch["centre"], offsets)).norm(dim=-1)
+            seen = support(field[2]).flatten(1)
+            lflow = ((err * seen).sum(1) / seen.sum(1).clamp(min=1.0)).mean() / 10.0
+            loss = loss + lambda_flow * lflow
+            parts["flow"] = float(lflow.detach())
+        return loss, T, parts
 
     def estimate(self, batch: dict, recon: torch.Tensor) -> torch.Tensor:
-        """(B, 4, 4) ``T_ct_to_carm`` from RegM, starting at ``batch["T_in"]``."""
+        """(B, 4, 4) ``T_ct_to_carm`` from RegM, starting at ``batch["T_in"]``.
+
+        Args:
+            batch: ``ct`` (B, S, S, S) and ``ct_affine`` (B, 4, 4): the CT vertebra region
+                (CT frame); ``T_in`` (B, 4, 4); ``centre`` (B, 3) the grid's centre (C-arm mm).
+            recon: (B, 1, V, V, V) the reconstruction on that grid (1/mm).
+        """
+        return self._estimate(batch, recon)[0]
+
+    def _estimate(self, batch: dict, recon: torch.Tensor):
+        """:meth:`estimate` and, for the "flow" RegM, its (displacement, weight, CT at T_in) (else None)."""
         cfg = self.cfg
         A = cube_affine_batch(batch["centre"], cfg.roi_mm, cfg.voxels)
         ct_in = resample_region(batch["ct"][:, None], batch["ct_affine"], batch["T_in"], A, cfg.voxels)
-        delta = self.regm(recon, ct_in)
-        return apply_delta_torch(delta, batch["T_in"], batch["centre"])
+        field = None
+        if isinstance(self.regm, FlowRegM):
+            flow, weight = self.regm.field(recon, ct_in)
+            field = (flow, weight, ct_in)
+            delta = self.regm.fit(flow, weight)
+        else:
+            delta = self.regm(recon, ct_in)
+        return apply_delta_torch(delta, batch["T_in"], batch["centre"]), field
 
     # ------------------------------------------------------------------ files
     def save(self, path, *, card: dict | None = None, overwrite: bool = False) -> Path:

@@ -38,6 +38,9 @@ class TrainConfig:
         init: weights to start from (stages 2-3 start from stage 1's): a ``.pt`` file, or
             "default" for the shipped stage-1 weights (:mod:`RadGSRegLib.resources`); None: random.
         model: the network (ignored when ``init`` is given: the weights carry theirs).
+        new_regm: with ``init``: None keeps its RegM; "resnet" or "flow" keeps its RecM and
+            starts a new, untrained RegM of that kind
+            (:mod:`~RadGSRegLib.learned.regm`; seeded by ``seed``).
         phantoms / phantom_spacing_mm: stage 1: phantom CTs generated (seeded) and their
             voxel size.
         ct_dirs: CTs with vertebra label maps: ``CT:LABELS`` path pairs, folders holding
@@ -87,6 +90,7 @@ class TrainConfig:
     out: str = "runs/stage1"
     init: str | None = None
     model: ModelConfig = field(default_factory=ModelConfig)
+    new_regm: str | None = None
     phantoms: int = 24
     phantom_spacing_mm: float = 2.0
     ct_dirs: list[str] = field(default_factory=list)
@@ -161,6 +165,15 @@ class TrainConfig:
             raise ConfigError("stage 2 trains on real X-ray cases: give case_dirs (folders with ground_truth)")
         if self.stage == 3 and not self.ct_dirs:
             raise ConfigError("stage 3 is patient-specific: give the patient's CT in ct_dirs")
+        if self.new_regm is not None:
+            from ..learned.config import REGM_KINDS
+
+            if self.new_regm not in REGM_KINDS:
+                raise ConfigError(f"must be one of {', '.join(REGM_KINDS)} (or absent: keep init's RegM), "
+                                  f"not {self.new_regm!r}", field="new_regm")
+            if not self.init:
+                raise ConfigError("a new RegM needs init (the weights whose RecM it keeps); without init, "
+                                  "set model.regm", field="new_regm")
         if self.stage in (2, 3) and not self.init:
             raise ConfigError(f"stage {self.stage} fine-tunes earlier weights: give init (e.g. the shipped stage-1 model)")
 

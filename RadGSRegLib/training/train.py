@@ -302,6 +302,13 @@ def check_run(cfg: TrainConfig, *, log=print) -> _Run:
     device = resolve_device(cfg.device, "device (--device)")
     if cfg.init:
         net = RadGSRegNet.load(cfg.init_path())
+        if cfg.new_regm:                        # init's RecM, a new untrained RegM of that kind
+            old = net
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(cfg.seed)
+                net = RadGSRegNet(dataclasses.replace(old.cfg, regm=cfg.new_regm))
+            net.recm.load_state_dict(old.recm.state_dict())
+            log(f"init {cfg.init}: its RecM, and a new untrained {cfg.new_regm} RegM (new_regm)")
         if net.cfg != cfg.model:
             log(f"init {cfg.init}: the network's settings come from the weights (the config's model settings "
                 "are not used)")
@@ -332,7 +339,9 @@ def check_run(cfg: TrainConfig, *, log=print) -> _Run:
     for d in cfg.case_dirs if cfg.stage == 2 else ():
         _check_case(d)
     if net is None:
-        net = RadGSRegNet(cfg.model)
+        with torch.random.fork_rng(devices=[]):     # the starting weights follow the seed
+            torch.manual_seed(cfg.seed)
+            net = RadGSRegNet(cfg.model)
     if blob is not None:
         try:
             net.load_state_dict(blob["state_dict"])
