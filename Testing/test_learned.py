@@ -79,6 +79,12 @@ def test_flow_regm_fit_of_the_true_correspondences_is_the_true_pose(samples):
     w = torch.rand(B, M, dtype=torch.float64)
     T = apply_delta_torch(regm.fit(flow, w / w.sum(1, keepdim=True)), b["T_in"], b["centre"])
     assert torch.allclose(T, b["G"], atol=1e-6)
+    # the offsets' order is the grid's: voxel [k, j, i] of a flattened (V, V, V) array lies at
+    # cube_affine (i, j, k) (resample_region's convention), relative to the cube's centre
+    A = cube_affine_batch(b["centre"][:1].float(), mc.roi_mm, mc.voxels)[0].double()
+    k, j, i = np.unravel_index(np.arange(M), (mc.voxels,) * 3)
+    ijk1 = torch.as_tensor(np.stack([i, j, k, np.ones(M)], 1), dtype=torch.float64)
+    assert torch.allclose((ijk1 @ A.T)[:, :3] - b["centre"][0], off, atol=1e-4)
     half = torch.arange(M) % 2 == 0
     noisy = torch.where(half[None, :, None], flow, 30 * torch.randn_like(flow))
     w = half.double().expand(B, -1)
@@ -100,6 +106,9 @@ def test_weights_written_before_regm_kinds_load_as_resnet(tmp_path):
     assert isinstance(RadGSRegNet.load(tmp_path / "old.pt").regm, RegM)
     with pytest.raises(ModelConfigError, match="regm"):
         ModelConfig(**{**TINY, "regm": "unet"})
+    with pytest.raises(ModelConfigError, match="voxels.*multiple of 8"):
+        ModelConfig(**{**TINY, "regm": "flow", "voxels": 20})
+    RadGSRegNet(ModelConfig(**{**TINY, "regm": "resnet", "voxels": 20}))       # the ResNet takes any size
 
 
 def test_cal_effect_branch(samples):
@@ -122,16 +131,20 @@ def test_training_steps_lower_the_losses(samples, kind):
     opt = torch.optim.Adam([{"params": [p for n, p in net.named_parameters() if n != "recm.anchor_bias"], "lr": 1e-3},
                             {"params": [net.recm.anchor_bias], "lr": 0.03}])
     first = last = None
+    parts = []
     for _ in range(25):
         opt.zero_grad()
         lrec, rec, _ = net.reconstruction_loss(b)
-        lreg, _, _ = net.registration_loss(b, rec.detach(), lambda_geo=1.0)
+        lreg, _, pg = net.registration_loss(b, rec.detach(), lambda_geo=1.0)
         loss = lrec + lreg
         loss.backward()
         opt.step()
         first = float(loss.detach()) if first is None else first
         last = float(loss.detach())
+        parts.append(pg)
     assert np.isfinite(last) and last < 0.8 * first
+    if kind == "flow":                          # RegM's own terms fall, not only RecM's
+        assert parts[-1]["flow"] < 0.95 * parts[0]["flow"] and parts[-1]["geo"] < 0.9 * parts[0]["geo"]
 
 
 def test_perturbed_input_poses_stay_in_range(samples):
@@ -186,10 +199,13 @@ def test_new_regm_keeps_the_init_recm_and_trains_a_new_regm_of_that_kind(tmp_pat
     from RadGSRegLib.learned.regm import FlowRegM, RegM
     from RadGSRegLib.training.train import train
 
-    torch.manual_seed(0)
+    torch.manual_seed(123)                      # not the run's seed: a RecM the run would not make itself
     RadGSRegNet(ModelConfig(**TINY)).save(tmp_path / "w.pt")
     before = RadGSRegNet.load(tmp_path / "w.pt")
     assert isinstance(before.regm, RegM)
+    torch.manual_seed(0)
+    fresh = RadGSRegNet(ModelConfig(**TINY))
+    assert any(not torch.equal(a, b) for a, b in zip(before.recm.parameters(), fresh.recm.parameters()))
     cfg = TrainConfig(out=str(tmp_path / "flow"), init=str(tmp_path / "w.pt"), new_regm="flow", phantoms=1,
                       phantom_spacing_mm=4.0, samples_per_ct=2, val_samples=1, levels=["L3"], rec_epochs=0,
                       reg_epochs=1, joint_epochs=0, batch=2)
@@ -467,8 +483,16 @@ def test_shipped_configs_load_and_build(name):
         assert cfg.new_regm == ("flow" if name == "stage1_cpu_flow" else None)
     else:
         cfg = load_train_config(path)
-    net = RadGSRegNet(cfg.model)
+    from dataclasses import replace
+
+    net = RadGSRegNet(replace(cfg.model, regm=cfg.new_regm) if cfg.new_regm else cfg.model)
     assert sum(p.numel() for p in net.parameters()) > 1e5
+    if cfg.new_regm == "flow":
+        from RadGSRegLib.learned.regm import FlowRegM
+
+        assert isinstance(net.regm, FlowRegM)
+        V = cfg.model.voxels
+        assert net.regm(torch.zeros(1, 1, V, V, V), torch.zeros(1, 1, V, V, V)).shape == (1, 6)
     if name == "stage1_paper":
         assert cfg.model.backbone == "resnet50" and cfg.lambda_geo == 0.02 and cfg.device == "cuda"
     # what a config names is found from any folder (shipped names, not checkout paths)

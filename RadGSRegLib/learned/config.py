@@ -76,6 +76,10 @@ class ModelConfig:
         for i, c in enumerate(self.regm_channels):
             if c < 1:
                 raise ConfigError(f"must be a positive integer, not {c}", field=f"regm_channels[{i}]")
+        halvings = 2 ** (len(self.regm_channels) - 1)
+        if self.regm == "flow" and self.voxels % halvings:
+            raise ConfigError(f"must be a multiple of {halvings} for the flow RegM (its U-Net halves the grid "
+                              f"{len(self.regm_channels) - 1} times), not {self.voxels}", field="voxels")
 
     @property
     def voxel_mm(self) -> float:

@@ -116,7 +116,8 @@ class FlowRegM(nn.Module):
         B = out.shape[0]
         flow = out[:, :3].reshape(B, 3, -1).transpose(1, 2) * FLOW_SCALE
         # only where the CT shows something at T_in can a correspondence be seen: the weights
-        # live there (all voxels alike when it shows nothing in the cube)
+        # live there (a soft mask: log 1e-6 ~ -14 on the logits elsewhere; all voxels alike
+        # when it shows nothing in the cube)
         seen = support(ct_at_input).reshape(B, -1)
         weight = torch.softmax(out[:, 3].reshape(B, -1) + torch.log(seen + 1e-6), dim=1)
         return flow, weight
