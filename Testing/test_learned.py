@@ -215,6 +215,12 @@ def test_new_regm_keeps_the_init_recm_and_trains_a_new_regm_of_that_kind(tmp_pat
         assert torch.equal(p0, p1), name
     assert after.regm.head.weight.abs().max() > 0          # trained away from its zero start
     assert json.loads((tmp_path / "flow" / "config.json").read_text())["new_regm"] == "flow"
+    # weights whose grid the flow RegM's U-Net cannot halve: refused before any work, naming both
+    RadGSRegNet(ModelConfig(**{**TINY, "voxels": 20})).save(tmp_path / "w20.pt")
+    with pytest.raises(ConfigError, match=r"new_regm 'flow': the network of .*w20.pt cannot take it.*voxels"):
+        train(TrainConfig(**{**cfg.to_dict(), "init": str(tmp_path / "w20.pt"), "out": str(tmp_path / "f20")}),
+              progress=False)
+    assert not (tmp_path / "f20").exists()
 
 
 def test_train_run_writes_resumes_and_refuses_another_config(tmp_path):

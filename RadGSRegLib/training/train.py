@@ -43,7 +43,7 @@ from ..errors import OutputError
 from ..io.atomic import atomic_file
 from ..io.outputs import check_writable, read_marker, write_marker
 from ..learned.model import RadGSRegNet, UnsafeFileError, load_plain, plain
-from .config import TrainConfig
+from .config import ConfigError, TrainConfig
 from .data import SAMPLE_KEYS, build_samples, collate, perturb_pose
 
 __all__ = ["train", "check_run", "same_run", "evaluate_samples", "PHASES", "RunFolderError", "CHECKPOINT_FORMAT",
@@ -304,9 +304,14 @@ def check_run(cfg: TrainConfig, *, log=print) -> _Run:
         net = RadGSRegNet.load(cfg.init_path())
         if cfg.new_regm:                        # init's RecM, a new untrained RegM of that kind
             old = net
+            try:
+                new_cfg = dataclasses.replace(old.cfg, regm=cfg.new_regm)
+            except ConfigError as e:
+                raise ConfigError(f"{cfg.new_regm!r}: the network of {cfg.init_path()} cannot take it ({e})",
+                                  field="new_regm") from None
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(cfg.seed)
-                net = RadGSRegNet(dataclasses.replace(old.cfg, regm=cfg.new_regm))
+                net = RadGSRegNet(new_cfg)
             net.recm.load_state_dict(old.recm.state_dict())
             log(f"init {cfg.init}: its RecM, and a new untrained {cfg.new_regm} RegM (new_regm)")
         if net.cfg != cfg.model:
