@@ -145,6 +145,10 @@ def test_training_steps_lower_the_losses(samples, kind):
     assert np.isfinite(last) and last < 0.8 * first
     if kind == "flow":                          # RegM's own terms fall, not only RecM's
         assert parts[-1]["flow"] < 0.95 * parts[0]["flow"] and parts[-1]["geo"] < 0.9 * parts[0]["geo"]
+        with torch.no_grad():                   # lambda_flow weighs exactly the displacement term
+            l0, _, p0 = net.registration_loss(b, rec.detach(), lambda_geo=1.0, lambda_flow=0.0)
+            l2, _, _ = net.registration_loss(b, rec.detach(), lambda_geo=1.0, lambda_flow=2.0)
+        assert float(l2 - l0) == pytest.approx(2 * p0["flow"], rel=1e-4)
 
 
 def test_perturbed_input_poses_stay_in_range(samples):
@@ -253,6 +257,8 @@ def test_config_errors_name_the_problem(tmp_path):
         TrainConfig(new_regm="flow")
     with pytest.raises(ValueError, match="new_regm.*resnet, flow"):
         TrainConfig(init="x.pt", new_regm="unet")
+    with pytest.raises(ValueError, match="lambda_flow"):
+        TrainConfig(lambda_flow=-1.0)
     p = tmp_path / "c.json"
     p.write_text("{not json")
     with pytest.raises(ValueError, match="not valid JSON"):

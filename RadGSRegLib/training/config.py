@@ -81,6 +81,8 @@ class TrainConfig:
         lambda_geo: weight of the pose loss in Eq. 3 (the paper's 0.02). Its pose term
             is the geodesic rotation error (rad) plus the translation error of the
             vertebra's centre / 10 mm.
+        lambda_flow: with the flow RegM, weight of its displacement error (mean over the
+            voxels where the CT shows tissue, in 10 mm) in Eq. 3.
         threads: torch CPU threads. device: "cpu" or "cuda". seed: everything is seeded.
         data_cache: folder for generated samples (default ``out/data``); reused if the
             data settings match.
@@ -117,6 +119,7 @@ class TrainConfig:
     lambda_tv: float = 0.05
     lambda_volume: float = 10.0
     lambda_geo: float = 0.02
+    lambda_flow: float = 1.0
     threads: int = 1
     device: str = "cpu"
     seed: int = 0
@@ -133,7 +136,7 @@ class TrainConfig:
         at_least(self, ("samples_per_ct", "batch", "lr_halve_epochs", "threads", "data_shards", "data_workers"), 1,
                  "an integer >= 1")
         at_least(self, ("pose_rot_deg", "pose_trans_mm", "input_rot_deg", "input_trans_mm", "lr_template",
-                         "lambda_ssim", "lambda_tv", "lambda_volume", "lambda_geo"), 0, ">= 0")
+                         "lambda_ssim", "lambda_tv", "lambda_volume", "lambda_geo", "lambda_flow"), 0, ">= 0")
         for name in ("phantom_spacing_mm", "lr"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"must be positive, not {getattr(self, name)}", field=name)

@@ -562,14 +562,14 @@ def train(cfg: TrainConfig, *, log=print, progress: bool = True) -> Path:
                     parts.update({f"rec_{k}": v for k, v in pr.items()})
                     loss = lrec
                     if phase == "joint":
-                        lreg, _, pg = net.registration_loss(b, rec, lambda_geo=cfg.lambda_geo)
+                        lreg, _, pg = net.registration_loss(b, rec, lambda_geo=cfg.lambda_geo, lambda_flow=cfg.lambda_flow)
                         parts.update({f"reg_{k}": v for k, v in pg.items()})
                         loss = loss + lreg
                 else:
                     b = _fresh_inputs(b, draws, cfg)
                     with torch.no_grad():
                         _, rec = net.reconstruct(b["images"], b["proj"], b["centre"])
-                    loss, _, pg = net.registration_loss(b, rec, lambda_geo=cfg.lambda_geo)
+                    loss, _, pg = net.registration_loss(b, rec, lambda_geo=cfg.lambda_geo, lambda_flow=cfg.lambda_flow)
                     parts.update({f"reg_{k}": v for k, v in pg.items()})
                 if not par.all_finite(loss):
                     log(f"{phase} epoch {ep + 1}: skipped a batch with a non-finite loss")
