@@ -58,8 +58,7 @@ def predict(net: RadGSRegNet, case, T_in: np.ndarray, *, images: dict | None = N
     net.eval()
     t0 = time.perf_counter()
     runtime = {}
-    vr = region or VertebraRegion.of(case.ct, case.seg, case.vertebra_label, side_mm=cfg.roi_mm,
-                                     voxel_mm=cfg.voxel_mm)
+    vr = region or _region(net, case)
     if images is None:
         x, _, proj = prepare_images(case.xrays, case.views, case.image_kind, cfg.image_pixels)
     else:
@@ -79,6 +78,12 @@ def predict(net: RadGSRegNet, case, T_in: np.ndarray, *, images: dict | None = N
     return Prediction(T, recon, fact[0], vr, runtime)
 
 
+def _region(net: RadGSRegNet, case) -> VertebraRegion:
+    """The case's vertebra region on the network's grid (its cube side and voxel size)."""
+    return VertebraRegion.of(case.ct, case.seg, case.vertebra_label, side_mm=net.cfg.roi_mm,
+                             voxel_mm=net.cfg.voxel_mm)
+
+
 def _regm_batch(vr: VertebraRegion, T_in: np.ndarray, centre: torch.Tensor, device) -> dict:
     """RegM's inputs but the volume, for one case (see :meth:`RadGSRegNet.estimate`)."""
     return {"ct": torch.as_tensor(vr.crop.array, dtype=torch.float32, device=device)[None],
@@ -94,8 +99,7 @@ def register_volume(net: RadGSRegNet, case, T_in: np.ndarray, volume: Volume, *,
     vertebra volume there (:func:`~RadGSRegLib.region.ground_truth_volume`), which tells
     RegM's share of the network's error from RecM's (``radgsreg bench register``)."""
     cfg = net.cfg
-    vr = region or VertebraRegion.of(case.ct, case.seg, case.vertebra_label, side_mm=cfg.roi_mm,
-                                     voxel_mm=cfg.voxel_mm)
+    vr = region or _region(net, case)
     c = torch.as_tensor(apply(T_in, vr.centroid), dtype=torch.float32, device=device)[None]
     A = cube_affine_batch(c.cpu(), cfg.roi_mm, cfg.voxels)[0].numpy()
     if volume.array.shape != (cfg.voxels,) * 3 or not np.allclose(volume.affine, A, atol=1e-3):

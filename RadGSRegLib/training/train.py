@@ -140,8 +140,6 @@ def same_run(old, cfg: TrainConfig) -> bool:
     before a key existed), and without :data:`_MACHINE_ONLY` settings."""
     if not isinstance(old, dict):
         return False
-    from ..configio import ConfigError
-
     try:
         then = _cfg_json(TrainConfig.from_dict(old))
     except (ConfigError, TypeError, ValueError):
@@ -520,6 +518,7 @@ def train(cfg: TrainConfig, *, log=print, progress: bool = True) -> Path:
         log(f"resuming {out} at phase {schedule[start[0]][0] if start[0] < len(schedule) else 'done'}, "
             f"epoch {start[1] + 1}")
     logger = _Logger(out, history) if par.main else None
+    reg_weights = {"lambda_geo": cfg.lambda_geo, "lambda_flow": cfg.lambda_flow}   # Eq. 3's, in every phase
     step = sum(1 for _ in history)
     for pi, (phase, epochs) in enumerate(schedule):
         if pi < start[0]:
@@ -562,14 +561,14 @@ def train(cfg: TrainConfig, *, log=print, progress: bool = True) -> Path:
                     parts.update({f"rec_{k}": v for k, v in pr.items()})
                     loss = lrec
                     if phase == "joint":
-                        lreg, _, pg = net.registration_loss(b, rec, lambda_geo=cfg.lambda_geo, lambda_flow=cfg.lambda_flow)
+                        lreg, _, pg = net.registration_loss(b, rec, **reg_weights)
                         parts.update({f"reg_{k}": v for k, v in pg.items()})
                         loss = loss + lreg
                 else:
                     b = _fresh_inputs(b, draws, cfg)
                     with torch.no_grad():
                         _, rec = net.reconstruct(b["images"], b["proj"], b["centre"])
-                    loss, _, pg = net.registration_loss(b, rec, lambda_geo=cfg.lambda_geo, lambda_flow=cfg.lambda_flow)
+                    loss, _, pg = net.registration_loss(b, rec, **reg_weights)
                     parts.update({f"reg_{k}": v for k, v in pg.items()})
                 if not par.all_finite(loss):
                     log(f"{phase} epoch {ep + 1}: skipped a batch with a non-finite loss")
