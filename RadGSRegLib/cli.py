@@ -21,6 +21,7 @@ _EPILOG = """\
 examples:
   radgsreg demo --out demo_out                       # a demo case, its picture, and a summary
   radgsreg phantom --out ph --seed 3                 # a procedural spine CT (ct.nrrd, seg.nrrd)
+  radgsreg phantom --out th --top-level T8 --n-vertebrae 6 --ribs   # thoracic, with ribs
   radgsreg simulate-cases --phantom --levels L1,L2,L3 --n 20 --out cases
   radgsreg simulate-cases --ct ct.nii.gz --seg seg.nii.gz --levels L3 --n 5 --out cases
   radgsreg register cases/case_000 --out res0        # T_ct_to_carm -> res0/result.json, transform.h5
@@ -175,7 +176,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
 
     p = sub.add_parser("phantom", help="write a procedural spine CT and its vertebra labels",
-                       description="Writes OUT/ct.nrrd (HU) and OUT/seg.nrrd (TotalSegmentator ids: L1=31 ... L5=27).")
+                       description="Writes OUT/ct.nrrd (HU) and OUT/seg.nrrd (TotalSegmentator ids: L1=31 ... L5=27; "
+                                   "with --ribs also rib_left_k = 91+k, rib_right_k = 103+k).")
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--top-level", default="L1", help="highest vertebra (default L1)")
@@ -183,6 +185,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--spacing", type=_POSITIVE, nargs=3, default=(1.0, 1.0, 1.0), metavar=("X", "Y", "Z"),
                    help="voxel size in mm (default 1 1 1)")
     p.add_argument("--table", action="store_true", help="add a table under the back")
+    p.add_argument("--ribs", action="store_true",
+                   help="give every thoracic vertebra (T1-T12, e.g. --top-level T8) its pair of ribs, labelled with "
+                        "TotalSegmentator's rib ids; the rest of the phantom stays as without")
     p.add_argument("--overwrite", action="store_true")
 
     p = sub.add_parser("simulate-cases", help="generate registration cases (case folders)",
@@ -462,21 +467,25 @@ def build_parser() -> argparse.ArgumentParser:
 
 # ------------------------------------------------------------------ commands
 def _cmd_phantom(args):
+    import numpy as np
+
     from .io import write_volume
     from .io.atomic import atomic_dir
     from .io.outputs import check_output
     from .phantom import make_phantom
 
     cfg = _phantom_config(top_level=args.top_level, n_vertebrae=args.n_vertebrae, spacing=tuple(args.spacing),
-                          table=args.table, seed=args.seed)
+                          table=args.table, ribs=args.ribs, seed=args.seed)
     check_output(args.out, "phantom", overwrite=args.overwrite, option="--out")
     t = time.perf_counter()
     ct, seg = make_phantom(cfg)
     with atomic_dir(args.out, args.overwrite, kind="phantom") as tmp:
         write_volume(ct, tmp / "ct.nrrd")
         write_volume(seg, tmp / "seg.nrrd")
-    print(f"phantom {ct.size} voxels at {tuple(cfg.spacing)} mm, levels {', '.join(cfg.levels)} "
-          f"({time.perf_counter() - t:.1f} s) -> {args.out}/ct.nrrd, seg.nrrd")
+    ribs = int(np.count_nonzero(np.unique(seg.array) > 91)) if args.ribs else 0      # TotalSegmentator's rib ids
+    print(f"phantom {ct.size} voxels at {tuple(cfg.spacing)} mm, levels {', '.join(cfg.levels)}"
+          + (f", {ribs} ribs" if args.ribs else "")
+          + f" ({time.perf_counter() - t:.1f} s) -> {args.out}/ct.nrrd, seg.nrrd")
 
 
 def _phantom_config(**kw):

@@ -12,7 +12,11 @@ z along the spine) from smooth signed-distance primitives:
 * posterior arch: pedicles, laminae, spinous process (pointing posteriorly and down),
   transverse processes, superior/inferior articular processes (facet joints), around an
   empty spinal canal;
-* intervertebral discs between the bodies (annulus + nucleus).
+* intervertebral discs between the bodies (annulus + nucleus);
+* optionally (``ribs``) a pair of ribs on every thoracic vertebra: from the side of the body
+  past the tip of the transverse process, back, round the side of the trunk and forward,
+  sloping down, shorter for the first and the floating (11th, 12th) ribs; labelled with
+  TotalSegmentator's rib ids (:func:`rib_id`).
 
 Around it: skin, subcutaneous fat, paraspinal and psoas muscles, abdominal contents with
 bowel gas, the aorta, and optionally a table. Sizes vary randomly per vertebra
@@ -30,7 +34,15 @@ from .geometry import euler_to_matrix
 from .levels import LEVELS, level_id
 from .volume import Volume, affine_from
 
-__all__ = ["PhantomConfig", "make_phantom"]
+__all__ = ["PhantomConfig", "make_phantom", "rib_id"]
+
+
+def rib_id(k: int, side: str) -> int:
+    """TotalSegmentator "total" id of rib ``k`` (1-12) on ``side`` ("left" / "right"):
+    rib_left_k = 91 + k, rib_right_k = 103 + k."""
+    if not 1 <= int(k) <= 12 or side not in ("left", "right"):
+        raise ValueError(f"no rib {k} on the {side} side")
+    return (91 if side == "left" else 103) + int(k)
 
 
 @dataclass
@@ -45,6 +57,11 @@ class PhantomConfig:
         lordosis_deg / scoliosis_deg: total bend across the segment (sagittal / coronal).
         variation: scale of the random size/shape variation (0: the mean anatomy).
         table: add a carbon table under the back.
+        ribs: give every thoracic vertebra built (T1-T12, ``context`` ones included) its
+            pair of ribs (own labels, :func:`rib_id`). Off by default: the phantoms of
+            earlier versions, which the documented suites and the shipped weights were made
+            of, stay the same; with it the rest of the phantom is unchanged (the ribs draw
+            from their own random stream).
         context: extra vertebrae built (and labelled) above and below the requested ones,
             so that the column and the trunk run on past the levels of interest, as in a
             real scan.
@@ -59,6 +76,7 @@ class PhantomConfig:
     scoliosis_deg: float = 0.0
     variation: float = 1.0
     table: bool = False
+    ribs: bool = False
     context: int = 1
     seed: int = 0
 
@@ -339,4 +357,76 @@ def make_phantom(config: PhantomConfig | None = None) -> tuple[Volume, Volume]:
             d_hu = 95.0 - 25.0 * _occupancy(nucleus * 5, vox)
             ct[sl] = ct[sl] * (1 - occ_d) + occ_d * d_hu
     ct[canal_mask & (seg == 0)] = np.minimum(ct[canal_mask & (seg == 0)], 20.0)
+    if cfg.ribs:
+        _add_ribs(ct, seg, verts, spine_y, (W, Dp), lo, sp, np.random.default_rng([cfg.seed, 12]), var)
     return Volume(ct.astype(np.float32), affine), Volume(seg, affine.copy())
+
+
+def _rib_path(v: _Vert, k: int, side: float, trunk, spine_y: float, rng, var: float) -> np.ndarray:
+    """(M, 4) points (x, y, z mm, volume frame) and radius (mm) along rib ``k`` of vertebra
+    ``v`` on side ``side`` (+1 left, -1 right), every ~6 mm."""
+    W, Dp = trunk
+    back = v.d * 0.8
+    px = v.canal_w / 2 + v.ped_r * 0.6
+    lam_y = back + v.canal_d + 2.0
+    zc = v.h * 0.12
+    # local frame (origin at the body centre): head on the body's posterolateral side, tubercle
+    # at the transverse process's tip
+    head = np.array([side * v.w * 0.75, back * 0.6, zc])
+    tubercle = np.array([side * (px + v.tp_len * 0.85), lam_y - 1.0, zc + 3.0])
+    c = v.centre + np.array([0.0, -spine_y, 0.0])
+    to_vol = lambda q: c + q @ v.R.T                                     # noqa: E731
+    j = lambda s: 1.0 + var * rng.uniform(-s, s)                         # noqa: E731
+    # the shaft: an ellipse about a centre in front of the column (volume frame, xy), from
+    # behind the tubercle round the side to the front; short first and floating ribs
+    ax = min(W / 2 - 30.0, (55.0 + 12.0 * (k - 1)) * j(0.06))
+    ay = min(Dp / 2 - 15.0, (45.0 + 6.0 * (k - 1)) * j(0.06))
+    end = {11: 95.0, 12: 70.0}.get(k, 150.0 if k <= 7 else 135.0) * j(0.05)
+    drop = (20.0 + 4.0 * min(k, 8)) * j(0.15)                                # mm lower at the front end
+    t_vol, h_vol = to_vol(tubercle), to_vol(head)
+    yc = t_vol[1] + 12.0 - ay                                          # the ellipse's back passes 12 mm behind the tubercle
+    phi0 = np.arcsin(np.clip(abs(t_vol[0] - c[0]) / ax, 0.0, 0.95))
+    phis = np.linspace(phi0, np.deg2rad(end), max(4, int(np.deg2rad(end) * ax / 6.0)))
+    f = (phis - phis[0]) / max(phis[-1] - phis[0], 1e-6)
+    shaft = np.stack([c[0] + side * ax * np.sin(phis), yc + ay * np.cos(phis), t_vol[2] - drop * f ** 1.3], -1)
+    pts = np.concatenate([h_vol[None], t_vol[None], shaft])
+    r = np.concatenate([[4.5, 4.5], 4.5 - 1.0 * f]) * (0.8 + 0.2 * min(k, 6) / 6)
+    return np.concatenate([pts, r[:, None]], -1)
+
+
+def _add_ribs(ct, seg, verts, spine_y, trunk, lo, sp, rng, var):
+    """Draw the ribs of the thoracic vertebrae of ``verts`` into ``ct`` (HU) and ``seg``
+    (their own labels; vertebra voxels keep theirs), in place; clipped to the grid."""
+    n = np.array(ct.shape[::-1])
+    vox = float(sp.mean())
+    for v in verts:
+        if not v.name.startswith("T"):
+            continue
+        k = int(v.name[1:])
+        for side, name in ((1.0, "left"), (-1.0, "right")):
+            path = _rib_path(v, k, side, trunk, spine_y, rng, var)
+            pts, rad = path[:, :3], path[:, 3]
+            pad = rad.max() + 2 * vox
+            lo_i = np.clip(np.floor((pts.min(0) - pad - lo) / sp).astype(int), 0, n)
+            hi_i = np.clip(np.ceil((pts.max(0) + pad - lo) / sp).astype(int) + 1, 0, n)
+            if np.any(hi_i <= lo_i):
+                continue                                                   # wholly outside the grid
+            sl = (slice(lo_i[2], hi_i[2]), slice(lo_i[1], hi_i[1]), slice(lo_i[0], hi_i[0]))
+            Z, Y, X = np.meshgrid(*(lo[a] + sp[a] * np.arange(lo_i[a], hi_i[a]) for a in (2, 1, 0)), indexing="ij")
+            p = np.stack([X, Y, Z], -1)
+            sdf = np.full(X.shape, np.inf)
+            for a, b, ra, rb in zip(pts[:-1], pts[1:], rad[:-1], rad[1:]):
+                # each segment only where it can reach (its own box within the rib's)
+                blo = np.maximum(np.floor((np.minimum(a, b) - pad - lo) / sp).astype(int) - lo_i, 0)
+                bhi = np.minimum(np.ceil((np.maximum(a, b) + pad - lo) / sp).astype(int) + 1 - lo_i, hi_i - lo_i)
+                if np.any(bhi <= blo):
+                    continue
+                bs = (slice(blo[2], bhi[2]), slice(blo[1], bhi[1]), slice(blo[0], bhi[0]))
+                sdf[bs] = np.minimum(sdf[bs], _capsule(p[bs], a, b, 0.5 * (ra + rb)))
+            occ = _occupancy(sdf, vox)
+            shell = np.clip(occ - _occupancy(sdf + 1.5, vox), 0, 1)
+            free = seg[sl] == 0
+            occ = occ * free
+            shell = shell * free
+            ct[sl] = ct[sl] * (1 - occ) + (occ - shell) * 350.0 + shell * 1100.0
+            seg[sl][(occ > 0.5)] = rib_id(k, name)

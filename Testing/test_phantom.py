@@ -87,3 +87,58 @@ def test_label_points_are_every_voxel_of_the_label_in_index_order(small_phantom)
     assert seg.label_points(99).shape == (0, 3)
     sub = seg.label_points(29, max_points=50)
     assert sub.shape == (50, 3) and np.array_equal(sub, seg.label_points(29, max_points=50))
+
+
+def test_rib_ids_are_totalsegmentators():
+    from RadGSRegLib.phantom import rib_id
+
+    assert (rib_id(1, "left"), rib_id(12, "left"), rib_id(1, "right"), rib_id(12, "right")) == (92, 103, 104, 115)
+    for bad in ((0, "left"), (13, "right"), (5, "middle")):
+        with pytest.raises(ValueError):
+            rib_id(*bad)
+
+
+def test_ribs_on_every_thoracic_vertebra_and_nothing_else_changed():
+    """``ribs``: a pair per thoracic vertebra built (context ones too), own labels, bone, left
+    ribs at +x (LPS), right at -x, leaving the spine at its level and reaching forward and
+    down; every voxel that is not a rib (nor at its partial-volume edge) is what the phantom
+    without ribs has (3 voxels away from a rib voxel)."""
+    from RadGSRegLib.phantom import rib_id
+
+    cfg = PhantomConfig(top_level="T9", n_vertebrae=4, spacing=(3.0, 3.0, 3.0), seed=5, ribs=True)
+    ct, seg = make_phantom(cfg)
+    ct0, seg0 = make_phantom(PhantomConfig(**{**cfg.to_dict(), "ribs": False}))
+    levels = cfg.all_levels                                           # T8 ... L1
+    thoracic = [int(n[1:]) for n in levels if n.startswith("T")]
+    want = {rib_id(k, s) for k in thoracic for s in ("left", "right")}
+    assert set(np.unique(seg.array)) - {0} == {level_id(n) for n in levels} | want
+    rib = seg.array >= 92
+    edge = ndimage.binary_dilation(rib, iterations=3)              # thin ribs: partial volume beyond the label
+    assert np.array_equal(seg.array[~rib], seg0.array[~rib]) and np.array_equal(ct.array[~edge], ct0.array[~edge])
+    assert not np.array_equal(ct.array, ct0.array)
+    assert np.median(ct.array[rib]) > 300                             # bone
+    for k in thoracic:
+        vert = seg.label_centroid(level_id(f"T{k}"))
+        for side, sign in (("left", 1), ("right", -1)):
+            pts = seg.label_points(rib_id(k, side))
+            assert len(pts) > 20
+            assert np.all(sign * (pts[:, 0] - vert[0]) > 0)           # on its own side of the column
+            assert np.ptp(pts[:, 0]) > 60                              # round the side of the trunk
+            back = pts[pts[:, 1] > np.percentile(pts[:, 1], 90)]        # posterior end, at its vertebra's level
+            front = pts[pts[:, 1] < np.percentile(pts[:, 1], 10)]
+            assert abs(back[:, 2].mean() - vert[2]) < 20
+            assert front[:, 2].mean() < back[:, 2].mean() - 5          # sloping down forwards
+    # a lumbar phantom has no rib to give, ribs or not
+    _, sl = make_phantom(PhantomConfig(top_level="L2", n_vertebrae=2, spacing=(4.0, 4.0, 4.0), context=0, ribs=True))
+    assert sl.array.max() < 92
+
+
+def test_phantom_command_writes_ribs(tmp_path, capsys):
+    from RadGSRegLib.cli import main
+    from RadGSRegLib.io import read_label_map
+
+    main(["phantom", "--out", str(tmp_path / "th"), "--top-level", "T11", "--n-vertebrae", "2", "--spacing", "4", "4",
+          "4", "--ribs"])
+    assert "6 ribs" in capsys.readouterr().out                        # T10, T11, T12 (with context)
+    seg = read_label_map(tmp_path / "th" / "seg.nrrd")
+    assert {102, 103, 113, 114, 115, 101} <= set(np.unique(seg.array).tolist())

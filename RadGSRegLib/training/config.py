@@ -42,7 +42,12 @@ class TrainConfig:
             starts a new, untrained RegM of that kind
             (:mod:`~RadGSRegLib.learned.regm`; seeded by ``seed``).
         phantoms / phantom_spacing_mm: stage 1: phantom CTs generated (seeded) and their
-            voxel size.
+            voxel size. Each phantom has 5 vertebrae, its top drawn from T11, T12, L1 when
+            ``levels`` lie within T11-L5 (the shipped weights' data), otherwise from the tops
+            whose 5 vertebrae include at least one of ``levels``.
+        phantom_ribs: stage 1: the phantoms' thoracic vertebrae get their ribs
+            (:class:`~RadGSRegLib.phantom.PhantomConfig` ``ribs``); false: the phantoms of the
+            shipped weights' data.
         ct_dirs: CTs with vertebra label maps: ``CT:LABELS`` path pairs, folders holding
             ``ct.nrrd`` + ``seg.nrrd`` (a case folder, or ``radgsreg phantom``'s output), or
             "sample" for the bundled lumbar CT.
@@ -95,6 +100,7 @@ class TrainConfig:
     new_regm: str | None = None
     phantoms: int = 24
     phantom_spacing_mm: float = 2.0
+    phantom_ribs: bool = False
     ct_dirs: list[str] = field(default_factory=list)
     case_dirs: list[str] = field(default_factory=list)
     levels: list[str] = field(default_factory=lambda: ["L1", "L2", "L3", "L4", "L5"])

@@ -43,7 +43,7 @@ from ..simulate import XraySimConfig, simulate_xrays
 from ..volume import resample_to_grid
 from .config import TrainConfig
 
-__all__ = ["perturb_pose", "make_sample", "collate", "sample_sources",
+__all__ = ["perturb_pose", "make_sample", "collate", "sample_sources", "phantom_tops",
            "build_samples", "shard_plan", "usable_levels", "CTSpecError", "SAMPLE_KEYS", "ct_spec_paths"]
 
 
@@ -139,6 +139,20 @@ def usable_levels(seg, levels, source: str) -> dict:
     return ok
 
 
+def phantom_tops(levels) -> list[str]:
+    """The top levels a stage-1 phantom (5 vertebrae) is drawn with for training ``levels``:
+    T11, T12, L1 when every level lies within T11-L5 (the shipped weights' data); otherwise
+    every top whose 5 vertebrae include at least one of ``levels`` (label values and levels
+    the phantom cannot have, such as the sacrum, are left out of that reckoning)."""
+    from ..levels import LEVELS
+
+    idx = [LEVELS.index(lv) for lv in levels if lv in LEVELS]
+    legacy = LEVELS.index("T11")
+    if not idx or all(legacy <= i <= legacy + 6 for i in idx):
+        return ["T11", "T12", "L1"]
+    return [LEVELS[t] for t in range(len(LEVELS) - 4) if any(t <= i < t + 5 for i in idx)]
+
+
 def sample_sources(cfg: TrainConfig, *, validation: bool) -> Iterator[tuple[str, Callable]]:
     """(name, loader) pairs; each loader returns (ct, seg, levels) or, for stage 2, a case."""
     from ..levels import level_id
@@ -146,6 +160,7 @@ def sample_sources(cfg: TrainConfig, *, validation: bool) -> Iterator[tuple[str,
     if cfg.stage == 1:
         from ..phantom import PhantomConfig, make_phantom
 
+        tops = phantom_tops(cfg.levels)
         n = max(1, -(-cfg.val_samples // max(cfg.samples_per_ct, 1))) if validation else cfg.phantoms
         base = 100_000 if validation else 0
         for i in range(n):
@@ -153,9 +168,10 @@ def sample_sources(cfg: TrainConfig, *, validation: bool) -> Iterator[tuple[str,
             rng = np.random.default_rng(seed)
 
             def load(seed=seed, rng=rng):
-                pc = PhantomConfig(top_level=str(rng.choice(["T11", "T12", "L1"])), n_vertebrae=5,
+                pc = PhantomConfig(top_level=str(rng.choice(tops)), n_vertebrae=5,
                                    spacing=(cfg.phantom_spacing_mm,) * 3, lordosis_deg=float(rng.uniform(10, 45)),
-                                   scoliosis_deg=float(rng.uniform(-10, 10)), table=bool(rng.random() < 0.3), seed=seed)
+                                   scoliosis_deg=float(rng.uniform(-10, 10)), table=bool(rng.random() < 0.3),
+                                   ribs=cfg.phantom_ribs, seed=seed)
                 ct, seg = make_phantom(pc)
                 return ct, seg, {lv: level_id(lv) for lv in cfg.levels if lv in pc.levels}
             yield f"phantom seed {seed}", load

@@ -74,6 +74,8 @@ def _data_key(cfg: TrainConfig) -> str:
         keys += ("realism", "metal_share")
     if cfg.data_shards != 1:                   # and those of one stream
         keys += ("data_shards",)
+    if cfg.phantom_ribs:                       # and those of phantoms without ribs
+        keys += ("phantom_ribs",)
     d = {k: getattr(cfg, k) for k in keys}
     d["model"] = {k: getattr(cfg.model, k) for k in ("image_pixels", "roi_mm", "voxels", "render_pixels")}
     return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:16]
