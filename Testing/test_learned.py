@@ -479,7 +479,8 @@ def test_sharded_samples_depend_on_the_shards_not_on_the_processes(small_phantom
 
 
 @pytest.mark.parametrize("name", ["stage1_tiny", "stage3_tiny", "stage1_paper", "stage1_cpu", "stage3_cpu",
-                                  "stage1_cpu_reg5", "stage1_cpu_flow"])
+                                  "stage1_cpu_reg5", "stage1_cpu_flow", "stage1_cpu_thoracic",
+                                  "stage1_cpu_thoracic_reg5"])
 def test_shipped_configs_load_and_build(name):
     """Every config in Resources/Models/configs is valid (no unknown key, consistent stage)
     and builds its network; the paper's uses its backbone and Eq. 3 weight. The RegM-only
@@ -487,7 +488,7 @@ def test_shipped_configs_load_and_build(name):
     from pathlib import Path
 
     path = Path(__file__).resolve().parents[1] / "Resources" / "Models" / "configs" / f"{name}.json"
-    if name in ("stage1_cpu_reg5", "stage1_cpu_flow"):
+    if name in ("stage1_cpu_reg5", "stage1_cpu_flow", "stage1_cpu_thoracic_reg5"):
         with pytest.raises(ConfigError, match="init"):
             load_train_config(path)
         cfg = load_train_config(path, init="default")
@@ -495,6 +496,10 @@ def test_shipped_configs_load_and_build(name):
         assert cfg.new_regm == ("flow" if name == "stage1_cpu_flow" else None)
     else:
         cfg = load_train_config(path)
+    if "thoracic" in name:                      # phantoms with ribs that reach T6
+        from RadGSRegLib.training.data import phantom_tops
+
+        assert cfg.phantom_ribs and "T6" in cfg.levels and "T2" in phantom_tops(cfg.levels)
     from dataclasses import replace
 
     net = RadGSRegNet(replace(cfg.model, regm=cfg.new_regm) if cfg.new_regm else cfg.model)
