@@ -472,7 +472,7 @@ def _cmd_phantom(args):
     from .io import write_volume
     from .io.atomic import atomic_dir
     from .io.outputs import check_output
-    from .phantom import make_phantom
+    from .phantom import make_phantom, rib_id
 
     cfg = _phantom_config(top_level=args.top_level, n_vertebrae=args.n_vertebrae, spacing=tuple(args.spacing),
                           table=args.table, ribs=args.ribs, seed=args.seed)
@@ -482,7 +482,7 @@ def _cmd_phantom(args):
     with atomic_dir(args.out, args.overwrite, kind="phantom") as tmp:
         write_volume(ct, tmp / "ct.nrrd")
         write_volume(seg, tmp / "seg.nrrd")
-    ribs = int(np.count_nonzero(np.unique(seg.array) > 91)) if args.ribs else 0      # TotalSegmentator's rib ids
+    ribs = int(np.count_nonzero(np.unique(seg.array) >= rib_id(1, "left"))) if args.ribs else 0   # the rib ids
     print(f"phantom {ct.size} voxels at {tuple(cfg.spacing)} mm, levels {', '.join(cfg.levels)}"
           + (f", {ribs} ribs" if args.ribs else "")
           + f" ({time.perf_counter() - t:.1f} s) -> {args.out}/ct.nrrd, seg.nrrd")

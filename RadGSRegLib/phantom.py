@@ -158,15 +158,37 @@ class _Vert:
     spin_len: float
     tp_len: float
 
+    # landmarks of the posterior arch (local frame, mm): shared by the arch and the ribs
+    @property
+    def back(self) -> float:
+        """y of the body's posterior wall."""
+        return self.d * 0.8
+
+    @property
+    def canal_y(self) -> float:
+        """y of the spinal canal's centre."""
+        return self.back + self.canal_d / 2 + 1.0
+
+    @property
+    def pedicle_x(self) -> float:
+        """|x| of the pedicles."""
+        return self.canal_w / 2 + self.ped_r * 0.6
+
+    @property
+    def lamina_y(self) -> float:
+        """y of the laminae, behind the canal."""
+        return self.back + self.canal_d + 2.0
+
+    @property
+    def arch_z(self) -> float:
+        """z of the arch, a little high on the body."""
+        return self.h * 0.12
+
 
 def _vertebra_sdfs(v: _Vert, p):
     """(body sdf, posterior-arch sdf) at local points p (..., 3)."""
     body = _body_sdf(p, v.w, v.d, v.h, waist=0.07)
-    back = v.d * 0.8                                   # posterior wall of the body (local y)
-    cy = back + v.canal_d / 2 + 1.0                     # canal centre
-    px = v.canal_w / 2 + v.ped_r * 0.6                  # pedicle x
-    lam_y = back + v.canal_d + 2.0                      # lamina, behind the canal
-    zc = v.h * 0.12                                      # arch sits a little high on the body
+    back, cy, px, lam_y, zc = v.back, v.canal_y, v.pedicle_x, v.lamina_y, v.arch_z
     parts = []
     for s in (-1.0, 1.0):
         # pedicle: elliptic (taller than wide) bar from the body's back to the lamina
@@ -339,8 +361,7 @@ def make_phantom(config: PhantomConfig | None = None) -> tuple[Volume, Volume]:
         seg_region = seg[sl]
         seg_region[(occ > 0.5) & (seg_region == 0)] = lab
         # spinal canal content (CSF / cord ~ 15 HU) stays soft tissue; remember it for the discs
-        back = v.d * 0.8
-        cy = back + v.canal_d / 2 + 1.0
+        cy = v.canal_y
         canal = ((p[..., 0] / (v.canal_w / 2)) ** 2 + ((p[..., 1] - cy) / (v.canal_d / 2)) ** 2) < 1.0
         canal_mask[sl] |= canal
         # disc below this vertebra (towards the next one)
@@ -366,10 +387,7 @@ def _rib_path(v: _Vert, k: int, side: float, trunk, spine_y: float, rng, var: fl
     """(M, 4) points (x, y, z mm, volume frame) and radius (mm) along rib ``k`` of vertebra
     ``v`` on side ``side`` (+1 left, -1 right), every ~6 mm."""
     W, Dp = trunk
-    back = v.d * 0.8
-    px = v.canal_w / 2 + v.ped_r * 0.6
-    lam_y = back + v.canal_d + 2.0
-    zc = v.h * 0.12
+    back, px, lam_y, zc = v.back, v.pedicle_x, v.lamina_y, v.arch_z
     # local frame (origin at the body centre): head on the body's posterolateral side, tubercle
     # at the transverse process's tip
     head = np.array([side * v.w * 0.75, back * 0.6, zc])
