@@ -22,6 +22,7 @@ examples:
   radgsreg demo --out demo_out                       # a demo case, its picture, and a summary
   radgsreg phantom --out ph --seed 3                 # a procedural spine CT (ct.nrrd, seg.nrrd)
   radgsreg phantom --out th --top-level T8 --n-vertebrae 6 --ribs   # thoracic, with ribs
+  radgsreg phantom --out lsp --top-level L3 --n-vertebrae 3 --sacrum  # L3-L5, S1 as a sacrum, hips
   radgsreg simulate-cases --phantom --levels L1,L2,L3 --n 20 --out cases
   radgsreg simulate-cases --ct ct.nii.gz --seg seg.nii.gz --levels L3 --n 5 --out cases
   radgsreg register cases/case_000 --out res0        # T_ct_to_carm -> res0/result.json, transform.h5
@@ -177,7 +178,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("phantom", help="write a procedural spine CT and its vertebra labels",
                        description="Writes OUT/ct.nrrd (HU) and OUT/seg.nrrd (TotalSegmentator ids: L1=31 ... L5=27; "
-                                   "with --ribs also rib_left_k = 91+k, rib_right_k = 103+k).")
+                                   "with --ribs also rib_left_k = 91+k, rib_right_k = 103+k; with --sacrum also sacrum = 25, "
+                                   "hip_left = 77, hip_right = 78).")
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--top-level", default="L1", help="highest vertebra (default L1)")
@@ -188,6 +190,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ribs", action="store_true",
                    help="give every thoracic vertebra (T1-T12, e.g. --top-level T8) its pair of ribs, labelled with "
                         "TotalSegmentator's rib ids; the rest of the phantom stays as without")
+    p.add_argument("--sacrum", action="store_true",
+                   help="when the column reaches S1 (e.g. --top-level L3 --n-vertebrae 3, S1 below as context), "
+                        "build a sacrum there (S1 segment = 26, the rest sacrum = 25) and the hip bones (77, 78); "
+                        "the grid reaches down past the sacrum's tip, the vertebrae above keep their shapes")
     p.add_argument("--overwrite", action="store_true")
 
     p = sub.add_parser("simulate-cases", help="generate registration cases (case folders)",
@@ -472,10 +478,10 @@ def _cmd_phantom(args):
     from .io import write_volume
     from .io.atomic import atomic_dir
     from .io.outputs import check_output
-    from .phantom import make_phantom, rib_id
+    from .phantom import SACRUM_ID, make_phantom, rib_id
 
     cfg = _phantom_config(top_level=args.top_level, n_vertebrae=args.n_vertebrae, spacing=tuple(args.spacing),
-                          table=args.table, ribs=args.ribs, seed=args.seed)
+                          table=args.table, ribs=args.ribs, sacrum=args.sacrum, seed=args.seed)
     check_output(args.out, "phantom", overwrite=args.overwrite, option="--out")
     t = time.perf_counter()
     ct, seg = make_phantom(cfg)
@@ -485,6 +491,8 @@ def _cmd_phantom(args):
     ribs = int(np.count_nonzero(np.unique(seg.array) >= rib_id(1, "left"))) if args.ribs else 0   # the rib ids
     print(f"phantom {ct.size} voxels at {tuple(cfg.spacing)} mm, levels {', '.join(cfg.levels)}"
           + (f", {ribs} ribs" if args.ribs else "")
+          + (", sacrum and hip bones" if args.sacrum and SACRUM_ID in seg.array
+             else ", no sacrum (the column does not reach S1)" if args.sacrum else "")
           + f" ({time.perf_counter() - t:.1f} s) -> {args.out}/ct.nrrd, seg.nrrd")
 
 

@@ -81,7 +81,8 @@ def case_row(truth: Case, res: Result, name: str = "") -> dict:
     if isinstance(learned, dict) and "T_network" in learned:   # the network's own pose and its input's
         row["learned"] = {"input_mtre_mm": truth_errors(truth, np.asarray(learned["T_input"]))["mtre_mm"],
                           "network_mtre_mm": truth_errors(truth, np.asarray(learned["T_network"]))["mtre_mm"],
-                          "kept": learned["gate"]["kept"]}
+                          "kept": learned["gate"]["kept"],
+                          "ncc_input": learned["gate"]["ncc_input"], "ncc_network": learned["gate"]["ncc_network"]}
     if res.recon is not None:
         gt = ground_truth_volume(truth.ct, truth.seg, truth.vertebra_label, truth.ground_truth,
                                  res.recon.array.shape, res.recon.affine)

@@ -16,7 +16,14 @@ z along the spine) from smooth signed-distance primitives:
 * optionally (``ribs``) a pair of ribs on every thoracic vertebra: from the side of the body
   past the tip of the transverse process, back, round the side of the trunk and forward,
   sloping down, shorter for the first and the floating (11th, 12th) ribs; labelled with
-  TotalSegmentator's rib ids (:func:`rib_id`).
+  TotalSegmentator's rib ids (:func:`rib_id`);
+* optionally (``sacrum``) a sacrum in place of an S1 vertebra when the column reaches S1:
+  five fused segments tapering down and curving back, the S1 segment with its alae and
+  superior articular processes (label S1 = 26), the rest the sacrum (25), a sacral canal,
+  a dorsal plate with its median crest and four pairs of foramina; and the two hip bones
+  (TotalSegmentator's hip_left = 77, hip_right = 78) joined to it at the sacroiliac joints:
+  the iliac wing up to its crest, a little above the L5 body, and the ilium's body down
+  towards the acetabulum (clipped by the grid, as a scan would be).
 
 Around it: skin, subcutaneous fat, paraspinal and psoas muscles, abdominal contents with
 bowel gas, the aorta, and optionally a table. Sizes vary randomly per vertebra
@@ -34,7 +41,10 @@ from .geometry import euler_to_matrix
 from .levels import LEVELS, level_id
 from .volume import Volume, affine_from
 
-__all__ = ["PhantomConfig", "make_phantom", "rib_id"]
+__all__ = ["PhantomConfig", "make_phantom", "rib_id", "SACRUM_ID", "HIP_IDS"]
+
+SACRUM_ID = 25                                  # TotalSegmentator "sacrum" (the S1 segment is S1 = 26)
+HIP_IDS = {"left": 77, "right": 78}             # TotalSegmentator "hip_left", "hip_right"
 
 
 def rib_id(k: int, side: str) -> int:
@@ -62,6 +72,13 @@ class PhantomConfig:
             earlier versions, which the documented suites and the shipped weights were made
             of, stay the same; with it the rest of the phantom is unchanged (the ribs draw
             from their own random stream).
+        sacrum: when the column reaches S1 (a requested or ``context`` level), build a sacrum
+            there instead of a lumbar-like S1, with the hip bones beside it (own labels,
+            :data:`SACRUM_ID`, :data:`HIP_IDS`; the S1 segment keeps S1's). The grid then
+            reaches down past the sacrum's tip (by whole voxels, so the grid above is the
+            same); the vertebrae, discs and ribs above are the same shapes as without (own
+            random stream), the soft tissue's random texture is not. Off by default, as
+            ``ribs``.
         context: extra vertebrae built (and labelled) above and below the requested ones,
             so that the column and the trunk run on past the levels of interest, as in a
             real scan.
@@ -77,6 +94,7 @@ class PhantomConfig:
     variation: float = 1.0
     table: bool = False
     ribs: bool = False
+    sacrum: bool = False
     context: int = 1
     seed: int = 0
 
@@ -291,6 +309,12 @@ def make_phantom(config: PhantomConfig | None = None) -> tuple[Volume, Volume]:
     W, Dp = cfg.trunk_mm
     spine_y = 0.5 * Dp - 75.0          # body centre ~75 mm in front of the skin of the back
     zmin = min(v.centre[2] for v in verts) - 15
+    sac = None
+    if cfg.sacrum and verts[-1].name == "S1":
+        sac = _Sacrum(verts[-1], np.random.default_rng([cfg.seed, 25]), var)
+        tip = sac.lowest_z() - 12.0                       # past the tip, by whole voxels
+        if tip < zmin:
+            zmin -= np.ceil((zmin - tip) / sp[2]) * sp[2]
     zmax = max(v.centre[2] for v in verts) + 15
     lo = np.array([-W / 2 - 10, -spine_y - Dp / 2 - 10, zmin])
     hi = np.array([W / 2 + 10, -spine_y + Dp / 2 + 10 + (25 if cfg.table else 0), zmax])
@@ -339,6 +363,8 @@ def make_phantom(config: PhantomConfig | None = None) -> tuple[Volume, Volume]:
     canal_mask = np.zeros(ct.shape, dtype=bool)
     for i, v in enumerate(verts):
         lab = level_id(v.name)
+        if sac is not None and v is sac.v:
+            continue                                  # drawn by _Sacrum below (the disc above it is L5's)
         c = v.centre + np.array([0.0, -spine_y, 0.0])
         reach = np.array([v.w + v.tp_len + 12, max(v.d, 0) + v.canal_d + v.spin_len + 20, v.h / 2 + 22])
         lo_i = np.clip(np.floor((c - reach - lo) / sp).astype(int), 0, n - 1)
@@ -380,6 +406,8 @@ def make_phantom(config: PhantomConfig | None = None) -> tuple[Volume, Volume]:
     ct[canal_mask & (seg == 0)] = np.minimum(ct[canal_mask & (seg == 0)], 20.0)
     if cfg.ribs:
         _add_ribs(ct, seg, verts, spine_y, (W, Dp), lo, sp, np.random.default_rng([cfg.seed, 12]), var)
+    if sac is not None:
+        sac.draw(ct, seg, spine_y, lo, sp, trab)
     return Volume(ct.astype(np.float32), affine), Volume(seg, affine.copy())
 
 
@@ -448,3 +476,187 @@ def _add_ribs(ct, seg, verts, spine_y, trunk, lo, sp, rng, var):
             shell = shell * free
             ct[sl] = ct[sl] * (1 - occ) + (occ - shell) * 350.0 + shell * 1100.0
             seg[sl][(occ > 0.5)] = rib_id(k, name)
+
+
+# ---------------------------------------------------------------- sacrum and hip bones
+# per sacral segment S1..S5: (half-width, half-depth, length) as fractions of the column's S1
+# (w, d, h), the lateral mass beyond the body (mm), the canal's (width, depth) as fractions
+# of S1's canal
+_SACRAL = ((1.05, 1.0, 0.9, 36.0, 0.9, 0.6), (0.8, 0.75, 0.75, 26.0, 0.7, 0.5), (0.62, 0.6, 0.6, 16.0, 0.55, 0.42),
+           (0.47, 0.5, 0.5, 7.0, 0.45, 0.36), (0.35, 0.42, 0.4, 0.0, 0.35, 0.3))
+
+
+def _rot_x(deg: float) -> np.ndarray:
+    a = np.deg2rad(deg)
+    return np.array([[1.0, 0.0, 0.0], [0.0, np.cos(a), -np.sin(a)], [0.0, np.sin(a), np.cos(a)]])
+
+
+def _rounded_box(p, c, half, r):
+    """Signed distance to a box of half sizes ``half`` with edges rounded by ``r``."""
+    return _box(p, c, np.maximum(np.asarray(half, dtype=float) - r, 0.0)) - r
+
+
+def _triangle_dist(p, a, b, c):
+    """Unsigned distance (mm) from points p (..., 3) to the triangle a, b, c (3,) each."""
+    n = np.cross(b - a, c - a)
+    n = n / np.linalg.norm(n)
+    d_plane = (p - a) @ n
+    q = p - d_plane[..., None] * n                                  # foot on the plane
+    inside = np.ones(p.shape[:-1], dtype=bool)
+    for u, v in ((a, b), (b, c), (c, a)):
+        inside &= (np.cross(v - u, q - u) @ n) >= 0
+    edges = np.minimum(np.minimum(_capsule(p, a, b, 0.0), _capsule(p, b, c, 0.0)), _capsule(p, c, a, 0.0))
+    return np.where(inside, np.abs(d_plane), edges)
+
+
+class _Sacrum:
+    """A sacrum in place of the column's S1 (:class:`_Vert` ``v``) and the two hip bones,
+    built in S1's local frame (x left, y posterior, z up the column; mm): five fused
+    segments along an axis that leaves S1's centre down and back (``tilt``) and curls
+    forward towards the tip, each a body with lateral masses (S1's: the alae), a canal
+    behind it under a dorsal plate with a median crest; S1's superior articular processes;
+    four pairs of foramina. The hip bones meet the alae at the sacroiliac joints (a 3 mm
+    gap); each is a 7 mm plate (the iliac wing, a fan of triangles from the ilium's body to
+    the crest) with a thick crest, the auricular block, the sciatic buttress and the
+    ilium's body going down to the acetabulum. Sizes vary with ``rng`` (its own stream)."""
+
+    def __init__(self, v: _Vert, rng, var: float):
+        self.v = v
+        j = lambda s: 1.0 + var * rng.uniform(-s, s)                   # noqa: E731
+        tilt, curl = 45.0 * j(0.2), 45.0 * j(0.25)
+        self.segs = []                                                  # (centre, R, w, d, length, lateral, cw, cd)
+        centre, prev_len = np.zeros(3), 0.0
+        for i, (fw, fd, fh, lat, fcw, fcd) in enumerate(_SACRAL):
+            length = v.h * fh * j(0.06)
+            theta = 0.0 if i == 0 else tilt - curl * (i - 1) / 3
+            R = _rot_x(theta)
+            if i:
+                centre = centre + (prev_len / 2 + length / 2 - 1.0) * (R @ np.array([0.0, 0.0, -1.0]))
+            self.segs.append((centre.copy(), R, v.w * fw * j(0.05), v.d * fd * j(0.05), length, lat * j(0.12),
+                              v.canal_w * fcw, v.canal_d * fcd))
+            prev_len = length
+        c0, _, w0, _, _, lat0, _, _ = self.segs[0]
+        xa = w0 * 0.8 + lat0 + 2.0                                      # |x| of the alae's lateral end
+        b, hgt = j(0.08), j(0.08)
+        # the hip bone's landmarks on the left (+x); the right one is its mirror image
+        self.hip = {
+            "psis": np.array([xa + 6 * b, 45.0, 25.0 * hgt]), "auricular": np.array([xa + 9, 35.0, 12.0]),
+            "si_low": np.array([xa + 2, 15.0, -45.0]), "hub": np.array([xa + 35 * b, -30.0, -40.0]),
+            "acetabulum": np.array([xa + 38 * b, -40.0, -85.0]), "aiis": np.array([xa + 48 * b, -70.0, -25.0]),
+            "crest": [np.array([xa + 6 * b, 45.0, 25.0 * hgt]), np.array([xa + 30 * b, 40.0, 42.0 * hgt]),
+                      np.array([xa + 60 * b, 15.0, 50.0 * hgt]), np.array([xa + 72 * b, -20.0, 45.0 * hgt]),
+                      np.array([xa + 66 * b, -55.0, 30.0 * hgt]), np.array([xa + 55 * b, -75.0, 12.0 * hgt])],
+        }
+
+    def _to_volume(self, q, spine_y):
+        return self.v.centre + np.array([0.0, -spine_y, 0.0]) + q @ self.v.R.T
+
+    def lowest_z(self) -> float:
+        """z (volume frame, mm) of the sacrum's tip."""
+        c, R, _, _, length, _, _, _ = self.segs[-1]
+        return float(self._to_volume(c + R @ np.array([0.0, 0.0, -length / 2]), 0.0)[2])
+
+    def _sacrum_sdfs(self, p):
+        """(S1 segment sdf, S2-S5 sdf) at S1-local points p (..., 3)."""
+        v = self.v
+        out = []
+        for i, (c, R, w, d, length, lat, cw, cd) in enumerate(self.segs):
+            q = (p - c) @ R
+            part = _body_sdf(q, w, d, length + 2.0, waist=0.04)
+            if lat > 0:
+                for s in (-1.0, 1.0):
+                    part = _smooth_union(part, _rounded_box(q, np.array([s * (w * 0.8 + lat / 2), d * 0.25, 0.0]),
+                                                            (lat / 2 + 2.0, d * 0.85, length / 2 + 1.0),
+                                                            min(lat / 2 + 2.0, d * 0.85, length / 2 + 1.0) * 0.7), 3.0)
+            cy = d * 0.8 + cd / 2 + 1.0                                   # canal centre
+            top = cy + cd / 2 + 6.0                                       # back of the dorsal plate
+            arch = _rounded_box(q, np.array([0.0, (d * 0.6 + top) / 2, 0.0]), (cw / 2 + 7.0, (top - d * 0.6) / 2,
+                                                                                length / 2 + 1.0), 2.0)
+            if i < 4:                                                     # median sacral crest
+                arch = _smooth_union(arch, _rounded_box(q, np.array([0.0, top + 4.0, 0.0]), (2.0, 5.0, length * 0.35),
+                                                        1.5), 1.5)
+            if i == 0:                                                    # superior articular processes (to L5's)
+                for s in (-1.0, 1.0):
+                    arch = _smooth_union(arch, _capsule(p, np.array([s * (v.pedicle_x + 1), v.lamina_y - 2, length / 2 - 4]),
+                                                        np.array([s * (v.pedicle_x + 2), v.lamina_y, length / 2 + 8]),
+                                                        4.2), 2.0)
+            part = _smooth_union(part, arch, 2.0)
+            canal = np.sqrt((q[..., 0] / (cw / 2)) ** 2 + ((q[..., 1] - cy) / (cd / 2)) ** 2) - 1.0
+            part = np.maximum(part, -canal * min(cw, cd) / 2)
+            out.append(part)
+        rest = out[1]
+        for part in out[2:]:
+            rest = _smooth_union(rest, part, 2.0)
+        # foramina: through holes (front to back) at the junctions of the segments, beside the bodies
+        for i in range(4):
+            c, R, w, _, length, _, _, _ = self.segs[i + 1]
+            for s in (-1.0, 1.0):
+                x = s * (0.5 * (w + self.segs[i][2]) + 4.0)
+                q = (p - (c + R @ np.array([x, 0.0, length / 2]))) @ R
+                hole = np.sqrt(q[..., 0] ** 2 + q[..., 2] ** 2) - (4.5 - 0.7 * i)
+                if i == 0:
+                    out[0] = np.maximum(out[0], -hole)
+                rest = np.maximum(rest, -hole)
+        return out[0], rest
+
+    def _hip_sdf(self, p, side: float):
+        """The hip bone on ``side`` (+1 left, -1 right) at S1-local points p (..., 3)."""
+        m = np.array([side, 1.0, 1.0])
+        L = {k: (val * m if not isinstance(val, list) else [c * m for c in val]) for k, val in self.hip.items()}
+        crest, hub = L["crest"], L["hub"]
+        wing = np.full(p.shape[:-1], np.inf)
+        for a, b in zip(crest[:-1], crest[1:]):                           # the iliac wing: a fan from the hub
+            wing = np.minimum(wing, _triangle_dist(p, hub, a, b))
+        wing = np.minimum(wing, _triangle_dist(p, L["si_low"], crest[0], hub))
+        bone = wing - 3.5
+        for a, b in zip(crest[:-1], crest[1:]):                           # the crest's rim
+            bone = _smooth_union(bone, _capsule(p, a, b, 5.0), 3.0)
+        for a, b, r in ((L["auricular"], L["si_low"], 9.0), (L["psis"], L["auricular"], 8.0), (L["si_low"], hub, 7.0),
+                        (hub, L["acetabulum"], 13.0), (crest[-1], L["aiis"], 5.0), (L["aiis"], L["acetabulum"], 6.0)):
+            bone = _smooth_union(bone, _capsule(p, a, b, r), 4.0)
+        return bone
+
+    def draw(self, ct, seg, spine_y: float, lo, sp, trab):
+        """Draw the sacrum and hip bones into ``ct`` (HU) and ``seg`` in place, on free voxels
+        only (label 0), clipped to the grid; ``trab`` is the phantom's bone texture (ct's
+        shape)."""
+        v, n = self.v, np.array(ct.shape[::-1])
+        vox = float(sp.mean())
+        c = v.centre + np.array([0.0, -spine_y, 0.0])
+
+        def box_of(points, pad):
+            pts = self._to_volume(np.asarray(points), spine_y)
+            lo_i = np.clip(np.floor((pts.min(0) - pad - lo) / sp).astype(int), 0, n)
+            hi_i = np.clip(np.ceil((pts.max(0) + pad - lo) / sp).astype(int) + 1, 0, n)
+            if np.any(hi_i <= lo_i):
+                return None
+            sl = (slice(lo_i[2], hi_i[2]), slice(lo_i[1], hi_i[1]), slice(lo_i[0], hi_i[0]))
+            Z, Y, X = np.meshgrid(*(lo[a] + sp[a] * np.arange(lo_i[a], hi_i[a]) for a in (2, 1, 0)), indexing="ij")
+            return sl, (np.stack([X, Y, Z], -1) - c) @ v.R
+
+        def put(sl, sdf, labels, cancellous):
+            occ = _occupancy(sdf, vox)
+            shell = np.clip(occ - _occupancy(sdf + 1.5, vox), 0, 1)
+            free = seg[sl] == 0
+            occ, shell = occ * free, shell * free
+            ct[sl] = ct[sl] * (1 - occ) + (occ - shell) * (cancellous + 60.0 * trab[sl]) + shell * 1150.0
+            seg[sl][(occ > 0.5)] = labels[occ > 0.5]
+
+        ext = []
+        for cc, R, w, d, length, lat, _, cd in self.segs:
+            for corner in np.array(np.meshgrid([-1, 1], [-1, 1], [-1, 1])).reshape(3, -1).T:
+                ext.append(cc + R @ (corner * np.array([w * 0.8 + lat + 3, d + cd + 16, length / 2 + 14])))
+        got = box_of(ext, 3 * vox)
+        if got is not None:
+            sl, p = got
+            s1, rest = self._sacrum_sdfs(p)
+            put(sl, _smooth_union(s1, rest, 1.0), np.where(s1 <= rest, level_id("S1"), SACRUM_ID).astype(np.int16),
+                230.0)
+        for side, name in ((1.0, "left"), (-1.0, "right")):
+            pts = [val * np.array([side, 1.0, 1.0]) for val in self.hip.values() if not isinstance(val, list)]
+            pts += [cc * np.array([side, 1.0, 1.0]) for cc in self.hip["crest"]]
+            got = box_of(pts, 16.0)
+            if got is not None:
+                sl, p = got
+                sdf = self._hip_sdf(p, side)
+                put(sl, sdf, np.full(sdf.shape, HIP_IDS[name], dtype=np.int16), 250.0)

@@ -586,6 +586,10 @@ def test_the_gate_keeps_the_search_pose_against_a_network_that_outputs_nonsense(
     assert rows[0]["learned"]["kept"] == "input" and rows[0]["learned"]["network_mtre_mm"] > 30
     assert rows[1]["learned"]["network_mtre_mm"] < 1e-3 and rows[1]["learned"]["kept"] == "network"
     assert rows[0]["learned"]["input_mtre_mm"] == pytest.approx(rows[0]["mtre_mm"])
+    for r, res in zip(rows, (bad, good)):     # the gate's similarities, to judge the gate offline
+        assert (r["learned"]["ncc_input"], r["learned"]["ncc_network"]) == (
+            res.info["learned"]["gate"]["ncc_input"], res.info["learned"]["gate"]["ncc_network"])
+    assert rows[0]["learned"]["ncc_network"] < rows[0]["learned"]["ncc_input"]
     g = summarize(rows)["learned"]
     assert (g["kept_network"], g["kept_better"], g["kept_worse"], g["network_better"]) == (1, 1, 0, 1)
     line = [t for t in format_table({"suite": {"learned": summarize(rows)}}) if t.startswith("RadGS-Reg network")]
@@ -704,6 +708,23 @@ def test_phantom_ribs_in_stage1_data_and_its_cache_key(tmp_path):
     assert _data_key(cfg) != _data_key(TrainConfig(**{**cfg.to_dict(), "phantom_ribs": False}))
     shipped = load_train_config(Path(__file__).parents[1] / "Resources/Models/configs/stage1_cpu.json")
     assert _data_key(shipped) == "2ac60d10571f2241"      # the sample cache name of the shipped weights' runs
+
+
+def test_phantom_sacrum_in_stage1_data_and_its_cache_key(tmp_path):
+    """``phantom_sacrum``: S1 is drawn from phantoms whose S1 is a sacrum (hip bones beside
+    it); the data key changes with it and only with it."""
+    from RadGSRegLib.phantom import HIP_IDS, SACRUM_ID
+    from RadGSRegLib.training.data import sample_sources
+    from RadGSRegLib.training.train import _data_key
+
+    cfg = TrainConfig(out=str(tmp_path / "r"), phantoms=1, phantom_spacing_mm=4.0, phantom_sacrum=True, levels=["S1"],
+                      model=ModelConfig(**TINY))
+    (name, load), = list(sample_sources(cfg, validation=False))
+    ct, seg, levels = load()
+    assert levels == {"S1": 26} and {SACRUM_ID, *HIP_IDS.values()} <= set(np.unique(seg.array).tolist())
+    assert _data_key(cfg) != _data_key(TrainConfig(**{**cfg.to_dict(), "phantom_sacrum": False}))
+    with pytest.raises(ConfigError, match="phantom_sacrum"):
+        TrainConfig.from_dict({**cfg.to_dict(), "phantom_sacrum": "yes"})
 
 
 def test_recm_output_form_can_draw_a_vertebra(small_phantom):

@@ -142,3 +142,54 @@ def test_phantom_command_writes_ribs(tmp_path, capsys):
     assert "6 ribs" in capsys.readouterr().out                        # T10, T11, T12 (with context)
     seg = read_label_map(tmp_path / "th" / "seg.nrrd")
     assert {102, 103, 113, 114, 115, 101} <= set(np.unique(seg.array).tolist())
+
+
+def test_sacrum_and_hip_bones_in_place_of_s1():
+    """``sacrum``: where the column reaches S1 it is a sacrum: the S1 segment (S1's label)
+    wider than L5 with its alae, the rest of the sacrum (25) below it and curving back, the
+    hip bones (77 left at +x, 78 right at -x, LPS) beside it from below the sacrum's top up
+    to about L5, bone; the grid reaches down past the sacrum's tip by whole voxels and the
+    vertebrae above have exactly the labels they have without it."""
+    from RadGSRegLib.phantom import HIP_IDS, SACRUM_ID
+
+    cfg = PhantomConfig(top_level="L4", n_vertebrae=2, spacing=(3.0, 3.0, 3.0), seed=5, sacrum=True)
+    ct, seg = make_phantom(cfg)
+    ct0, seg0 = make_phantom(PhantomConfig(**{**cfg.to_dict(), "sacrum": False}))
+    above = [level_id(n) for n in ("L3", "L4", "L5")]
+    assert set(np.unique(seg.array)) - {0} == set(above) | {26, SACRUM_ID, *HIP_IDS.values()}
+    s1, sac, l5 = seg.label_points(26), seg.label_points(SACRUM_ID), seg.label_points(27)
+    assert np.ptp(s1[:, 0]) > np.ptp(l5[:, 0]) + 20                   # the alae
+    assert sac[:, 2].mean() < s1[:, 2].mean() - 20                      # below S1
+    tip = sac[sac[:, 2] < np.percentile(sac[:, 2], 20)]
+    assert tip[:, 1].mean() > s1[:, 1].mean() + 5                       # the sacrum goes down and back
+    for name, sign in (("left", 1), ("right", -1)):
+        hip = seg.label_points(HIP_IDS[name])
+        assert np.all(sign * hip[:, 0] > 0.8 * s1[:, 0].max())          # beside the sacrum, its own side
+        assert hip[:, 2].max() > seg.label_centroid(27)[2] - 15         # the iliac crest reaches about L5
+        assert hip[:, 2].min() < sac[:, 2].mean()
+        assert np.median(ct.array[seg.array == HIP_IDS[name]]) > 300    # bone
+    assert np.median(ct.array[seg.array == SACRUM_ID]) > 300
+    # the grid: whole extra slices below; the vertebrae above unchanged
+    extra = seg.array.shape[0] - seg0.array.shape[0]
+    assert extra > 0 and seg.array.shape[1:] == seg0.array.shape[1:]
+    np.testing.assert_allclose(seg.affine[:3, 3], seg0.affine[:3, 3] - [0, 0, extra * 3.0])
+    kept = np.isin(seg0.array, above)
+    assert np.array_equal(np.isin(seg.array[extra:], above), kept)
+    assert np.array_equal(seg.array[extra:][kept], seg0.array[kept])
+    # a column that does not reach S1 has no sacrum to give: the same phantom as without
+    cfg = PhantomConfig(top_level="L1", n_vertebrae=2, spacing=(4.0, 4.0, 4.0), seed=2, sacrum=True)
+    (a, b), (c, d) = make_phantom(cfg), make_phantom(PhantomConfig(**{**cfg.to_dict(), "sacrum": False}))
+    assert np.array_equal(a.array, c.array) and np.array_equal(b.array, d.array)
+
+
+def test_phantom_command_writes_a_sacrum(tmp_path, capsys):
+    from RadGSRegLib.cli import main
+    from RadGSRegLib.io import read_label_map
+
+    main(["phantom", "--out", str(tmp_path / "s"), "--top-level", "L4", "--n-vertebrae", "2", "--spacing", "4", "4",
+          "4", "--sacrum"])
+    assert "sacrum and hip bones" in capsys.readouterr().out
+    assert {25, 26, 77, 78} <= set(np.unique(read_label_map(tmp_path / "s" / "seg.nrrd").array).tolist())
+    main(["phantom", "--out", str(tmp_path / "t"), "--top-level", "L1", "--n-vertebrae", "2", "--spacing", "4", "4",
+          "4", "--sacrum"])
+    assert "no sacrum (the column does not reach S1)" in capsys.readouterr().out

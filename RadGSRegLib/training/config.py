@@ -48,6 +48,9 @@ class TrainConfig:
         phantom_ribs: stage 1: the phantoms' thoracic vertebrae get their ribs
             (:class:`~RadGSRegLib.phantom.PhantomConfig` ``ribs``); false: the phantoms of the
             shipped weights' data.
+        phantom_sacrum: stage 1: a phantom whose column reaches S1 gets a sacrum and hip bones
+            there (:class:`~RadGSRegLib.phantom.PhantomConfig` ``sacrum``), so that S1 can be
+            a training level as a sacrum and L4/L5 are seen with the pelvis beside them.
         ct_dirs: CTs with vertebra label maps: ``CT:LABELS`` path pairs, folders holding
             ``ct.nrrd`` + ``seg.nrrd`` (a case folder, or ``radgsreg phantom``'s output), or
             "sample" for the bundled lumbar CT.
@@ -101,6 +104,7 @@ class TrainConfig:
     phantoms: int = 24
     phantom_spacing_mm: float = 2.0
     phantom_ribs: bool = False
+    phantom_sacrum: bool = False
     ct_dirs: list[str] = field(default_factory=list)
     case_dirs: list[str] = field(default_factory=list)
     levels: list[str] = field(default_factory=lambda: ["L1", "L2", "L3", "L4", "L5"])

@@ -171,7 +171,7 @@ def sample_sources(cfg: TrainConfig, *, validation: bool) -> Iterator[tuple[str,
                 pc = PhantomConfig(top_level=str(rng.choice(tops)), n_vertebrae=5,
                                    spacing=(cfg.phantom_spacing_mm,) * 3, lordosis_deg=float(rng.uniform(10, 45)),
                                    scoliosis_deg=float(rng.uniform(-10, 10)), table=bool(rng.random() < 0.3),
-                                   ribs=cfg.phantom_ribs, seed=seed)
+                                   ribs=cfg.phantom_ribs, sacrum=cfg.phantom_sacrum, seed=seed)
                 ct, seg = make_phantom(pc)
                 return ct, seg, {lv: level_id(lv) for lv in cfg.levels if lv in pc.levels}
             yield f"phantom seed {seed}", load

@@ -76,6 +76,8 @@ def _data_key(cfg: TrainConfig) -> str:
         keys += ("data_shards",)
     if cfg.phantom_ribs:                       # and those of phantoms without ribs
         keys += ("phantom_ribs",)
+    if cfg.phantom_sacrum:                     # and those without a sacrum
+        keys += ("phantom_sacrum",)
     d = {k: getattr(cfg, k) for k in keys}
     d["model"] = {k: getattr(cfg.model, k) for k in ("image_pixels", "roi_mm", "voxels", "render_pixels")}
     return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:16]
