@@ -22,7 +22,7 @@ z along the spine) from smooth signed-distance primitives:
   superior articular processes (label S1 = 26), the rest the sacrum (25), a sacral canal,
   a dorsal plate with its median crest and four pairs of foramina; and the two hip bones
   (TotalSegmentator's hip_left = 77, hip_right = 78) joined to it at the sacroiliac joints:
-  the iliac wing up to its crest, a little above the L5 body, and the ilium's body down
+  the iliac wing up to its crest, about level with the L5 body, and the ilium's body down
   towards the acetabulum (clipped by the grid, as a scan would be).
 
 Around it: skin, subcutaneous fat, paraspinal and psoas muscles, abdominal contents with
@@ -75,9 +75,11 @@ class PhantomConfig:
         sacrum: when the column reaches S1 (a requested or ``context`` level), build a sacrum
             there instead of a lumbar-like S1, with the hip bones beside it (own labels,
             :data:`SACRUM_ID`, :data:`HIP_IDS`; the S1 segment keeps S1's). The grid then
-            reaches down past the sacrum's tip (by whole voxels, so the grid above is the
-            same); the vertebrae, discs and ribs above are the same shapes as without (own
-            random stream), the soft tissue's random texture is not. Off by default, as
+            reaches down past the sacrum's tip by whole slices (the grid above is the same);
+            the vertebrae, discs and ribs above have the same shapes and labels as without
+            (the sacrum draws from its own random stream), the random textures of bone and
+            soft tissue differ (drawn on the larger grid). The hip bones' crests may be cut
+            by the top of the grid when S1 is among the top levels built. Off by default, as
             ``ribs``.
         context: extra vertebrae built (and labelled) above and below the requested ones,
             so that the column and the trunk run on past the levels of interest, as in a
@@ -148,6 +150,44 @@ def _smooth_union(d1, d2, k=2.0):
 def _occupancy(sdf, voxel):
     """Partial-volume fraction from a signed distance (mm) and the voxel size (mm)."""
     return np.clip(0.5 - sdf / voxel, 0.0, 1.0)
+
+
+def _jitter(rng, var):
+    """``j(s)``: a random size factor in 1 ± var·s (one draw from ``rng`` per call)."""
+    return lambda s: 1.0 + var * rng.uniform(-s, s)
+
+
+def _canal_sdf(p, w, d, cy):
+    """Signed distance (about, mm) to an elliptic canal along z (width w, depth d, centre y cy)."""
+    return (np.sqrt((p[..., 0] / (w / 2)) ** 2 + ((p[..., 1] - cy) / (d / 2)) ** 2) - 1.0) * min(w, d) / 2
+
+
+def _grid_box(points, pad, lo, sp, shape):
+    """The grid's part within ``pad`` mm of ``points`` (M, 3) (volume frame, mm):
+    ``(slices, p, lo_i, hi_i)`` with p (..., 3) its voxel centres (mm) and lo_i/hi_i its
+    index range (x, y, z); None when that part is outside the grid (``shape`` (K, J, I))."""
+    n = np.array(shape[::-1])
+    lo_i = np.clip(np.floor((points.min(0) - pad - lo) / sp).astype(int), 0, n)
+    hi_i = np.clip(np.ceil((points.max(0) + pad - lo) / sp).astype(int) + 1, 0, n)
+    if np.any(hi_i <= lo_i):
+        return None
+    sl = (slice(lo_i[2], hi_i[2]), slice(lo_i[1], hi_i[1]), slice(lo_i[0], hi_i[0]))
+    Z, Y, X = np.meshgrid(*(lo[a] + sp[a] * np.arange(lo_i[a], hi_i[a]) for a in (2, 1, 0)), indexing="ij")
+    return sl, np.stack([X, Y, Z], -1), lo_i, hi_i
+
+
+def _paint_bone(ct, seg, sl, sdf, labels, vox, inner_hu, shell_hu):
+    """Bone of signed distance ``sdf`` (mm, on ``ct[sl]``) into ``ct`` (HU) and ``seg`` on free
+    voxels only (label 0): partial volume, a 1.5 mm cortical shell of ``shell_hu`` around
+    ``inner_hu`` (a number or an array like sdf); ``labels`` a number or an array like sdf."""
+    occ = _occupancy(sdf, vox)
+    shell = np.clip(occ - _occupancy(sdf + 1.5, vox), 0, 1)
+    free = seg[sl] == 0
+    occ = occ * free
+    shell = shell * free
+    ct[sl] = ct[sl] * (1 - occ) + (occ - shell) * inner_hu + shell * shell_hu
+    inside = occ > 0.5
+    seg[sl][inside] = labels if np.isscalar(labels) else labels[inside]
 
 
 def _body_sdf(p, w, d, h, waist):
@@ -230,9 +270,7 @@ def _vertebra_sdfs(v: _Vert, p):
     for d in parts:
         arch = _smooth_union(arch, d, 2.0)
     # canal: an elliptic cylinder along z removed from the arch
-    canal = np.sqrt(((p[..., 0]) / (v.canal_w / 2)) ** 2 + ((p[..., 1] - cy) / (v.canal_d / 2)) ** 2) - 1.0
-    canal = canal * min(v.canal_w, v.canal_d) / 2
-    arch = np.maximum(arch, -canal)
+    arch = np.maximum(arch, -_canal_sdf(p, v.canal_w, v.canal_d, cy))
     arch = np.maximum(arch, -(body - 0.5))  # no overlap with the body
     return body, arch
 
@@ -262,7 +300,7 @@ def make_phantom(config: PhantomConfig | None = None) -> tuple[Volume, Volume]:
         # vertebrae grow down the column (T1 ~0.55, L1 ~0.89, L5 1.0 of an L5): neighbours differ
         # in size as real ones do, instead of repeating (a repeating column misleads registration)
         size = 0.55 + 0.45 * np.clip((g - 7) / 16, 0, 1.05)
-        j = lambda s: 1.0 + var * rng.uniform(-s, s)        # noqa: E731
+        j = _jitter(rng, var)
         verts_dims.append(dict(w=22.0 * size * j(0.08), d=16.5 * size * j(0.08), h=26.0 * (0.85 + 0.15 * size) * j(0.06),
                                canal_w=21.0 * j(0.08), canal_d=15.0 * j(0.08), ped_r=4.3 * size * j(0.1),
                                spin_len=30.0 * size * j(0.12), tp_len=24.0 * size * j(0.15)))
@@ -309,16 +347,17 @@ def make_phantom(config: PhantomConfig | None = None) -> tuple[Volume, Volume]:
     W, Dp = cfg.trunk_mm
     spine_y = 0.5 * Dp - 75.0          # body centre ~75 mm in front of the skin of the back
     zmin = min(v.centre[2] for v in verts) - 15
-    sac = None
-    if cfg.sacrum and verts[-1].name == "S1":
-        sac = _Sacrum(verts[-1], np.random.default_rng([cfg.seed, 25]), var)
-        tip = sac.lowest_z() - 12.0                       # past the tip, by whole voxels
-        if tip < zmin:
-            zmin -= np.ceil((zmin - tip) / sp[2]) * sp[2]
     zmax = max(v.centre[2] for v in verts) + 15
     lo = np.array([-W / 2 - 10, -spine_y - Dp / 2 - 10, zmin])
     hi = np.array([W / 2 + 10, -spine_y + Dp / 2 + 10 + (25 if cfg.table else 0), zmax])
     n = np.ceil((hi - lo) / sp).astype(int) + 1
+    sac = None
+    if cfg.sacrum and verts[-1].name == "S1":
+        sac = _Sacrum(verts[-1], np.random.default_rng([cfg.seed, 25]), var, W)
+        below = int(np.ceil((zmin - sac.lowest_z()) / sp[2]))     # whole slices down past its tip
+        if below > 0:
+            lo[2] -= below * sp[2]
+            n[2] += below
     affine = affine_from(lo, sp)
     I, J, K = n
     x = lo[0] + sp[0] * np.arange(I)
@@ -422,7 +461,7 @@ def _rib_path(v: _Vert, k: int, side: float, trunk, spine_y: float, rng, var: fl
     tubercle = np.array([side * (px + v.tp_len * 0.85), lam_y - 1.0, zc + 3.0])
     c = v.centre + np.array([0.0, -spine_y, 0.0])
     to_vol = lambda q: c + q @ v.R.T                                     # noqa: E731
-    j = lambda s: 1.0 + var * rng.uniform(-s, s)                         # noqa: E731
+    j = _jitter(rng, var)
     # the shaft: an ellipse about a centre in front of the column (volume frame, xy), from
     # behind the tubercle round the side to the front; short first and floating ribs
     ax = min(W / 2 - 30.0, (55.0 + 12.0 * (k - 1)) * j(0.06))
@@ -443,7 +482,6 @@ def _rib_path(v: _Vert, k: int, side: float, trunk, spine_y: float, rng, var: fl
 def _add_ribs(ct, seg, verts, spine_y, trunk, lo, sp, rng, var):
     """Draw the ribs of the thoracic vertebrae of ``verts`` into ``ct`` (HU) and ``seg``
     (their own labels; vertebra voxels keep theirs), in place; clipped to the grid."""
-    n = np.array(ct.shape[::-1])
     vox = float(sp.mean())
     for v in verts:
         if not v.name.startswith("T"):
@@ -453,14 +491,11 @@ def _add_ribs(ct, seg, verts, spine_y, trunk, lo, sp, rng, var):
             path = _rib_path(v, k, side, trunk, spine_y, rng, var)
             pts, rad = path[:, :3], path[:, 3]
             pad = rad.max() + 2 * vox
-            lo_i = np.clip(np.floor((pts.min(0) - pad - lo) / sp).astype(int), 0, n)
-            hi_i = np.clip(np.ceil((pts.max(0) + pad - lo) / sp).astype(int) + 1, 0, n)
-            if np.any(hi_i <= lo_i):
+            box = _grid_box(pts, pad, lo, sp, ct.shape)
+            if box is None:
                 continue                                                   # wholly outside the grid
-            sl = (slice(lo_i[2], hi_i[2]), slice(lo_i[1], hi_i[1]), slice(lo_i[0], hi_i[0]))
-            Z, Y, X = np.meshgrid(*(lo[a] + sp[a] * np.arange(lo_i[a], hi_i[a]) for a in (2, 1, 0)), indexing="ij")
-            p = np.stack([X, Y, Z], -1)
-            sdf = np.full(X.shape, np.inf)
+            sl, p, lo_i, hi_i = box
+            sdf = np.full(p.shape[:-1], np.inf)
             for a, b, ra, rb in zip(pts[:-1], pts[1:], rad[:-1], rad[1:]):
                 # each segment only where it can reach (its own box within the rib's)
                 blo = np.maximum(np.floor((np.minimum(a, b) - pad - lo) / sp).astype(int) - lo_i, 0)
@@ -469,13 +504,7 @@ def _add_ribs(ct, seg, verts, spine_y, trunk, lo, sp, rng, var):
                     continue
                 bs = (slice(blo[2], bhi[2]), slice(blo[1], bhi[1]), slice(blo[0], bhi[0]))
                 sdf[bs] = np.minimum(sdf[bs], _capsule(p[bs], a, b, 0.5 * (ra + rb)))
-            occ = _occupancy(sdf, vox)
-            shell = np.clip(occ - _occupancy(sdf + 1.5, vox), 0, 1)
-            free = seg[sl] == 0
-            occ = occ * free
-            shell = shell * free
-            ct[sl] = ct[sl] * (1 - occ) + (occ - shell) * 350.0 + shell * 1100.0
-            seg[sl][(occ > 0.5)] = rib_id(k, name)
+            _paint_bone(ct, seg, sl, sdf, rib_id(k, name), vox, 350.0, 1100.0)
 
 
 # ---------------------------------------------------------------- sacrum and hip bones
@@ -484,11 +513,6 @@ def _add_ribs(ct, seg, verts, spine_y, trunk, lo, sp, rng, var):
 # of S1's canal
 _SACRAL = ((1.05, 1.0, 0.9, 36.0, 0.9, 0.6), (0.8, 0.75, 0.75, 26.0, 0.7, 0.5), (0.62, 0.6, 0.6, 16.0, 0.55, 0.42),
            (0.47, 0.5, 0.5, 7.0, 0.45, 0.36), (0.35, 0.42, 0.4, 0.0, 0.35, 0.3))
-
-
-def _rot_x(deg: float) -> np.ndarray:
-    a = np.deg2rad(deg)
-    return np.array([[1.0, 0.0, 0.0], [0.0, np.cos(a), -np.sin(a)], [0.0, np.sin(a), np.cos(a)]])
 
 
 def _rounded_box(p, c, half, r):
@@ -515,21 +539,22 @@ class _Sacrum:
     segments along an axis that leaves S1's centre down and back (``tilt``) and curls
     forward towards the tip, each a body with lateral masses (S1's: the alae), a canal
     behind it under a dorsal plate with a median crest; S1's superior articular processes;
-    four pairs of foramina. The hip bones meet the alae at the sacroiliac joints (a 3 mm
-    gap); each is a 7 mm plate (the iliac wing, a fan of triangles from the ilium's body to
-    the crest) with a thick crest, the auricular block, the sciatic buttress and the
-    ilium's body going down to the acetabulum. Sizes vary with ``rng`` (its own stream)."""
+    four pairs of foramina. The hip bones meet the alae at the sacroiliac joints (a gap of
+    a few millimetres); each is a 7 mm plate (the iliac wing, a fan of triangles from the
+    ilium's body to the crest) with a thick crest, the auricular block, the sciatic buttress
+    and the ilium's body going down to the acetabulum; the iliac crest stays 20 mm inside a
+    trunk ``trunk_width`` mm wide. Sizes vary with ``rng`` (its own stream)."""
 
-    def __init__(self, v: _Vert, rng, var: float):
+    def __init__(self, v: _Vert, rng, var: float, trunk_width: float):
         self.v = v
-        j = lambda s: 1.0 + var * rng.uniform(-s, s)                   # noqa: E731
+        j = _jitter(rng, var)
         tilt, curl = 45.0 * j(0.2), 45.0 * j(0.25)
         self.segs = []                                                  # (centre, R, w, d, length, lateral, cw, cd)
         centre, prev_len = np.zeros(3), 0.0
         for i, (fw, fd, fh, lat, fcw, fcd) in enumerate(_SACRAL):
             length = v.h * fh * j(0.06)
             theta = 0.0 if i == 0 else tilt - curl * (i - 1) / 3
-            R = _rot_x(theta)
+            R = euler_to_matrix((theta, 0.0, 0.0))                      # about x: the axis turns back
             if i:
                 centre = centre + (prev_len / 2 + length / 2 - 1.0) * (R @ np.array([0.0, 0.0, -1.0]))
             self.segs.append((centre.copy(), R, v.w * fw * j(0.05), v.d * fd * j(0.05), length, lat * j(0.12),
@@ -538,6 +563,7 @@ class _Sacrum:
         c0, _, w0, _, _, lat0, _, _ = self.segs[0]
         xa = w0 * 0.8 + lat0 + 2.0                                      # |x| of the alae's lateral end
         b, hgt = j(0.08), j(0.08)
+        b = min(b, (trunk_width / 2 - 20.0 - xa) / 72.0)              # the crest's widest point inside the skin
         # the hip bone's landmarks on the left (+x); the right one is its mirror image
         self.hip = {
             "psis": np.array([xa + 6 * b, 45.0, 25.0 * hgt]), "auricular": np.array([xa + 9, 35.0, 12.0]),
@@ -551,10 +577,17 @@ class _Sacrum:
     def _to_volume(self, q, spine_y):
         return self.v.centre + np.array([0.0, -spine_y, 0.0]) + q @ self.v.R.T
 
+    def corners(self) -> np.ndarray:
+        """(40, 3) S1-local corners (mm) of boxes holding each sacral segment with all it carries."""
+        out = []
+        for c, R, w, d, length, lat, _, cd in self.segs:
+            for corner in np.array(np.meshgrid([-1, 1], [-1, 1], [-1, 1])).reshape(3, -1).T:
+                out.append(c + R @ (corner * np.array([w * 0.8 + lat + 3, d + cd + 16, length / 2 + 14])))
+        return np.array(out)
+
     def lowest_z(self) -> float:
-        """z (volume frame, mm) of the sacrum's tip."""
-        c, R, _, _, length, _, _, _ = self.segs[-1]
-        return float(self._to_volume(c + R @ np.array([0.0, 0.0, -length / 2]), 0.0)[2])
+        """z (volume frame, mm) below which no part of the sacrum reaches."""
+        return float(self._to_volume(self.corners(), 0.0)[:, 2].min())
 
     def _sacrum_sdfs(self, p):
         """(S1 segment sdf, S2-S5 sdf) at S1-local points p (..., 3)."""
@@ -568,7 +601,7 @@ class _Sacrum:
                     part = _smooth_union(part, _rounded_box(q, np.array([s * (w * 0.8 + lat / 2), d * 0.25, 0.0]),
                                                             (lat / 2 + 2.0, d * 0.85, length / 2 + 1.0),
                                                             min(lat / 2 + 2.0, d * 0.85, length / 2 + 1.0) * 0.7), 3.0)
-            cy = d * 0.8 + cd / 2 + 1.0                                   # canal centre
+            cy = d * 0.8 + cd / 2 + 1.0                                   # canal centre, as _Vert.canal_y
             top = cy + cd / 2 + 6.0                                       # back of the dorsal plate
             arch = _rounded_box(q, np.array([0.0, (d * 0.6 + top) / 2, 0.0]), (cw / 2 + 7.0, (top - d * 0.6) / 2,
                                                                                 length / 2 + 1.0), 2.0)
@@ -581,8 +614,7 @@ class _Sacrum:
                                                         np.array([s * (v.pedicle_x + 2), v.lamina_y, length / 2 + 8]),
                                                         4.2), 2.0)
             part = _smooth_union(part, arch, 2.0)
-            canal = np.sqrt((q[..., 0] / (cw / 2)) ** 2 + ((q[..., 1] - cy) / (cd / 2)) ** 2) - 1.0
-            part = np.maximum(part, -canal * min(cw, cd) / 2)
+            part = np.maximum(part, -_canal_sdf(q, cw, cd, cy))
             out.append(part)
         rest = out[1]
         for part in out[2:]:
@@ -620,43 +652,20 @@ class _Sacrum:
         """Draw the sacrum and hip bones into ``ct`` (HU) and ``seg`` in place, on free voxels
         only (label 0), clipped to the grid; ``trab`` is the phantom's bone texture (ct's
         shape)."""
-        v, n = self.v, np.array(ct.shape[::-1])
-        vox = float(sp.mean())
+        v, vox = self.v, float(sp.mean())
         c = v.centre + np.array([0.0, -spine_y, 0.0])
-
-        def box_of(points, pad):
-            pts = self._to_volume(np.asarray(points), spine_y)
-            lo_i = np.clip(np.floor((pts.min(0) - pad - lo) / sp).astype(int), 0, n)
-            hi_i = np.clip(np.ceil((pts.max(0) + pad - lo) / sp).astype(int) + 1, 0, n)
-            if np.any(hi_i <= lo_i):
-                return None
-            sl = (slice(lo_i[2], hi_i[2]), slice(lo_i[1], hi_i[1]), slice(lo_i[0], hi_i[0]))
-            Z, Y, X = np.meshgrid(*(lo[a] + sp[a] * np.arange(lo_i[a], hi_i[a]) for a in (2, 1, 0)), indexing="ij")
-            return sl, (np.stack([X, Y, Z], -1) - c) @ v.R
-
-        def put(sl, sdf, labels, cancellous):
-            occ = _occupancy(sdf, vox)
-            shell = np.clip(occ - _occupancy(sdf + 1.5, vox), 0, 1)
-            free = seg[sl] == 0
-            occ, shell = occ * free, shell * free
-            ct[sl] = ct[sl] * (1 - occ) + (occ - shell) * (cancellous + 60.0 * trab[sl]) + shell * 1150.0
-            seg[sl][(occ > 0.5)] = labels[occ > 0.5]
-
-        ext = []
-        for cc, R, w, d, length, lat, _, cd in self.segs:
-            for corner in np.array(np.meshgrid([-1, 1], [-1, 1], [-1, 1])).reshape(3, -1).T:
-                ext.append(cc + R @ (corner * np.array([w * 0.8 + lat + 3, d + cd + 16, length / 2 + 14])))
-        got = box_of(ext, 3 * vox)
-        if got is not None:
-            sl, p = got
-            s1, rest = self._sacrum_sdfs(p)
-            put(sl, _smooth_union(s1, rest, 1.0), np.where(s1 <= rest, level_id("S1"), SACRUM_ID).astype(np.int16),
-                230.0)
+        box = _grid_box(self._to_volume(self.corners(), spine_y), 3 * vox, lo, sp, ct.shape)
+        if box is not None:
+            sl, p, _, _ = box
+            s1, rest = self._sacrum_sdfs((p - c) @ v.R)
+            _paint_bone(ct, seg, sl, _smooth_union(s1, rest, 1.0),
+                        np.where(s1 <= rest, level_id("S1"), SACRUM_ID).astype(np.int16), vox, 230.0 + 60.0 * trab[sl],
+                        1150.0)
         for side, name in ((1.0, "left"), (-1.0, "right")):
-            pts = [val * np.array([side, 1.0, 1.0]) for val in self.hip.values() if not isinstance(val, list)]
-            pts += [cc * np.array([side, 1.0, 1.0]) for cc in self.hip["crest"]]
-            got = box_of(pts, 16.0)
-            if got is not None:
-                sl, p = got
-                sdf = self._hip_sdf(p, side)
-                put(sl, sdf, np.full(sdf.shape, HIP_IDS[name], dtype=np.int16), 250.0)
+            m = np.array([side, 1.0, 1.0])
+            pts = [val * m for val in self.hip.values() if not isinstance(val, list)] + [q * m for q in self.hip["crest"]]
+            box = _grid_box(self._to_volume(np.array(pts), spine_y), 16.0, lo, sp, ct.shape)
+            if box is not None:
+                sl, p, _, _ = box
+                _paint_bone(ct, seg, sl, self._hip_sdf((p - c) @ v.R, side), HIP_IDS[name], vox,
+                            250.0 + 60.0 * trab[sl], 1150.0)

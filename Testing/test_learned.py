@@ -480,7 +480,8 @@ def test_sharded_samples_depend_on_the_shards_not_on_the_processes(small_phantom
 
 @pytest.mark.parametrize("name", ["stage1_tiny", "stage3_tiny", "stage1_paper", "stage1_cpu", "stage3_cpu",
                                   "stage1_cpu_reg5", "stage1_cpu_flow", "stage1_cpu_thoracic",
-                                  "stage1_cpu_thoracic_reg5"])
+                                  "stage1_cpu_thoracic_reg5", "stage1_cpu_thoracic_wide",
+                                  "stage1_cpu_thoracic_wide_reg5"])
 def test_shipped_configs_load_and_build(name):
     """Every config in Resources/Models/configs is valid (no unknown key, consistent stage)
     and builds its network; the paper's uses its backbone and Eq. 3 weight. The RegM-only
@@ -488,7 +489,7 @@ def test_shipped_configs_load_and_build(name):
     from pathlib import Path
 
     path = Path(__file__).resolve().parents[1] / "Resources" / "Models" / "configs" / f"{name}.json"
-    if name in ("stage1_cpu_reg5", "stage1_cpu_flow", "stage1_cpu_thoracic_reg5"):
+    if name.endswith("_reg5") or name == "stage1_cpu_flow":
         with pytest.raises(ConfigError, match="init"):
             load_train_config(path)
         cfg = load_train_config(path, init="default")
@@ -500,6 +501,8 @@ def test_shipped_configs_load_and_build(name):
         from RadGSRegLib.training.data import phantom_tops
 
         assert cfg.phantom_ribs and "T6" in cfg.levels and "T2" in phantom_tops(cfg.levels)
+    if name == "stage1_cpu_thoracic_wide":      # RecM 4x wider per anchor, twice the image features
+        assert (cfg.model.hidden, cfg.model.features, cfg.rec_epochs) == (256, 64, 12)
     from dataclasses import replace
 
     net = RadGSRegNet(replace(cfg.model, regm=cfg.new_regm) if cfg.new_regm else cfg.model)
@@ -721,7 +724,7 @@ def test_phantom_sacrum_in_stage1_data_and_its_cache_key(tmp_path):
                       model=ModelConfig(**TINY))
     (name, load), = list(sample_sources(cfg, validation=False))
     ct, seg, levels = load()
-    assert levels == {"S1": 26} and {SACRUM_ID, *HIP_IDS.values()} <= set(np.unique(seg.array).tolist())
+    assert levels == {"S1": 26} and {26, SACRUM_ID, *HIP_IDS.values()} <= set(np.unique(seg.array).tolist())
     assert _data_key(cfg) != _data_key(TrainConfig(**{**cfg.to_dict(), "phantom_sacrum": False}))
     with pytest.raises(ConfigError, match="phantom_sacrum"):
         TrainConfig.from_dict({**cfg.to_dict(), "phantom_sacrum": "yes"})

@@ -169,6 +169,7 @@ def test_sacrum_and_hip_bones_in_place_of_s1():
         assert hip[:, 2].min() < sac[:, 2].mean()
         assert np.median(ct.array[seg.array == HIP_IDS[name]]) > 300    # bone
     assert np.median(ct.array[seg.array == SACRUM_ID]) > 300
+    assert sac[:, 2].min() > seg.affine[2, 3] + 6                      # whole: the grid reaches past its tip
     # the grid: whole extra slices below; the vertebrae above unchanged
     extra = seg.array.shape[0] - seg0.array.shape[0]
     assert extra > 0 and seg.array.shape[1:] == seg0.array.shape[1:]
