@@ -560,7 +560,7 @@ class _Sacrum:
             self.segs.append((centre.copy(), R, v.w * fw * j(0.05), v.d * fd * j(0.05), length, lat * j(0.12),
                               v.canal_w * fcw, v.canal_d * fcd))
             prev_len = length
-        c0, _, w0, _, _, lat0, _, _ = self.segs[0]
+        _, _, w0, _, _, lat0, _, _ = self.segs[0]
         xa = w0 * 0.8 + lat0 + 2.0                                      # |x| of the alae's lateral end
         b, hgt = j(0.08), j(0.08)
         b = min(b, (trunk_width / 2 - 20.0 - xa) / 72.0)              # the crest's widest point inside the skin
