@@ -157,6 +157,12 @@ def _jitter(rng, var):
     return lambda s: 1.0 + var * rng.uniform(-s, s)
 
 
+def _canal_centre_y(d, canal_d):
+    """y (local frame, mm) of the canal's centre behind a body of half-depth ``d``: its
+    posterior wall (0.8 d) plus half the canal and 1 mm."""
+    return d * 0.8 + canal_d / 2 + 1.0
+
+
 def _canal_sdf(p, w, d, cy):
     """Signed distance (about, mm) to an elliptic canal along z (width w, depth d, centre y cy)."""
     return (np.sqrt((p[..., 0] / (w / 2)) ** 2 + ((p[..., 1] - cy) / (d / 2)) ** 2) - 1.0) * min(w, d) / 2
@@ -225,7 +231,7 @@ class _Vert:
     @property
     def canal_y(self) -> float:
         """y of the spinal canal's centre."""
-        return self.back + self.canal_d / 2 + 1.0
+        return _canal_centre_y(self.d, self.canal_d)
 
     @property
     def pedicle_x(self) -> float:
@@ -241,6 +247,14 @@ class _Vert:
     def arch_z(self) -> float:
         """z of the arch, a little high on the body."""
         return self.h * 0.12
+
+    def to_volume(self, q, spine_y: float):
+        """Local points q (..., 3) -> the volume frame (mm); ``spine_y`` as in make_phantom."""
+        return self.centre + np.array([0.0, -spine_y, 0.0]) + q @ self.R.T
+
+    def to_local(self, p, spine_y: float):
+        """Volume-frame points p (..., 3) -> this vertebra's local frame (mm)."""
+        return (p - (self.centre + np.array([0.0, -spine_y, 0.0]))) @ self.R
 
 
 def _vertebra_sdfs(v: _Vert, p):
@@ -460,7 +474,6 @@ def _rib_path(v: _Vert, k: int, side: float, trunk, spine_y: float, rng, var: fl
     head = np.array([side * v.w * 0.75, back * 0.6, zc])
     tubercle = np.array([side * (px + v.tp_len * 0.85), lam_y - 1.0, zc + 3.0])
     c = v.centre + np.array([0.0, -spine_y, 0.0])
-    to_vol = lambda q: c + q @ v.R.T                                     # noqa: E731
     j = _jitter(rng, var)
     # the shaft: an ellipse about a centre in front of the column (volume frame, xy), from
     # behind the tubercle round the side to the front; short first and floating ribs
@@ -468,7 +481,7 @@ def _rib_path(v: _Vert, k: int, side: float, trunk, spine_y: float, rng, var: fl
     ay = min(Dp / 2 - 15.0, (45.0 + 6.0 * (k - 1)) * j(0.06))
     end = {11: 95.0, 12: 70.0}.get(k, 150.0 if k <= 7 else 135.0) * j(0.05)
     drop = (20.0 + 4.0 * min(k, 8)) * j(0.15)                                # mm lower at the front end
-    t_vol, h_vol = to_vol(tubercle), to_vol(head)
+    t_vol, h_vol = v.to_volume(tubercle, spine_y), v.to_volume(head, spine_y)
     yc = t_vol[1] + 12.0 - ay                                          # the ellipse's back passes 12 mm behind the tubercle
     phi0 = np.arcsin(np.clip(abs(t_vol[0] - c[0]) / ax, 0.0, 0.95))
     phis = np.linspace(phi0, np.deg2rad(end), max(4, int(np.deg2rad(end) * ax / 6.0)))
@@ -574,9 +587,6 @@ class _Sacrum:
                       np.array([xa + 66 * b, -55.0, 30.0 * hgt]), np.array([xa + 55 * b, -75.0, 12.0 * hgt])],
         }
 
-    def _to_volume(self, q, spine_y):
-        return self.v.centre + np.array([0.0, -spine_y, 0.0]) + q @ self.v.R.T
-
     def corners(self) -> np.ndarray:
         """(40, 3) S1-local corners (mm) of boxes holding each sacral segment with all it carries."""
         out = []
@@ -587,7 +597,7 @@ class _Sacrum:
 
     def lowest_z(self) -> float:
         """z (volume frame, mm) below which no part of the sacrum reaches."""
-        return float(self._to_volume(self.corners(), 0.0)[:, 2].min())
+        return float(self.v.to_volume(self.corners(), 0.0)[:, 2].min())
 
     def _sacrum_sdfs(self, p):
         """(S1 segment sdf, S2-S5 sdf) at S1-local points p (..., 3)."""
@@ -601,7 +611,7 @@ class _Sacrum:
                     part = _smooth_union(part, _rounded_box(q, np.array([s * (w * 0.8 + lat / 2), d * 0.25, 0.0]),
                                                             (lat / 2 + 2.0, d * 0.85, length / 2 + 1.0),
                                                             min(lat / 2 + 2.0, d * 0.85, length / 2 + 1.0) * 0.7), 3.0)
-            cy = d * 0.8 + cd / 2 + 1.0                                   # canal centre, as _Vert.canal_y
+            cy = _canal_centre_y(d, cd)
             top = cy + cd / 2 + 6.0                                       # back of the dorsal plate
             arch = _rounded_box(q, np.array([0.0, (d * 0.6 + top) / 2, 0.0]), (cw / 2 + 7.0, (top - d * 0.6) / 2,
                                                                                 length / 2 + 1.0), 2.0)
@@ -631,10 +641,14 @@ class _Sacrum:
                 rest = np.maximum(rest, -hole)
         return out[0], rest
 
+    def _hip_landmarks(self, side: float) -> dict:
+        """``self.hip`` for ``side`` (+1 left, -1 right: mirrored in x), S1-local mm."""
+        m = np.array([side, 1.0, 1.0])
+        return {k: (val * m if not isinstance(val, list) else [c * m for c in val]) for k, val in self.hip.items()}
+
     def _hip_sdf(self, p, side: float):
         """The hip bone on ``side`` (+1 left, -1 right) at S1-local points p (..., 3)."""
-        m = np.array([side, 1.0, 1.0])
-        L = {k: (val * m if not isinstance(val, list) else [c * m for c in val]) for k, val in self.hip.items()}
+        L = self._hip_landmarks(side)
         crest, hub = L["crest"], L["hub"]
         wing = np.full(p.shape[:-1], np.inf)
         for a, b in zip(crest[:-1], crest[1:]):                           # the iliac wing: a fan from the hub
@@ -653,19 +667,18 @@ class _Sacrum:
         only (label 0), clipped to the grid; ``trab`` is the phantom's bone texture (ct's
         shape)."""
         v, vox = self.v, float(sp.mean())
-        c = v.centre + np.array([0.0, -spine_y, 0.0])
-        box = _grid_box(self._to_volume(self.corners(), spine_y), 3 * vox, lo, sp, ct.shape)
+        box = _grid_box(v.to_volume(self.corners(), spine_y), 3 * vox, lo, sp, ct.shape)
         if box is not None:
             sl, p, _, _ = box
-            s1, rest = self._sacrum_sdfs((p - c) @ v.R)
+            s1, rest = self._sacrum_sdfs(v.to_local(p, spine_y))
             _paint_bone(ct, seg, sl, _smooth_union(s1, rest, 1.0),
                         np.where(s1 <= rest, level_id("S1"), SACRUM_ID).astype(np.int16), vox, 230.0 + 60.0 * trab[sl],
                         1150.0)
         for side, name in ((1.0, "left"), (-1.0, "right")):
-            m = np.array([side, 1.0, 1.0])
-            pts = [val * m for val in self.hip.values() if not isinstance(val, list)] + [q * m for q in self.hip["crest"]]
-            box = _grid_box(self._to_volume(np.array(pts), spine_y), 16.0, lo, sp, ct.shape)
+            L = self._hip_landmarks(side)
+            pts = np.array([val for val in L.values() if not isinstance(val, list)] + L["crest"])
+            box = _grid_box(v.to_volume(pts, spine_y), 16.0, lo, sp, ct.shape)
             if box is not None:
                 sl, p, _, _ = box
-                _paint_bone(ct, seg, sl, self._hip_sdf((p - c) @ v.R, side), HIP_IDS[name], vox,
+                _paint_bone(ct, seg, sl, self._hip_sdf(v.to_local(p, spine_y), side), HIP_IDS[name], vox,
                             250.0 + 60.0 * trab[sl], 1150.0)
