@@ -93,6 +93,12 @@ _POSITIVE = _number(0.0, strict=True)
 _NONNEGATIVE = _number(0.0)
 
 
+def _bench_json(kind: str) -> str:
+    """The help of a bench's --json option (its default is bench_out/KIND.json)."""
+    return (f"write the results here (default bench_out/{kind}.json); a file an earlier radgsreg bench {kind} "
+            f"wrote is replaced, any other file is refused")
+
+
 def _sim_config(args):
     from .simulate import XraySimConfig
 
@@ -173,15 +179,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rot-deg", type=_number(0.0, maximum=180.0), default=10.0,
                    help="true-pose rotation offset range, ± deg (default 10)")
     p.add_argument("--trans-mm", type=_NONNEGATIVE, default=20.0, help="true-pose translation offset range, ± mm (default 20)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="random seed of the pose and the X-rays (default 0)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
 
     p = sub.add_parser("phantom", help="write a procedural spine CT and its vertebra labels",
                        description="Writes OUT/ct.nrrd (HU) and OUT/seg.nrrd (TotalSegmentator ids: L1=31 ... L5=27; "
                                    "with --ribs also rib_left_k = 91+k, rib_right_k = 103+k; with --sacrum also sacrum = 25, "
                                    "hip_left = 77, hip_right = 78).")
-    p.add_argument("--out", type=Path, required=True)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", type=Path, required=True, help="folder to write (ct.nrrd, seg.nrrd)")
+    p.add_argument("--seed", type=int, default=0, help="random seed of the shapes (default 0); same seed, same phantom")
     p.add_argument("--top-level", default="L1", help="highest vertebra (default L1)")
     p.add_argument("--n-vertebrae", type=_COUNT, default=5, help="how many vertebrae, down from --top-level (default 5)")
     p.add_argument("--spacing", type=_POSITIVE, nargs=3, default=(1.0, 1.0, 1.0), metavar=("X", "Y", "Z"),
@@ -194,7 +200,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="when the column reaches S1 (e.g. --top-level L3 --n-vertebrae 3, S1 below as context), "
                         "build a sacrum there (S1 segment = 26, the rest sacrum = 25) and the hip bones (77, 78); "
                         "the grid reaches down past the sacrum's tip, the vertebrae above keep their shapes")
-    p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--overwrite", action="store_true", help="replace a phantom folder written earlier by radgsreg phantom")
 
     p = sub.add_parser("simulate-cases", help="generate registration cases (case folders)",
                        formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -230,7 +236,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("show", help="write a PNG montage of a case (X-rays, DRRs, overlay)",
                        description="Rows: AP, lateral. Columns: the X-ray; the DRR at the initial pose; the DRR at "
                                    "the true pose (or --result's pose); red/green edges of both on the X-ray.")
-    p.add_argument("case", type=Path)
+    p.add_argument("case", type=Path, help="case folder (with case.json)")
     p.add_argument("--out", type=Path, help="PNG path (default CASE/preview.png)")
     p.add_argument("--result", type=Path, help="a result folder whose pose to show instead of the ground truth")
     p.add_argument("--size", type=_integer(16), default=320, help="panel size in pixels (default 320)")
@@ -256,7 +262,7 @@ def build_parser() -> argparse.ArgumentParser:
                               "  radgsreg register cases/case_000 --out res0                  # search + 2-D/3-D\n"
                               "  radgsreg register cases/case_000 --out res1 --model default  # + shipped network\n"
                               "  radgsreg register cases/case_000 --out res2 --model runs/stage3/model.pt --refine both")
-    p.add_argument("case", type=Path)
+    p.add_argument("case", type=Path, help="case folder (with case.json; shared/docs/case-format.md)")
     p.add_argument("--out", type=Path, required=True, help="result folder to write")
     p.add_argument("--config", type=Path, metavar="JSON",
                    help="registration settings (RegisterConfig fields, e.g. {\"refine\": \"2d\", \"min_ncc\": 0.8}); "
@@ -289,7 +295,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--progress", choices=["text", "json"], default="text",
                    help="text (default): a human log on stdout; json: one JSON event per line on stdout "
                         "(stage, fraction, message; see RadGSRegLib/progress.py) and the human log on stderr")
-    p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--overwrite", action="store_true", help="replace a result folder written earlier by radgsreg register")
 
     p = sub.add_parser("register-batch", help="register every case folder under a folder (resumable; local workers)",
                        formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -334,7 +340,7 @@ def build_parser() -> argparse.ArgumentParser:
                               "      --init default --ct sample      # the shipped weights, the bundled lumbar CT")
     p.add_argument("--config", type=Path, help="JSON training config (default: the dataclass defaults)")
     p.add_argument("--out", type=Path, required=True, help="run folder (resumed if it holds the same run)")
-    p.add_argument("--stage", type=int, choices=[1, 2, 3])
+    p.add_argument("--stage", type=int, choices=[1, 2, 3], help="data stage (default: the config's, else 1)")
     p.add_argument("--init", help="weights to start from (stages 2-3): a .pt file, or 'default' for the shipped "
                                   "stage-1 weights")
     p.add_argument("--ct", action="append", default=None, metavar="CT:LABELS",
@@ -342,12 +348,12 @@ def build_parser() -> argparse.ArgumentParser:
                         "lumbar CT (repeatable; stage 1 adds them to the phantoms, stage 3 trains on them)")
     p.add_argument("--cases", action="append", default=None, metavar="DIR",
                    help="stage 2: case folders with ground_truth (repeatable)")
-    p.add_argument("--device", choices=["cpu", "cuda"])
-    p.add_argument("--threads", type=_COUNT)
+    p.add_argument("--device", choices=["cpu", "cuda"], help="where to train (default: the config's, else cpu)")
+    p.add_argument("--threads", type=_COUNT, help="CPU threads for torch (default: the config's, else 1)")
     p.add_argument("--data-workers", type=_COUNT,
                    help="processes simulating the samples, at most the config's data_shards (its independent "
                         "sample streams; the samples do not depend on N). Default: the config's data_workers, else 1")
-    p.add_argument("--seed", type=_integer(0))
+    p.add_argument("--seed", type=_integer(0), help="random seed of the samples and the weights (default: the config's, else 0)")
     p.add_argument("--no-cal", action="store_true", help="train without counterfactual attention (ablation)")
 
     p = sub.add_parser("train-metal", help="train the metal segmentation network (screws, K-wires, retractors)",
@@ -371,7 +377,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--phantoms", type=_integer(0), default=None,
                    help="procedural phantoms to simulate (~35 s each to build; default 2)")
     p.add_argument("--no-sample-ct", action="store_true", help="leave out the bundled lumbar CT (phantoms only)")
-    p.add_argument("--seed", type=_integer(0), default=None)
+    p.add_argument("--seed", type=_integer(0), default=None, help="random seed of the cases and the weights (default 7)")
     p.add_argument("--threads", type=_COUNT, default=None, help="CPU threads for torch (default: torch's)")
     p.add_argument("--overwrite", action="store_true", help="replace OUT/metal_seg.pt")
 
@@ -394,8 +400,8 @@ def build_parser() -> argparse.ArgumentParser:
                                    "alone (CT x dilated label, at the true pose), --views of them (2: the case's AP + "
                                    "lateral geometry; more: a full orbit), and fits those. When the case has a ground "
                                    "truth, the reconstruction is scored against it (PSNR, SSIM; metrics.md).")
-    p.add_argument("case", type=Path)
-    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("case", type=Path, help="case folder (with case.json)")
+    p.add_argument("--out", type=Path, required=True, help="folder to write (gaussians.npz, recon.nrrd, fit.json)")
     p.add_argument("--views", type=_integer(2), default=2, help="number of views (default 2: AP + lateral)")
     p.add_argument("--simulated", action="store_true",
                    help="fit DRRs of the case's vertebra alone at its true pose instead of the X-rays (validation; "
@@ -406,17 +412,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pixels", type=_integer(16), default=128, help="working detector size (default 128)")
     p.add_argument("--grid-mm", type=_POSITIVE, default=96.0, help="side of the reconstruction cube, mm (default 96)")
     p.add_argument("--voxel-mm", type=_POSITIVE, default=1.5, help="voxel size of recon.nrrd, mm (default 1.5)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--seed", type=int, default=0, help="random seed of the initial Gaussians (default 0)")
+    p.add_argument("--overwrite", action="store_true", help="replace a folder written earlier by radgsreg fit-gaussians")
 
     p = sub.add_parser("bench", help="benchmarks (print a table, write JSON)")
     bsub = p.add_subparsers(dest="bench", metavar="BENCH")
     b = bsub.add_parser("drr", help="DRR speed and agreement: ours vs RTK's Joseph projector")
     b.add_argument("--size", type=_integer(8), default=128, help="volume size per side (default 128)")
     b.add_argument("--pixels", type=_integer(16), default=256, help="detector pixels per side (default 256)")
-    b.add_argument("--repeat", type=_COUNT, default=5)
+    b.add_argument("--repeat", type=_COUNT, default=5, help="timed runs of each method; the table shows their median (default 5)")
     b.add_argument("--threads", type=_COUNT, default=2, help="CPU threads for every method (default 2)")
-    b.add_argument("--json", type=Path, default=Path("bench_out/drr.json"))
+    b.add_argument("--json", type=Path, default=Path("bench_out/drr.json"), help=_bench_json("drr"))
     b = bsub.add_parser("register", help="every registration method on the same case suites: Table 1 columns",
                         description="Runs each method on each suite (a folder of case folders, e.g. from "
                                     "simulate-cases), reads the ground truth only to evaluate, prints mTRE (mean, "
@@ -435,7 +441,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the python of the DiffDRR peer's own environment (default: $RADGSREG_DIFFDRR_PYTHON, else "
                         ".peers/diffdrr/bin/python here; make it with: python3 -m venv .peers/diffdrr && "
                         ".peers/diffdrr/bin/pip install -r RadGSRegLib/bench/diffdrr-requirements.txt)")
-    b.add_argument("--json", type=Path, default=Path("bench_out/register.json"))
+    b.add_argument("--json", type=Path, default=Path("bench_out/register.json"), help=_bench_json("register"))
     b = bsub.add_parser("metal", help="the metal segmentation network on case suites: precision, recall, Dice",
                         description="Scores the metal network (segment_metal, no dilation) on every case of each "
                                     "suite against the exact metal footprint its case.json records (cases made by "
@@ -444,11 +450,11 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--cases", type=Path, nargs="+", required=True, help="one or more suite folders")
     b.add_argument("--model", type=Path, help="weights (default, or 'default': the shipped Resources/Models/metal_seg.pt)")
     b.add_argument("--limit", type=_COUNT, help="only the first N cases of each suite")
-    b.add_argument("--json", type=Path, default=Path("bench_out/metal.json"))
+    b.add_argument("--json", type=Path, default=Path("bench_out/metal.json"), help=_bench_json("metal"))
     b = bsub.add_parser("gaussians", help="rasterizer and voxelizer speed and memory, vs a naive dense evaluation")
     b.add_argument("--threads", type=_COUNT, default=1, help="CPU threads (default 1: fastest on 2 shared cores)")
-    b.add_argument("--repeat", type=_COUNT, default=5)
-    b.add_argument("--json", type=Path, default=Path("bench_out/gaussians.json"))
+    b.add_argument("--repeat", type=_COUNT, default=5, help="timed runs of each method; the table shows their median (default 5)")
+    b.add_argument("--json", type=Path, default=Path("bench_out/gaussians.json"), help=_bench_json("gaussians"))
     b = bsub.add_parser("train", help="training speed of a configuration: seconds per sample of each phase",
                         formatter_class=argparse.RawDescriptionHelpFormatter,
                         description="Trains the configuration's network for 2 RecM, 2 RegM and 1 joint epochs on a "
@@ -459,12 +465,12 @@ def build_parser() -> argparse.ArgumentParser:
                                "  radgsreg bench train                                  # stage1_cpu.json on the CPU\n"
                                "  radgsreg bench train --device cuda --batch 4 16 --data-workers 8")
     b.add_argument("--config", type=Path, help="JSON training config (default: the shipped stage1_cpu.json)")
-    b.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    b.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="where to train (default cpu)")
     b.add_argument("--threads", type=_COUNT, default=2, help="CPU threads for torch (default 2)")
     b.add_argument("--samples", type=_COUNT, default=32, help="training samples per run (default 32)")
     b.add_argument("--batch", type=_COUNT, nargs="+", default=[4], help="batch sizes, one run each (default 4)")
     b.add_argument("--data-workers", type=_COUNT, default=1, help="processes simulating the samples (default 1)")
-    b.add_argument("--json", type=Path, default=Path("bench_out/train.json"))
+    b.add_argument("--json", type=Path, default=Path("bench_out/train.json"), help=_bench_json("train"))
     for sp in list(sub.choices.values()) + list(bsub.choices.values()):     # `radgsreg CMD ... --debug` too
         sp.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
                         help="show the full traceback of an error")

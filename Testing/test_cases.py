@@ -129,6 +129,26 @@ def test_help_teaches():
         assert word in text
 
 
+def test_every_option_of_every_command_says_what_it_does():
+    """`radgsreg CMD --help` explains each argument: none is listed bare (name and metavar only)."""
+    import argparse
+
+    bare = []
+
+    def walk(parser, path):
+        for a in parser._actions:
+            if isinstance(a, argparse._SubParsersAction):
+                for name, sp in a.choices.items():
+                    walk(sp, path + [name])
+            elif not a.help:
+                bare.append(" ".join(path + [a.option_strings[0] if a.option_strings else a.dest]))
+
+    walk(build_parser(), ["radgsreg"])
+    assert bare == []
+    bench_json = build_parser().parse_args(["bench", "metal", "--cases", "x"])
+    assert str(bench_json.json) == "bench_out/metal.json"
+
+
 # ------------------------------------------------------------------ the CTs cases are made of
 def _same_case(a, b):
     assert a.vertebra_label == b.vertebra_label and a.vertebra_name == b.vertebra_name
