@@ -353,6 +353,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data-workers", type=_COUNT,
                    help="processes simulating the samples, at most the config's data_shards (its independent "
                         "sample streams; the samples do not depend on N). Default: the config's data_workers, else 1")
+    p.add_argument("--data-cache", type=Path, metavar="DIR",
+                   help="folder of the simulated samples (default: the config's data_cache, else OUT/data). The "
+                        "file name carries the data settings, so runs with the same ones share it and a later run "
+                        "reads the samples instead of simulating them again (e.g. the CAL ablation, --no-cal, of a run); "
+                        "a run resumes with another folder")
     p.add_argument("--seed", type=_integer(0), help="random seed of the samples and the weights (default: the config's, else 0)")
     p.add_argument("--no-cal", action="store_true", help="train without counterfactual attention (ablation)")
 
@@ -849,7 +854,8 @@ def _cmd_train(args):
         raise UsageError("--no-cal does not apply with --init: the network (with or without CAL) comes with the "
                          "weights; train from scratch for the ablation")
     over = {"out": str(args.out), "stage": args.stage, "init": args.init, "device": args.device,
-            "threads": args.threads, "seed": args.seed, "data_workers": args.data_workers}
+            "threads": args.threads, "seed": args.seed, "data_workers": args.data_workers,
+            "data_cache": str(args.data_cache) if args.data_cache else None}
     if args.ct:
         over["ct_dirs"] = args.ct
     if args.cases:

@@ -767,3 +767,29 @@ def test_recm_output_form_can_draw_a_vertebra(small_phantom):
     print(f"RecM's output form fitted to the true volume: SSIM {m['ssim_pct']:.1f} %, PSNR {m['psnr_db']:.2f} dB "
           f"(start {first:.1f} %)")
     assert first < 20 and m["ssim_pct"] > 80
+
+
+def test_train_data_cache_option_shares_the_samples_between_runs(tmp_path, capsys):
+    """`radgsreg train --data-cache DIR`: the samples are simulated into DIR (not OUT/data),
+    a second run with the same data settings (here the CAL ablation) reads them from there,
+    and a run resumes with another cache folder (it is not part of the run's identity)."""
+    import json
+
+    from RadGSRegLib.cli import main
+
+    cfg = tmp_path / "tiny.json"
+    cfg.write_text(json.dumps({"model": TINY, "phantoms": 1, "phantom_spacing_mm": 4.0, "samples_per_ct": 2,
+                               "val_samples": 1, "levels": ["L3"], "rec_epochs": 1, "reg_epochs": 0,
+                               "joint_epochs": 0, "batch": 2}))
+    cache = tmp_path / "cache"
+    assert main(["train", "--config", str(cfg), "--out", str(tmp_path / "a"), "--data-cache", str(cache)]) == 0
+    files = sorted(cache.glob("samples-*.pt"))
+    assert len(files) == 1 and not (tmp_path / "a" / "data").exists()
+    capsys.readouterr()
+    assert main(["train", "--config", str(cfg), "--out", str(tmp_path / "b"), "--data-cache", str(cache),
+                 "--no-cal"]) == 0
+    assert f"samples from {files[0]}" in capsys.readouterr().out
+    assert not RadGSRegNet.load(tmp_path / "b" / "model.pt").cfg.cal
+    # the finished run a, asked again with its samples elsewhere: the same run (nothing to do), not refused
+    assert main(["train", "--config", str(cfg), "--out", str(tmp_path / "a"), "--data-cache",
+                 str(tmp_path / "elsewhere")]) == 0

@@ -93,7 +93,9 @@ class TrainConfig:
             voxels where the CT shows tissue, in 10 mm) in Eq. 3.
         threads: torch CPU threads. device: "cpu" or "cuda". seed: everything is seeded.
         data_cache: folder for generated samples (default ``out/data``); reused if the
-            data settings match.
+            data settings match (the file name carries them), by this run or another
+            (``radgsreg train --data-cache``); not part of the run's identity: a run
+            resumes with another folder.
     """
 
     stage: int = 1

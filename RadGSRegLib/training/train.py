@@ -135,7 +135,8 @@ def _cfg_json(cfg: TrainConfig) -> dict:
 
 
 #: settings that do not change a run's samples or weights: a run resumes with other values
-_MACHINE_ONLY = ("data_workers",)
+#: (the sample cache's file name carries the data settings, wherever its folder is)
+_MACHINE_ONLY = ("data_workers", "data_cache")
 
 
 def same_run(old, cfg: TrainConfig) -> bool:
