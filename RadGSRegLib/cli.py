@@ -179,7 +179,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rot-deg", type=_number(0.0, maximum=180.0), default=10.0,
                    help="true-pose rotation offset range, ± deg (default 10)")
     p.add_argument("--trans-mm", type=_NONNEGATIVE, default=20.0, help="true-pose translation offset range, ± mm (default 20)")
-    p.add_argument("--seed", type=int, default=0, help="random seed of the pose and the X-rays (default 0)")
+    p.add_argument("--seed", type=int, default=0, help="random seed of the pose, the X-rays and, with --phantom, the phantom (default 0)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
 
     p = sub.add_parser("phantom", help="write a procedural spine CT and its vertebra labels",
@@ -417,7 +417,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pixels", type=_integer(16), default=128, help="working detector size (default 128)")
     p.add_argument("--grid-mm", type=_POSITIVE, default=96.0, help="side of the reconstruction cube, mm (default 96)")
     p.add_argument("--voxel-mm", type=_POSITIVE, default=1.5, help="voxel size of recon.nrrd, mm (default 1.5)")
-    p.add_argument("--seed", type=int, default=0, help="random seed of the initial Gaussians (default 0)")
+    p.add_argument("--seed", type=int, default=0, help="random seed of the initial Gaussians and of their densification (default 0)")
     p.add_argument("--overwrite", action="store_true", help="replace a folder written earlier by radgsreg fit-gaussians")
 
     p = sub.add_parser("bench", help="benchmarks (print a table, write JSON)")
