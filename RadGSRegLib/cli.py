@@ -187,7 +187,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "with --ribs also rib_left_k = 91+k, rib_right_k = 103+k; with --sacrum also sacrum = 25, "
                                    "hip_left = 77, hip_right = 78).")
     p.add_argument("--out", type=Path, required=True, help="folder to write (ct.nrrd, seg.nrrd)")
-    p.add_argument("--seed", type=int, default=0, help="random seed of the shapes (default 0); same seed, same phantom")
+    p.add_argument("--seed", type=int, default=0, help="random seed of the shapes and textures (default 0); same seed, same phantom")
     p.add_argument("--top-level", default="L1", help="highest vertebra (default L1)")
     p.add_argument("--n-vertebrae", type=_COUNT, default=5, help="how many vertebrae, down from --top-level (default 5)")
     p.add_argument("--spacing", type=_POSITIVE, nargs=3, default=(1.0, 1.0, 1.0), metavar=("X", "Y", "Z"),
@@ -295,7 +295,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--progress", choices=["text", "json"], default="text",
                    help="text (default): a human log on stdout; json: one JSON event per line on stdout "
                         "(stage, fraction, message; see RadGSRegLib/progress.py) and the human log on stderr")
-    p.add_argument("--overwrite", action="store_true", help="replace a result folder written earlier by radgsreg register")
+    p.add_argument("--overwrite", action="store_true", help="replace a result folder written earlier by radgsreg register or register-batch")
 
     p = sub.add_parser("register-batch", help="register every case folder under a folder (resumable; local workers)",
                        formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -357,8 +357,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="folder of the simulated samples (default: the config's data_cache, else OUT/data). The "
                         "file name carries the data settings, so runs with the same ones share it and a later run "
                         "reads the samples instead of simulating them again (e.g. the CAL ablation, --no-cal, of a run); "
-                        "a run resumes with another folder")
-    p.add_argument("--seed", type=_integer(0), help="random seed of the samples and the weights (default: the config's, else 0)")
+                        "a started run resumes only with the folder it started with")
+    p.add_argument("--seed", type=_integer(0), help="random seed of everything random in the run: samples, batch order, RegM's input poses, new weights "
+                        "(default: the config's, else 0)")
     p.add_argument("--no-cal", action="store_true", help="train without counterfactual attention (ablation)")
 
     p = sub.add_parser("train-metal", help="train the metal segmentation network (screws, K-wires, retractors)",
@@ -417,7 +418,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pixels", type=_integer(16), default=128, help="working detector size (default 128)")
     p.add_argument("--grid-mm", type=_POSITIVE, default=96.0, help="side of the reconstruction cube, mm (default 96)")
     p.add_argument("--voxel-mm", type=_POSITIVE, default=1.5, help="voxel size of recon.nrrd, mm (default 1.5)")
-    p.add_argument("--seed", type=int, default=0, help="random seed of the initial Gaussians and of their densification (default 0)")
+    p.add_argument("--seed", type=int, default=0, help="random seed of the initial Gaussians, of the views and TV block drawn each step and of the "
+                        "densification (default 0)")
     p.add_argument("--overwrite", action="store_true", help="replace a folder written earlier by radgsreg fit-gaussians")
 
     p = sub.add_parser("bench", help="benchmarks (print a table, write JSON)")
@@ -458,7 +460,9 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--json", type=Path, default=Path("bench_out/metal.json"), help=_bench_json("metal"))
     b = bsub.add_parser("gaussians", help="rasterizer and voxelizer speed and memory, vs a naive dense evaluation")
     b.add_argument("--threads", type=_COUNT, default=1, help="CPU threads (default 1: fastest on 2 shared cores)")
-    b.add_argument("--repeat", type=_COUNT, default=5, help="timed runs of each method; the table shows their median (default 5)")
+    b.add_argument("--repeat", type=_COUNT, default=5,
+                   help="timed forward runs (forward + backward: half as many); the table shows their median "
+                        "(default 5; the dense reference is timed once)")
     b.add_argument("--json", type=Path, default=Path("bench_out/gaussians.json"), help=_bench_json("gaussians"))
     b = bsub.add_parser("train", help="training speed of a configuration: seconds per sample of each phase",
                         formatter_class=argparse.RawDescriptionHelpFormatter,

@@ -771,8 +771,9 @@ def test_recm_output_form_can_draw_a_vertebra(small_phantom):
 
 def test_train_data_cache_option_shares_the_samples_between_runs(tmp_path, capsys):
     """`radgsreg train --data-cache DIR`: the samples are simulated into DIR (not OUT/data),
-    a second run with the same data settings (here the CAL ablation) reads them from there,
-    and a run resumes with another cache folder (it is not part of the run's identity)."""
+    a second run with the same data settings (here the CAL ablation) reads them from there;
+    a started run is refused another cache folder (it might hold other samples under the
+    same name), before any work."""
     import json
 
     from RadGSRegLib.cli import main
@@ -790,6 +791,8 @@ def test_train_data_cache_option_shares_the_samples_between_runs(tmp_path, capsy
                  "--no-cal"]) == 0
     assert f"samples from {files[0]}" in capsys.readouterr().out
     assert not RadGSRegNet.load(tmp_path / "b" / "model.pt").cfg.cal
-    # the finished run a, asked again with its samples elsewhere: the same run (nothing to do), not refused
+    model = (tmp_path / "a" / "model.pt").read_bytes()
     assert main(["train", "--config", str(cfg), "--out", str(tmp_path / "a"), "--data-cache",
-                 str(tmp_path / "elsewhere")]) == 0
+                 str(tmp_path / "elsewhere")]) != 0
+    assert "another configuration" in capsys.readouterr().err
+    assert not (tmp_path / "elsewhere").exists() and (tmp_path / "a" / "model.pt").read_bytes() == model

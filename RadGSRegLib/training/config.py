@@ -94,8 +94,7 @@ class TrainConfig:
         threads: torch CPU threads. device: "cpu" or "cuda". seed: everything is seeded.
         data_cache: folder for generated samples (default ``out/data``); reused if the
             data settings match (the file name carries them), by this run or another
-            (``radgsreg train --data-cache``); not part of the run's identity: a run
-            resumes with another folder.
+            (``radgsreg train --data-cache``); a started run resumes only with its own.
     """
 
     stage: int = 1

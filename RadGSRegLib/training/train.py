@@ -134,9 +134,10 @@ def _cfg_json(cfg: TrainConfig) -> dict:
     return json.loads(json.dumps(cfg.to_dict(), default=str))
 
 
-#: settings that do not change a run's samples or weights: a run resumes with other values
-#: (the sample cache's file name carries the data settings, wherever its folder is)
-_MACHINE_ONLY = ("data_workers", "data_cache")
+#: settings that do not change a run's samples or weights: a run resumes with other values.
+#: Not ``data_cache``: a cache elsewhere may hold other samples under the same name (a file
+#: simulated by older code, a link), so a started run keeps its folder.
+_MACHINE_ONLY = ("data_workers",)
 
 
 def same_run(old, cfg: TrainConfig) -> bool:
