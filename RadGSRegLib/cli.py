@@ -93,10 +93,12 @@ _POSITIVE = _number(0.0, strict=True)
 _NONNEGATIVE = _number(0.0)
 
 
-def _bench_json(kind: str) -> str:
-    """The help of a bench's --json option (its default is bench_out/KIND.json)."""
-    return (f"write the results here (default bench_out/{kind}.json); a file an earlier radgsreg bench {kind} "
-            f"wrote is replaced, any other file is refused")
+def _add_bench_json(parser, kind: str) -> None:
+    """A bench's --json option: bench_out/KIND.json by default, its help saying so."""
+    default = Path("bench_out") / f"{kind}.json"
+    parser.add_argument("--json", type=Path, default=default,
+                        help=f"write the results here (default {default}); a file an earlier radgsreg bench {kind} "
+                             f"wrote is replaced, any other file is refused")
 
 
 def _sim_config(args):
@@ -179,7 +181,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rot-deg", type=_number(0.0, maximum=180.0), default=10.0,
                    help="true-pose rotation offset range, ± deg (default 10)")
     p.add_argument("--trans-mm", type=_NONNEGATIVE, default=20.0, help="true-pose translation offset range, ± mm (default 20)")
-    p.add_argument("--seed", type=int, default=0, help="random seed of the pose, the X-rays and, with --phantom, the phantom (default 0)")
+    p.add_argument("--seed", type=int, default=0,
+                   help="random seed of the pose, the X-rays and, with --phantom, the phantom (default 0)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
 
     p = sub.add_parser("phantom", help="write a procedural spine CT and its vertebra labels",
@@ -187,7 +190,8 @@ def build_parser() -> argparse.ArgumentParser:
                                    "with --ribs also rib_left_k = 91+k, rib_right_k = 103+k; with --sacrum also sacrum = 25, "
                                    "hip_left = 77, hip_right = 78).")
     p.add_argument("--out", type=Path, required=True, help="folder to write (ct.nrrd, seg.nrrd)")
-    p.add_argument("--seed", type=int, default=0, help="random seed of the shapes and textures (default 0); same seed, same phantom")
+    p.add_argument("--seed", type=int, default=0,
+                   help="random seed of the shapes and textures (default 0); same seed, same phantom")
     p.add_argument("--top-level", default="L1", help="highest vertebra (default L1)")
     p.add_argument("--n-vertebrae", type=_COUNT, default=5, help="how many vertebrae, down from --top-level (default 5)")
     p.add_argument("--spacing", type=_POSITIVE, nargs=3, default=(1.0, 1.0, 1.0), metavar=("X", "Y", "Z"),
@@ -295,7 +299,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--progress", choices=["text", "json"], default="text",
                    help="text (default): a human log on stdout; json: one JSON event per line on stdout "
                         "(stage, fraction, message; see RadGSRegLib/progress.py) and the human log on stderr")
-    p.add_argument("--overwrite", action="store_true", help="replace a result folder written earlier by radgsreg register or register-batch")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace a result folder written earlier by radgsreg register or register-batch")
 
     p = sub.add_parser("register-batch", help="register every case folder under a folder (resumable; local workers)",
                        formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -356,10 +361,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data-cache", type=Path, metavar="DIR",
                    help="folder of the simulated samples (default: the config's data_cache, else OUT/data). The "
                         "file name carries the data settings, so runs with the same ones share it and a later run "
-                        "reads the samples instead of simulating them again (e.g. the CAL ablation, --no-cal, of a run); "
+                        "reads the samples instead of simulating them again (e.g. the CAL ablation, --no-cal, of a "
+                        "run); "
                         "a started run resumes only with the folder it started with")
-    p.add_argument("--seed", type=_integer(0), help="random seed of everything random in the run: samples, batch order, RegM's input poses, new weights "
-                        "(default: the config's, else 0)")
+    p.add_argument("--seed", type=_integer(0),
+                   help="random seed of everything random in the run: samples, batch order, RegM's input poses, "
+                        "new weights (default: the config's, else 0)")
     p.add_argument("--no-cal", action="store_true", help="train without counterfactual attention (ablation)")
 
     p = sub.add_parser("train-metal", help="train the metal segmentation network (screws, K-wires, retractors)",
@@ -418,8 +425,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pixels", type=_integer(16), default=128, help="working detector size (default 128)")
     p.add_argument("--grid-mm", type=_POSITIVE, default=96.0, help="side of the reconstruction cube, mm (default 96)")
     p.add_argument("--voxel-mm", type=_POSITIVE, default=1.5, help="voxel size of recon.nrrd, mm (default 1.5)")
-    p.add_argument("--seed", type=int, default=0, help="random seed of the initial Gaussians, of the views and TV block drawn each step and of the "
-                        "densification (default 0)")
+    p.add_argument("--seed", type=int, default=0,
+                   help="random seed of the initial Gaussians, of the views and TV block drawn each step and of "
+                        "the densification (default 0)")
     p.add_argument("--overwrite", action="store_true", help="replace a folder written earlier by radgsreg fit-gaussians")
 
     p = sub.add_parser("bench", help="benchmarks (print a table, write JSON)")
@@ -427,9 +435,10 @@ def build_parser() -> argparse.ArgumentParser:
     b = bsub.add_parser("drr", help="DRR speed and agreement: ours vs RTK's Joseph projector")
     b.add_argument("--size", type=_integer(8), default=128, help="volume size per side (default 128)")
     b.add_argument("--pixels", type=_integer(16), default=256, help="detector pixels per side (default 256)")
-    b.add_argument("--repeat", type=_COUNT, default=5, help="timed runs of each method; the table shows their median (default 5)")
+    b.add_argument("--repeat", type=_COUNT, default=5,
+                   help="timed runs of each method; the table shows their median (default 5)")
     b.add_argument("--threads", type=_COUNT, default=2, help="CPU threads for every method (default 2)")
-    b.add_argument("--json", type=Path, default=Path("bench_out/drr.json"), help=_bench_json("drr"))
+    _add_bench_json(b, "drr")
     b = bsub.add_parser("register", help="every registration method on the same case suites: Table 1 columns",
                         description="Runs each method on each suite (a folder of case folders, e.g. from "
                                     "simulate-cases), reads the ground truth only to evaluate, prints mTRE (mean, "
@@ -448,7 +457,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the python of the DiffDRR peer's own environment (default: $RADGSREG_DIFFDRR_PYTHON, else "
                         ".peers/diffdrr/bin/python here; make it with: python3 -m venv .peers/diffdrr && "
                         ".peers/diffdrr/bin/pip install -r RadGSRegLib/bench/diffdrr-requirements.txt)")
-    b.add_argument("--json", type=Path, default=Path("bench_out/register.json"), help=_bench_json("register"))
+    _add_bench_json(b, "register")
     b = bsub.add_parser("metal", help="the metal segmentation network on case suites: precision, recall, Dice",
                         description="Scores the metal network (segment_metal, no dilation) on every case of each "
                                     "suite against the exact metal footprint its case.json records (cases made by "
@@ -457,13 +466,13 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--cases", type=Path, nargs="+", required=True, help="one or more suite folders")
     b.add_argument("--model", type=Path, help="weights (default, or 'default': the shipped Resources/Models/metal_seg.pt)")
     b.add_argument("--limit", type=_COUNT, help="only the first N cases of each suite")
-    b.add_argument("--json", type=Path, default=Path("bench_out/metal.json"), help=_bench_json("metal"))
+    _add_bench_json(b, "metal")
     b = bsub.add_parser("gaussians", help="rasterizer and voxelizer speed and memory, vs a naive dense evaluation")
     b.add_argument("--threads", type=_COUNT, default=1, help="CPU threads (default 1: fastest on 2 shared cores)")
     b.add_argument("--repeat", type=_COUNT, default=5,
                    help="timed forward runs (forward + backward: half as many); the table shows their median "
                         "(default 5; the dense reference is timed once)")
-    b.add_argument("--json", type=Path, default=Path("bench_out/gaussians.json"), help=_bench_json("gaussians"))
+    _add_bench_json(b, "gaussians")
     b = bsub.add_parser("train", help="training speed of a configuration: seconds per sample of each phase",
                         formatter_class=argparse.RawDescriptionHelpFormatter,
                         description="Trains the configuration's network for 2 RecM, 2 RegM and 1 joint epochs on a "
@@ -479,7 +488,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--samples", type=_COUNT, default=32, help="training samples per run (default 32)")
     b.add_argument("--batch", type=_COUNT, nargs="+", default=[4], help="batch sizes, one run each (default 4)")
     b.add_argument("--data-workers", type=_COUNT, default=1, help="processes simulating the samples (default 1)")
-    b.add_argument("--json", type=Path, default=Path("bench_out/train.json"), help=_bench_json("train"))
+    _add_bench_json(b, "train")
     for sp in list(sub.choices.values()) + list(bsub.choices.values()):     # `radgsreg CMD ... --debug` too
         sp.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
                         help="show the full traceback of an error")
