@@ -33,6 +33,7 @@ examples:
   radgsreg fit-gaussians cases/case_000 --out fit    # radiative Gaussians fitted to the two X-rays
   radgsreg bench drr                                 # our DRR vs RTK's Joseph projector
   radgsreg bench gaussians                           # rasterizer / voxelizer speed
+  radgsreg bench recon --cases SUITE --models a=A.pt b=B.pt  # reconstructions on each other's grid
   radgsreg bench train --device cuda                 # training speed of a configuration
 
 Frames: millimetres, LPS; a pose is T_ct_to_carm (x_carm = T x_ct). The case folder
@@ -458,6 +459,24 @@ def build_parser() -> argparse.ArgumentParser:
                         ".peers/diffdrr/bin/python here; make it with: python3 -m venv .peers/diffdrr && "
                         ".peers/diffdrr/bin/pip install -r RadGSRegLib/bench/diffdrr-requirements.txt)")
     _add_bench_json(b, "register")
+    b = bsub.add_parser("recon", help="reconstructions of several weight files, each scored on every one's grid",
+                        formatter_class=argparse.RawDescriptionHelpFormatter,
+                        description="metrics.md scores a reconstruction on its own grid, so weights with another "
+                                    "cube (roi_mm) or voxel size\nreport on another measure. On each case every weight "
+                                    "file reconstructs as --init learned does (the\npose search, then the network), and "
+                                    "each reconstruction is resampled onto every file's grid (zero\noutside its own "
+                                    "cube) and scored there: SSIM % / PSNR dB against the true vertebra volume.",
+                        epilog="example:\n"
+                               "  radgsreg bench recon --cases real50-beyond --models shipped=default "
+                               "fine=runs/fine/model.pt")
+    b.add_argument("--cases", type=Path, nargs="+", required=True, help="one or more suite folders")
+    b.add_argument("--models", nargs="+", required=True, metavar="NAME=PATH",
+                   help="the weight files, each NAME=PATH (NAME labels its row and column), a bare PATH, or "
+                        "'default' (the shipped weights)")
+    b.add_argument("--limit", type=_COUNT, help="only the first N cases of each suite")
+    b.add_argument("--threads", type=_COUNT, default=1, help="CPU threads of torch and of the compiled projector "
+                                                              "(default 1)")
+    _add_bench_json(b, "recon")
     b = bsub.add_parser("metal", help="the metal segmentation network on case suites: precision, recall, Dice",
                         description="Scores the metal network (segment_metal, no dilation) on every case of each "
                                     "suite against the exact metal footprint its case.json records (cases made by "
@@ -725,6 +744,18 @@ def _cmd_bench(args):
             raise UsageError("--diffdrr-python: only with --methods ...,diffdrr")
         run_register_bench(list(args.cases), methods, json_path=args.json, limit=args.limit, model=args.model,
                            threads=args.threads, diffdrr_python=args.diffdrr_python)
+    elif args.bench == "recon":
+        from .bench.recon_bench import parse_model_args, run_recon_bench
+        from .evaluate import case_dirs
+
+        try:
+            models = parse_model_args(args.models)
+        except ValueError as e:
+            raise UsageError(f"--models {e}") from None
+        for suite in args.cases:
+            if not case_dirs(suite):
+                raise InputError(f"--cases {suite}: holds no case folders (folders with a case.json)")
+        run_recon_bench(list(args.cases), models, limit=args.limit, threads=args.threads, json_path=args.json)
     elif args.bench == "metal":
         from .bench.metal_bench import run_metal_bench
         from .evaluate import case_dirs
@@ -746,7 +777,7 @@ def _cmd_bench(args):
         run_train_bench(config, device=args.device, threads=args.threads, samples=args.samples, batches=args.batch,
                         data_workers=args.data_workers, json_path=args.json)
     else:
-        raise UsageError("choose a benchmark: radgsreg bench drr | gaussians | register | metal | train")
+        raise UsageError("choose a benchmark: radgsreg bench drr | gaussians | register | recon | metal | train")
 
 
 def register_config(args) -> RegisterConfig:

@@ -1169,3 +1169,61 @@ def test_a_level_warning_is_measured_from_the_first_result_through_every_rescue(
     final = _try_hypotheses(kept, hyp, lambda c: reg(back, 0.7), "research", "searched-again")
     assert not [w for w in final.warnings if w.startswith("level:")]
     assert final.info["research"]["kept"] and abs(final.info["research"]["moved_mm"][2]) < 3.0
+
+
+def test_bench_recon_scores_each_reconstruction_on_every_grid(easy_case, tmp_path, capsys):
+    """`bench recon`: the shipped weights under two names and the same weights drawing a 64 mm
+    cube (2 mm voxels): a file's score on its own grid is metrics.md's (what bench register /
+    evaluate report for `--init learned`), one file under two names scores the same on both
+    (identical grids), and on another file's grid a reconstruction scores otherwise."""
+    from dataclasses import replace
+
+    from RadGSRegLib.bench.recon_bench import LEARNED, run_recon_bench
+    from RadGSRegLib.cli import main
+    from RadGSRegLib.evaluate import case_row
+    from RadGSRegLib.learned.model import RadGSRegNet
+
+    shipped = RadGSRegNet.load(RegisterConfig(init="learned", model="default").model_path())
+    tight = RadGSRegNet(replace(shipped.cfg, roi_mm=64.0))
+    tight.load_state_dict(shipped.state_dict())
+    tight.save(tmp_path / "tight.pt")
+    models = {"a": "default", "b": "default", "tight": str(tmp_path / "tight.pt")}
+    out = run_recon_bench([easy_case.parent], models, json_path=tmp_path / "r.json", log=lambda *_: None)
+    assert out["models"]["tight"]["roi_mm"] == 64.0 and out["models"]["tight"]["voxel_mm"] == 2.0
+    assert out["models"]["a"]["voxel_mm"] == 3.0
+    (row,) = out["suites"][easy_case.parent.name]["cases"]
+    s = row["scores"]
+    assert row["same_input"]
+    for k, g in [("a", "b"), ("b", "a"), ("b", "b")]:
+        assert s[k][g] == pytest.approx(s["a"]["a"], rel=1e-5)
+    truth = read_case(easy_case, ground_truth=True)
+    case = read_case(easy_case)
+    recon = {}
+    for name, path in [("a", "default"), ("tight", str(tmp_path / "tight.pt"))]:
+        res = run(case, RegisterConfig.from_dict({**LEARNED, "model": path}))
+        own = case_row(truth, res, easy_case.name)
+        assert s[name][name]["ssim_pct"] == pytest.approx(own["ssim_pct"], abs=1e-3)
+        assert s[name][name]["psnr_db"] == pytest.approx(own["psnr_db"], abs=1e-3)
+        recon[name] = res.recon
+    # the tight cube's reconstruction on the wide grid: resampled there (zero outside its cube)
+    # and scored against the wide grid's true volume
+    from RadGSRegLib.metrics import recon_metrics
+    from RadGSRegLib.region import ground_truth_volume
+    from RadGSRegLib.volume import resample_to_grid
+
+    wide = recon["a"]
+    gt = ground_truth_volume(truth.ct, truth.seg, truth.vertebra_label, truth.ground_truth, wide.array.shape, wide.affine)
+    moved = resample_to_grid(recon["tight"], wide.array.shape, wide.affine).array
+    assert (moved[0] == 0).all() and (moved[:, :, -1] == 0).all()          # the wide grid's faces: outside 64 mm
+    assert s["tight"]["a"]["ssim_pct"] == pytest.approx(recon_metrics(moved, gt.array)["ssim_pct"], abs=1e-3)
+    assert np.isfinite(s["tight"]["a"]["ssim_pct"]) and abs(s["tight"]["a"]["ssim_pct"] - s["tight"]["tight"]["ssim_pct"]) > 1.0
+    assert np.isfinite(s["a"]["tight"]["ssim_pct"]) and abs(s["a"]["tight"]["ssim_pct"] - s["a"]["a"]["ssim_pct"]) > 1.0
+    mean = out["suites"][easy_case.parent.name]["mean"]
+    assert mean["tight"]["a"]["n"] == 1 and mean["tight"]["a"]["ssim_pct"] == pytest.approx(s["tight"]["a"]["ssim_pct"])
+    import json
+    written = json.loads((tmp_path / "r.json").read_text())
+    assert written["radgsreg"]["kind"] == "bench-recon" and set(written["models"]) == {"a", "b", "tight"}
+    # the command line: a name given twice is refused before any case runs
+    assert main(["bench", "recon", "--cases", str(easy_case.parent), "--models", "a=default", "a=default",
+                 "--json", str(tmp_path / "r2.json")]) == 2
+    assert "given twice" in capsys.readouterr().err and not (tmp_path / "r2.json").exists()

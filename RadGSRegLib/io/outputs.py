@@ -100,7 +100,7 @@ LAYOUTS: dict[str, Layout] = {
 FOLDER_KINDS = ("case", "result", "fit", "suite", "phantom", "demo", "train", "train-metal")
 #: single-file kinds -> format
 FILE_KINDS = {"evaluation": "json", "bench-drr": "json", "bench-register": "json", "bench-gaussians": "json",
-              "bench-metal": "json", "bench-train": "json", "preview": "png", "batch": "json"}
+              "bench-metal": "json", "bench-train": "json", "bench-recon": "json", "preview": "png", "batch": "json"}
 #: top-level keys of each JSON kind as written before the "radgsreg" stamp existed
 _LEGACY_JSON_KEYS = {
     "evaluation": {"cases", "results", "summary", "rows", "missing"},
