@@ -481,7 +481,8 @@ def test_sharded_samples_depend_on_the_shards_not_on_the_processes(small_phantom
 @pytest.mark.parametrize("name", ["stage1_tiny", "stage3_tiny", "stage1_paper", "stage1_cpu", "stage3_cpu",
                                   "stage1_cpu_reg5", "stage1_cpu_flow", "stage1_cpu_thoracic",
                                   "stage1_cpu_thoracic_reg5", "stage1_cpu_thoracic_wide",
-                                  "stage1_cpu_thoracic_wide_reg5", "stage1_cpu_all", "stage1_cpu_all_reg5"])
+                                  "stage1_cpu_thoracic_wide_reg5", "stage1_cpu_all", "stage1_cpu_all_reg5",
+                                  "stage1_cpu_fine", "stage1_cpu_fine_reg5"])
 def test_shipped_configs_load_and_build(name):
     """Every config in Resources/Models/configs is valid (no unknown key, consistent stage)
     and builds its network; the paper's uses its backbone and Eq. 3 weight. The RegM-only
@@ -501,10 +502,12 @@ def test_shipped_configs_load_and_build(name):
         from RadGSRegLib.training.data import phantom_tops
 
         assert cfg.phantom_ribs and "T6" in cfg.levels and "T2" in phantom_tops(cfg.levels)
-    if name in ("stage1_cpu_thoracic_wide", "stage1_cpu_all"):   # RecM 4x wider per anchor, twice the features
+    if name in ("stage1_cpu_thoracic_wide", "stage1_cpu_all", "stage1_cpu_fine"):   # RecM 4x wider per anchor
         assert (cfg.model.hidden, cfg.model.features, cfg.rec_epochs) == (256, 64, 12)
-    if name.startswith("stage1_cpu_all"):      # every level a surgeon may target, down to the sacrum
+    if name.startswith(("stage1_cpu_all", "stage1_cpu_fine")):   # every level a surgeon may target, to the sacrum
         assert cfg.phantom_ribs and cfg.phantom_sacrum and cfg.levels[0] == "T6" and cfg.levels[-1] == "S1"
+    if name.startswith("stage1_cpu_fine"):     # the all-levels runs on a 64 mm cube: 2 mm voxels, same count
+        assert (cfg.model.roi_mm, cfg.model.voxels, cfg.model.voxel_mm) == (64.0, 32, 2.0)
     from dataclasses import replace
 
     net = RadGSRegNet(replace(cfg.model, regm=cfg.new_regm) if cfg.new_regm else cfg.model)

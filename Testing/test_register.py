@@ -1218,6 +1218,9 @@ def test_bench_recon_scores_each_reconstruction_on_every_grid(easy_case, tmp_pat
     assert s["tight"]["a"]["ssim_pct"] == pytest.approx(recon_metrics(moved, gt.array)["ssim_pct"], abs=1e-3)
     assert np.isfinite(s["tight"]["a"]["ssim_pct"]) and abs(s["tight"]["a"]["ssim_pct"] - s["tight"]["tight"]["ssim_pct"]) > 1.0
     assert np.isfinite(s["a"]["tight"]["ssim_pct"]) and abs(s["a"]["tight"]["ssim_pct"] - s["a"]["a"]["ssim_pct"]) > 1.0
+    # a 96 mm cube about the same centre holds at least what the 64 mm one does of the vertebra
+    held = row["vertebra_inside_pct"]
+    assert held["a"] == held["b"] >= held["tight"] > 0 and held["a"] > 90.0
     mean = out["suites"][easy_case.parent.name]["mean"]
     assert mean["tight"]["a"]["n"] == 1 and mean["tight"]["a"]["ssim_pct"] == pytest.approx(s["tight"]["a"]["ssim_pct"])
     import json
@@ -1227,3 +1230,21 @@ def test_bench_recon_scores_each_reconstruction_on_every_grid(easy_case, tmp_pat
     assert main(["bench", "recon", "--cases", str(easy_case.parent), "--models", "a=default", "a=default",
                  "--json", str(tmp_path / "r2.json")]) == 2
     assert "given twice" in capsys.readouterr().err and not (tmp_path / "r2.json").exists()
+
+
+def test_grid_share_counts_points_within_the_voxels_outer_faces():
+    from RadGSRegLib.bench.recon_bench import grid_share
+
+    A = np.diag([2.0, 2.0, 2.0, 1.0])
+    A[:3, 3] = [10.0, 0.0, -4.0]                 # voxel (0, 0, 0) centred at (10, 0, -4) mm; 2 mm voxels
+    shape = (3, 4, 5)                             # K, J, I: i spans x 9..19 mm, j y -1..7, k z -5..1
+    pts = np.array([[9.0, -1.0, -5.0],            # a corner of the outer faces: in
+                    [18.9, 6.9, 0.9],             # in
+                    [19.1, 3.0, -2.0],            # x past the last face: out
+                    [12.0, 7.2, -2.0]])           # y past: out
+    assert grid_share(pts, shape, A) == 50.0
+    R = np.array([[0.0, -1.0, 0.0], [1.0, 0.0, 0.0], [0.0, 0.0, 1.0]])   # a rotated grid: the same in its frame
+    B = np.eye(4)
+    B[:3, :3] = R @ A[:3, :3]
+    B[:3, 3] = R @ A[:3, 3]
+    assert grid_share(pts @ R.T, shape, B) == 50.0

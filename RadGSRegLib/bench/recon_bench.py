@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-__all__ = ["run_recon_bench", "parse_model_args"]
+__all__ = ["run_recon_bench", "parse_model_args", "grid_share", "format_recon_table"]
 
 #: the registration settings each weight file reconstructs with (``bench register``'s "learned")
 LEARNED = {"init": "learned", "refine": "none", "robust": {"mode": "never"}}
@@ -55,7 +55,10 @@ def run_recon_bench(suites: list, models: dict[str, str], *, limit: int | None =
     Returns:
         {"models": {name: {"path", "roi_mm", "voxel_mm"}}, "suites": {suite: {"cases": [{"case",
         "input_mtre_mm", "same_input", "scores": {recon model: {grid model: {"ssim_pct",
-        "psnr_db"}}}}], "mean": {recon model: {grid model: {"ssim_pct", "psnr_db", "n"}}}}}}.
+        "psnr_db"}}}, "vertebra_inside_pct": {grid model: %}}], "mean": {recon model: {grid
+        model: {"ssim_pct", "psnr_db", "n"}}}, "vertebra_inside_pct": {grid model: mean %}}}}.
+        ``vertebra_inside_pct``: :func:`grid_share` of the vertebra's voxels (up to 20 000) at the
+        true pose.
         ``same_input``: every model started from the same pose (the search is deterministic, so
         it should); a grid that holds no vertebra (an input pose far off) scores NaN and is left
         out of the means (``n``).
@@ -83,7 +86,8 @@ def _bench(suites, models, *, limit, threads, json_path, overwrite, log) -> dict
     from ..evaluate import case_dirs
     from ..io import read_case
     from ..learned.model import RadGSRegNet
-    from ..metrics import recon_metrics, truth_errors
+    from ..geometry import apply
+    from ..metrics import recon_metrics, target_points, truth_errors
     from ..region import ground_truth_volume
     from ..register import RegisterConfig, run
     from ..register.pipeline import load_networks
@@ -108,8 +112,11 @@ def _bench(suites, models, *, limit, threads, json_path, overwrite, log) -> dict
             T_in = {k: np.asarray(r.info["learned"]["T_input"], dtype=float) for k, r in res.items()}
             first = next(iter(T_in.values()))
             scores = {k: {} for k in models}
+            inside = {}
+            pts = apply(truth.ground_truth, target_points(truth.seg, truth.vertebra_label, max_points=20000))
             for g, rg in res.items():                              # the grid of model g
                 shape, affine = rg.recon.array.shape, rg.recon.affine
+                inside[g] = grid_share(pts, shape, affine)
                 gt = ground_truth_volume(truth.ct, truth.seg, truth.vertebra_label, truth.ground_truth, shape, affine)
                 for k, rk in res.items():                          # model k's reconstruction on it
                     if np.ptp(gt.array) <= 0:                      # the grid holds no vertebra
@@ -118,13 +125,15 @@ def _bench(suites, models, *, limit, threads, json_path, overwrite, log) -> dict
                     a = rk.recon.array if k == g else resample_to_grid(rk.recon, shape, affine).array
                     scores[k][g] = recon_metrics(a, gt.array)
             row = {"case": d.name, "input_mtre_mm": truth_errors(truth, first)["mtre_mm"],
-                   "same_input": all(np.allclose(T, first, atol=1e-6) for T in T_in.values()), "scores": scores}
+                   "same_input": all(np.allclose(T, first, atol=1e-6) for T in T_in.values()), "scores": scores,
+                   "vertebra_inside_pct": inside}
             rows.append(row)
             own = ", ".join(f"{k} {scores[k][k]['ssim_pct']:.1f} %" for k in models)
             log(f"  [{suite.name}] {i + 1:>3}/{len(dirs)} {d.name}: input {row['input_mtre_mm']:.1f} mm; SSIM on "
                 f"its own grid: {own}")
         mean = {k: {g: _mean([r["scores"][k][g] for r in rows]) for g in models} for k in models}
-        result["suites"][suite.name] = {"cases": rows, "mean": mean}
+        held = {g: float(np.mean([r["vertebra_inside_pct"][g] for r in rows])) for g in models}
+        result["suites"][suite.name] = {"cases": rows, "mean": mean, "vertebra_inside_pct": held}
     for line in format_recon_table(result):
         log(line)
     if json_path is not None:
@@ -133,6 +142,17 @@ def _bench(suites, models, *, limit, threads, json_path, overwrite, log) -> dict
         write_json(json_path, result, "bench-recon", overwrite=overwrite, inputs=list(suites), default=float)
         log(f"wrote {json_path}")
     return result
+
+
+def grid_share(points: np.ndarray, shape, affine) -> float:
+    """Share (%) of ``points`` ((N, 3) C-arm mm; the vertebra's voxel centres at the true
+    pose) that lie in the grid of ``shape`` (K, J, I) and ``affine`` (voxel (i, j, k) -> C-arm
+    mm), its voxels' outer faces included: how much of the vertebra a reconstruction on that
+    grid can show."""
+    ijk = (np.asarray(points, dtype=np.float64) - affine[:3, 3]) @ np.linalg.inv(affine[:3, :3]).T
+    size = np.asarray(shape, dtype=np.float64)[::-1]                  # (I, J, K)
+    ok = ((ijk >= -0.5) & (ijk <= size - 0.5)).all(axis=1)
+    return 100.0 * float(ok.mean())
 
 
 def _mean(scores: list[dict]) -> dict:
@@ -168,4 +188,7 @@ def format_recon_table(result: dict) -> list[str]:
                     cell += f" (n={m['n']})"
                 cells.append(f"{cell:>{len(head[g]) + 2}}")
             lines.append(f"{k:<{w0}}" + "".join(cells))
+        held = s["vertebra_inside_pct"]
+        lines.append(f"{'vertebra inside':<{w0}}" + "".join(f"{f'{held[g]:.1f} %':>{len(head[g]) + 2}}" for g in names)
+                     + "   (share of its voxels at the true pose in the grid, mean over cases)")
     return lines
