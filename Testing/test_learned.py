@@ -239,6 +239,7 @@ def test_train_run_writes_resumes_and_refuses_another_config(tmp_path):
     assert [r["phase"] for r in rows] == ["rec", "reg"] and all("val_mtre_mm" in r for r in rows)
     net = RadGSRegNet.load(path)
     assert net.cfg.anchors == 4 and net.card["stage"] == 1 and net.card["train_samples"] == 2
+    assert net.card["levels_seen"] == ["L3"] and net.trained_levels == ["L3"]
     # the same command again: nothing left to do, the samples come from the cache
     train(cfg, log=lines.append, progress=False)
     assert any("from" in x and "samples" in x for x in lines[-4:])
@@ -331,14 +332,21 @@ def test_stage2_trains_on_case_folders_and_stage3_on_a_ct(small_phantom, tmp_pat
 
     own, _, _ = prepare_images(case.xrays, case.views, case.image_kind, TINY["image_pixels"])
     assert torch.allclose(s[0]["images"], own)
-    assert RadGSRegNet.load(train(cfg2, progress=False)).card["stage"] == 2
+    s2 = RadGSRegNet.load(train(cfg2, progress=False))
+    assert s2.card["stage"] == 2 and s2.trained_levels is None       # a stage-2 card cannot tell its levels
     write_volume(ct, tmp_path / "ct.nrrd")
     write_volume(seg, tmp_path / "seg.nrrd")
     cfg3 = TrainConfig(stage=3, out=str(tmp_path / "s3"), init=str(tmp_path / "w.pt"),
                        ct_dirs=[f"{tmp_path / 'ct.nrrd'}:{tmp_path / 'seg.nrrd'}"], levels=["L1", "L3"],
                        model=ModelConfig(**TINY), samples_per_ct=2, val_samples=1, rec_epochs=0, reg_epochs=1,
                        joint_epochs=0, batch=2)
-    assert RadGSRegNet.load(train(cfg3, progress=False)).card["train_samples"] == 2
+    s3 = RadGSRegNet.load(train(cfg3, progress=False))
+    assert s3.card["train_samples"] == 2
+    assert "levels_seen" not in s3.card and s3.trained_levels is None   # its init's card did not say
+    # weights whose card says what they saw: stage 3 adds the patient's levels, in spinal order
+    RadGSRegNet(ModelConfig(**TINY)).save(tmp_path / "w2.pt", card={"stage": 1, "levels_seen": ["T6", "L3"]})
+    cfg3b = TrainConfig(**{**cfg3.to_dict(), "init": str(tmp_path / "w2.pt"), "out": str(tmp_path / "s3b")})
+    assert RadGSRegNet.load(train(cfg3b, progress=False)).trained_levels == ["T6", "L1", "L3"]
 
 
 def test_drawn_realism_makes_each_sample_a_realistic_case(small_phantom, tmp_path, monkeypatch):
@@ -799,3 +807,31 @@ def test_train_data_cache_option_shares_the_samples_between_runs(tmp_path, capsy
                  str(tmp_path / "elsewhere")]) != 0
     assert "another configuration" in capsys.readouterr().err
     assert not (tmp_path / "elsewhere").exists() and (tmp_path / "a" / "model.pt").read_bytes() == model
+
+
+def test_trained_levels_of_a_card_and_the_warning_for_a_level_the_network_never_saw(small_phantom):
+    """A card's levels: its levels_seen, else a stage-1 config's levels, else unknown; a
+    registration of a level outside them says so in its warnings (and only then)."""
+    from dataclasses import replace
+
+    from RadGSRegLib.cases import CaseGenConfig, make_case
+    from RadGSRegLib.learned.model import trained_levels
+    from RadGSRegLib.register import RegisterConfig, run
+    from RadGSRegLib.register.config import MetalConfig
+
+    assert trained_levels({"levels_seen": ["T6", "T7"], "stage": 3}) == ["T6", "T7"]
+    assert trained_levels({"stage": 1, "train_config": {"levels": ["L1", "L2"]}}) == ["L1", "L2"]
+    assert trained_levels({"stage": 3, "train_config": {"levels": ["L1"]}}) is None     # its init's unknown
+    assert trained_levels({}) is None and trained_levels(None) is None
+    ct, seg = small_phantom
+    case = replace(make_case(ct, seg, "L3", CaseGenConfig(rot_deg=3.0, trans_mm=5.0, pixels=96, seed=4),
+                             np.random.default_rng(4)), ground_truth=None)
+    cfg = RegisterConfig(init="learned", model="default", refine="none", metal=MetalConfig(mode="never"))
+    net = RadGSRegNet(ModelConfig(**TINY))                  # the net given is used
+    said = {}
+    for name, card in [("thoracic", {"levels_seen": ["T6", "T7", "T8"]}), ("lumbar", {"levels_seen": ["L1", "L3"]}),
+                       ("unknown", {})]:
+        net.card = card
+        said[name] = [w for w in run(case, cfg, net=net).info["warnings"] if "not trained on" in w]
+    assert len(said["thoracic"]) == 1 and "not trained on L3" in said["thoracic"][0] and "T6-T8" in said["thoracic"][0]
+    assert said["lumbar"] == [] and said["unknown"] == []

@@ -26,7 +26,7 @@ from .recm import GaussianSet, RecM
 from .regm import VOLUME_SCALE, FlowRegM, grid_offsets, make_regm, pose_loss, support, true_flow
 
 __all__ = ["RadGSRegNet", "FORMAT", "render_windows", "render_windows_many", "voxelize_set", "voxelize_sets",
-           "load_plain", "UnsafeFileError", "WeightFileError", "plain", "read_weight_file", "write_weight_file"]
+           "trained_levels", "load_plain", "UnsafeFileError", "WeightFileError", "plain", "read_weight_file", "write_weight_file"]
 
 FORMAT = "radgsreg-model/1"
 
@@ -45,6 +45,22 @@ class WeightFileError(InputError):
 
 class _WeightFileMissing(WeightFileError, FileNotFoundError):
     pass
+
+
+def trained_levels(card: dict) -> list[str] | None:
+    """The vertebra levels ("T6", ..., "S1") a weight file's ``card`` says its network was trained
+    on, every stage of its ``--init`` chain included: the card's ``levels_seen`` (written by
+    ``radgsreg train``), or, for stage-1 weights written before it, their config's ``levels``
+    (their whole data); None where the card cannot tell (stage-2/3 weights without it)."""
+    seen = card.get("levels_seen") if isinstance(card, dict) else None
+    if isinstance(seen, list) and all(isinstance(x, str) for x in seen):
+        return list(seen)
+    tc = card.get("train_config") if isinstance(card, dict) else None
+    if isinstance(card, dict) and card.get("stage") == 1 and isinstance(tc, dict):
+        lv = tc.get("levels")
+        if isinstance(lv, list) and lv and all(isinstance(x, str) for x in lv):
+            return list(lv)
+    return None
 
 
 def load_plain(path, *, map_location="cpu"):
@@ -280,6 +296,11 @@ class RadGSRegNet(nn.Module):
         return apply_delta_torch(delta, batch["T_in"], batch["centre"]), field
 
     # ------------------------------------------------------------------ files
+    @property
+    def trained_levels(self) -> list[str] | None:
+        """The vertebra levels these weights were trained on (:func:`trained_levels` of their card)."""
+        return trained_levels(self.card)
+
     def save(self, path, *, card: dict | None = None, overwrite: bool = False) -> Path:
         """Write the weight file (atomically; an existing file only with ``overwrite``)."""
         return write_weight_file(path, FORMAT, {"model_config": self.cfg.to_dict()}, self.state_dict(),

@@ -87,7 +87,7 @@ from .target import Target, make_target
 
 __all__ = ["run", "load_networks", "reconstruct_volume", "check_refinement", "fitted_levels", "Candidate",
            "Registration", "stages_for", "mask_metal", "search_stage", "learned_stage", "refine3d_stage",
-           "refine2d_stage", "check_stage", "output_stage"]
+           "refine2d_stage", "check_stage", "output_stage", "untrained_level"]
 
 
 @dataclass
@@ -247,9 +247,38 @@ def learned_stage(reg: Registration) -> None:
         reg.info["learned"] = {"runtime_s": pred.runtime_s, "gate": gate,
                                "T_input": np.asarray(best.T, dtype=float).tolist(),
                                "T_network": np.asarray(pred.T_ct_to_carm, dtype=float).tolist()}
+        unseen = untrained_level(net, reg.case)
+        if unseen:
+            reg.warnings.append(unseen)
     reg.say(f"  RadGS-Reg network: {reg.runtime['learned']:.2f} s; its pose explains the X-rays "
             f"{'better' if gate['kept'] == 'network' else 'less well'} than its input (windowed NCC "
             f"{gate['ncc_network']:.3f} vs {gate['ncc_input']:.3f}): the {gate['kept']}'s goes first")
+
+
+def untrained_level(net, case) -> str | None:
+    """A warning when the case's vertebra (its ``vertebra_name``, read as a level) is not
+    among the levels the network's weights were trained on
+    (:attr:`~RadGSRegLib.learned.model.RadGSRegNet.trained_levels`); None when it is, or when
+    either cannot be told (no level name, weights whose card does not say)."""
+    from ..levels import level_of_segment_name
+
+    seen = net.trained_levels
+    level = level_of_segment_name(case.vertebra_name) if case.vertebra_name else None
+    if not seen or level is None or level in seen:
+        return None
+    return (f"the RadGS-Reg network was not trained on {level} (its weights saw {_level_span(seen)}): its pose is "
+            "less sure there; the gate still keeps the search's pose unless the network's explains the X-rays "
+            "better")
+
+
+def _level_span(levels: list[str]) -> str:
+    """"T6-S1" for levels that follow each other in the spine, else "L1, L3"."""
+    from ..levels import LEVELS
+
+    idx = [LEVELS.index(lv) for lv in levels if lv in LEVELS]
+    if len(idx) == len(levels) > 1 and idx == list(range(idx[0], idx[0] + len(idx))):
+        return f"{levels[0]}-{levels[-1]}"
+    return ", ".join(levels)
 
 
 def learned_gate(tgt: Target, T_input: np.ndarray, T_network: np.ndarray, cfg: RegisterConfig,

@@ -42,7 +42,7 @@ from ..device import resolve_device
 from ..errors import OutputError
 from ..io.atomic import atomic_file
 from ..io.outputs import check_writable, read_marker, write_marker
-from ..learned.model import RadGSRegNet, UnsafeFileError, load_plain, plain
+from ..learned.model import RadGSRegNet, UnsafeFileError, load_plain, plain, trained_levels
 from .config import ConfigError, TrainConfig
 from .data import SAMPLE_KEYS, build_samples, collate, perturb_pose
 
@@ -275,6 +275,19 @@ def _read_checkpoint(ckpt: Path) -> dict:
     return blob
 
 
+def levels_seen(cfg: TrainConfig, init_levels: list[str] | None) -> list[str] | None:
+    """The levels a run's weights have been trained on, for their card's ``levels_seen``: the
+    ``init`` weights' (``init_levels``, :func:`~RadGSRegLib.learned.model.trained_levels`)
+    and this run's ``levels`` (stages 1 and 3), in spinal order; None where that cannot be
+    told (``init`` weights whose card does not say, or stage 2, whose levels are its cases')."""
+    from ..levels import LEVELS
+
+    if (cfg.init and init_levels is None) or cfg.stage == 2:
+        return None
+    seen = set(init_levels or []) | set(cfg.levels)
+    return sorted(seen, key=lambda lv: (LEVELS.index(lv) if lv in LEVELS else len(LEVELS), lv))
+
+
 class _Run:
     """What :func:`check_run` found: the effective config, the network, the checkpoint."""
 
@@ -317,6 +330,7 @@ def check_run(cfg: TrainConfig, *, log=print) -> _Run:
                 torch.manual_seed(cfg.seed)
                 net = RadGSRegNet(new_cfg)
             net.recm.load_state_dict(old.recm.state_dict())
+            net.card = old.card                 # what the kept RecM was trained on
             log(f"init {cfg.init}: its RecM, and a new untrained {cfg.new_regm} RegM (new_regm)")
         if net.cfg != cfg.model:
             log(f"init {cfg.init}: the network's settings come from the weights (the config's model settings "
@@ -487,6 +501,7 @@ def train(cfg: TrainConfig, *, log=print, progress: bool = True) -> Path:
         log = _silent
     run = check_run(cfg, log=log)               # every process: reads only
     cfg, device, net, blob = run.cfg, run.device, run.net, run.blob
+    init_levels = trained_levels(net.card) if cfg.init else None
     par = Dist.from_env(device)
     device = par.device(device)
     progress = progress and par.main
@@ -616,10 +631,11 @@ def train(cfg: TrainConfig, *, log=print, progress: bool = True) -> Path:
         par.barrier()                           # until rank 0 has written model.pt
         par.close()
         return out / "model.pt"
+    seen = levels_seen(cfg, init_levels)
     card = {"stage": cfg.stage, "train_config": _cfg_json(cfg), "train_samples": len(tr), "val_samples": len(va),
             "train_seconds": seconds, "device": str(device), "threads": cfg.threads, "processes": par.world,
             "validation": {k[4:]: v for k, v in (history[-1] if history else {}).items() if k.startswith("val_")},
-            "history": history, "model_config": model_cfg.to_dict()}
+            "history": history, "model_config": model_cfg.to_dict(), **({"levels_seen": seen} if seen else {})}
     path = net.save(out / "model.pt", card=card, overwrite=True)
     log(f"wrote {path}")
     par.barrier()
