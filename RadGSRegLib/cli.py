@@ -499,9 +499,10 @@ def build_parser() -> argparse.ArgumentParser:
                                     "per batch size, and prints each phase's seconds per sample and epoch and what one "
                                     "epoch of the configuration's whole training set would take.",
                         epilog="examples:\n"
-                               "  radgsreg bench train                                  # stage1_cpu.json on the CPU\n"
+                               "  radgsreg bench train                                  # stage1_cpu_all.json on the CPU\n"
                                "  radgsreg bench train --device cuda --batch 4 16 --data-workers 8")
-    b.add_argument("--config", type=Path, help="JSON training config (default: the shipped stage1_cpu.json)")
+    b.add_argument("--config", type=Path, help="JSON training config (default: stage1_cpu_all.json, the shipped "
+                                                          "weights' first run)")
     b.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="where to train (default cpu)")
     b.add_argument("--threads", type=_COUNT, default=2, help="CPU threads for torch (default 2)")
     b.add_argument("--samples", type=_COUNT, default=32, help="training samples per run (default 32)")
@@ -773,7 +774,7 @@ def _cmd_bench(args):
         from .bench.train_bench import run_train_bench
         from .resources import resource_path
 
-        config = args.config or resource_path("Models/configs/stage1_cpu.json")
+        config = args.config or resource_path("Models/configs/stage1_cpu_all.json")
         run_train_bench(config, device=args.device, threads=args.threads, samples=args.samples, batches=args.batch,
                         data_workers=args.data_workers, json_path=args.json)
     else:

@@ -514,6 +514,8 @@ def test_shipped_configs_load_and_build(name):
         assert (cfg.model.hidden, cfg.model.features, cfg.rec_epochs) == (256, 64, 12)
     if name.startswith(("stage1_cpu_all", "stage1_cpu_fine")):   # every level a surgeon may target, to the sacrum
         assert cfg.phantom_ribs and cfg.phantom_sacrum and cfg.levels[0] == "T6" and cfg.levels[-1] == "S1"
+    if name == "stage3_cpu":                   # issue #19: stage 3 within 10 min, its RecM epochs planned to fit
+        assert cfg.time_budget_s is not None and cfg.time_budget_s <= 600 and cfg.rec_epochs > 2
     if name.startswith("stage1_cpu_fine"):     # the all-levels runs on a 64 mm cube: 2 mm voxels, same count
         assert (cfg.model.roi_mm, cfg.model.voxels, cfg.model.voxel_mm) == (64.0, 32, 2.0)
     from dataclasses import replace
@@ -835,3 +837,61 @@ def test_trained_levels_of_a_card_and_the_warning_for_a_level_the_network_never_
         said[name] = [w for w in run(case, cfg, net=net).info["warnings"] if "not trained on" in w]
     assert len(said["thoracic"]) == 1 and "not trained on L3" in said["thoracic"][0] and "T6-T8" in said["thoracic"][0]
     assert said["lumbar"] == [] and said["unknown"] == []
+
+
+def test_plan_rec_epochs_fits_the_time_left():
+    from RadGSRegLib.training.train import plan_rec_epochs
+
+    assert plan_rec_epochs(600, 100, 20, 200, done=1, most=14) == 14      # 15 more would fit: capped
+    assert plan_rec_epochs(600, 100, 20, 200, done=1, most=40) == 16      # 1 done + 300 s // 20 s
+    assert plan_rec_epochs(600, 400, 50, 150, done=1, most=14) == 2       # 50 s left: one more
+    assert plan_rec_epochs(600, 500, 50, 150, done=1, most=14) == 1       # over already: the one done
+    assert plan_rec_epochs(600, 100, 20, 200, done=3, most=2) == 3        # never fewer than done
+
+
+def test_time_budget_plans_the_recm_epochs_and_a_resumed_run_keeps_the_plan(tmp_path, monkeypatch):
+    """time_budget_s: ample, the config's rec_epochs run; tight, one RecM epoch and then every
+    RegM and joint epoch; the plan is in the checkpoint, so a run stopped after it resumes
+    with the same plan; the card says what was planned."""
+    import RadGSRegLib.training.train as T
+
+    base = dict(model=ModelConfig(**TINY), phantoms=1, phantom_spacing_mm=4.0, samples_per_ct=2, val_samples=1,
+                levels=["L3"], rec_epochs=3, reg_epochs=1, joint_epochs=1, batch=2)
+    lines = []
+    ample = T.train(TrainConfig(out=str(tmp_path / "ample"), time_budget_s=1e6, **base), log=lines.append,
+                    progress=False)
+    rows = [json.loads(x) for x in (tmp_path / "ample" / "log.jsonl").read_text().splitlines()]
+    assert [r["phase"] for r in rows] == ["rec"] * 3 + ["reg", "joint"] and rows[0]["rec_epochs_planned"] == 3
+    assert RadGSRegNet.load(ample).card["time_budget"]["rec_epochs"] == 3
+    assert any("3 RecM epochs of at most 3" in x for x in lines)
+    # tight: one RecM epoch, then the other phases
+    tight = T.train(TrainConfig(out=str(tmp_path / "tight"), time_budget_s=1e-3, **base), progress=False)
+    rows = [json.loads(x) for x in (tmp_path / "tight" / "log.jsonl").read_text().splitlines()]
+    assert [r["phase"] for r in rows] == ["rec", "reg", "joint"]
+    assert RadGSRegNet.load(tight).card["time_budget"] == {**RadGSRegNet.load(tight).card["time_budget"],
+                                                           "rec_epochs": 1, "budget_s": 1e-3}
+    # a plan of 2, the run stopped in its 2nd RecM epoch; resumed, it keeps that plan (a new one
+    # would say 3)
+    calls = {"n": 0}
+    clip = torch.nn.utils.clip_grad_norm_
+
+    def stop_at_second_step(*a, **k):
+        calls["n"] += 1
+        if calls["n"] == 2:                     # 1 batch per epoch: the 2nd step is RecM epoch 2's
+            raise KeyboardInterrupt
+        return clip(*a, **k)
+
+    cfg = TrainConfig(out=str(tmp_path / "resumed"), time_budget_s=100.0, **base)
+    monkeypatch.setattr(T, "plan_rec_epochs", lambda *a, **k: 2)
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", stop_at_second_step)
+    with pytest.raises(KeyboardInterrupt):
+        T.train(cfg, progress=False)
+    assert T._read_checkpoint(tmp_path / "resumed" / "checkpoint.pt")["rec_epochs_planned"] == 2
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", clip)
+    monkeypatch.setattr(T, "plan_rec_epochs", lambda *a, **k: 3)
+    net = RadGSRegNet.load(T.train(cfg, progress=False))
+    rows = [json.loads(x) for x in (tmp_path / "resumed" / "log.jsonl").read_text().splitlines()]
+    assert [r["phase"] for r in rows] == ["rec", "rec", "reg", "joint"]
+    assert net.card["time_budget"]["rec_epochs"] == 2
+    with pytest.raises(ConfigError, match="time_budget_s"):
+        TrainConfig(time_budget_s=0)

@@ -79,6 +79,13 @@ class TrainConfig:
         rec_epochs / reg_epochs / joint_epochs: module-aware phases: RecM alone, RegM alone
             (on the frozen RecM's reconstruction, input poses redrawn every batch), then
             both with Eq. 4.
+        time_budget_s: the run's time, in seconds from its start (the samples' simulation
+            included). With it, ``rec_epochs`` is the most RecM epochs: after the first one,
+            the run plans as many as fit before the RegM and joint phases (whose epochs it
+            estimates from a few timed batches of each) must start to end within the budget,
+            at least 1; the plan is kept in the checkpoint, so a resumed run follows it. On
+            a coarse CT that leaves time for many RecM epochs, on a fine one for few. One
+            process only (not under torchrun). None: ``rec_epochs`` exactly.
         batch: samples per step. lr: Adam learning rate (halved every ``lr_halve_epochs``).
         lr_template: learning rate of RecM's per-anchor template (a shape prior that must
             move by several units; at ``lr`` it barely moves in a CPU-sized run, and raising
@@ -122,6 +129,7 @@ class TrainConfig:
     rec_epochs: int = 6
     reg_epochs: int = 6
     joint_epochs: int = 3
+    time_budget_s: float | None = None
     batch: int = 4
     lr: float = 5e-4
     lr_template: float = 0.03
@@ -168,6 +176,9 @@ class TrainConfig:
                 except ValueError:
                     raise ConfigError(f"must be a vertebra level like L3, T12, C7, S1 (or a label value), not {lv!r}",
                                       field=f"levels[{i}]") from None
+        if self.time_budget_s is not None and self.time_budget_s <= 0:
+            raise ConfigError(f"must be a positive number of seconds (or null), not {self.time_budget_s}",
+                              field="time_budget_s")
         if self.rec_epochs + self.reg_epochs + self.joint_epochs < 1:
             raise ConfigError("rec_epochs, reg_epochs and joint_epochs are all 0: nothing to train")
         if self.rec_epochs == 0 and self.joint_epochs == 0 and not self.init:

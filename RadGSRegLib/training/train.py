@@ -275,6 +275,53 @@ def _read_checkpoint(ckpt: Path) -> dict:
     return blob
 
 
+def plan_rec_epochs(budget_s: float, spent_s: float, epoch_s: float, rest_s: float, *, done: int, most: int) -> int:
+    """How many RecM epochs a run with a time budget makes in all: those ``done``, and as many
+    more of ``epoch_s`` (one epoch and its validation) as fit in what is left of ``budget_s``
+    after ``spent_s`` (from the run's start) and ``rest_s`` (the RegM and joint phases'
+    estimate); between ``done`` (at least 1) and ``most`` (the config's ``rec_epochs``)."""
+    more = int((budget_s - spent_s - rest_s) // max(epoch_s, 1e-9)) if budget_s > spent_s + rest_s else 0
+    return int(min(max(done + more, done, 1), max(most, done)))
+
+
+def _phase_batch_seconds(net: RadGSRegNet, samples: list, cfg: TrainConfig, device, *, batches: int = 3) -> dict:
+    """Seconds per batch of a RegM and of a joint step (forward and backward, no update), on
+    a copy of ``net`` so that the run's weights, batch-norm statistics and random streams are
+    untouched: the median of ``batches`` batches after one untimed (warm-up) batch."""
+    import copy
+
+    probe = copy.deepcopy(net)
+    rng = np.random.default_rng(12345)
+    out = {}
+    with torch.random.fork_rng(devices=[]):
+        for phase in ("reg", "joint"):
+            probe.train()
+            probe.recm.eval()
+            times = []
+            for k in range(batches + 1):
+                idx = rng.choice(len(samples), size=min(cfg.batch, len(samples)), replace=False)
+                b = _to(collate([samples[j] for j in idx]), device)
+                t = time.perf_counter()
+                probe.zero_grad()
+                if phase == "reg":
+                    b = _fresh_inputs(b, rng, cfg)
+                    with torch.no_grad():
+                        _, rec = probe.reconstruct(b["images"], b["proj"], b["centre"])
+                    loss, _, _ = probe.registration_loss(b, rec, lambda_geo=cfg.lambda_geo, lambda_flow=cfg.lambda_flow)
+                else:
+                    loss, rec, _ = probe.reconstruction_loss(b, lambda_ssim=cfg.lambda_ssim, lambda_tv=cfg.lambda_tv,
+                                                             lambda_volume=cfg.lambda_volume)
+                    lreg, _, _ = probe.registration_loss(b, rec, lambda_geo=cfg.lambda_geo,
+                                                         lambda_flow=cfg.lambda_flow)
+                    loss = loss + lreg
+                loss.backward()
+                if k:
+                    times.append(time.perf_counter() - t)
+            out[phase] = float(np.median(times))
+    del probe
+    return out
+
+
 def levels_seen(cfg: TrainConfig, init_levels: list[str] | None) -> list[str] | None:
     """The levels a run's weights have been trained on, for their card's ``levels_seen``: the
     ``init`` weights' (``init_levels``, :func:`~RadGSRegLib.learned.model.trained_levels`)
@@ -497,12 +544,16 @@ def train(cfg: TrainConfig, *, log=print, progress: bool = True) -> Path:
 
     from .distributed import Dist
 
+    t_run = time.perf_counter()                 # the time budget counts from here
     if Dist.env_rank() != 0:                    # under torchrun: rank 0 speaks for the run
         log = _silent
     run = check_run(cfg, log=log)               # every process: reads only
     cfg, device, net, blob = run.cfg, run.device, run.net, run.blob
     init_levels = trained_levels(net.card) if cfg.init else None
     par = Dist.from_env(device)
+    if cfg.time_budget_s is not None and par.world > 1:
+        raise ConfigError("a time budget is planned by one process; run without torchrun, or drop it",
+                          field="time_budget_s")
     device = par.device(device)
     progress = progress and par.main
     out = Path(cfg.out)
@@ -533,8 +584,10 @@ def train(cfg: TrainConfig, *, log=print, progress: bool = True) -> Path:
     ckpt = out / "checkpoint.pt"
     schedule = [(p, n) for p, n in zip(PHASES, (cfg.rec_epochs, cfg.reg_epochs, cfg.joint_epochs)) if n > 0]
     start, history, seconds = (0, 0), [], 0.0
+    rec_plan = None                             # RecM epochs planned under the time budget, once decided
     if blob is not None:
         start, history, seconds = tuple(blob["position"]), list(blob["history"]), float(blob["seconds"])
+        rec_plan = blob.get("rec_epochs_planned")
         _set_rng_states(blob)
         log(f"resuming {out} at phase {schedule[start[0]][0] if start[0] < len(schedule) else 'done'}, "
             f"epoch {start[1] + 1}")
@@ -555,6 +608,8 @@ def train(cfg: TrainConfig, *, log=print, progress: bool = True) -> Path:
         first = start[1] if pi == start[0] else 0
         if pi == start[0] and first and blob is not None and "opt_state" in blob:
             opt.load_state_dict(blob["opt_state"])
+        if phase == "rec" and rec_plan is not None:
+            epochs = rec_plan
         for ep in range(first, epochs):
             for g in opt.param_groups:
                 g["lr"] = g["base"] * factor * 0.5 ** (ep // max(cfg.lr_halve_epochs, 1))
@@ -609,16 +664,32 @@ def train(cfg: TrainConfig, *, log=print, progress: bool = True) -> Path:
             if not par.main:                         # rank 0 validates and writes; the others wait for it
                 par.barrier()
                 continue
+            epoch_s = time.perf_counter() - t0
+            t_val = time.perf_counter()
             val = evaluate_samples(net, va, device=device) if va else {}
+            t_val = time.perf_counter() - t_val
             row = {"phase": phase, "epoch": ep + 1, "lr": opt.param_groups[0]["lr"],
                    **{k: v / max(nb, 1) for k, v in sums.items()}, **{f"val_{k}": v for k, v in val.items()},
                    "seconds": seconds}
+            if phase == "rec" and cfg.time_budget_s is not None and rec_plan is None:
+                probe = _phase_batch_seconds(net, tr, cfg, device)
+                n_batches = -(-len(tr) // cfg.batch)
+                rest = (cfg.reg_epochs * (probe["reg"] * n_batches + t_val)
+                        + cfg.joint_epochs * (probe["joint"] * n_batches + t_val))
+                rec_plan = plan_rec_epochs(cfg.time_budget_s, time.perf_counter() - t_run, epoch_s + t_val, rest,
+                                           done=ep + 1, most=epochs)
+                epochs = rec_plan
+                row["rec_epochs_planned"] = rec_plan
+                log(f"time budget {cfg.time_budget_s:.0f} s: {time.perf_counter() - t_run:.0f} s spent, a RecM epoch "
+                    f"{epoch_s + t_val:.0f} s, the RegM and joint phases about {rest:.0f} s: {rec_plan} RecM "
+                    f"epoch{'s' if rec_plan != 1 else ''} of at most {cfg.rec_epochs}")
             history.append(row)
             step += 1
             nxt = (pi, ep + 1) if ep + 1 < epochs else (pi + 1, 0)
             state = {"format": CHECKPOINT_FORMAT, "state_dict": net.state_dict(), "opt_state": opt.state_dict(),
                      "position": list(nxt), "history": plain(history), "seconds": float(seconds),
-                     "torch_rng": torch.get_rng_state(), "rng": _rng_states()}
+                     "torch_rng": torch.get_rng_state(), "rng": _rng_states(),
+                     **({"rec_epochs_planned": rec_plan} if rec_plan is not None else {})}
             with atomic_file(ckpt, overwrite=True) as tmp:
                 torch.save(state, tmp)
             logger.write(row, step)
@@ -627,6 +698,8 @@ def train(cfg: TrainConfig, *, log=print, progress: bool = True) -> Path:
                 f"mTRE {val.get('mtre_in_mm', float('nan')):.1f} -> {val.get('mtre_mm', float('nan')):.2f} mm "
                 f"({seconds:.0f} s)")
             par.barrier()
+            if ep + 1 >= epochs:                # the time budget's plan ended the RecM phase early
+                break
     if not par.main:
         par.barrier()                           # until rank 0 has written model.pt
         par.close()
@@ -635,7 +708,9 @@ def train(cfg: TrainConfig, *, log=print, progress: bool = True) -> Path:
     card = {"stage": cfg.stage, "train_config": _cfg_json(cfg), "train_samples": len(tr), "val_samples": len(va),
             "train_seconds": seconds, "device": str(device), "threads": cfg.threads, "processes": par.world,
             "validation": {k[4:]: v for k, v in (history[-1] if history else {}).items() if k.startswith("val_")},
-            "history": history, "model_config": model_cfg.to_dict(), **({"levels_seen": seen} if seen else {})}
+            "history": history, "model_config": model_cfg.to_dict(), **({"levels_seen": seen} if seen else {}),
+            **({"time_budget": {"budget_s": cfg.time_budget_s, "rec_epochs": rec_plan,
+                                "run_s": time.perf_counter() - t_run}} if cfg.time_budget_s is not None else {})}
     path = net.save(out / "model.pt", card=card, overwrite=True)
     log(f"wrote {path}")
     par.barrier()
