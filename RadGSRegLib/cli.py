@@ -33,7 +33,7 @@ examples:
   radgsreg fit-gaussians cases/case_000 --out fit    # radiative Gaussians fitted to the two X-rays
   radgsreg bench drr                                 # our DRR vs RTK's Joseph projector
   radgsreg bench gaussians                           # rasterizer / voxelizer speed
-  radgsreg bench recon --cases SUITE --models a=A.pt b=B.pt  # reconstructions on each other's grid
+  radgsreg bench recon --cases S --models a.pt b.pt  # reconstructions on each other's grid
   radgsreg bench train --device cuda                 # training speed of a configuration
 
 Frames: millimetres, LPS; a pose is T_ct_to_carm (x_carm = T x_ct). The case folder
@@ -461,11 +461,13 @@ def build_parser() -> argparse.ArgumentParser:
     _add_bench_json(b, "register")
     b = bsub.add_parser("recon", help="reconstructions of several weight files, each scored on every one's grid",
                         formatter_class=argparse.RawDescriptionHelpFormatter,
-                        description="metrics.md scores a reconstruction on its own grid, so weights with another "
-                                    "cube (roi_mm) or voxel size\nreport on another measure. On each case every weight "
-                                    "file reconstructs as --init learned does (the\npose search, then the network), and "
-                                    "each reconstruction is resampled onto every file's grid (zero\noutside its own "
-                                    "cube) and scored there: SSIM % / PSNR dB against the true vertebra volume.",
+                        description="Compares the reconstructions of several weight files on one measure. On each "
+                                    "case every weight file\nreconstructs as --init learned does (the pose search, then "
+                                    "the network; no refinement), and\neach reconstruction is resampled onto every "
+                                    "file's grid (zero outside its own cube) and\nscored there: SSIM % / PSNR dB against "
+                                    "the true vertebra volume, and the share of the\nvertebra each grid holds. (A "
+                                    "reconstruction's own numbers, as metrics.md defines them, are\nscored on its own "
+                                    "grid, so weights with another cube or voxel size cannot be compared by them.)",
                         epilog="example:\n"
                                "  radgsreg bench recon --cases real50-beyond --models shipped=default "
                                "fine=runs/fine/model.pt")
@@ -753,7 +755,12 @@ def _cmd_bench(args):
             models = parse_model_args(args.models)
         except ValueError as e:
             raise UsageError(f"--models {e}") from None
+        for name, path in models.items():
+            if path != "default" and not Path(path).is_file():
+                raise InputError(f"--models {name}={path}: no such weight file")
         for suite in args.cases:
+            if not Path(suite).is_dir():
+                raise InputError(f"--cases {suite}: no such folder")
             if not case_dirs(suite):
                 raise InputError(f"--cases {suite}: holds no case folders (folders with a case.json)")
         run_recon_bench(list(args.cases), models, limit=args.limit, threads=args.threads, json_path=args.json)

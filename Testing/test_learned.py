@@ -342,7 +342,7 @@ def test_stage2_trains_on_case_folders_and_stage3_on_a_ct(small_phantom, tmp_pat
                        joint_epochs=0, batch=2)
     s3 = RadGSRegNet.load(train(cfg3, progress=False))
     assert s3.card["train_samples"] == 2
-    assert "levels_seen" not in s3.card and s3.trained_levels is None   # its init's card did not say
+    assert s3.card["levels_seen"] is None and s3.trained_levels is None   # its init's card did not say
     # weights whose card says what they saw: stage 3 adds the patient's levels, in spinal order
     RadGSRegNet(ModelConfig(**TINY)).save(tmp_path / "w2.pt", card={"stage": 1, "levels_seen": ["T6", "L3"]})
     cfg3b = TrainConfig(**{**cfg3.to_dict(), "init": str(tmp_path / "w2.pt"), "out": str(tmp_path / "s3b")})
@@ -825,6 +825,16 @@ def test_trained_levels_of_a_card_and_the_warning_for_a_level_the_network_never_
     assert trained_levels({"stage": 1, "train_config": {"levels": ["L1", "L2"]}}) == ["L1", "L2"]
     assert trained_levels({"stage": 3, "train_config": {"levels": ["L1"]}}) is None     # its init's unknown
     assert trained_levels({}) is None and trained_levels(None) is None
+    assert trained_levels({"levels_seen": None, "stage": 1, "train_config": {"levels": ["L1"]}}) is None
+    # config levels as written ("l3", "vertebrae_L4", a TotalSegmentator id) read as level names, in spinal order
+    assert trained_levels({"stage": 1, "train_config": {"levels": ["S1", "vertebrae_L4", "l3", "29", "32"]}}) == \
+        ["T12", "L3", "L4", "S1"]
+    from RadGSRegLib.training.train import levels_seen
+
+    assert levels_seen(TrainConfig(levels=["l3", "T6"]), None) == ["T6", "L3"]
+    assert levels_seen(TrainConfig(levels=["L3"], init="w.pt", stage=3, ct_dirs=["x"]), ["T6", "L3"]) == ["T6", "L3"]
+    assert levels_seen(TrainConfig(levels=["L3"], init="w.pt", stage=3, ct_dirs=["x"]), None) is None
+    assert levels_seen(TrainConfig(levels=["7"]), None) is None           # not a TotalSegmentator id
     ct, seg = small_phantom
     case = replace(make_case(ct, seg, "L3", CaseGenConfig(rot_deg=3.0, trans_mm=5.0, pixels=96, seed=4),
                              np.random.default_rng(4)), ground_truth=None)
@@ -863,6 +873,13 @@ def test_time_budget_plans_the_recm_epochs_and_a_resumed_run_keeps_the_plan(tmp_
     rows = [json.loads(x) for x in (tmp_path / "ample" / "log.jsonl").read_text().splitlines()]
     assert [r["phase"] for r in rows] == ["rec"] * 3 + ["reg", "joint"] and rows[0]["rec_epochs_planned"] == 3
     assert RadGSRegNet.load(ample).card["time_budget"]["rec_epochs"] == 3
+    # the timing probe leaves the run as it was: the same weights and losses as without a budget
+    plain_run = T.train(TrainConfig(out=str(tmp_path / "plain"), **base), progress=False)
+    a, b = RadGSRegNet.load(ample).state_dict(), RadGSRegNet.load(plain_run).state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    losses = [[json.loads(x)["loss"] for x in (tmp_path / d / "log.jsonl").read_text().splitlines()]
+              for d in ("ample", "plain")]
+    assert losses[0] == losses[1]
     assert any("3 RecM epochs of at most 3" in x for x in lines)
     # tight: one RecM epoch, then the other phases
     tight = T.train(TrainConfig(out=str(tmp_path / "tight"), time_budget_s=1e-3, **base), progress=False)
@@ -883,6 +900,7 @@ def test_time_budget_plans_the_recm_epochs_and_a_resumed_run_keeps_the_plan(tmp_
 
     cfg = TrainConfig(out=str(tmp_path / "resumed"), time_budget_s=100.0, **base)
     monkeypatch.setattr(T, "plan_rec_epochs", lambda *a, **k: 2)
+    monkeypatch.setattr(T, "_phase_batch_seconds", lambda *a, **k: {"reg": 0.1, "joint": 0.2})
     monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", stop_at_second_step)
     with pytest.raises(KeyboardInterrupt):
         T.train(cfg, progress=False)
@@ -895,3 +913,5 @@ def test_time_budget_plans_the_recm_epochs_and_a_resumed_run_keeps_the_plan(tmp_
     assert net.card["time_budget"]["rec_epochs"] == 2
     with pytest.raises(ConfigError, match="time_budget_s"):
         TrainConfig(time_budget_s=0)
+    with pytest.raises(ConfigError, match="time_budget_s plans the RecM epochs, and rec_epochs is 0"):
+        TrainConfig(time_budget_s=60, rec_epochs=0, init="w.pt")

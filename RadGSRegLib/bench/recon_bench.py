@@ -33,7 +33,7 @@ def parse_model_args(items: list[str]) -> dict[str, str]:
     out = {}
     for item in items:
         name, sep, path = item.partition("=")
-        if not sep:
+        if not sep or "/" in name or "\\" in name or name.endswith(".pt"):     # a bare path (may hold a "=")
             name, path = item, item
         name, path = name.strip(), path.strip()
         if not name or not path:
@@ -47,13 +47,15 @@ def parse_model_args(items: list[str]) -> dict[str, str]:
 def run_recon_bench(suites: list, models: dict[str, str], *, limit: int | None = None, threads: int = 1,
                     json_path: Path | None = None, overwrite: bool = True, log=print) -> dict:
     """Score the reconstructions of ``models`` ({name: weight file or "default"}) on every
-    case of ``suites`` (the first ``limit`` of each; cases with a ground truth), each on every
+    case of ``suites`` (the first ``limit`` of each; every case needs its ground truth: a
+    case without one is an error), each on every
     model's grid (see the module docstring); torch and numba at ``threads`` threads (restored
     afterwards). Prints a table per suite, returns (and optionally writes, atomically; kind
     "bench-recon") the per-case and mean scores.
 
     Returns:
-        {"models": {name: {"path", "roi_mm", "voxel_mm"}}, "suites": {suite: {"cases": [{"case",
+        {"threads", "method" (the registration settings used), "models": {name: {"path", "roi_mm",
+        "voxel_mm"}}, "suites": {suite: {"cases": [{"case",
         "input_mtre_mm", "same_input", "scores": {recon model: {grid model: {"ssim_pct",
         "psnr_db"}}}, "vertebra_inside_pct": {grid model: %}}], "mean": {recon model: {grid
         model: {"ssim_pct", "psnr_db", "n"}}}, "vertebra_inside_pct": {grid model: mean %}}}}.

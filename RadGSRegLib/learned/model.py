@@ -26,7 +26,7 @@ from .recm import GaussianSet, RecM
 from .regm import VOLUME_SCALE, FlowRegM, grid_offsets, make_regm, pose_loss, support, true_flow
 
 __all__ = ["RadGSRegNet", "FORMAT", "render_windows", "render_windows_many", "voxelize_set", "voxelize_sets",
-           "trained_levels", "load_plain", "UnsafeFileError", "WeightFileError", "plain", "read_weight_file", "write_weight_file"]
+           "trained_levels", "level_names", "load_plain", "UnsafeFileError", "WeightFileError", "plain", "read_weight_file", "write_weight_file"]
 
 FORMAT = "radgsreg-model/1"
 
@@ -50,17 +50,36 @@ class _WeightFileMissing(WeightFileError, FileNotFoundError):
 def trained_levels(card: dict) -> list[str] | None:
     """The vertebra levels ("T6", ..., "S1") a weight file's ``card`` says its network was trained
     on, every stage of its ``--init`` chain included: the card's ``levels_seen`` (written by
-    ``radgsreg train``), or, for stage-1 weights written before it, their config's ``levels``
-    (their whole data); None where the card cannot tell (stage-2/3 weights without it)."""
-    seen = card.get("levels_seen") if isinstance(card, dict) else None
-    if isinstance(seen, list) and all(isinstance(x, str) for x in seen):
-        return list(seen)
-    tc = card.get("train_config") if isinstance(card, dict) else None
-    if isinstance(card, dict) and card.get("stage") == 1 and isinstance(tc, dict):
-        lv = tc.get("levels")
-        if isinstance(lv, list) and lv and all(isinstance(x, str) for x in lv):
-            return list(lv)
+    ``radgsreg train``; null where the run could not tell), or, for stage-1 cards written
+    before that key, their config's ``levels`` read as level names (their whole data; a label
+    value only where it is a TotalSegmentator vertebra id); None where the card cannot tell."""
+    if not isinstance(card, dict):
+        return None
+    if "levels_seen" in card:
+        seen = card["levels_seen"]
+        return list(seen) if isinstance(seen, list) and all(isinstance(x, str) for x in seen) else None
+    tc = card.get("train_config")
+    if card.get("stage") == 1 and isinstance(tc, dict) and isinstance(tc.get("levels"), list):
+        return level_names(tc["levels"]) or None
     return None
+
+
+def level_names(levels) -> list[str]:
+    """Config ``levels`` ("L3", "vertebrae_L3", "l3", "29") as level names in spinal order, each
+    once; a label value only where it is a TotalSegmentator vertebra id (another numbering
+    cannot be read), anything else left out."""
+    from ..levels import LEVELS, TOTALSEG_IDS, level_name, level_of_segment_name
+
+    out = set()
+    for lv in levels:
+        text = str(lv).strip()
+        if text.isdigit():
+            name = level_name(int(text)) if int(text) in TOTALSEG_IDS.values() else None
+        else:
+            name = level_of_segment_name(text)
+        if name:
+            out.add(name)
+    return sorted(out, key=lambda n: (LEVELS.index(n) if n in LEVELS else len(LEVELS), n))
 
 
 def load_plain(path, *, map_location="cpu"):

@@ -84,8 +84,10 @@ class TrainConfig:
             the run plans as many as fit before the RegM and joint phases (whose epochs it
             estimates from a few timed batches of each) must start to end within the budget,
             at least 1; the plan is kept in the checkpoint, so a resumed run follows it. On
-            a coarse CT that leaves time for many RecM epochs, on a fine one for few. One
-            process only (not under torchrun). None: ``rec_epochs`` exactly.
+            a coarse CT that leaves time for many RecM epochs, on a fine one for few. A plan,
+            not a hard stop. The card's ``time_budget`` records the budget, the plan and the
+            run's seconds (a resumed run's: since it resumed). One process only (not under
+            torchrun). None: ``rec_epochs`` exactly.
         batch: samples per step. lr: Adam learning rate (halved every ``lr_halve_epochs``).
         lr_template: learning rate of RecM's per-anchor template (a shape prior that must
             move by several units; at ``lr`` it barely moves in a CPU-sized run, and raising
@@ -179,6 +181,9 @@ class TrainConfig:
         if self.time_budget_s is not None and self.time_budget_s <= 0:
             raise ConfigError(f"must be a positive number of seconds (or null), not {self.time_budget_s}",
                               field="time_budget_s")
+        if self.time_budget_s is not None and self.rec_epochs == 0:
+            raise ConfigError("plans the RecM epochs, and rec_epochs is 0: drop the budget or give rec_epochs "
+                              "(the most RecM epochs)", field="time_budget_s")
         if self.rec_epochs + self.reg_epochs + self.joint_epochs < 1:
             raise ConfigError("rec_epochs, reg_epochs and joint_epochs are all 0: nothing to train")
         if self.rec_epochs == 0 and self.joint_epochs == 0 and not self.init:

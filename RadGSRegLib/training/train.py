@@ -42,7 +42,7 @@ from ..device import resolve_device
 from ..errors import OutputError
 from ..io.atomic import atomic_file
 from ..io.outputs import check_writable, read_marker, write_marker
-from ..learned.model import RadGSRegNet, UnsafeFileError, load_plain, plain, trained_levels
+from ..learned.model import RadGSRegNet, UnsafeFileError, level_names, load_plain, plain, trained_levels
 from .config import ConfigError, TrainConfig
 from .data import SAMPLE_KEYS, build_samples, collate, perturb_pose
 
@@ -275,6 +275,21 @@ def _read_checkpoint(ckpt: Path) -> dict:
     return blob
 
 
+def _save_checkpoint(ckpt: Path, net, opt, position: tuple, history: list, seconds: float,
+                     rec_plan: int | None) -> float:
+    """Write the checkpoint (atomically): weights, optimizer, the next (phase, epoch), the
+    history, the epochs' seconds, the random states and the time budget's RecM plan; returns
+    the seconds the write took."""
+    state = {"format": CHECKPOINT_FORMAT, "state_dict": net.state_dict(), "opt_state": opt.state_dict(),
+             "position": list(position), "history": plain(history), "seconds": float(seconds),
+             "torch_rng": torch.get_rng_state(), "rng": _rng_states(),
+             **({"rec_epochs_planned": rec_plan} if rec_plan is not None else {})}
+    t = time.perf_counter()
+    with atomic_file(ckpt, overwrite=True) as tmp:
+        torch.save(state, tmp)
+    return time.perf_counter() - t
+
+
 def plan_rec_epochs(budget_s: float, spent_s: float, epoch_s: float, rest_s: float, *, done: int, most: int) -> int:
     """How many RecM epochs a run with a time budget makes in all: those ``done``, and as many
     more of ``epoch_s`` (one epoch and its validation) as fit in what is left of ``budget_s``
@@ -285,24 +300,35 @@ def plan_rec_epochs(budget_s: float, spent_s: float, epoch_s: float, rest_s: flo
 
 
 def _phase_batch_seconds(net: RadGSRegNet, samples: list, cfg: TrainConfig, device, *, batches: int = 3) -> dict:
-    """Seconds per batch of a RegM and of a joint step (forward and backward, no update), on
-    a copy of ``net`` so that the run's weights, batch-norm statistics and random streams are
-    untouched: the median of ``batches`` batches after one untimed (warm-up) batch."""
+    """Seconds per batch of a RegM and of a joint step, timed as the loop makes them (batch
+    made, forward, backward, clipping, Adam step; CUDA synchronised before each clock
+    reading), on a copy of ``net`` with its own optimizer, so that the run's weights,
+    batch-norm statistics, optimizer and random streams (CPU and CUDA) are untouched: the
+    median of ``batches`` batches after one untimed (warm-up) batch."""
     import copy
+
+    cuda = torch.device(device).type == "cuda"
+
+    def clock():
+        if cuda:
+            torch.cuda.synchronize(device)
+        return time.perf_counter()
 
     probe = copy.deepcopy(net)
     rng = np.random.default_rng(12345)
     out = {}
-    with torch.random.fork_rng(devices=[]):
+    with torch.random.fork_rng(devices=[torch.device(device)] if cuda else []):
         for phase in ("reg", "joint"):
+            params = list(probe.regm.parameters()) if phase == "reg" else list(probe.parameters())
+            opt = torch.optim.Adam(params, lr=cfg.lr)
             probe.train()
             probe.recm.eval()
             times = []
             for k in range(batches + 1):
+                t = clock()
                 idx = rng.choice(len(samples), size=min(cfg.batch, len(samples)), replace=False)
                 b = _to(collate([samples[j] for j in idx]), device)
-                t = time.perf_counter()
-                probe.zero_grad()
+                opt.zero_grad()
                 if phase == "reg":
                     b = _fresh_inputs(b, rng, cfg)
                     with torch.no_grad():
@@ -315,8 +341,10 @@ def _phase_batch_seconds(net: RadGSRegNet, samples: list, cfg: TrainConfig, devi
                                                          lambda_flow=cfg.lambda_flow)
                     loss = loss + lreg
                 loss.backward()
+                torch.nn.utils.clip_grad_norm_(params, 5.0)
+                opt.step()
                 if k:
-                    times.append(time.perf_counter() - t)
+                    times.append(clock() - t)
             out[phase] = float(np.median(times))
     del probe
     return out
@@ -325,14 +353,17 @@ def _phase_batch_seconds(net: RadGSRegNet, samples: list, cfg: TrainConfig, devi
 def levels_seen(cfg: TrainConfig, init_levels: list[str] | None) -> list[str] | None:
     """The levels a run's weights have been trained on, for their card's ``levels_seen``: the
     ``init`` weights' (``init_levels``, :func:`~RadGSRegLib.learned.model.trained_levels`)
-    and this run's ``levels`` (stages 1 and 3), in spinal order; None where that cannot be
-    told (``init`` weights whose card does not say, or stage 2, whose levels are its cases')."""
-    from ..levels import LEVELS
-
+    and this run's ``levels`` (stages 1 and 3; :func:`~RadGSRegLib.learned.model.level_names`),
+    in spinal order; None (written as null) where that cannot be told: ``init`` weights whose
+    card does not say, stage 2 (whose levels are its cases'), or levels given as label values
+    of another numbering than TotalSegmentator's."""
     if (cfg.init and init_levels is None) or cfg.stage == 2:
         return None
-    seen = set(init_levels or []) | set(cfg.levels)
-    return sorted(seen, key=lambda lv: (LEVELS.index(lv) if lv in LEVELS else len(LEVELS), lv))
+    from ..levels import TOTALSEG_IDS
+
+    if any(str(lv).strip().isdigit() and int(str(lv).strip()) not in TOTALSEG_IDS.values() for lv in cfg.levels):
+        return None                             # a label value we cannot name
+    return level_names(list(init_levels or []) + level_names(cfg.levels))
 
 
 class _Run:
@@ -671,27 +702,26 @@ def train(cfg: TrainConfig, *, log=print, progress: bool = True) -> Path:
             row = {"phase": phase, "epoch": ep + 1, "lr": opt.param_groups[0]["lr"],
                    **{k: v / max(nb, 1) for k, v in sums.items()}, **{f"val_{k}": v for k, v in val.items()},
                    "seconds": seconds}
+            history.append(row)
+            step += 1
+            t_save = _save_checkpoint(ckpt, net, opt, (pi, ep + 1) if ep + 1 < epochs else (pi + 1, 0), history,
+                                      seconds, rec_plan)
             if phase == "rec" and cfg.time_budget_s is not None and rec_plan is None:
-                probe = _phase_batch_seconds(net, tr, cfg, device)
+                # plan the RecM epochs (then saved again, so that a resumed run follows the plan)
+                per = _phase_batch_seconds(net, tr, cfg, device)
                 n_batches = -(-len(tr) // cfg.batch)
-                rest = (cfg.reg_epochs * (probe["reg"] * n_batches + t_val)
-                        + cfg.joint_epochs * (probe["joint"] * n_batches + t_val))
-                rec_plan = plan_rec_epochs(cfg.time_budget_s, time.perf_counter() - t_run, epoch_s + t_val, rest,
+                rest = (cfg.reg_epochs * (per["reg"] * n_batches + t_val + t_save)
+                        + cfg.joint_epochs * (per["joint"] * n_batches + t_val + t_save))
+                spent = time.perf_counter() - t_run
+                rec_plan = plan_rec_epochs(cfg.time_budget_s, spent, epoch_s + t_val + t_save, rest,
                                            done=ep + 1, most=epochs)
                 epochs = rec_plan
                 row["rec_epochs_planned"] = rec_plan
-                log(f"time budget {cfg.time_budget_s:.0f} s: {time.perf_counter() - t_run:.0f} s spent, a RecM epoch "
-                    f"{epoch_s + t_val:.0f} s, the RegM and joint phases about {rest:.0f} s: {rec_plan} RecM "
-                    f"epoch{'s' if rec_plan != 1 else ''} of at most {cfg.rec_epochs}")
-            history.append(row)
-            step += 1
-            nxt = (pi, ep + 1) if ep + 1 < epochs else (pi + 1, 0)
-            state = {"format": CHECKPOINT_FORMAT, "state_dict": net.state_dict(), "opt_state": opt.state_dict(),
-                     "position": list(nxt), "history": plain(history), "seconds": float(seconds),
-                     "torch_rng": torch.get_rng_state(), "rng": _rng_states(),
-                     **({"rec_epochs_planned": rec_plan} if rec_plan is not None else {})}
-            with atomic_file(ckpt, overwrite=True) as tmp:
-                torch.save(state, tmp)
+                _save_checkpoint(ckpt, net, opt, (pi, ep + 1) if ep + 1 < epochs else (pi + 1, 0), history, seconds,
+                                 rec_plan)
+                log(f"time budget {cfg.time_budget_s:.0f} s: {spent:.0f} s spent, a RecM epoch "
+                    f"{epoch_s + t_val + t_save:.0f} s, the RegM and joint phases about {rest:.0f} s: {rec_plan} "
+                    f"RecM epoch{'s' if rec_plan != 1 else ''} of at most {cfg.rec_epochs}")
             logger.write(row, step)
             log(f"{phase} epoch {ep + 1}/{epochs}: loss {row.get('loss', float('nan')):.4f}; validation "
                 f"PSNR {val.get('psnr_db', float('nan')):.2f} dB, SSIM {val.get('ssim_pct', float('nan')):.1f} %, "
@@ -708,7 +738,7 @@ def train(cfg: TrainConfig, *, log=print, progress: bool = True) -> Path:
     card = {"stage": cfg.stage, "train_config": _cfg_json(cfg), "train_samples": len(tr), "val_samples": len(va),
             "train_seconds": seconds, "device": str(device), "threads": cfg.threads, "processes": par.world,
             "validation": {k[4:]: v for k, v in (history[-1] if history else {}).items() if k.startswith("val_")},
-            "history": history, "model_config": model_cfg.to_dict(), **({"levels_seen": seen} if seen else {}),
+            "history": history, "model_config": model_cfg.to_dict(), "levels_seen": seen,
             **({"time_budget": {"budget_s": cfg.time_budget_s, "rec_epochs": rec_plan,
                                 "run_s": time.perf_counter() - t_run}} if cfg.time_budget_s is not None else {})}
     path = net.save(out / "model.pt", card=card, overwrite=True)
