@@ -69,8 +69,8 @@ class PhantomConfig:
         table: add a carbon table under the back.
         ribs: give every thoracic vertebra built (T1-T12, ``context`` ones included) its
             pair of ribs (own labels, :func:`rib_id`). Off by default: the phantoms of
-            earlier versions, which the documented suites and the shipped weights were made
-            of, stay the same; with it the rest of the phantom is unchanged (the ribs draw
+            earlier versions, which the documented suites and the earlier shipped weights were
+            made of, stay the same; with it the rest of the phantom is unchanged (the ribs draw
             from their own random stream).
         sacrum: when the column reaches S1 (a requested or ``context`` level), build a sacrum
             there instead of a lumbar-like S1, with the hip bones beside it (own labels,

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-__all__ = ["Volume", "affine_from", "resample_to_grid"]
+__all__ = ["Volume", "affine_from", "resample_to_grid", "block_factors", "coarsen"]
 
 
 def affine_from(origin, spacing, direction=None) -> np.ndarray:
@@ -167,3 +167,42 @@ def resample_to_grid(vol: Volume, shape, affine, T_src_to_grid=None, *, order: i
     vals = ndimage.map_coordinates(np.asarray(vol.array, dtype=np.float32), src[:, ::-1].T, order=order,
                                    mode="constant", cval=cval)
     return Volume(vals.reshape(K, J, I).astype(np.float32), G)
+
+
+def block_factors(spacing, min_spacing_mm: float) -> tuple[int, int, int]:
+    """Whole-voxel block sizes ``(fi, fj, fk)`` that bring voxels of ``spacing`` (3,) mm
+    (i, j, k) to about ``min_spacing_mm``: ``floor(min_spacing_mm / spacing)`` per axis, at
+    least 1 (an axis already that coarse is kept)."""
+    sp = np.asarray(spacing, dtype=np.float64)
+    return tuple(max(1, int(np.floor(min_spacing_mm / s + 1e-6))) for s in sp)
+
+
+def coarsen(vol: Volume, factors, *, labels: bool = False) -> Volume:
+    """``vol`` on a grid of voxels ``factors`` ``(fi, fj, fk)`` times larger, covering the
+    same place (the voxels past the last whole block on each axis are dropped).
+
+    Intensities (``labels=False``) become the mean of each block (float32), which keeps line
+    integrals through the volume (what a DRR sums) up to the blur of the block; a label map
+    (``labels=True``) takes each block's voxel ``f // 2`` (its centre for an odd ``f``, half an
+    old voxel from it for an even one), so labels stay labels.
+    The new voxel ``(0, 0, 0)`` is centred on the first block: affine columns scaled by the
+    factors, origin moved by ``(f - 1) / 2`` old voxels. Factors of 1 return ``vol``."""
+    f = tuple(int(x) for x in factors)
+    if len(f) != 3 or min(f) < 1:
+        raise ValueError(f"coarsen factors must be 3 integers >= 1, not {factors!r}")
+    if f == (1, 1, 1):
+        return vol
+    fi, fj, fk = f
+    K, J, I = vol.array.shape
+    nk, nj, ni = K // fk, J // fj, I // fi
+    if min(nk, nj, ni) < 1:
+        raise ValueError(f"a volume of {I} x {J} x {K} voxels is smaller than one {fi} x {fj} x {fk} block")
+    a = vol.array[:nk * fk, :nj * fj, :ni * fi]
+    if labels:
+        out = a[fk // 2::fk, fj // 2::fj, fi // 2::fi].copy()
+    else:
+        out = a.reshape(nk, fk, nj, fj, ni, fi).mean(axis=(1, 3, 5), dtype=np.float64).astype(np.float32)
+    A = vol.affine.copy()
+    A[:3, 3] = vol.affine[:3, :3] @ ((np.array(f, dtype=np.float64) - 1) / 2) + vol.affine[:3, 3]
+    A[:3, :3] = vol.affine[:3, :3] * np.array(f, dtype=np.float64)[None, :]
+    return Volume(out, A)

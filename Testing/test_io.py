@@ -270,3 +270,37 @@ def test_view_from_dicom_tags(tmp_path):
     _dicom_xray(tmp_path / "bad.dcm", {"0008|0060": "XA", "0018|1111": "700"})
     with pytest.raises(CaseFormatError, match=r"Distance Source to Detector \(0018,1110\)"):
         view_from_dicom(tmp_path / "bad.dcm")
+
+
+def test_coarsen_keeps_the_place_the_line_integrals_and_the_labels(small_phantom):
+    """coarsen: block means for intensities (a ray's sum through whole blocks is kept), the
+    block's voxel f // 2 for labels, the new grid where the old one was (a rotated,
+    anisotropic affine: block centres map to the mean of their voxels' positions)."""
+    from scipy.spatial.transform import Rotation
+
+    from RadGSRegLib.volume import block_factors, coarsen
+
+    ct, seg = small_phantom
+    R = Rotation.from_euler("xyz", [10, -20, 30], degrees=True).as_matrix()
+    A = affine_from([5.0, -7.0, 11.0], [1.0, 0.5, 1.5], R)
+    vol, lab = Volume(ct.array.astype(np.float32), A), Volume(seg.array, A)
+    f = block_factors(vol.spacing, 2.0)
+    assert f == (2, 4, 1) and block_factors([3.0, 3.0, 3.0], 2.0) == (1, 1, 1)
+    c, cl = coarsen(vol, f), coarsen(lab, f, labels=True)
+    K, J, I = vol.array.shape
+    assert c.array.shape == (K // 1, J // 4, I // 2) and c.array.dtype == np.float32
+    assert np.allclose(c.spacing, [2.0, 2.0, 1.5])
+    # place: the coarse voxel (i, j, k) sits at the mean position of its block's voxels
+    i, j, k = 3, 2, 5
+    block = np.array([[i * 2 + a, j * 4 + b, k] for a in range(2) for b in range(4)], dtype=float)
+    assert np.allclose(c.index_to_world([[i, j, k]])[0], vol.index_to_world(block).mean(0))
+    # line integrals along k through whole blocks: sums over the block's rays, averaged
+    crop = vol.array[:, :J // 4 * 4, :I // 2 * 2].astype(np.float64)
+    fine_sum = crop.sum(0).reshape(J // 4, 4, I // 2, 2).mean(axis=(1, 3))
+    assert np.allclose(c.array.sum(0), fine_sum, rtol=1e-4, atol=1e-2)
+    # labels stay labels: the block's voxel (f // 2), every coarse label one of the fine ones
+    assert cl.array.dtype == lab.array.dtype and set(np.unique(cl.array)) <= set(np.unique(lab.array))
+    assert cl.array[k, j, i] == lab.array[k, j * 4 + 2, i * 2 + 1]
+    assert coarsen(vol, (1, 1, 1)) is vol
+    with pytest.raises(ValueError, match="integers >= 1"):
+        coarsen(vol, (0, 1, 1))

@@ -516,6 +516,7 @@ def test_shipped_configs_load_and_build(name):
         assert cfg.phantom_ribs and cfg.phantom_sacrum and cfg.levels[0] == "T6" and cfg.levels[-1] == "S1"
     if name == "stage3_cpu":                   # issue #19: stage 3 within 10 min, its RecM epochs planned to fit
         assert cfg.time_budget_s is not None and cfg.time_budget_s <= 600 and cfg.rec_epochs > 2
+        assert cfg.ct_spacing_mm == 2.0             # a 1 mm CT simulated at 2 mm: 9.9 min instead of 17 (card)
     if name.startswith("stage1_cpu_fine"):     # the all-levels runs on a 64 mm cube: 2 mm voxels, same count
         assert (cfg.model.roi_mm, cfg.model.voxels, cfg.model.voxel_mm) == (64.0, 32, 2.0)
     from dataclasses import replace
@@ -743,6 +744,33 @@ def test_phantom_sacrum_in_stage1_data_and_its_cache_key(tmp_path):
     assert _data_key(cfg) != _data_key(TrainConfig(**{**cfg.to_dict(), "phantom_sacrum": False}))
     with pytest.raises(ConfigError, match="phantom_sacrum"):
         TrainConfig.from_dict({**cfg.to_dict(), "phantom_sacrum": "yes"})
+
+
+def test_ct_spacing_coarsens_the_training_ct_and_keys_its_cache(small_phantom, tmp_path):
+    """``ct_spacing_mm``: a stage-3 CT finer than it is block-averaged (labels likewise) before
+    its samples are simulated, so its X-rays come from the coarser grid; a CT already that
+    coarse is kept as it is; the data key changes only when it is set; <= 0 refused."""
+    from RadGSRegLib.io import write_volume
+    from RadGSRegLib.training.data import sample_sources
+    from RadGSRegLib.training.train import _data_key
+
+    ct, seg = small_phantom                                         # 4 mm voxels
+    write_volume(ct, tmp_path / "ct.nrrd")
+    write_volume(seg, tmp_path / "seg.nrrd")
+    kw = dict(stage=3, out=str(tmp_path / "s3"), init="default", ct_dirs=[str(tmp_path)], levels=["L2", "L3"],
+              model=ModelConfig(**TINY), samples_per_ct=2, val_samples=1)
+    (_, load), = list(sample_sources(TrainConfig(**kw, ct_spacing_mm=8.0), validation=False))
+    c, cs, levels = load()
+    assert np.allclose(c.spacing, 8.0) and c.array.shape == tuple(n // 2 for n in ct.array.shape)
+    assert cs.same_grid(c) and set(levels) == {"L2", "L3"}
+    assert np.isclose(c.array[3, 4, 5], ct.array[6:8, 8:10, 10:12].mean(), atol=1e-3)
+    (_, load), = list(sample_sources(TrainConfig(**kw, ct_spacing_mm=3.0), validation=False))
+    assert np.array_equal(load()[0].array, ct.array)                # 4 mm already coarser than 3
+    base = TrainConfig(**kw)
+    assert _data_key(TrainConfig(**kw, ct_spacing_mm=8.0)) != _data_key(base)
+    assert _data_key(TrainConfig(**kw, ct_spacing_mm=None)) == _data_key(base)
+    with pytest.raises(ConfigError, match="ct_spacing_mm"):
+        TrainConfig(**kw, ct_spacing_mm=0.0)
 
 
 def test_recm_output_form_can_draw_a_vertebra(small_phantom):

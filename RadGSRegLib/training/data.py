@@ -141,7 +141,7 @@ def usable_levels(seg, levels, source: str) -> dict:
 
 def phantom_tops(levels) -> list[str]:
     """The top levels a stage-1 phantom (5 vertebrae) is drawn with for training ``levels``:
-    T11, T12, L1 when every level lies within T11-L5 (the shipped weights' data); otherwise
+    T11, T12, L1 when every level lies within T11-L5 (the earlier shipped weights' data); otherwise
     every top whose 5 vertebrae include at least one of ``levels`` (label values and levels
     the phantom cannot have, such as the sacrum, are left out of that reckoning)."""
     from ..levels import LEVELS
@@ -182,6 +182,11 @@ def sample_sources(cfg: TrainConfig, *, validation: bool) -> Iterator[tuple[str,
             def load(spec=spec):
                 ct_p, seg_p = ct_spec_paths(spec)
                 ct, seg = read_volume(ct_p, field=str(ct_p)), read_label_map(seg_p, field=str(seg_p))
+                if cfg.ct_spacing_mm is not None:
+                    from ..volume import block_factors, coarsen
+
+                    f = block_factors(ct.spacing, cfg.ct_spacing_mm)
+                    ct, seg = coarsen(ct, f), coarsen(seg, f, labels=True)
                 return ct, seg, usable_levels(seg, cfg.levels, str(seg_p))
             yield f"CT {spec}", load
     if cfg.stage == 2:
