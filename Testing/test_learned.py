@@ -771,6 +771,17 @@ def test_ct_spacing_coarsens_the_training_ct_and_keys_its_cache(small_phantom, t
     assert _data_key(TrainConfig(**kw, ct_spacing_mm=None)) == _data_key(base)
     with pytest.raises(ConfigError, match="ct_spacing_mm"):
         TrainConfig(**kw, ct_spacing_mm=0.0)
+    # a label map off the CT's grid is refused, naming it (before any coarsening)
+    from RadGSRegLib.errors import InputError
+    from RadGSRegLib.volume import Volume
+
+    off = np.array(seg.affine)
+    off[:3, 3] += 2.0
+    write_volume(Volume(seg.array, off), tmp_path / "off_seg.nrrd")
+    spec = f"{tmp_path / 'ct.nrrd'}:{tmp_path / 'off_seg.nrrd'}"
+    (_, load), = list(sample_sources(TrainConfig(**{**kw, "ct_dirs": [spec]}, ct_spacing_mm=8.0), validation=False))
+    with pytest.raises(InputError, match=r"off_seg\.nrrd: not on the grid of .*ct\.nrrd"):
+        load()
 
 
 def test_recm_output_form_can_draw_a_vertebra(small_phantom):

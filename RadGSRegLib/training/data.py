@@ -182,6 +182,9 @@ def sample_sources(cfg: TrainConfig, *, validation: bool) -> Iterator[tuple[str,
             def load(spec=spec):
                 ct_p, seg_p = ct_spec_paths(spec)
                 ct, seg = read_volume(ct_p, field=str(ct_p)), read_label_map(seg_p, field=str(seg_p))
+                if not seg.same_grid(ct):       # labels off the grid would label other voxels (coarsened or not)
+                    raise InputError(f"{seg_p}: not on the grid of {ct_p} (origin, spacing, direction and size must "
+                                     "match); resample the label map onto the CT first")
                 if cfg.ct_spacing_mm is not None:
                     from ..volume import block_factors, coarsen
 
