@@ -11,7 +11,7 @@ import numpy as np
 
 from .errors import InputError
 from .io import Case, Result
-from .metrics import capture_range, recon_metrics, success_rate, truth_errors
+from .metrics import capture_range, localization, mass_offset, recon_metrics, success_rate, truth_errors
 from .region import ground_truth_volume
 
 __all__ = ["case_row", "summarize", "learned_summary", "format_table", "evaluate_results", "case_dirs",
@@ -64,7 +64,8 @@ def case_row(truth: Case, res: Result, name: str = "") -> dict:
     """Metrics of one result against its case's ground truth: initial and final mTRE,
     rotation / translation error, mPD, runtime per stage, warnings, the result's own check
     (``final_ncc_views``, ``ncc_ceiling_views`` and their ``explained`` share), metal record and pose, and PSNR/SSIM of the reconstruction when there
-    is one."""
+    is one, with ``true_offset_mm`` and ``recon_offset_mm`` (:func:`~RadGSRegLib.metrics.mass_offset`
+    of the true vertebra volume and of the reconstruction on its grid, C-arm mm)."""
     if truth.ground_truth is None:
         raise InputError(f"case {name or '?'} has no ground_truth to evaluate against")
     e0 = truth_errors(truth, truth.initial_guess)["mtre_mm"] if truth.initial_guess is not None else float("nan")
@@ -88,6 +89,9 @@ def case_row(truth: Case, res: Result, name: str = "") -> dict:
                                  res.recon.array.shape, res.recon.affine)
         if np.ptp(gt.array) > 0:
             row.update(recon_metrics(res.recon.array, gt.array))
+            # where the reconstruction puts the vertebra in its grid, and where it is (metrics.localization)
+            row["true_offset_mm"] = mass_offset(gt.array, gt.affine).tolist()
+            row["recon_offset_mm"] = mass_offset(res.recon.array, res.recon.affine).tolist()
         else:               # metrics.md compares on the reconstruction's grid: here it holds no vertebra
             row.update({"psnr_db": float("nan"), "ssim_pct": float("nan"),
                         "recon_note": "the reconstruction grid does not reach the true vertebra"})
@@ -97,7 +101,10 @@ def case_row(truth: Case, res: Result, name: str = "") -> dict:
 def summarize(rows: list[dict]) -> dict:
     """Table 1 columns over cases: mTRE mean/std/median/p95, SR, CR (+ SR per 5 mm bin of
     initial mTRE), median rotation/translation error and mPD, mean RT, the doubtful flag's
-    hits, and mean SSIM/PSNR when every row has a reconstruction."""
+    hits, and mean SSIM/PSNR when every row has a reconstruction, with how the reconstructions
+    follow the vertebra within their grids (``recon_follow``, ``recon_offset_error_median_mm``,
+    ``recon_follow_n``: :func:`~RadGSRegLib.metrics.localization` of the rows'
+    ``true_offset_mm`` / ``recon_offset_mm``)."""
     fin = np.array([r["mtre_mm"] for r in rows])
     ini = np.array([r["initial_mtre_mm"] for r in rows])
     rt = np.array([r["runtime_s"].get("total", np.nan) for r in rows])
@@ -122,6 +129,11 @@ def summarize(rows: list[dict]) -> dict:
         s["ssim_pct"] = float(np.nanmean(ss)) if np.isfinite(ss).any() else float("nan")
         s["psnr_db"] = float(np.nanmean([r["psnr_db"] for r in rows])) if np.isfinite(ss).any() else float("nan")
         s["recon_undefined"] = int((~np.isfinite(ss)).sum())      # grids that miss the vertebra: not averaged
+        placed = [r for r in rows if "true_offset_mm" in r]
+        if placed:                         # where the reconstruction puts the vertebra (metrics.localization)
+            loc = localization([r["true_offset_mm"] for r in placed], [r["recon_offset_mm"] for r in placed])
+            s.update({"recon_follow": loc["follow"], "recon_offset_error_median_mm": loc["offset_error_median_mm"],
+                      "recon_follow_n": loc["n"]})
     return s
 
 
@@ -131,7 +143,10 @@ def learned_summary(rows: list[dict]) -> dict:
     ``learned``). Returns the mean / median mTRE and SR (%) of each, and how often the gate
     kept the network's pose, and of those how often it was nearer the truth than its input
     (``kept_better``) or further (``kept_worse``); with ``true_volume_mtre_mm`` in every row
-    (RegM fed the true volume, ``radgsreg bench register``) its mean / median / SR too."""
+    (RegM fed the true volume, ``radgsreg bench register``) its mean / median / SR too, and so
+    for ``from_truth_mtre_mm`` and ``from_truth_true_volume_mtre_mm`` (the network started at
+    the true pose, with RecM's reconstruction / the true volume:
+    :func:`~RadGSRegLib.bench.register_bench.network_from_truth`)."""
     a = np.array([r["input_mtre_mm"] for r in rows], dtype=float)
     b = np.array([r["network_mtre_mm"] for r in rows], dtype=float)
     kept = np.array([r["kept"] == "network" for r in rows])
@@ -140,10 +155,11 @@ def learned_summary(rows: list[dict]) -> dict:
            "network_mtre_median": float(np.median(b)), "network_sr_pct": 100 * success_rate(b),
            "network_better": int((b < a).sum()), "kept_network": int(kept.sum()),
            "kept_better": int((kept & (b < a)).sum()), "kept_worse": int((kept & (b > a)).sum())}
-    if rows and all("true_volume_mtre_mm" in r for r in rows):
-        c = np.array([r["true_volume_mtre_mm"] for r in rows], dtype=float)
-        out.update({"true_volume_mtre_mean": float(c.mean()), "true_volume_mtre_median": float(np.median(c)),
-                    "true_volume_sr_pct": 100 * success_rate(c)})
+    for key in ("true_volume", "from_truth", "from_truth_true_volume"):
+        if rows and all(f"{key}_mtre_mm" in r for r in rows):
+            c = np.array([r[f"{key}_mtre_mm"] for r in rows], dtype=float)
+            out.update({f"{key}_mtre_mean": float(c.mean()), f"{key}_mtre_median": float(np.median(c)),
+                        f"{key}_sr_pct": 100 * success_rate(c)})
     return out
 
 
@@ -182,6 +198,13 @@ def format_table(per_suite: dict[str, dict[str, dict]]) -> list[str]:
             lines.append(f"SR per initial-mTRE bin, {sname} {m}: {bins}")
     for sname, per in per_suite.items():
         for m, s in per.items():
+            if "recon_follow" in s:
+                lines.append(f"Reconstruction placement, {sname} {m}: it follows the vertebra's offset from its grid's "
+                             f"centre by {s['recon_follow']:.2f} (1: where the vertebra is; 0: at the centre, where "
+                             f"the input pose puts it), centroids {s['recon_offset_error_median_mm']:.2f} mm apart "
+                             f"(median; {s['recon_follow_n']} cases within 15 mm)")
+    for sname, per in per_suite.items():
+        for m, s in per.items():
             if s.get("learned"):
                 g = s["learned"]
                 lines.append(
@@ -192,7 +215,12 @@ def format_table(per_suite: dict[str, dict[str, dict]]) -> list[str]:
                     f"the gate kept it in {g['kept_network']} ({g['kept_better']} nearer, {g['kept_worse']} further)"
                     + (f"; RegM fed the true volume instead of RecM's: {g['true_volume_mtre_mean']:.2f} / "
                        f"{g['true_volume_mtre_median']:.2f} mm, SR {g['true_volume_sr_pct']:.0f} %"
-                       if "true_volume_mtre_mean" in g else ""))
+                       if "true_volume_mtre_mean" in g else "")
+                    + (f"; started at the true pose it moves to {g['from_truth_mtre_mean']:.2f} / "
+                       f"{g['from_truth_mtre_median']:.2f} mm (SR {g['from_truth_sr_pct']:.0f} %), fed the true "
+                       f"volume there {g['from_truth_true_volume_mtre_mean']:.2f} / "
+                       f"{g['from_truth_true_volume_mtre_median']:.2f} mm"
+                       if "from_truth_mtre_mean" in g and "from_truth_true_volume_mtre_mean" in g else ""))
     for sname, per in per_suite.items():
         for m, s in per.items():
             prof = s.get("profile") or {}

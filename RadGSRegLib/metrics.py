@@ -80,6 +80,42 @@ def recon_metrics(recon: np.ndarray, gt: np.ndarray) -> dict:
     return {"psnr_db": psnr, "ssim_pct": 100.0 * ssim}
 
 
+def mass_offset(volume: np.ndarray, affine: np.ndarray, *, floor: float = 0.3) -> np.ndarray:
+    """(3,) mm: where a volume's mass lies relative to its grid's centre, in the frame of
+    ``affine`` (4, 4, voxel ``[i, j, k]`` -> mm; ``volume`` indexed ``[k, j, i]``): the
+    value-weighted centroid of the voxels at or above ``floor`` x its maximum, minus the
+    grid's centre. NaN where the volume has no positive voxel."""
+    v = np.asarray(volume, dtype=np.float64)
+    top = float(v.max()) if v.size else 0.0
+    if not top > 0:
+        return np.full(3, np.nan)
+    w = np.where(v >= floor * top, v, 0.0)
+    k, j, i = np.indices(v.shape)
+    ijk = np.array([(w * i).sum(), (w * j).sum(), (w * k).sum()]) / w.sum()
+    mid = (np.array(v.shape[::-1], dtype=np.float64) - 1) / 2
+    return np.asarray(affine, dtype=np.float64)[:3, :3] @ (ijk - mid)
+
+
+def localization(rows_true, rows_recon, *, max_offset_mm: float = 15.0) -> dict:
+    """How a reconstruction follows the vertebra within its grid, over cases: ``rows_true``
+    and ``rows_recon`` (N, 3) mm, :func:`mass_offset` of the true vertebra volume and of the
+    reconstruction on the same grids (centred where the input pose puts the vertebra). Cases
+    whose true offset is over ``max_offset_mm`` (the cube may cut the vertebra) or NaN are
+    left out. Returns ``follow`` (the least-squares slope of the reconstruction's offset on
+    the true one, all axes pooled: 1 = the reconstruction is where the vertebra is, 0 = it
+    sits at the grid's centre whatever the X-rays show), ``offset_error_median_mm`` (median
+    distance between the two centroids) and ``n``; NaN where no case is left."""
+    g = np.asarray(rows_true, dtype=np.float64).reshape(-1, 3)
+    r = np.asarray(rows_recon, dtype=np.float64).reshape(-1, 3)
+    ok = np.isfinite(g).all(1) & np.isfinite(r).all(1)
+    ok[ok] = np.linalg.norm(g[ok], axis=1) <= max_offset_mm
+    g, r = g[ok], r[ok]
+    gg = float((g * g).sum())
+    return {"follow": float((r * g).sum() / gg) if gg > 0 else float("nan"),
+            "offset_error_median_mm": float(np.median(np.linalg.norm(r - g, axis=1))) if len(g) else float("nan"),
+            "n": int(len(g))}
+
+
 def success_rate(final_mtre) -> float:
     """Share (0..1) of cases with final mTRE < 2 mm."""
     m = np.asarray(final_mtre, dtype=np.float64)

@@ -700,6 +700,123 @@ def test_register_volume_is_regm_on_predicts_grid_and_refuses_another(small_phan
                                                            for r in rows])
 
 
+def test_bench_scores_the_network_started_at_the_truth(tmp_path, small_phantom):
+    """``bench register --methods learned`` scores the network started at the true pose (its
+    floor: :func:`network_from_truth`), with RecM's reconstruction and with the true volume:
+    a RegM that moves nothing stays at the truth (0 mm, whatever the search found), a RegM
+    that moves the pose leaves it by what ``register_volume`` from the truth says; the
+    summary and the table carry both."""
+    from dataclasses import replace
+
+    from RadGSRegLib.bench.register_bench import network_from_truth, run_register_bench
+    from RadGSRegLib.evaluate import format_table
+    from RadGSRegLib.cases import CaseGenConfig, make_case
+    from RadGSRegLib.io import write_case
+    from RadGSRegLib.learned.infer import predict, register_volume
+    from RadGSRegLib.metrics import truth_errors
+    from RadGSRegLib.region import ground_truth_volume
+    from RadGSRegLib.register import RegisterConfig
+    from RadGSRegLib.register.config import MetalConfig
+    from RadGSRegLib.register.pipeline import network_inputs
+    from RadGSRegLib.register.target import make_target
+
+    ct, seg = small_phantom
+    case = make_case(ct, seg, "L3", CaseGenConfig(rot_deg=5.0, trans_mm=10.0, pixels=64, seed=5),
+                     np.random.default_rng(5))
+    write_case(case, tmp_path / "suite" / "case_000")
+    torch.manual_seed(2)
+    still = RadGSRegNet(ModelConfig(**{**TINY, "regm": "flow"}))          # zero flow: RegM returns its input
+    still.save(tmp_path / "still.pt")
+    out = run_register_bench([tmp_path / "suite"], ["learned"], json_path=tmp_path / "r.json", log=lambda _: None,
+                             model=str(tmp_path / "still.pt"))
+    row = out["suites"]["suite"]["learned"]["cases"][0]["learned"]
+    assert row["network_mtre_mm"] == pytest.approx(row["input_mtre_mm"], abs=1e-3)   # it moved nothing from the search
+    assert row["input_mtre_mm"] > 0.1                                               # which was not the truth
+    assert row["from_truth_mtre_mm"] < 1e-3 and row["from_truth_true_volume_mtre_mm"] < 1e-3
+    g = out["suites"]["suite"]["learned"]["summary"]["learned"]
+    assert g["from_truth_mtre_median"] < 1e-3 and g["from_truth_sr_pct"] == 100.0
+    case_row = out["suites"]["suite"]["learned"]["cases"][0]                 # the reconstruction's placement
+    assert len(case_row["true_offset_mm"]) == len(case_row["recon_offset_mm"]) == 3
+    assert out["suites"]["suite"]["learned"]["summary"]["recon_follow_n"] == 1
+
+    moving = RadGSRegNet(ModelConfig(**{**TINY, "regm": "flow"}))
+    with torch.no_grad():                                                  # a RegM that moves the pose
+        for q in moving.regm.head.parameters():
+            q.normal_(0, 0.05)
+    cfg = RegisterConfig(init="learned", model="default", refine="none", metal=MetalConfig(mode="never"))
+    got = network_from_truth(moving, case, cfg)
+    G, seen = case.ground_truth, replace(case, ground_truth=None)
+    images, valid = network_inputs(make_target(seen, slab_mm=cfg.slab_mm, coarse_mm=cfg.coarse_mm),
+                                   moving.cfg.image_pixels)
+    pred = predict(moving, seen, G, images=images, valid=valid)
+    gt = ground_truth_volume(ct, seg, case.vertebra_label, G, pred.recon.array.shape, pred.recon.affine)
+    assert got["from_truth_mtre_mm"] == pytest.approx(truth_errors(case, pred.T_ct_to_carm)["mtre_mm"], rel=1e-6)
+    assert got["from_truth_true_volume_mtre_mm"] == pytest.approx(
+        truth_errors(case, register_volume(moving, seen, G, gt))["mtre_mm"], rel=1e-6)
+    assert got["from_truth_mtre_mm"] > 0.05 and got["from_truth_true_volume_mtre_mm"] > 0.05
+    assert got["from_truth_mtre_mm"] != pytest.approx(got["from_truth_true_volume_mtre_mm"])
+    line = [t for t in format_table({"suite": {"learned": out["suites"]["suite"]["learned"]["summary"]}})
+            if t.startswith("RadGS-Reg network")]
+    assert len(line) == 1 and "started at the true pose it moves to 0.00 / 0.00 mm (SR 100 %)" in line[0]
+
+
+def test_reconstruction_placement_follows_the_vertebra_or_not():
+    """``mass_offset`` finds a blob's place on a rotated, anisotropic grid; ``localization``
+    reads a reconstruction that sits where the vertebra is as 1, one at the grid's centre as
+    0, half-way as 0.5, leaving out NaN and far offsets; ``summarize`` and the table carry it
+    for rows whose reconstruction is the true volume (follow 1, centroids 0 mm apart)."""
+    from RadGSRegLib.evaluate import format_table, summarize
+    from RadGSRegLib.geometry import pose_to_matrix
+    from RadGSRegLib.metrics import localization, mass_offset
+
+    A = pose_to_matrix([10.0, -20.0, 30.0, 5.0, 6.0, 7.0]) @ np.diag([2.0, 3.0, 1.5, 1.0])
+    v = np.zeros((21, 17, 15))                      # [k, j, i]
+    v[12:15, 3:6, 9:12] = 1.0                       # a cube centred at i, j, k = 10, 4, 13
+    v[13, 4, 10] = 2.0
+    np.testing.assert_allclose(mass_offset(v, A), A[:3, :3] @ (np.array([10, 4, 13]) - np.array([7, 8, 10])),
+                               atol=1e-9)
+    assert np.isnan(mass_offset(np.zeros((4, 4, 4)), np.eye(4))).all()
+    rng = np.random.default_rng(0)
+    g = rng.normal(0, 4, (30, 3))
+    assert localization(g, g) == {"follow": 1.0, "offset_error_median_mm": 0.0, "n": 30}
+    assert localization(g, 0 * g)["follow"] == 0.0
+    assert localization(g, 0.5 * g)["follow"] == pytest.approx(0.5)
+    far = np.vstack([g, [[40.0, 0, 0]], [[np.nan, 0, 0]]])
+    assert localization(far, np.vstack([g, [[-40.0, 0, 0]], [[0.0, 0, 0]]])) == localization(g, g)
+    rows = [{"mtre_mm": 1.0, "initial_mtre_mm": 5.0, "rot_err_deg": 0.1, "trans_err_mm": 0.5, "mpd_mm": 0.1,
+             "runtime_s": {"total": 1.0}, "warnings": [], "ssim_pct": 100.0, "psnr_db": 40.0,
+             "true_offset_mm": list(o), "recon_offset_mm": list(o)} for o in g[:5]]
+    summ = summarize(rows)
+    assert (summ["recon_follow"], summ["recon_offset_error_median_mm"], summ["recon_follow_n"]) == (1.0, 0.0, 5)
+    line = [t for t in format_table({"suite": {"m": summ}}) if t.startswith("Reconstruction placement")]
+    assert len(line) == 1 and "by 1.00" in line[0]
+
+
+def test_validation_says_whether_the_reconstruction_follows_the_vertebra(samples, monkeypatch):
+    """``evaluate_samples``' ``recon_follow``: 1 (and 0 mm apart) for a RecM that reconstructs
+    the true volume, about 0 for one that draws the same vertebra at the cube's centre
+    whatever the X-rays show (a blob there)."""
+    from RadGSRegLib.training.train import evaluate_samples
+
+    mc, ss = samples
+    net = RadGSRegNet(mc)
+    gts = torch.stack([s["gt_volume"] for s in ss])[:, None]
+
+    def true_volume(images, proj, centre):
+        idx = [next(i for i, s in enumerate(ss) if torch.equal(s["centre"], c)) for c in centre]
+        return None, gts[idx]
+
+    monkeypatch.setattr(net, "reconstruct", true_volume)
+    val = evaluate_samples(net, ss)
+    assert val["recon_follow"] == pytest.approx(1.0) and val["recon_offset_error_median_mm"] == pytest.approx(0.0)
+    V = mc.voxels
+    blob = torch.zeros((V, V, V))
+    blob[V // 2 - 2:V // 2 + 2, V // 2 - 2:V // 2 + 2, V // 2 - 2:V // 2 + 2] = 0.04     # centred: offset 0
+    monkeypatch.setattr(net, "reconstruct", lambda images, proj, centre: (None, blob.expand(len(centre), 1, V, V, V)))
+    val = evaluate_samples(net, ss)
+    assert abs(val["recon_follow"]) < 1e-6 and val["recon_offset_error_median_mm"] > 2.0
+
+
 def test_phantom_tops_cover_the_training_levels():
     """Stage-1 phantoms (5 vertebrae) reach the levels trained on: T11/T12/L1 tops for levels
     within T11-L5 (the shipped weights' data), otherwise exactly the tops whose 5 vertebrae

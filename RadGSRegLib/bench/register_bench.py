@@ -26,7 +26,7 @@ import numpy as np
 from ..evaluate import case_dirs, case_row, format_table, summarize
 from ..io import read_case
 
-__all__ = ["METHODS", "PEERS", "run_register_bench", "rt_ratios", "format_ratios"]
+__all__ = ["METHODS", "PEERS", "run_register_bench", "rt_ratios", "format_ratios", "network_from_truth"]
 
 #: method name -> (RegisterConfig fields (JSON form), what it is). The restarts of a doubtful
 #: result (``refine2d.restart_deg``) belong to every method of ours with the 2-D/3-D
@@ -128,6 +128,7 @@ def _bench(suites, methods, *, json_path, limit, model, overwrite, log, threads,
         for i, d in enumerate(cases):
             truth = read_case(d, ground_truth=True)              # read once per case; the truth is for evaluation
             case = replace(truth, ground_truth=None)             # what the methods see
+            floor = None                                         # the network from the truth: once per case
             for m in methods:
                 t = time.perf_counter()
                 if m == "itk":
@@ -148,6 +149,9 @@ def _bench(suites, methods, *, json_path, limit, model, overwrite, log, threads,
                 row["wall_s"] = wall
                 if "learned" in row and res.recon is not None:
                     row["learned"]["true_volume_mtre_mm"] = _regm_on_true_volume(net, truth, res)
+                    if floor is None:
+                        floor = network_from_truth(net, truth, RegisterConfig.from_dict(kw), metal_net=metal_net)
+                    row["learned"].update(floor)
                 rows[m].append(row)
                 ncc = row.get("final_ncc_views") or {}
                 log(f"  [{suite.name}] {m:<12} {i + 1:>3}/{len(cases)} {d.name}: {row['initial_mtre_mm']:6.1f} -> "
@@ -187,6 +191,36 @@ def _regm_on_true_volume(net, truth, res) -> float:
     gt = ground_truth_volume(truth.ct, truth.seg, truth.vertebra_label, truth.ground_truth, res.recon.array.shape,
                              res.recon.affine)
     return truth_errors(truth, register_volume(net, truth, T_in, gt))["mtre_mm"]
+
+
+def network_from_truth(net, truth, cfg, *, metal_net=None) -> dict:
+    """Where the RadGS-Reg network moves a pose that is already right: its floor on this case.
+
+    The network runs from the true pose (``truth.ground_truth``) on the X-rays as the pipeline
+    prepares them for ``cfg`` (a :class:`~RadGSRegLib.register.RegisterConfig`: its target,
+    and its metal mask when ``cfg.metal.mode`` masks, with ``metal_net`` if loaded), once with
+    RecM's reconstruction and once with RegM fed the true vertebra volume on that grid. A
+    network whose pose error from the truth is large cannot bring a search result below it,
+    and the gap between the two says how much of that floor is RecM's.
+
+    Returns ``{"from_truth_mtre_mm", "from_truth_true_volume_mtre_mm"}`` (mTRE, mm).
+    """
+    from ..learned.infer import predict, register_volume
+    from ..metrics import truth_errors
+    from ..region import ground_truth_volume
+    from ..register.pipeline import mask_metal, network_inputs
+    from ..register.target import make_target
+
+    G = np.asarray(truth.ground_truth, dtype=float)
+    case = replace(truth, ground_truth=None)
+    tgt = make_target(case, slab_mm=cfg.slab_mm, coarse_mm=cfg.coarse_mm)
+    mask_metal(tgt, cfg.metal, net=metal_net)
+    images, valid = network_inputs(tgt, net.cfg.image_pixels)
+    pred = predict(net, case, G, images=images, valid=valid, device=cfg.device)
+    gt = ground_truth_volume(truth.ct, truth.seg, truth.vertebra_label, G, pred.recon.array.shape, pred.recon.affine)
+    T_gt = register_volume(net, case, G, gt, device=cfg.device, region=pred.region)
+    return {"from_truth_mtre_mm": truth_errors(truth, pred.T_ct_to_carm)["mtre_mm"],
+            "from_truth_true_volume_mtre_mm": truth_errors(truth, T_gt)["mtre_mm"]}
 
 
 def rt_ratios(rows: dict[str, list[dict]]) -> dict:

@@ -87,7 +87,7 @@ from .target import Target, make_target
 
 __all__ = ["run", "load_networks", "reconstruct_volume", "check_refinement", "fitted_levels", "Candidate",
            "Registration", "stages_for", "mask_metal", "search_stage", "learned_stage", "refine3d_stage",
-           "refine2d_stage", "check_stage", "output_stage", "untrained_level"]
+           "refine2d_stage", "check_stage", "output_stage", "untrained_level", "network_inputs"]
 
 
 @dataclass
@@ -231,9 +231,7 @@ def learned_stage(reg: Registration) -> None:
     reg.report.stage("learned", "RadGS-Reg network")
     with reg.timed("learned"):
         net = reg.net
-        px = net.cfg.image_pixels
-        images = {name: reg.target.image(name, px) for name in ("ap", "lat")}
-        valid = {name: reg.target.valid(name, px) for name in ("ap", "lat")}
+        images, valid = network_inputs(reg.target, net.cfg.image_pixels)
         pred = predict(net, reg.case, reg.T, images=images, valid=valid, device=reg.cfg.device)
         reg.recon, reg.region = pred.recon, pred.region.crop
         best = reg.candidates[0]
@@ -253,6 +251,15 @@ def learned_stage(reg: Registration) -> None:
     reg.say(f"  RadGS-Reg network: {reg.runtime['learned']:.2f} s; its pose explains the X-rays "
             f"{'better' if gate['kept'] == 'network' else 'less well'} than its input (windowed NCC "
             f"{gate['ncc_network']:.3f} vs {gate['ncc_input']:.3f}): the {gate['kept']}'s goes first")
+
+
+def network_inputs(tgt: Target, pixels: int) -> tuple[dict, dict]:
+    """The X-rays as the RadGS-Reg network takes them from a prepared :class:`~.target.Target`
+    (line integrals on a ``pixels``-square working detector; :func:`~RadGSRegLib.learned.infer.predict`'s
+    ``images`` and ``valid``): ({"ap", "lat"} -> (image (P, P), View), {"ap", "lat"} -> (P, P)
+    mask of the pixels that carry a signal, metal left out where the target excludes it)."""
+    names = ("ap", "lat")
+    return {n: tgt.image(n, pixels) for n in names}, {n: tgt.valid(n, pixels) for n in names}
 
 
 def untrained_level(net, case) -> str | None:

@@ -43,6 +43,7 @@ from ..errors import OutputError
 from ..io.atomic import atomic_file
 from ..io.outputs import check_writable, read_marker, write_marker
 from ..learned.model import RadGSRegNet, UnsafeFileError, level_names, load_plain, plain, trained_levels
+from ..region import cube_affine_batch
 from .config import ConfigError, TrainConfig
 from .data import SAMPLE_KEYS, build_samples, collate, perturb_pose
 
@@ -483,20 +484,27 @@ def _points(batch: dict, b: int, n: int = 2000) -> np.ndarray:
 
 def evaluate_samples(net: RadGSRegNet, samples: list, *, device="cpu", batch: int = 4) -> dict:
     """Validation metrics over samples: reconstruction PSNR/SSIM (metrics.md, against the
-    ground-truth volume) and RegM's mTRE / success rate from ``T_in`` (target points: the
-    vertebra region's voxels), with the input mTRE for comparison."""
+    ground-truth volume), how the reconstruction follows the vertebra within its cube
+    (``recon_follow``, ``recon_offset_error_median_mm``: :func:`~RadGSRegLib.metrics.localization`;
+    1 = where the vertebra is, 0 = at the cube's centre, where ``T_in`` puts it) and RegM's
+    mTRE / success rate from ``T_in`` (target points: the vertebra region's voxels), with the
+    input mTRE for comparison."""
     from ..geometry import mtre
-    from ..metrics import recon_metrics
+    from ..metrics import localization, mass_offset, recon_metrics
 
     net.eval()
-    psnr, ssim, e_in, e_out = [], [], [], []
+    psnr, ssim, e_in, e_out, off_gt, off_rec = [], [], [], [], [], []
     with torch.no_grad():
         for i in range(0, len(samples), batch):
             b = _to(collate(samples[i:i + batch]), device)
             _, rec = net.reconstruct(b["images"], b["proj"], b["centre"])
             T = net.estimate(b, rec)
+            grids = cube_affine_batch(b["centre"].cpu(), net.cfg.roi_mm, net.cfg.voxels).numpy().astype(np.float64)
             for k in range(rec.shape[0]):
-                m = recon_metrics(rec[k, 0].cpu().numpy(), b["gt_volume"][k].cpu().numpy())
+                r, g = rec[k, 0].cpu().numpy(), b["gt_volume"][k].cpu().numpy()
+                off_rec.append(mass_offset(r, grids[k]))
+                off_gt.append(mass_offset(g, grids[k]))
+                m = recon_metrics(r, g)
                 psnr.append(m["psnr_db"])
                 ssim.append(m["ssim_pct"])
                 pts = _points(b, k)
@@ -505,7 +513,9 @@ def evaluate_samples(net: RadGSRegNet, samples: list, *, device="cpu", batch: in
                 e_out.append(mtre(T[k].cpu().numpy().astype(np.float64), G, pts))
     net.train()
     e_out = np.asarray(e_out)
-    return {"psnr_db": float(np.mean(psnr)), "ssim_pct": float(np.mean(ssim)), "mtre_in_mm": float(np.mean(e_in)),
+    loc = localization(off_gt, off_rec)
+    return {"psnr_db": float(np.mean(psnr)), "ssim_pct": float(np.mean(ssim)), "recon_follow": loc["follow"],
+            "recon_offset_error_median_mm": loc["offset_error_median_mm"], "mtre_in_mm": float(np.mean(e_in)),
             "mtre_mm": float(np.mean(e_out)), "mtre_median_mm": float(np.median(e_out)),
             "sr_pct": float(100 * np.mean(e_out < 2.0)), "n": len(e_out)}
 
@@ -727,6 +737,7 @@ def train(cfg: TrainConfig, *, log=print, progress: bool = True) -> Path:
             logger.write(row, step)
             log(f"{phase} epoch {ep + 1}/{epochs}: loss {row.get('loss', float('nan')):.4f}; validation "
                 f"PSNR {val.get('psnr_db', float('nan')):.2f} dB, SSIM {val.get('ssim_pct', float('nan')):.1f} %, "
+                f"follow {val.get('recon_follow', float('nan')):.2f}, "
                 f"mTRE {val.get('mtre_in_mm', float('nan')):.1f} -> {val.get('mtre_mm', float('nan')):.2f} mm "
                 f"({seconds:.0f} s)")
             par.barrier()
