@@ -817,6 +817,35 @@ def test_validation_says_whether_the_reconstruction_follows_the_vertebra(samples
     assert abs(val["recon_follow"]) < 1e-6 and val["recon_offset_error_median_mm"] > 2.0
 
 
+def test_centroid_term_measures_the_shift_and_trains_recm(samples):
+    """``centroid_distance``: a volume moved by (1, 2, 2) voxels is 3 voxels from itself, an
+    empty one counts at the centre; ``lambda_centroid`` adds its part to Eq. 2 (in 10 mm),
+    with a gradient into RecM, and 0 leaves the loss as it was."""
+    from RadGSRegLib.learned.model import centroid_distance
+
+    v = torch.zeros((16, 16, 16))
+    v[4:7, 5:8, 6:9] = 1.0
+    moved = torch.roll(v, shifts=(1, 2, 2), dims=(0, 1, 2))
+    assert float(centroid_distance(moved, v)) == pytest.approx(3.0, abs=1e-3)
+    centre = torch.zeros_like(v)
+    centre[7:9, 7:9, 7:9] = 1.0                                  # mass centred at 7.5
+    assert float(centroid_distance(torch.zeros_like(v), centre)) == pytest.approx(0.0, abs=2e-3)
+    mc, ss = samples
+    torch.manual_seed(0)
+    net = RadGSRegNet(mc)
+    b = collate(ss)
+    torch.manual_seed(1)
+    off, _, parts0 = net.reconstruction_loss(b, counterfactual=False)
+    torch.manual_seed(1)
+    on, _, parts = net.reconstruction_loss(b, counterfactual=False, lambda_centroid=2.0)
+    assert "centroid" not in parts0 and parts["centroid"] > 0
+    assert float((on - off).detach()) == pytest.approx(2.0 * parts["centroid"], rel=1e-4)
+    on.backward()
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in net.recm.head.parameters())
+    with pytest.raises(ConfigError, match="lambda_centroid"):
+        TrainConfig.from_dict({"lambda_centroid": -1.0})
+
+
 def test_phantom_tops_cover_the_training_levels():
     """Stage-1 phantoms (5 vertebrae) reach the levels trained on: T11/T12/L1 tops for levels
     within T11-L5 (the shipped weights' data), otherwise exactly the tops whose 5 vertebrae

@@ -194,14 +194,14 @@ def _regm_on_true_volume(net, truth, res) -> float:
 
 
 def network_from_truth(net, truth, cfg, *, metal_net=None) -> dict:
-    """Where the RadGS-Reg network moves a pose that is already right: its floor on this case.
+    """Where the RadGS-Reg network moves a pose that is already right (how far it strays from the truth on this case).
 
     The network runs from the true pose (``truth.ground_truth``) on the X-rays as the pipeline
     prepares them for ``cfg`` (a :class:`~RadGSRegLib.register.RegisterConfig`: its target,
     and its metal mask when ``cfg.metal.mode`` masks, with ``metal_net`` if loaded), once with
     RecM's reconstruction and once with RegM fed the true vertebra volume on that grid. A
-    network whose pose error from the truth is large cannot bring a search result below it,
-    and the gap between the two says how much of that floor is RecM's.
+    network that moves a right pose far is not one to trust near the truth, and the gap
+    between the two says how much of that is RecM's.
 
     Returns ``{"from_truth_mtre_mm", "from_truth_true_volume_mtre_mm"}`` (mTRE, mm).
     """

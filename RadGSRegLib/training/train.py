@@ -339,7 +339,8 @@ def _phase_batch_seconds(net: RadGSRegNet, samples: list, cfg: TrainConfig, devi
                     loss, _, _ = probe.registration_loss(b, rec, lambda_geo=cfg.lambda_geo, lambda_flow=cfg.lambda_flow)
                 else:
                     loss, rec, _ = probe.reconstruction_loss(b, lambda_ssim=cfg.lambda_ssim, lambda_tv=cfg.lambda_tv,
-                                                             lambda_volume=cfg.lambda_volume)
+                                                             lambda_volume=cfg.lambda_volume,
+                                                             lambda_centroid=cfg.lambda_centroid)
                     lreg, _, _ = probe.registration_loss(b, rec, lambda_geo=cfg.lambda_geo,
                                                          lambda_flow=cfg.lambda_flow)
                     loss = loss + lreg
@@ -676,7 +677,8 @@ def train(cfg: TrainConfig, *, log=print, progress: bool = True) -> Path:
                 parts = {}
                 if phase in ("rec", "joint"):
                     lrec, rec, pr = net.reconstruction_loss(b, lambda_ssim=cfg.lambda_ssim, lambda_tv=cfg.lambda_tv,
-                                                            lambda_volume=cfg.lambda_volume)
+                                                            lambda_volume=cfg.lambda_volume,
+                                                            lambda_centroid=cfg.lambda_centroid)
                     parts.update({f"rec_{k}": v for k, v in pr.items()})
                     loss = lrec
                     if phase == "joint":
