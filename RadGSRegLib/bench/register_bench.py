@@ -194,7 +194,7 @@ def _regm_on_true_volume(net, truth, res) -> float:
 
 
 def network_from_truth(net, truth, cfg, *, metal_net=None) -> dict:
-    """Where the RadGS-Reg network moves a pose that is already right (how far it strays from the truth on this case).
+    """How far the RadGS-Reg network moves a pose that is already right, on one case.
 
     The network runs from the true pose (``truth.ground_truth``) on the X-rays as the pipeline
     prepares them for ``cfg`` (a :class:`~RadGSRegLib.register.RegisterConfig`: its target,

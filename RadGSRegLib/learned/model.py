@@ -25,8 +25,8 @@ from .config import ModelConfig
 from .recm import GaussianSet, RecM
 from .regm import VOLUME_SCALE, FlowRegM, grid_offsets, make_regm, pose_loss, support, true_flow
 
-__all__ = ["RadGSRegNet", "FORMAT", "centroid_distance", "render_windows", "render_windows_many", "voxelize_set", "voxelize_sets",
-           "trained_levels", "level_names", "load_plain", "UnsafeFileError", "WeightFileError", "plain", "read_weight_file", "write_weight_file"]
+__all__ = ["RadGSRegNet", "FORMAT", "render_windows", "render_windows_many", "voxelize_set", "voxelize_sets",
+           "centroid_distance", "trained_levels", "level_names", "load_plain", "UnsafeFileError", "WeightFileError", "plain", "read_weight_file", "write_weight_file"]
 
 FORMAT = "radgsreg-model/1"
 
