@@ -148,7 +148,8 @@ def _bench(suites, methods, *, json_path, limit, model, overwrite, log, threads,
                 row = case_row(truth, res, d.name)
                 row["wall_s"] = wall
                 if "learned" in row and res.recon is not None:
-                    row["learned"]["true_volume_mtre_mm"] = _regm_on_true_volume(net, truth, res)
+                    row["learned"]["true_volume_mtre_mm"] = _regm_on_true_volume(
+                        net, truth, np.asarray(res.info["learned"]["T_input"], dtype=float), res.recon)
                     if floor is None:
                         floor = network_from_truth(net, truth, RegisterConfig.from_dict(kw), metal_net=metal_net)
                     row["learned"].update(floor)
@@ -178,19 +179,18 @@ def _bench(suites, methods, *, json_path, limit, model, overwrite, log, threads,
     return result
 
 
-def _regm_on_true_volume(net, truth, res) -> float:
-    """mTRE (mm) of RegM's pose from the network's input pose when fed the true vertebra
-    volume on its grid instead of RecM's reconstruction (:func:`~RadGSRegLib.learned.infer.register_volume`):
-    what RegM does with a perfect reconstruction, so the network's error splits into RecM's
-    and RegM's share."""
+def _regm_on_true_volume(net, truth, T_in: np.ndarray, recon, *, region=None, device="cpu") -> float:
+    """mTRE (mm) of RegM's pose from ``T_in`` (4, 4) when fed the true vertebra volume on the
+    grid of ``recon`` (the network's reconstruction from ``T_in``) instead of it
+    (:func:`~RadGSRegLib.learned.infer.register_volume`): what RegM does with a perfect
+    reconstruction, so the network's error splits into RecM's and RegM's share."""
     from ..learned.infer import register_volume
     from ..metrics import truth_errors
     from ..region import ground_truth_volume
 
-    T_in = np.asarray(res.info["learned"]["T_input"], dtype=float)
-    gt = ground_truth_volume(truth.ct, truth.seg, truth.vertebra_label, truth.ground_truth, res.recon.array.shape,
-                             res.recon.affine)
-    return truth_errors(truth, register_volume(net, truth, T_in, gt))["mtre_mm"]
+    gt = ground_truth_volume(truth.ct, truth.seg, truth.vertebra_label, truth.ground_truth, recon.array.shape,
+                             recon.affine)
+    return truth_errors(truth, register_volume(net, truth, T_in, gt, device=device, region=region))["mtre_mm"]
 
 
 def network_from_truth(net, truth, cfg, *, metal_net=None) -> dict:
@@ -205,9 +205,8 @@ def network_from_truth(net, truth, cfg, *, metal_net=None) -> dict:
 
     Returns ``{"from_truth_mtre_mm", "from_truth_true_volume_mtre_mm"}`` (mTRE, mm).
     """
-    from ..learned.infer import predict, register_volume
+    from ..learned.infer import predict
     from ..metrics import truth_errors
-    from ..region import ground_truth_volume
     from ..register.pipeline import mask_metal, network_inputs
     from ..register.target import make_target
 
@@ -217,10 +216,9 @@ def network_from_truth(net, truth, cfg, *, metal_net=None) -> dict:
     mask_metal(tgt, cfg.metal, net=metal_net)
     images, valid = network_inputs(tgt, net.cfg.image_pixels)
     pred = predict(net, case, G, images=images, valid=valid, device=cfg.device)
-    gt = ground_truth_volume(truth.ct, truth.seg, truth.vertebra_label, G, pred.recon.array.shape, pred.recon.affine)
-    T_gt = register_volume(net, case, G, gt, device=cfg.device, region=pred.region)
     return {"from_truth_mtre_mm": truth_errors(truth, pred.T_ct_to_carm)["mtre_mm"],
-            "from_truth_true_volume_mtre_mm": truth_errors(truth, T_gt)["mtre_mm"]}
+            "from_truth_true_volume_mtre_mm": _regm_on_true_volume(net, truth, G, pred.recon, region=pred.region,
+                                                                   device=cfg.device)}
 
 
 def rt_ratios(rows: dict[str, list[dict]]) -> dict:
