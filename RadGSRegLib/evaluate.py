@@ -146,7 +146,13 @@ def learned_summary(rows: list[dict]) -> dict:
     (RegM fed the true volume, ``radgsreg bench register``) its mean / median / SR too, and so
     for ``from_truth_mtre_mm`` and ``from_truth_true_volume_mtre_mm`` (the network started at
     the true pose, with RecM's reconstruction / the true volume:
-    :func:`~RadGSRegLib.bench.register_bench.network_from_truth`)."""
+    :func:`~RadGSRegLib.bench.register_bench.network_from_truth`), ``from_random_mtre_mm`` and
+    ``from_random_input_mtre_mm`` (the network from a random pose about the truth, and that
+    pose: :func:`~RadGSRegLib.bench.register_bench.network_from_random`), with the
+    reconstruction's placement there (``from_random_follow``,
+    ``from_random_offset_error_median_mm``, ``from_random_follow_n``:
+    :func:`~RadGSRegLib.metrics.localization` of the rows' ``from_random_true_offset_mm`` /
+    ``from_random_recon_offset_mm``)."""
     a = np.array([r["input_mtre_mm"] for r in rows], dtype=float)
     b = np.array([r["network_mtre_mm"] for r in rows], dtype=float)
     kept = np.array([r["kept"] == "network" for r in rows])
@@ -155,11 +161,16 @@ def learned_summary(rows: list[dict]) -> dict:
            "network_mtre_median": float(np.median(b)), "network_sr_pct": 100 * success_rate(b),
            "network_better": int((b < a).sum()), "kept_network": int(kept.sum()),
            "kept_better": int((kept & (b < a)).sum()), "kept_worse": int((kept & (b > a)).sum())}
-    for key in ("true_volume", "from_truth", "from_truth_true_volume"):
+    for key in ("true_volume", "from_truth", "from_truth_true_volume", "from_random", "from_random_input"):
         if rows and all(f"{key}_mtre_mm" in r for r in rows):
             c = np.array([r[f"{key}_mtre_mm"] for r in rows], dtype=float)
             out.update({f"{key}_mtre_mean": float(c.mean()), f"{key}_mtre_median": float(np.median(c)),
                         f"{key}_sr_pct": 100 * success_rate(c)})
+    if rows and all("from_random_true_offset_mm" in r for r in rows):
+        loc = localization([r["from_random_true_offset_mm"] for r in rows],
+                           [r["from_random_recon_offset_mm"] for r in rows])
+        out.update({"from_random_follow": loc["follow"], "from_random_offset_error_median_mm":
+                    loc["offset_error_median_mm"], "from_random_follow_n": loc["n"]})
     return out
 
 
@@ -220,7 +231,12 @@ def format_table(per_suite: dict[str, dict[str, dict]]) -> list[str]:
                        f"{g['from_truth_mtre_median']:.2f} mm (SR {g['from_truth_sr_pct']:.0f} %), fed the true "
                        f"volume there {g['from_truth_true_volume_mtre_mean']:.2f} / "
                        f"{g['from_truth_true_volume_mtre_median']:.2f} mm"
-                       if "from_truth_mtre_mean" in g and "from_truth_true_volume_mtre_mean" in g else ""))
+                       if "from_truth_mtre_mean" in g and "from_truth_true_volume_mtre_mean" in g else "")
+                    + (f"; from random poses about the truth ({g['from_random_input_mtre_mean']:.2f} / "
+                       f"{g['from_random_input_mtre_median']:.2f} mm) it reaches {g['from_random_mtre_mean']:.2f} / "
+                       f"{g['from_random_mtre_median']:.2f} mm, its reconstruction following the vertebra by "
+                       f"{g['from_random_follow']:.2f} ({g['from_random_offset_error_median_mm']:.2f} mm apart)"
+                       if "from_random_mtre_mean" in g and "from_random_follow" in g else ""))
     for sname, per in per_suite.items():
         for m, s in per.items():
             prof = s.get("profile") or {}

@@ -490,7 +490,7 @@ def test_sharded_samples_depend_on_the_shards_not_on_the_processes(small_phantom
                                   "stage1_cpu_reg5", "stage1_cpu_flow", "stage1_cpu_thoracic",
                                   "stage1_cpu_thoracic_reg5", "stage1_cpu_thoracic_wide",
                                   "stage1_cpu_thoracic_wide_reg5", "stage1_cpu_all", "stage1_cpu_all_reg5",
-                                  "stage1_cpu_fine", "stage1_cpu_fine_reg5"])
+                                  "stage1_cpu_fine", "stage1_cpu_fine_reg5", "stage1_cpu_locate"])
 def test_shipped_configs_load_and_build(name):
     """Every config in Resources/Models/configs is valid (no unknown key, consistent stage)
     and builds its network; the paper's uses its backbone and Eq. 3 weight. The RegM-only
@@ -517,6 +517,8 @@ def test_shipped_configs_load_and_build(name):
     if name == "stage3_cpu":                   # issue #19: stage 3 within 10 min, its RecM epochs planned to fit
         assert cfg.time_budget_s is not None and cfg.time_budget_s <= 600 and cfg.rec_epochs > 2
         assert cfg.ct_spacing_mm == 2.0             # a 1 mm CT simulated at 2 mm: 9.9 min instead of 17 (card)
+    if name == "stage1_cpu_locate":            # the shipped weights plus RecM's locator (the model card's try)
+        assert cfg.add_locator and cfg.init == "default" and (cfg.rec_epochs, cfg.reg_epochs) == (4, 4)
     if name.startswith("stage1_cpu_fine"):     # the all-levels runs on a 64 mm cube: 2 mm voxels, same count
         assert (cfg.model.roi_mm, cfg.model.voxels, cfg.model.voxel_mm) == (64.0, 32, 2.0)
     from dataclasses import replace
@@ -705,7 +707,8 @@ def test_bench_scores_the_network_started_at_the_truth(tmp_path, small_phantom):
     floor: :func:`network_from_truth`), with RecM's reconstruction and with the true volume:
     a RegM that moves nothing stays at the truth (0 mm, whatever the search found), a RegM
     that moves the pose leaves it by what ``register_volume`` from the truth says; the
-    summary and the table carry both."""
+    summary and the table carry both. So does the network from a random pose about the truth
+    (``network_from_random``): the drawn pose, the network's pose and placement from it."""
     from dataclasses import replace
 
     from RadGSRegLib.bench.register_bench import network_from_truth, run_register_bench
@@ -738,6 +741,12 @@ def test_bench_scores_the_network_started_at_the_truth(tmp_path, small_phantom):
     case_row = out["suites"]["suite"]["learned"]["cases"][0]                 # the reconstruction's placement
     assert len(case_row["true_offset_mm"]) == len(case_row["recon_offset_mm"]) == 3
     assert out["suites"]["suite"]["learned"]["summary"]["recon_follow_n"] == 1
+    # from a random pose about the truth (network_from_random): a RegM that moves nothing keeps it
+    assert row["from_random_input_mtre_mm"] > 0.1
+    assert row["from_random_mtre_mm"] == pytest.approx(row["from_random_input_mtre_mm"], abs=1e-3)
+    assert len(row["from_random_true_offset_mm"]) == len(row["from_random_recon_offset_mm"]) == 3
+    assert np.linalg.norm(row["from_random_true_offset_mm"]) > 0.5       # the vertebra is off the grid's centre
+    assert g["from_random_follow_n"] == 1 and np.isfinite(g["from_random_follow"])
 
     moving = RadGSRegNet(ModelConfig(**{**TINY, "regm": "flow"}))
     with torch.no_grad():                                                  # a RegM that moves the pose
@@ -755,9 +764,25 @@ def test_bench_scores_the_network_started_at_the_truth(tmp_path, small_phantom):
         truth_errors(case, register_volume(moving, seen, G, gt))["mtre_mm"], rel=1e-6)
     assert got["from_truth_mtre_mm"] > 0.05 and got["from_truth_true_volume_mtre_mm"] > 0.05
     assert got["from_truth_mtre_mm"] != pytest.approx(got["from_truth_true_volume_mtre_mm"])
+    # network_from_random: the pose perturb_pose draws from that generator, the network's pose from it
+    from RadGSRegLib.bench.register_bench import RANDOM_START, network_from_random
+    from RadGSRegLib.learned.infer import _region
+    from RadGSRegLib.metrics import mass_offset
+    from RadGSRegLib.training.data import perturb_pose
+
+    rnd = network_from_random(moving, case, cfg, np.random.default_rng(3))
+    T_in, _ = perturb_pose(G, _region(moving, seen).centroid, np.random.default_rng(3), **RANDOM_START)
+    pred = predict(moving, seen, T_in, images=images, valid=valid)
+    assert rnd["from_random_input_mtre_mm"] == pytest.approx(truth_errors(case, T_in)["mtre_mm"], rel=1e-9)
+    assert rnd["from_random_mtre_mm"] == pytest.approx(truth_errors(case, pred.T_ct_to_carm)["mtre_mm"], rel=1e-6)
+    assert rnd["from_random_recon_offset_mm"] == pytest.approx(
+        mass_offset(pred.recon.array, pred.recon.affine).tolist(), abs=1e-6)
+    assert rnd["from_random_mtre_mm"] != pytest.approx(rnd["from_random_input_mtre_mm"], abs=1e-3)
     line = [t for t in format_table({"suite": {"learned": out["suites"]["suite"]["learned"]["summary"]}})
             if t.startswith("RadGS-Reg network")]
     assert len(line) == 1 and "started at the true pose it moves to 0.00 / 0.00 mm (SR 100 %)" in line[0]
+    r = row["from_random_input_mtre_mm"]
+    assert f"from random poses about the truth ({r:.2f} / {r:.2f} mm) it reaches {r:.2f} / {r:.2f} mm" in line[0]
 
 
 def test_reconstruction_placement_follows_the_vertebra_or_not():
@@ -798,13 +823,16 @@ def test_validation_says_whether_the_reconstruction_follows_the_vertebra(samples
     whatever the X-rays show (a blob there)."""
     from RadGSRegLib.training.train import evaluate_samples
 
+    from types import SimpleNamespace
+
     mc, ss = samples
     net = RadGSRegNet(mc)
     gts = torch.stack([s["gt_volume"] for s in ss])[:, None]
+    unlocated = lambda n: [SimpleNamespace(shift=None)] * n        # noqa: E731  (Gaussians without a locator)
 
     def true_volume(images, proj, centre):
         idx = [next(i for i, s in enumerate(ss) if torch.equal(s["centre"], c)) for c in centre]
-        return None, gts[idx]
+        return unlocated(len(centre)), gts[idx]
 
     monkeypatch.setattr(net, "reconstruct", true_volume)
     val = evaluate_samples(net, ss)
@@ -812,7 +840,8 @@ def test_validation_says_whether_the_reconstruction_follows_the_vertebra(samples
     V = mc.voxels
     blob = torch.zeros((V, V, V))
     blob[V // 2 - 2:V // 2 + 2, V // 2 - 2:V // 2 + 2, V // 2 - 2:V // 2 + 2] = 0.04     # centred: offset 0
-    monkeypatch.setattr(net, "reconstruct", lambda images, proj, centre: (None, blob.expand(len(centre), 1, V, V, V)))
+    monkeypatch.setattr(net, "reconstruct", lambda images, proj, centre: (unlocated(len(centre)),
+                                                                 blob.expand(len(centre), 1, V, V, V)))
     val = evaluate_samples(net, ss)
     assert abs(val["recon_follow"]) < 1e-6 and val["recon_offset_error_median_mm"] > 2.0
 
@@ -1100,3 +1129,93 @@ def test_time_budget_plans_the_recm_epochs_and_a_resumed_run_keeps_the_plan(tmp_
         TrainConfig(time_budget_s=0)
     with pytest.raises(ConfigError, match="time_budget_s plans the RecM epochs, and rec_epochs is 0"):
         TrainConfig(time_budget_s=60, rec_epochs=0, init="w.pt")
+
+
+def test_locator_starts_as_its_network_finds_the_offset_and_is_scored(samples):
+    """RecM's locator (``model.locate``): a new one (last layer 0) leaves the network's
+    Gaussians exactly as without it, shift 0; its loss part is the distance to the true offset
+    (``true_offset``: where G puts the vertebra minus the cube centre) in 10 mm, with a
+    gradient into the locator; 100 steps of RecM on three samples bring its shift within
+    half the offset of the truth; the re-centred cube moves the Gaussians with the shift;
+    validation reports its error."""
+    from dataclasses import replace
+
+    from RadGSRegLib.learned.model import true_offset
+    from RadGSRegLib.training.train import evaluate_samples
+
+    mc, ss = samples
+    b = collate(ss)
+    torch.manual_seed(0)
+    plain_net = RadGSRegNet(mc).eval()
+    net = RadGSRegNet(replace(mc, locate=True)).eval()
+    net.load_state_dict({**net.state_dict(), **plain_net.state_dict()})
+    g0, _ = plain_net.reconstruct(b["images"], b["proj"], b["centre"])
+    g1, _ = net.reconstruct(b["images"], b["proj"], b["centre"])
+    assert g0[0].shift is None and torch.equal(g1[0].shift, torch.zeros(3))
+    for a, c in zip(g0, g1):
+        assert torch.allclose(a.position, c.position, atol=1e-5) and torch.allclose(a.density, c.density, atol=1e-6)
+    want = true_offset(b)                                 # the sample's T_in error at the vertebra, C-arm mm
+    G, T_in = b["G"].double(), b["T_in"].double()
+    c = b["centroid"].double()
+    at = lambda T: torch.einsum("bij,bj->bi", T[:, :3, :3], c) + T[:, :3, 3]  # noqa: E731
+    assert torch.allclose(want.double(), at(G) - at(T_in), atol=1e-3) and float(want.norm(dim=-1).min()) > 1.0
+    net.train()
+    torch.manual_seed(1)
+    loss, _, parts = net.reconstruction_loss(b, counterfactual=False, lambda_locate=1.0)
+    assert parts["locate"] == pytest.approx(float(want.norm(dim=-1).mean()) / 10.0, rel=1e-4)
+    torch.manual_seed(1)
+    loss0, _, _ = net.reconstruction_loss(b, counterfactual=False, lambda_locate=0.0)
+    assert float((loss - loss0).detach()) == pytest.approx(parts["locate"], rel=1e-4)
+    loss.backward()
+    assert net.recm.locator[-1].weight.grad.abs().sum() > 0
+    net.eval()                                            # the encoder's batch norm as at inference
+    opt = torch.optim.Adam(net.recm.parameters(), lr=1e-2)
+    for _ in range(100):
+        opt.zero_grad()
+        _, _, shift = net.recm.locate(b["images"], b["proj"], b["centre"])
+        err = (shift - want).norm(dim=-1).mean()
+        err.backward()
+        opt.step()
+    g2, _ = net.reconstruct(b["images"], b["proj"], b["centre"])
+    shift = torch.stack([g.shift for g in g2]).detach()
+    assert float((shift - want).norm(dim=-1).mean()) < 0.5 * float(want.norm(dim=-1).mean())
+    # the cube the Gaussians are drawn in is re-centred by the shift: their mean moves with it
+    move = torch.stack([g2[k].position.mean(0) - g1[k].position.mean(0) for k in range(len(g2))]).detach()
+    assert float(torch.nn.functional.cosine_similarity(move, shift, dim=-1).min()) > 0.5
+    val = evaluate_samples(net, ss)
+    assert val["locate_error_median_mm"] == pytest.approx(float((shift - want).norm(dim=-1).median()), rel=1e-3)
+    assert "locate_error_median_mm" not in evaluate_samples(plain_net, ss)
+
+
+def test_add_locator_starts_from_init_exactly(tmp_path):
+    """``add_locator``: init's weights plus a new locator that starts at shift 0, trained by a
+    RecM epoch and written with ``locate`` on; refused without init, and for weights that have
+    one already (naming the field)."""
+    from dataclasses import replace
+
+    from RadGSRegLib.training.train import check_run, train
+
+    torch.manual_seed(7)
+    RadGSRegNet(ModelConfig(**TINY)).save(tmp_path / "w.pt")
+    before = RadGSRegNet.load(tmp_path / "w.pt")
+    cfg = TrainConfig(out=str(tmp_path / "loc"), init=str(tmp_path / "w.pt"), add_locator=True, phantoms=1,
+                      phantom_spacing_mm=4.0, samples_per_ct=2, val_samples=1, levels=["L3"], rec_epochs=1,
+                      reg_epochs=0, joint_epochs=0, batch=2)
+    run = check_run(cfg, log=lambda *_: None)
+    assert run.net.cfg.locate and run.cfg.model.locate
+    state = run.net.state_dict()
+    for k, v in before.state_dict().items():
+        assert torch.equal(state[k], v), k
+    assert not run.net.recm.locator[-1].weight.any()
+    after = RadGSRegNet.load(train(cfg, progress=False))
+    assert after.cfg.locate and after.recm.locator[-1].weight.abs().max() > 0
+    rows = [json.loads(x) for x in (tmp_path / "loc" / "log.jsonl").read_text().splitlines()]
+    assert rows[-1]["rec_locate"] > 0 and "val_locate_error_median_mm" in rows[-1]
+    with pytest.raises(ConfigError, match="add_locator"):
+        TrainConfig(add_locator=True)
+    RadGSRegNet(replace(ModelConfig(**TINY), locate=True)).save(tmp_path / "has.pt")
+    with pytest.raises(ConfigError, match="add_locator.*has a locator already"):
+        check_run(TrainConfig(**{**cfg.to_dict(), "init": str(tmp_path / "has.pt"), "out": str(tmp_path / "x")}),
+                  log=lambda *_: None)
+    with pytest.raises(ConfigError, match="lambda_locate"):
+        TrainConfig(lambda_locate=-1.0)

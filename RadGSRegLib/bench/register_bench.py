@@ -26,7 +26,8 @@ import numpy as np
 from ..evaluate import case_dirs, case_row, format_table, summarize
 from ..io import read_case
 
-__all__ = ["METHODS", "PEERS", "run_register_bench", "rt_ratios", "format_ratios", "network_from_truth"]
+__all__ = ["METHODS", "PEERS", "run_register_bench", "rt_ratios", "format_ratios", "network_from_truth",
+           "network_from_random", "RANDOM_START"]
 
 #: method name -> (RegisterConfig fields (JSON form), what it is). The restarts of a doubtful
 #: result (``refine2d.restart_deg``) belong to every method of ours with the 2-D/3-D
@@ -152,6 +153,8 @@ def _bench(suites, methods, *, json_path, limit, model, overwrite, log, threads,
                         net, truth, np.asarray(res.info["learned"]["T_input"], dtype=float), res.recon)
                     if floor is None:
                         floor = network_from_truth(net, truth, RegisterConfig.from_dict(kw), metal_net=metal_net)
+                        floor.update(network_from_random(net, truth, RegisterConfig.from_dict(kw),
+                                                         np.random.default_rng([21, i]), metal_net=metal_net))
                     row["learned"].update(floor)
                 rows[m].append(row)
                 ncc = row.get("final_ncc_views") or {}
@@ -193,6 +196,19 @@ def _regm_on_true_volume(net, truth, T_in: np.ndarray, recon, *, region=None, de
     return truth_errors(truth, register_volume(net, truth, T_in, gt, device=device, region=region))["mtre_mm"]
 
 
+def _network_view(net, truth, cfg, metal_net):
+    """The case as the methods see it (no ground truth) and its X-rays prepared for the
+    network exactly as the pipeline prepares them for ``cfg`` (target, metal mask)."""
+    from ..register.pipeline import mask_metal, network_inputs
+    from ..register.target import make_target
+
+    case = replace(truth, ground_truth=None)
+    tgt = make_target(case, slab_mm=cfg.slab_mm, coarse_mm=cfg.coarse_mm)
+    mask_metal(tgt, cfg.metal, net=metal_net)
+    images, valid = network_inputs(tgt, net.cfg.image_pixels)
+    return case, images, valid
+
+
 def network_from_truth(net, truth, cfg, *, metal_net=None) -> dict:
     """How far the RadGS-Reg network moves a pose that is already right, on one case.
 
@@ -207,18 +223,51 @@ def network_from_truth(net, truth, cfg, *, metal_net=None) -> dict:
     """
     from ..learned.infer import predict
     from ..metrics import truth_errors
-    from ..register.pipeline import mask_metal, network_inputs
-    from ..register.target import make_target
 
     G = np.asarray(truth.ground_truth, dtype=float)
-    case = replace(truth, ground_truth=None)
-    tgt = make_target(case, slab_mm=cfg.slab_mm, coarse_mm=cfg.coarse_mm)
-    mask_metal(tgt, cfg.metal, net=metal_net)
-    images, valid = network_inputs(tgt, net.cfg.image_pixels)
+    case, images, valid = _network_view(net, truth, cfg, metal_net)
     pred = predict(net, case, G, images=images, valid=valid, device=cfg.device)
     return {"from_truth_mtre_mm": truth_errors(truth, pred.T_ct_to_carm)["mtre_mm"],
             "from_truth_true_volume_mtre_mm": _regm_on_true_volume(net, truth, G, pred.recon, region=pred.region,
                                                                    device=cfg.device)}
+
+
+#: the random input poses of :func:`network_from_random`: uniform per axis about the vertebra
+#: (the training's ``perturb_pose``), the size of the pose search's errors on the real suite
+RANDOM_START = {"rot_deg": 5.0, "trans_mm": 5.0}
+
+
+def network_from_random(net, truth, cfg, rng: np.random.Generator, *, metal_net=None) -> dict:
+    """The RadGS-Reg network on one case from a random input pose about the truth
+    (:data:`RANDOM_START`, drawn from ``rng``), instead of the pose search's.
+
+    The search's remaining error is not random: it lies where the X-rays match the CT's DRRs
+    about as well as at the truth. From a random pose of the same size the network shows
+    what it does where the X-rays do show the error: if its reconstruction follows the
+    vertebra from random poses and not from the search's, the search's errors are ones the
+    X-rays hide; if from neither, RecM does not see the vertebra in these X-rays (e.g.
+    anatomy unlike its training's). Inputs prepared as in :func:`network_from_truth`.
+
+    Returns ``{"from_random_input_mtre_mm", "from_random_mtre_mm"}`` (mm) and, for
+    :func:`~RadGSRegLib.metrics.localization`, ``from_random_true_offset_mm`` /
+    ``from_random_recon_offset_mm`` ((3,) mm: :func:`~RadGSRegLib.metrics.mass_offset` of the
+    true volume and of the reconstruction on the reconstruction's grid).
+    """
+    from ..learned.infer import predict
+    from ..metrics import mass_offset, truth_errors
+    from ..region import VertebraRegion, ground_truth_volume
+    from ..training.data import perturb_pose
+
+    G = np.asarray(truth.ground_truth, dtype=float)
+    case, images, valid = _network_view(net, truth, cfg, metal_net)
+    vr = VertebraRegion.of(case.ct, case.seg, case.vertebra_label, side_mm=net.cfg.roi_mm, voxel_mm=net.cfg.voxel_mm)
+    T_in, _ = perturb_pose(G, vr.centroid, rng, **RANDOM_START)
+    pred = predict(net, case, T_in, images=images, valid=valid, device=cfg.device, region=vr)
+    gt = ground_truth_volume(truth.ct, truth.seg, truth.vertebra_label, G, pred.recon.array.shape, pred.recon.affine)
+    return {"from_random_input_mtre_mm": truth_errors(truth, T_in)["mtre_mm"],
+            "from_random_mtre_mm": truth_errors(truth, pred.T_ct_to_carm)["mtre_mm"],
+            "from_random_true_offset_mm": mass_offset(gt.array, gt.affine).tolist(),
+            "from_random_recon_offset_mm": mass_offset(pred.recon.array, pred.recon.affine).tolist()}
 
 
 def rt_ratios(rows: dict[str, list[dict]]) -> dict:

@@ -43,6 +43,9 @@ class ModelConfig:
         regm: RegM's kind (:mod:`~RadGSRegLib.learned.regm`): "resnet" (the paper's pose
             regressor) or "flow" (per-voxel correspondences and a rigid fit).
         regm_channels: widths of RegM's 3-D ResNet stages ("resnet") or U-Net levels ("flow").
+        locate: RecM finds the vertebra in the X-rays and draws it there, not at its cube's
+            centre (:class:`~RadGSRegLib.learned.recm.RecM`, step 5; ours, off in the paper's
+            network and in weight files written before it).
     """
 
     backbone: str = "small"
@@ -59,6 +62,7 @@ class ModelConfig:
     render_pixels: int = 64
     regm: str = "resnet"
     regm_channels: tuple[int, int, int, int] = (16, 32, 64, 128)
+    locate: bool = False
 
     def __post_init__(self):
         check(self)

@@ -26,7 +26,7 @@ from .recm import GaussianSet, RecM
 from .regm import VOLUME_SCALE, FlowRegM, grid_offsets, make_regm, pose_loss, support, true_flow
 
 __all__ = ["RadGSRegNet", "FORMAT", "render_windows", "render_windows_many", "voxelize_set", "voxelize_sets",
-           "centroid_distance", "trained_levels", "level_names", "load_plain", "UnsafeFileError", "WeightFileError", "plain", "read_weight_file", "write_weight_file"]
+           "centroid_distance", "true_offset", "trained_levels", "level_names", "load_plain", "UnsafeFileError", "WeightFileError", "plain", "read_weight_file", "write_weight_file"]
 
 FORMAT = "radgsreg-model/1"
 
@@ -210,6 +210,14 @@ def centroid_distance(volume: torch.Tensor, target: torch.Tensor) -> torch.Tenso
     return (d.pow(2).sum() + 1e-6).sqrt()
 
 
+def true_offset(batch: dict) -> torch.Tensor:
+    """(B, 3) C-arm mm: where the true pose ``G`` (B, 4, 4) puts the vertebra's ``centroid``
+    (B, 3; CT mm) relative to the cube's ``centre`` (B, 3; where ``T_in`` puts it): what
+    RecM's locator should find."""
+    G = batch["G"]
+    return torch.einsum("bij,bj->bi", G[:, :3, :3], batch["centroid"]) + G[:, :3, 3] - batch["centre"]
+
+
 class RadGSRegNet(nn.Module):
     """RecM (X-rays -> Gaussians -> volume) and RegM (volume + CT -> pose)."""
 
@@ -237,7 +245,7 @@ class RadGSRegNet(nn.Module):
 
     # ------------------------------------------------------------------ losses
     def reconstruction_loss(self, batch: dict, *, lambda_ssim=0.2, lambda_tv=0.05, lambda_volume=10.0,
-                            lambda_centroid=0.0, counterfactual: bool = True):
+                            lambda_centroid=0.0, lambda_locate=1.0, counterfactual: bool = True):
         """Eq. 2 for a batch: L1 + λ1 SSIM on the rendered windows and λ2 TV on the volume,
         for the effect branch (with CAL) plus the same for the factual branch, plus
         ``lambda_volume`` x the mean squared error against the ground-truth volume
@@ -245,7 +253,9 @@ class RadGSRegNet(nn.Module):
         vertebra fills a tenth of the cube and an L1 term's optimum there collapsed every
         density to zero within 25 steps in our first run), plus ``lambda_centroid`` x the
         distance between the factual volume's and the ground truth's mass centroids
-        (:func:`centroid_distance`, in 10 mm; ours, off at 0).
+        (:func:`centroid_distance`, in 10 mm; ours, off at 0), plus, with a locator
+        (``ModelConfig.locate``), ``lambda_locate`` x the distance between its shift and the
+        vertebra's true offset from the cube centre (:func:`true_offset`; in 10 mm; ours).
 
         Returns:
             (loss, recon (B, 1, V, V, V) factual volumes, parts dict).
@@ -258,6 +268,10 @@ class RadGSRegNet(nn.Module):
         if lambda_centroid:
             parts["centroid"] = 0.0
         B = len(fact)
+        if fact[0].shift is not None:
+            err = (torch.stack([g.shift for g in fact]) - true_offset(batch)).norm(dim=-1).mean() / 10.0
+            total = total + lambda_locate * err
+            parts["locate"] = float(err.detach())
         sets = list(fact) + (list(eff) if eff is not None else [])
         reps = len(sets) // B
         # one rasterizer and one voxelizer pass for the whole batch (factual sets, then effect sets)

@@ -14,6 +14,16 @@
 4. **Gaussian head**: per anchor, ``per_anchor`` Gaussians: position = anchor +
    spacing·tanh(·), scales in ``scale_mm`` (sigmoid), unit quaternion (xyzw), density =
    ``density_scale``·softplus(·). Rendered by the rasterizer, voxelized by the voxelizer.
+5. **Locator** (ours, ``ModelConfig.locate``; not in the paper; off in the shipped
+   weights): an explicit answer to where the vertebra is, where RecM alone draws it near its
+   cube's centre, i.e. where the input pose puts it (on the real CT: model card). With the
+   locator, a first pass of the fusion at the given centre scores every anchor (a small MLP,
+   softmax over the cube); the score-weighted mean anchor is where the X-rays put the
+   vertebra (a soft arg-max, ``shift`` = that minus the centre, trained directly on the true
+   offset). The cube is then re-centred there (the shift detached) and steps 2-4 run as
+   before: the Gaussians are drawn where the vertebra is, and the reconstruction, voxelized
+   on the grid of the *given* centre, shows RegM the input pose's error. Its last layer
+   starts at zero, so a new locator leaves a trained RecM's output unchanged (shift 0).
 """
 from __future__ import annotations
 
@@ -36,13 +46,16 @@ _RAW = 11                    # 3 offset + 3 scale + 4 quaternion + 1 density
 @dataclass
 class GaussianSet:
     """Predicted Gaussians of one sample, activated (C-arm frame): density (N,) 1/mm,
-    position (N, 3) mm, scale (N, 3) mm, quaternion (N, 4) xyzw."""
+    position (N, 3) mm, scale (N, 3) mm, quaternion (N, 4) xyzw; with a locator, ``shift``
+    (3,) mm, its estimate of the vertebra's offset from the cube centre it was given."""
 
     density: torch.Tensor
     position: torch.Tensor
     scale: torch.Tensor
     quaternion: torch.Tensor
     raw_density: torch.Tensor | None = None     # the head's output before softplus (training)
+    shift: torch.Tensor | None = None           # (3,) mm: the locator's estimate of where the vertebra
+    #                                             lies from the given centre (None without a locator)
 
     def tensors(self):
         """(density, position, covariance, precision, whitening) for the rasterizer/voxelizer."""
@@ -65,38 +78,69 @@ class RecM(nn.Module):
         self.fuse = nn.Sequential(nn.Linear(2 * cfg.features + 3, h), nn.ReLU(), nn.Linear(h, h), nn.ReLU())
         self.cal = nn.Sequential(nn.Linear(h, h), nn.ReLU(), nn.Linear(h, h)) if cfg.cal else None
         self.head = nn.Sequential(nn.Linear(h, h), nn.ReLU(), nn.Linear(h, cfg.per_anchor * _RAW))
+        self.locator = nn.Sequential(nn.Linear(h, h), nn.ReLU(), nn.Linear(h, 1)) if cfg.locate else None
         # a learned template per anchor (shape prior); the head predicts each case's departure from it
         self.anchor_bias = nn.Parameter(torch.zeros(a ** 3, cfg.per_anchor * _RAW))
         with torch.no_grad():                      # start as small, sparse-ish, isotropic blobs
             self.head[-1].weight.mul_(0.1)
             self.head[-1].bias.zero_()
             self.head[-1].bias.view(cfg.per_anchor, _RAW)[:, 10] = 0.0
+            if self.locator is not None:           # uniform scores: shift 0 (the anchors are symmetric)
+                self.locator[-1].weight.zero_()
+                self.locator[-1].bias.zero_()
 
     def anchors(self, centre: torch.Tensor) -> torch.Tensor:
         """(B, anchors^3, 3) anchor positions (mm) for ROI centres (B, 3)."""
         return centre[:, None, :] + self.unit_anchors[None] * (self.cfg.roi_mm / 2)
 
     def features(self, images: torch.Tensor, proj: torch.Tensor, centre: torch.Tensor) -> torch.Tensor:
-        """(B, anchors^3, hidden) fused anchor features.
+        """(B, anchors^3, hidden) fused anchor features of the cube centred at ``centre``.
 
         Args:
             images: (B, 2, P, P) normalised X-rays (AP, lateral) at the working size.
             proj: (B, 2, 3, 4) their projection matrices (C-arm mm -> working pixels).
             centre: (B, 3) ROI centres, C-arm mm.
         """
+        return self._fuse(self._encode(images), proj, centre, images.shape[-1])
+
+    def _encode(self, images: torch.Tensor) -> torch.Tensor:
+        """(B, 2, C, h, w) feature maps of the two views."""
         B, V, P, _ = images.shape
         fmap = self.encoder(images.reshape(B * V, 1, P, P))                      # (B V, C, h, w)
+        return fmap.reshape(B, V, *fmap.shape[1:])
+
+    def _fuse(self, fmap: torch.Tensor, proj: torch.Tensor, centre: torch.Tensor, P: int) -> torch.Tensor:
+        B, V = fmap.shape[:2]
         X = self.anchors(centre)                                                 # (B, N, 3)
         Xh = torch.cat([X, torch.ones_like(X[..., :1])], -1)                     # (B, N, 4)
         uvw = torch.einsum("bvij,bnj->bvni", proj, Xh)                           # (B, V, N, 3)
         uv = uvw[..., :2] / uvw[..., 2:3].clamp(min=1e-6)
         grid = (uv + 0.5) / P * 2 - 1                                            # pixel centres -> (-1, 1)
-        f = F.grid_sample(fmap, grid.reshape(B * V, 1, -1, 2), mode="bilinear", padding_mode="zeros",
-                          align_corners=False)                                   # (B V, C, 1, N)
+        f = F.grid_sample(fmap.reshape(B * V, *fmap.shape[2:]), grid.reshape(B * V, 1, -1, 2), mode="bilinear",
+                          padding_mode="zeros", align_corners=False)             # (B V, C, 1, N)
         f = f.reshape(B, V, -1, X.shape[1]).permute(0, 3, 1, 2).reshape(B, X.shape[1], -1)
         return self.fuse(torch.cat([f, self.unit_anchors[None].expand(B, -1, -1)], -1))
 
-    def _activate(self, raw: torch.Tensor, centre: torch.Tensor) -> list[GaussianSet]:
+    def locate(self, images: torch.Tensor, proj: torch.Tensor, centre: torch.Tensor):
+        """Where the X-rays put the vertebra, and the fused features of the cube centred there.
+
+        Args: as :meth:`features`.
+        Returns:
+            (features (B, anchors^3, hidden) at the re-centred cube, its centres (B, 3) C-arm
+            mm, shift (B, 3) mm from ``centre`` (with gradient; the re-centring uses it
+            detached)); without a locator: the cube at ``centre``, shift None.
+        """
+        fmap = self._encode(images)
+        P = images.shape[-1]
+        X = self._fuse(fmap, proj, centre, P)
+        if self.locator is None:
+            return X, centre, None
+        w = torch.softmax(self.locator(X)[..., 0], dim=1)                        # (B, N)
+        shift = torch.einsum("bn,nk->bk", w, self.unit_anchors) * (self.cfg.roi_mm / 2)
+        located = centre + shift.detach()
+        return self._fuse(fmap, proj, located, P), located, shift
+
+    def _activate(self, raw: torch.Tensor, centre: torch.Tensor, shift: torch.Tensor | None = None) -> list[GaussianSet]:
         cfg = self.cfg
         B, N, _ = raw.shape
         raw = (raw + self.anchor_bias).reshape(B, N, cfg.per_anchor, _RAW)
@@ -107,25 +151,27 @@ class RecM(nn.Module):
         quat = F.normalize(raw[..., 6:10] + torch.tensor([0.0, 0.0, 0.0, 1.0], device=raw.device), dim=-1)
         rho = cfg.density_scale * F.softplus(raw[..., 10])
         return [GaussianSet(rho[b].reshape(-1), pos[b].reshape(-1, 3), scale[b].reshape(-1, 3), quat[b].reshape(-1, 4),
-                            raw[b, ..., 10].reshape(-1)) for b in range(B)]
+                            raw[b, ..., 10].reshape(-1), None if shift is None else shift[b]) for b in range(B)]
 
     def forward(self, images, proj, centre, *, counterfactual: bool = False):
         """Predicted Gaussians per sample: ``(factual, effect)``; ``effect`` is None unless
-        ``counterfactual`` (training with CAL)."""
-        X = self.features(images, proj, centre)
+        ``counterfactual`` (training with CAL). ``centre`` (B, 3) C-arm mm: where the input
+        pose puts the vertebra; with a locator the Gaussians are drawn about where it finds it."""
+        X, located, shift = self.locate(images, proj, centre)
         if self.cal is None:
-            return self._activate(self.head(X), centre), None
+            return self._activate(self.head(X), located, shift), None
         A = torch.sigmoid(self.cal(X))
         raw = self.head(X * A)
         effect = None
         if counterfactual:
             A_bar = torch.rand_like(A)                                             # do(A = random)
-            effect = self._activate(raw - self.head(X * A_bar), centre)
-        return self._activate(raw, centre), effect
+            effect = self._activate(raw - self.head(X * A_bar), located, shift)
+        return self._activate(raw, located, shift), effect
 
     def attention(self, images, proj, centre) -> torch.Tensor | None:
-        """(B, anchors^3) mean CAL attention per anchor (None without CAL): where RecM looks."""
+        """(B, anchors^3) mean CAL attention per anchor (None without CAL): where RecM looks
+        (in the cube it draws in: re-centred by the locator where there is one)."""
         if self.cal is None:
             return None
         with torch.no_grad():
-            return torch.sigmoid(self.cal(self.features(images, proj, centre))).mean(-1)
+            return torch.sigmoid(self.cal(self.locate(images, proj, centre)[0])).mean(-1)

@@ -41,6 +41,9 @@ class TrainConfig:
         new_regm: with ``init``: None keeps its RegM; "resnet" or "flow" keeps its RecM and
             starts a new, untrained RegM of that kind
             (:mod:`~RadGSRegLib.learned.regm`; seeded by ``seed``).
+        add_locator: with ``init`` weights that have no locator: add RecM's locator
+            (``model.locate``; :class:`~RadGSRegLib.learned.recm.RecM` step 5), new and
+            starting at a shift of 0, so that the network starts as ``init``'s exactly.
         phantoms / phantom_spacing_mm: stage 1: phantom CTs generated (seeded) and their
             voxel size. Each phantom has 5 vertebrae, its top drawn from T11, T12, L1 when
             ``levels`` lie within T11-L5 (the earlier shipped weights' data), otherwise from the tops
@@ -106,6 +109,9 @@ class TrainConfig:
             0: off): a direct reward for drawing the vertebra where it is in the cube, which
             the volume and projection terms give little of while the reconstruction is blurry
             (the model card's "Where the network's error comes from").
+        lambda_locate: with a locator (``model.locate``), weight of its error (the distance
+            between its shift and the vertebra's true offset from the cube centre, in 10 mm)
+            in the RecM and joint phases' loss (ours).
         lambda_geo: weight of the pose loss in Eq. 3 (the paper's 0.02). Its pose term
             is the geodesic rotation error (rad) plus the translation error of the
             vertebra's centre / 10 mm.
@@ -122,6 +128,7 @@ class TrainConfig:
     init: str | None = None
     model: ModelConfig = field(default_factory=ModelConfig)
     new_regm: str | None = None
+    add_locator: bool = False
     phantoms: int = 24
     phantom_spacing_mm: float = 2.0
     phantom_ribs: bool = False
@@ -152,6 +159,7 @@ class TrainConfig:
     lambda_tv: float = 0.05
     lambda_volume: float = 10.0
     lambda_centroid: float = 0.0
+    lambda_locate: float = 1.0
     lambda_geo: float = 0.02
     lambda_flow: float = 1.0
     threads: int = 1
@@ -170,7 +178,8 @@ class TrainConfig:
         at_least(self, ("samples_per_ct", "batch", "lr_halve_epochs", "threads", "data_shards", "data_workers"), 1,
                  "an integer >= 1")
         at_least(self, ("pose_rot_deg", "pose_trans_mm", "input_rot_deg", "input_trans_mm", "lr_template",
-                         "lambda_ssim", "lambda_tv", "lambda_volume", "lambda_centroid", "lambda_geo", "lambda_flow"), 0,
+                         "lambda_ssim", "lambda_tv", "lambda_volume", "lambda_centroid", "lambda_locate", "lambda_geo",
+                         "lambda_flow"), 0,
                  ">= 0")
         for name in ("phantom_spacing_mm", "lr"):
             if getattr(self, name) <= 0:
@@ -221,6 +230,8 @@ class TrainConfig:
             if not self.init:
                 raise ConfigError("a new RegM needs init (the weights whose RecM it keeps); without init, "
                                   "set model.regm", field="new_regm")
+        if self.add_locator and not self.init:
+            raise ConfigError("adds a locator to init's network; without init, set model.locate", field="add_locator")
         if self.stage in (2, 3) and not self.init:
             raise ConfigError(f"stage {self.stage} fine-tunes earlier weights: give init (e.g. the shipped stage-1 model)")
 

@@ -42,7 +42,8 @@ from ..device import resolve_device
 from ..errors import OutputError
 from ..io.atomic import atomic_file
 from ..io.outputs import check_writable, read_marker, write_marker
-from ..learned.model import RadGSRegNet, UnsafeFileError, level_names, load_plain, plain, trained_levels
+from ..learned.model import (RadGSRegNet, UnsafeFileError, level_names, load_plain, plain, trained_levels,
+                             true_offset)
 from ..region import cube_affine_batch
 from .config import ConfigError, TrainConfig
 from .data import SAMPLE_KEYS, build_samples, collate, perturb_pose
@@ -340,7 +341,8 @@ def _phase_batch_seconds(net: RadGSRegNet, samples: list, cfg: TrainConfig, devi
                 else:
                     loss, rec, _ = probe.reconstruction_loss(b, lambda_ssim=cfg.lambda_ssim, lambda_tv=cfg.lambda_tv,
                                                              lambda_volume=cfg.lambda_volume,
-                                                             lambda_centroid=cfg.lambda_centroid)
+                                                             lambda_centroid=cfg.lambda_centroid,
+                                                             lambda_locate=cfg.lambda_locate)
                     lreg, _, _ = probe.registration_loss(b, rec, lambda_geo=cfg.lambda_geo,
                                                          lambda_flow=cfg.lambda_flow)
                     loss = loss + lreg
@@ -414,6 +416,16 @@ def check_run(cfg: TrainConfig, *, log=print) -> _Run:
             net.recm.load_state_dict(old.recm.state_dict())
             net.card = old.card                 # what the kept RecM was trained on
             log(f"init {cfg.init}: its RecM, and a new untrained {cfg.new_regm} RegM (new_regm)")
+        if cfg.add_locator:                     # init's network, and a new locator that starts at shift 0
+            if net.cfg.locate:
+                raise ConfigError(f"{cfg.init_path()} has a locator already; drop add_locator", field="add_locator")
+            old = net
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(cfg.seed)
+                net = RadGSRegNet(dataclasses.replace(old.cfg, locate=True))
+            net.load_state_dict({**net.state_dict(), **old.state_dict()})   # all but the locator: init's
+            net.card = old.card
+            log(f"init {cfg.init}: its network, and a new locator (add_locator)")
         if net.cfg != cfg.model:
             log(f"init {cfg.init}: the network's settings come from the weights (the config's model settings "
                 "are not used)")
@@ -489,16 +501,19 @@ def evaluate_samples(net: RadGSRegNet, samples: list, *, device="cpu", batch: in
     (``recon_follow``, ``recon_offset_error_median_mm``: :func:`~RadGSRegLib.metrics.localization`;
     1 = where the vertebra is, 0 = at the cube's centre, where ``T_in`` puts it) and RegM's
     mTRE / success rate from ``T_in`` (target points: the vertebra region's voxels), with the
-    input mTRE for comparison."""
+    input mTRE for comparison; with RecM's locator, the median distance between its shift and
+    the vertebra's true offset (``locate_error_median_mm``)."""
     from ..geometry import mtre
     from ..metrics import localization, mass_offset, recon_metrics
 
     net.eval()
-    psnr, ssim, e_in, e_out, off_gt, off_rec = [], [], [], [], [], []
+    psnr, ssim, e_in, e_out, off_gt, off_rec, e_loc = [], [], [], [], [], [], []
     with torch.no_grad():
         for i in range(0, len(samples), batch):
             b = _to(collate(samples[i:i + batch]), device)
-            _, rec = net.reconstruct(b["images"], b["proj"], b["centre"])
+            fact, rec = net.reconstruct(b["images"], b["proj"], b["centre"])
+            if fact[0].shift is not None:
+                e_loc += (torch.stack([g.shift for g in fact]) - true_offset(b)).norm(dim=-1).cpu().tolist()
             T = net.estimate(b, rec)
             grids = cube_affine_batch(b["centre"].cpu(), net.cfg.roi_mm, net.cfg.voxels).numpy().astype(np.float64)
             for k in range(rec.shape[0]):
@@ -518,7 +533,8 @@ def evaluate_samples(net: RadGSRegNet, samples: list, *, device="cpu", batch: in
     return {"psnr_db": float(np.mean(psnr)), "ssim_pct": float(np.mean(ssim)), "recon_follow": loc["follow"],
             "recon_offset_error_median_mm": loc["offset_error_median_mm"], "mtre_in_mm": float(np.mean(e_in)),
             "mtre_mm": float(np.mean(e_out)), "mtre_median_mm": float(np.median(e_out)),
-            "sr_pct": float(100 * np.mean(e_out < 2.0)), "n": len(e_out)}
+            "sr_pct": float(100 * np.mean(e_out < 2.0)), "n": len(e_out),
+            **({"locate_error_median_mm": float(np.median(e_loc))} if e_loc else {})}
 
 
 class _Logger:
@@ -678,7 +694,8 @@ def train(cfg: TrainConfig, *, log=print, progress: bool = True) -> Path:
                 if phase in ("rec", "joint"):
                     lrec, rec, pr = net.reconstruction_loss(b, lambda_ssim=cfg.lambda_ssim, lambda_tv=cfg.lambda_tv,
                                                             lambda_volume=cfg.lambda_volume,
-                                                            lambda_centroid=cfg.lambda_centroid)
+                                                            lambda_centroid=cfg.lambda_centroid,
+                                                            lambda_locate=cfg.lambda_locate)
                     parts.update({f"rec_{k}": v for k, v in pr.items()})
                     loss = lrec
                     if phase == "joint":
@@ -740,7 +757,8 @@ def train(cfg: TrainConfig, *, log=print, progress: bool = True) -> Path:
             log(f"{phase} epoch {ep + 1}/{epochs}: loss {row.get('loss', float('nan')):.4f}; validation "
                 f"PSNR {val.get('psnr_db', float('nan')):.2f} dB, SSIM {val.get('ssim_pct', float('nan')):.1f} %, "
                 f"follow {val.get('recon_follow', float('nan')):.2f}, "
-                f"mTRE {val.get('mtre_in_mm', float('nan')):.1f} -> {val.get('mtre_mm', float('nan')):.2f} mm "
+                + (f"locator {val['locate_error_median_mm']:.1f} mm off, " if "locate_error_median_mm" in val else "")
+                + f"mTRE {val.get('mtre_in_mm', float('nan')):.1f} -> {val.get('mtre_mm', float('nan')):.2f} mm "
                 f"({seconds:.0f} s)")
             par.barrier()
             if ep + 1 >= epochs:                # the time budget's plan ended the RecM phase early
