@@ -1154,6 +1154,15 @@ def test_locator_starts_as_its_network_finds_the_offset_and_is_scored(samples):
     assert g0[0].shift is None and torch.equal(g1[0].shift, torch.zeros(3))
     for a, c in zip(g0, g1):
         assert torch.allclose(a.position, c.position, atol=1e-5) and torch.allclose(a.density, c.density, atol=1e-6)
+    ten = replace(mc, anchors=10)                         # the shipped anchor count: still exactly 0
+    plain10 = RadGSRegNet(ten).eval()
+    net10 = RadGSRegNet(replace(ten, locate=True)).eval()
+    net10.load_state_dict({**net10.state_dict(), **plain10.state_dict()})
+    with torch.no_grad():
+        p10, _ = plain10.recm(b["images"], b["proj"], b["centre"])
+        l10, _ = net10.recm(b["images"], b["proj"], b["centre"])
+    assert all(torch.equal(g.shift, torch.zeros(3)) for g in l10)
+    assert all(torch.equal(a.position, c.position) for a, c in zip(p10, l10))
     want = true_offset(b)                                 # the sample's T_in error at the vertebra, C-arm mm
     G, T_in = b["G"].double(), b["T_in"].double()
     c = b["centroid"].double()

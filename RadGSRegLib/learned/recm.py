@@ -136,7 +136,9 @@ class RecM(nn.Module):
         if self.locator is None:
             return X, centre, None
         w = torch.softmax(self.locator(X)[..., 0], dim=1)                        # (B, N)
-        shift = torch.einsum("bn,nk->bk", w, self.unit_anchors) * (self.cfg.roi_mm / 2)
+        # the weights' departure from uniform: uniform scores give exactly 0 (in float32, the
+        # anchors' own mean is not), the same gradient
+        shift = torch.einsum("bn,nk->bk", w - 1.0 / w.shape[1], self.unit_anchors) * (self.cfg.roi_mm / 2)
         located = centre + shift.detach()
         return self._fuse(fmap, proj, located, P), located, shift
 
