@@ -766,12 +766,12 @@ def test_bench_scores_the_network_started_at_the_truth(tmp_path, small_phantom):
     assert got["from_truth_mtre_mm"] != pytest.approx(got["from_truth_true_volume_mtre_mm"])
     # network_from_random: the pose perturb_pose draws from that generator, the network's pose from it
     from RadGSRegLib.bench.register_bench import RANDOM_START, network_from_random
-    from RadGSRegLib.learned.infer import _region
+    from RadGSRegLib.learned.infer import network_region
     from RadGSRegLib.metrics import mass_offset
     from RadGSRegLib.training.data import perturb_pose
 
     rnd = network_from_random(moving, case, cfg, np.random.default_rng(3))
-    T_in, _ = perturb_pose(G, _region(moving, seen).centroid, np.random.default_rng(3), **RANDOM_START)
+    T_in, _ = perturb_pose(G, network_region(moving, seen).centroid, np.random.default_rng(3), **RANDOM_START)
     pred = predict(moving, seen, T_in, images=images, valid=valid)
     assert rnd["from_random_input_mtre_mm"] == pytest.approx(truth_errors(case, T_in)["mtre_mm"], rel=1e-9)
     assert rnd["from_random_mtre_mm"] == pytest.approx(truth_errors(case, pred.T_ct_to_carm)["mtre_mm"], rel=1e-6)

@@ -151,10 +151,11 @@ def _bench(suites, methods, *, json_path, limit, model, overwrite, log, threads,
                 if "learned" in row and res.recon is not None:
                     row["learned"]["true_volume_mtre_mm"] = _regm_on_true_volume(
                         net, truth, np.asarray(res.info["learned"]["T_input"], dtype=float), res.recon)
-                    if floor is None:
-                        floor = network_from_truth(net, truth, RegisterConfig.from_dict(kw), metal_net=metal_net)
-                        floor.update(network_from_random(net, truth, RegisterConfig.from_dict(kw),
-                                                         np.random.default_rng([21, i]), metal_net=metal_net))
+                    if floor is None:           # one preparation of the network's inputs for both
+                        cfg = RegisterConfig.from_dict(kw)
+                        view = _network_view(net, truth, cfg, metal_net)
+                        floor = network_from_truth(net, truth, cfg, view=view)
+                        floor.update(network_from_random(net, truth, cfg, np.random.default_rng([21, i]), view=view))
                     row["learned"].update(floor)
                 rows[m].append(row)
                 ncc = row.get("final_ncc_views") or {}
@@ -196,9 +197,11 @@ def _regm_on_true_volume(net, truth, T_in: np.ndarray, recon, *, region=None, de
     return truth_errors(truth, register_volume(net, truth, T_in, gt, device=device, region=region))["mtre_mm"]
 
 
-def _network_view(net, truth, cfg, metal_net):
-    """The case as the methods see it (no ground truth) and its X-rays prepared for the
-    network exactly as the pipeline prepares them for ``cfg`` (target, metal mask)."""
+def _network_view(net, truth, cfg, metal_net=None):
+    """``(case, images, valid, region)``: the case as the methods see it (no ground truth),
+    its X-rays prepared for the network exactly as the pipeline prepares them for ``cfg``
+    (target, metal mask with ``metal_net``) and its vertebra region on the network's grid."""
+    from ..learned.infer import network_region
     from ..register.pipeline import mask_metal, network_inputs
     from ..register.target import make_target
 
@@ -206,10 +209,10 @@ def _network_view(net, truth, cfg, metal_net):
     tgt = make_target(case, slab_mm=cfg.slab_mm, coarse_mm=cfg.coarse_mm)
     mask_metal(tgt, cfg.metal, net=metal_net)
     images, valid = network_inputs(tgt, net.cfg.image_pixels)
-    return case, images, valid
+    return case, images, valid, network_region(net, case)
 
 
-def network_from_truth(net, truth, cfg, *, metal_net=None) -> dict:
+def network_from_truth(net, truth, cfg, *, metal_net=None, view=None) -> dict:
     """How far the RadGS-Reg network moves a pose that is already right, on one case.
 
     The network runs from the true pose (``truth.ground_truth``) on the X-rays as the pipeline
@@ -219,14 +222,16 @@ def network_from_truth(net, truth, cfg, *, metal_net=None) -> dict:
     network that moves a right pose far is not one to trust near the truth, and the gap
     between the two says how much of that is RecM's.
 
+    ``view``: those inputs already prepared (:func:`_network_view`), else made here.
+
     Returns ``{"from_truth_mtre_mm", "from_truth_true_volume_mtre_mm"}`` (mTRE, mm).
     """
     from ..learned.infer import predict
     from ..metrics import truth_errors
 
     G = np.asarray(truth.ground_truth, dtype=float)
-    case, images, valid = _network_view(net, truth, cfg, metal_net)
-    pred = predict(net, case, G, images=images, valid=valid, device=cfg.device)
+    case, images, valid, vr = view or _network_view(net, truth, cfg, metal_net)
+    pred = predict(net, case, G, images=images, valid=valid, device=cfg.device, region=vr)
     return {"from_truth_mtre_mm": truth_errors(truth, pred.T_ct_to_carm)["mtre_mm"],
             "from_truth_true_volume_mtre_mm": _regm_on_true_volume(net, truth, G, pred.recon, region=pred.region,
                                                                    device=cfg.device)}
@@ -237,7 +242,7 @@ def network_from_truth(net, truth, cfg, *, metal_net=None) -> dict:
 RANDOM_START = {"rot_deg": 5.0, "trans_mm": 5.0}
 
 
-def network_from_random(net, truth, cfg, rng: np.random.Generator, *, metal_net=None) -> dict:
+def network_from_random(net, truth, cfg, rng: np.random.Generator, *, metal_net=None, view=None) -> dict:
     """The RadGS-Reg network on one case from a random input pose about the truth
     (:data:`RANDOM_START`, drawn from ``rng``), instead of the pose search's.
 
@@ -246,7 +251,8 @@ def network_from_random(net, truth, cfg, rng: np.random.Generator, *, metal_net=
     what it does where the X-rays do show the error: if its reconstruction follows the
     vertebra from random poses and not from the search's, the search's errors are ones the
     X-rays hide; if from neither, RecM does not see the vertebra in these X-rays (e.g.
-    anatomy unlike its training's). Inputs prepared as in :func:`network_from_truth`.
+    anatomy unlike its training's). Inputs prepared (or passed as ``view``) as in
+    :func:`network_from_truth`.
 
     Returns ``{"from_random_input_mtre_mm", "from_random_mtre_mm"}`` (mm) and, for
     :func:`~RadGSRegLib.metrics.localization`, ``from_random_true_offset_mm`` /
@@ -255,12 +261,11 @@ def network_from_random(net, truth, cfg, rng: np.random.Generator, *, metal_net=
     """
     from ..learned.infer import predict
     from ..metrics import mass_offset, truth_errors
-    from ..region import VertebraRegion, ground_truth_volume
+    from ..region import ground_truth_volume
     from ..training.data import perturb_pose
 
     G = np.asarray(truth.ground_truth, dtype=float)
-    case, images, valid = _network_view(net, truth, cfg, metal_net)
-    vr = VertebraRegion.of(case.ct, case.seg, case.vertebra_label, side_mm=net.cfg.roi_mm, voxel_mm=net.cfg.voxel_mm)
+    case, images, valid, vr = view or _network_view(net, truth, cfg, metal_net)
     T_in, _ = perturb_pose(G, vr.centroid, rng, **RANDOM_START)
     pred = predict(net, case, T_in, images=images, valid=valid, device=cfg.device, region=vr)
     gt = ground_truth_volume(truth.ct, truth.seg, truth.vertebra_label, G, pred.recon.array.shape, pred.recon.affine)

@@ -20,7 +20,7 @@ from .inputs import network_images, prepare_images
 from .model import RadGSRegNet
 from .recm import GaussianSet
 
-__all__ = ["Prediction", "predict", "register_volume"]
+__all__ = ["Prediction", "predict", "register_volume", "network_region"]
 
 
 @dataclass
@@ -58,7 +58,7 @@ def predict(net: RadGSRegNet, case, T_in: np.ndarray, *, images: dict | None = N
     net.eval()
     t0 = time.perf_counter()
     runtime = {}
-    vr = region or _region(net, case)
+    vr = region or network_region(net, case)
     if images is None:
         x, _, proj = prepare_images(case.xrays, case.views, case.image_kind, cfg.image_pixels)
     else:
@@ -78,7 +78,7 @@ def predict(net: RadGSRegNet, case, T_in: np.ndarray, *, images: dict | None = N
     return Prediction(T, recon, fact[0], vr, runtime)
 
 
-def _region(net: RadGSRegNet, case) -> VertebraRegion:
+def network_region(net: RadGSRegNet, case) -> VertebraRegion:
     """The case's vertebra region on the network's grid (its cube side and voxel size)."""
     return VertebraRegion.of(case.ct, case.seg, case.vertebra_label, side_mm=net.cfg.roi_mm,
                              voxel_mm=net.cfg.voxel_mm)
@@ -99,7 +99,7 @@ def register_volume(net: RadGSRegNet, case, T_in: np.ndarray, volume: Volume, *,
     vertebra volume there (:func:`~RadGSRegLib.region.ground_truth_volume`), which tells
     RegM's share of the network's error from RecM's (``radgsreg bench register``)."""
     cfg = net.cfg
-    vr = region or _region(net, case)
+    vr = region or network_region(net, case)
     c = torch.as_tensor(apply(T_in, vr.centroid), dtype=torch.float32, device=device)[None]
     A = cube_affine_batch(c.cpu(), cfg.roi_mm, cfg.voxels)[0].numpy()
     if volume.array.shape != (cfg.voxels,) * 3 or not np.allclose(volume.affine, A, atol=1e-3):

@@ -26,7 +26,7 @@ from .recm import GaussianSet, RecM
 from .regm import VOLUME_SCALE, FlowRegM, grid_offsets, make_regm, pose_loss, support, true_flow
 
 __all__ = ["RadGSRegNet", "FORMAT", "render_windows", "render_windows_many", "voxelize_set", "voxelize_sets",
-           "centroid_distance", "true_offset", "trained_levels", "level_names", "load_plain", "UnsafeFileError", "WeightFileError", "plain", "read_weight_file", "write_weight_file"]
+           "centroid_distance", "true_offset", "locate_errors", "trained_levels", "level_names", "load_plain", "UnsafeFileError", "WeightFileError", "plain", "read_weight_file", "write_weight_file"]
 
 FORMAT = "radgsreg-model/1"
 
@@ -218,6 +218,14 @@ def true_offset(batch: dict) -> torch.Tensor:
     return torch.einsum("bij,bj->bi", G[:, :3, :3], batch["centroid"]) + G[:, :3, 3] - batch["centre"]
 
 
+def locate_errors(sets: list, batch: dict) -> torch.Tensor | None:
+    """(B,) mm: how far each Gaussian set's locator ``shift`` is from the vertebra's true
+    offset (:func:`true_offset`); None for sets without a locator."""
+    if sets[0].shift is None:
+        return None
+    return (torch.stack([g.shift for g in sets]) - true_offset(batch)).norm(dim=-1)
+
+
 class RadGSRegNet(nn.Module):
     """RecM (X-rays -> Gaussians -> volume) and RegM (volume + CT -> pose)."""
 
@@ -268,8 +276,9 @@ class RadGSRegNet(nn.Module):
         if lambda_centroid:
             parts["centroid"] = 0.0
         B = len(fact)
-        if fact[0].shift is not None:
-            err = (torch.stack([g.shift for g in fact]) - true_offset(batch)).norm(dim=-1).mean() / 10.0
+        errs = locate_errors(fact, batch)
+        if errs is not None:
+            err = errs.mean() / 10.0
             total = total + lambda_locate * err
             parts["locate"] = float(err.detach())
         sets = list(fact) + (list(eff) if eff is not None else [])

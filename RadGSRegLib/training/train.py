@@ -42,8 +42,8 @@ from ..device import resolve_device
 from ..errors import OutputError
 from ..io.atomic import atomic_file
 from ..io.outputs import check_writable, read_marker, write_marker
-from ..learned.model import (RadGSRegNet, UnsafeFileError, level_names, load_plain, plain, trained_levels,
-                             true_offset)
+from ..learned.model import (RadGSRegNet, UnsafeFileError, level_names, load_plain, locate_errors, plain,
+                             trained_levels)
 from ..region import cube_affine_batch
 from .config import ConfigError, TrainConfig
 from .data import SAMPLE_KEYS, build_samples, collate, perturb_pose
@@ -512,8 +512,9 @@ def evaluate_samples(net: RadGSRegNet, samples: list, *, device="cpu", batch: in
         for i in range(0, len(samples), batch):
             b = _to(collate(samples[i:i + batch]), device)
             fact, rec = net.reconstruct(b["images"], b["proj"], b["centre"])
-            if fact[0].shift is not None:
-                e_loc += (torch.stack([g.shift for g in fact]) - true_offset(b)).norm(dim=-1).cpu().tolist()
+            errs = locate_errors(fact, b)
+            if errs is not None:
+                e_loc += errs.cpu().tolist()
             T = net.estimate(b, rec)
             grids = cube_affine_batch(b["centre"].cpu(), net.cfg.roi_mm, net.cfg.voxels).numpy().astype(np.float64)
             for k in range(rec.shape[0]):
