@@ -1063,20 +1063,42 @@ def test_trained_levels_of_a_card_and_the_warning_for_a_level_the_network_never_
     assert said["lumbar"] == [] and said["unknown"] == []
 
 
-def test_plan_rec_epochs_fits_the_time_left():
-    from RadGSRegLib.training.train import plan_rec_epochs
+def test_plan_epochs_fits_every_phase_in_the_time_left():
+    from RadGSRegLib.training.train import plan_epochs
 
-    assert plan_rec_epochs(600, 100, 20, 200, done=1, most=14) == 14      # 15 more would fit: capped
-    assert plan_rec_epochs(600, 100, 20, 200, done=1, most=40) == 16      # 1 done + 300 s // 20 s
-    assert plan_rec_epochs(600, 400, 50, 150, done=1, most=14) == 2       # 50 s left: one more
-    assert plan_rec_epochs(600, 500, 50, 150, done=1, most=14) == 1       # over already: the one done
-    assert plan_rec_epochs(600, 100, 20, 200, done=3, most=2) == 3        # never fewer than done
+    def plan(budget, spent, rec_s, reg_s, joint_s, done=1, most=(14, 8, 1)):
+        return plan_epochs(budget, spent, {"rec": rec_s, "reg": reg_s, "joint": joint_s}, done=done,
+                           most=dict(zip(("rec", "reg", "joint"), most)))
+
+    # ample: every RegM and joint epoch; RecM the rest, capped by the config's
+    assert plan(600, 100, 20, 20, 40) == {"rec": 14, "reg": 8, "joint": 1}                 # 300 s left: 15 would fit
+    assert plan(600, 100, 20, 20, 40, most=(40, 8, 1)) == {"rec": 16, "reg": 8, "joint": 1}  # 1 + 300 // 20
+    assert plan(600, 400, 50, 15, 30) == {"rec": 2, "reg": 8, "joint": 1}                  # 50 s left: one more
+    # tight: the RegM epochs go first, then the joint one, then the last RegM one; RecM keeps the one made
+    assert plan(600, 300, 50, 40, 100) == {"rec": 1, "reg": 5, "joint": 1}                 # 100 + 5 * 40 = 300
+    assert plan(600, 450, 50, 40, 100) == {"rec": 1, "reg": 1, "joint": 1}                 # 150 s: 40 + 100
+    assert plan(600, 500, 50, 40, 100) == {"rec": 1, "reg": 2, "joint": 0}                 # 100 s: no joint + 40
+    assert plan(600, 570, 50, 40, 100) == {"rec": 1, "reg": 0, "joint": 0}                 # 30 s: nothing fits
+    assert plan(600, 700, 50, 40, 100) == {"rec": 1, "reg": 0, "joint": 0}                 # over already
+    # never fewer RecM epochs than made, nor more of any phase than the config's
+    assert plan(600, 100, 20, 20, 40, done=3, most=(2, 8, 1)) == {"rec": 3, "reg": 8, "joint": 1}
+    assert plan(1e6, 0, 1, 1, 1, most=(3, 0, 2)) == {"rec": 3, "reg": 0, "joint": 2}
+    # what is planned fits: the planned epochs' seconds never pass what was left (but the one made)
+    rng = np.random.default_rng(0)
+    for _ in range(200):
+        budget, spent = rng.uniform(1, 1000), rng.uniform(0, 1000)
+        secs = dict(zip(("rec", "reg", "joint"), rng.uniform(1, 200, 3)))
+        most = dict(zip(("rec", "reg", "joint"), rng.integers(0, 10, 3)))
+        most["rec"] = max(most["rec"], 1)
+        got = plan_epochs(budget, spent, secs, done=1, most=most)
+        assert all(got[k] <= most[k] for k in most) and got["rec"] >= 1
+        assert sum((got[k] - (k == "rec")) * secs[k] for k in got) <= max(budget - spent, 0) + 1e-9
 
 
-def test_time_budget_plans_the_recm_epochs_and_a_resumed_run_keeps_the_plan(tmp_path, monkeypatch):
-    """time_budget_s: ample, the config's rec_epochs run; tight, one RecM epoch and then every
-    RegM and joint epoch; the plan is in the checkpoint, so a run stopped after it resumes
-    with the same plan; the card says what was planned."""
+def test_time_budget_plans_every_phase_and_a_resumed_run_keeps_the_plan(tmp_path, monkeypatch):
+    """time_budget_s: ample, the config's epochs run; tight, only the RecM epoch made (no
+    other epoch fits); the plan is in the checkpoint, so a run stopped after it resumes with
+    the same plan, a phase planned to 0 epochs is skipped; the card says what was planned."""
     import RadGSRegLib.training.train as T
 
     base = dict(model=ModelConfig(**TINY), phantoms=1, phantom_spacing_mm=4.0, samples_per_ct=2, val_samples=1,
@@ -1085,8 +1107,10 @@ def test_time_budget_plans_the_recm_epochs_and_a_resumed_run_keeps_the_plan(tmp_
     ample = T.train(TrainConfig(out=str(tmp_path / "ample"), time_budget_s=1e6, **base), log=lines.append,
                     progress=False)
     rows = [json.loads(x) for x in (tmp_path / "ample" / "log.jsonl").read_text().splitlines()]
-    assert [r["phase"] for r in rows] == ["rec"] * 3 + ["reg", "joint"] and rows[0]["rec_epochs_planned"] == 3
-    assert RadGSRegNet.load(ample).card["time_budget"]["rec_epochs"] == 3
+    assert [r["phase"] for r in rows] == ["rec"] * 3 + ["reg", "joint"]
+    assert {k: rows[0][f"{k}_epochs_planned"] for k in ("rec", "reg", "joint")} == {"rec": 3, "reg": 1, "joint": 1}
+    card = RadGSRegNet.load(ample).card["time_budget"]
+    assert (card["rec_epochs"], card["reg_epochs"], card["joint_epochs"], card["budget_s"]) == (3, 1, 1, 1e6)
     # the timing probe leaves the run as it was: the same weights and losses as without a budget
     plain_run = T.train(TrainConfig(out=str(tmp_path / "plain"), **base), progress=False)
     a, b = RadGSRegNet.load(ample).state_dict(), RadGSRegNet.load(plain_run).state_dict()
@@ -1094,15 +1118,18 @@ def test_time_budget_plans_the_recm_epochs_and_a_resumed_run_keeps_the_plan(tmp_
     losses = [[json.loads(x)["loss"] for x in (tmp_path / d / "log.jsonl").read_text().splitlines()]
               for d in ("ample", "plain")]
     assert losses[0] == losses[1]
-    assert any("3 RecM epochs of at most 3" in x for x in lines)
-    # tight: one RecM epoch, then the other phases
-    tight = T.train(TrainConfig(out=str(tmp_path / "tight"), time_budget_s=1e-3, **base), progress=False)
+    assert any("3 RecM epochs of at most 3" in x and "fit" not in x for x in lines)
+    # tight: the one RecM epoch made, no other epoch fits, and the log says so
+    lines = []
+    tight = T.train(TrainConfig(out=str(tmp_path / "tight"), time_budget_s=1e-3, **base), log=lines.append,
+                    progress=False)
     rows = [json.loads(x) for x in (tmp_path / "tight" / "log.jsonl").read_text().splitlines()]
-    assert [r["phase"] for r in rows] == ["rec", "reg", "joint"]
-    assert RadGSRegNet.load(tight).card["time_budget"] == {**RadGSRegNet.load(tight).card["time_budget"],
-                                                           "rec_epochs": 1, "budget_s": 1e-3}
-    # a plan of 2, the run stopped in its 2nd RecM epoch; resumed, it keeps that plan (a new one
-    # would say 3)
+    assert [r["phase"] for r in rows] == ["rec"]
+    card = RadGSRegNet.load(tight).card["time_budget"]
+    assert (card["rec_epochs"], card["reg_epochs"], card["joint_epochs"], card["budget_s"]) == (1, 0, 0, 1e-3)
+    assert any("only 0 RegM of 1, 0 joint of 1 epochs fit" in x for x in lines)
+    # a plan of 2 RecM, 0 RegM and 1 joint epoch, the run stopped in its 2nd RecM epoch;
+    # resumed, it keeps that plan (a new one would say otherwise) and skips the RegM phase
     calls = {"n": 0}
     clip = torch.nn.utils.clip_grad_norm_
 
@@ -1113,21 +1140,25 @@ def test_time_budget_plans_the_recm_epochs_and_a_resumed_run_keeps_the_plan(tmp_
         return clip(*a, **k)
 
     cfg = TrainConfig(out=str(tmp_path / "resumed"), time_budget_s=100.0, **base)
-    monkeypatch.setattr(T, "plan_rec_epochs", lambda *a, **k: 2)
+    monkeypatch.setattr(T, "plan_epochs", lambda *a, **k: {"rec": 2, "reg": 0, "joint": 1})
     monkeypatch.setattr(T, "_phase_batch_seconds", lambda *a, **k: {"reg": 0.1, "joint": 0.2})
     monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", stop_at_second_step)
     with pytest.raises(KeyboardInterrupt):
         T.train(cfg, progress=False)
-    assert T._read_checkpoint(tmp_path / "resumed" / "checkpoint.pt")["rec_epochs_planned"] == 2
+    assert T._read_checkpoint(tmp_path / "resumed" / "checkpoint.pt")["epochs_planned"] == {"rec": 2, "reg": 0,
+                                                                                          "joint": 1}
     monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", clip)
-    monkeypatch.setattr(T, "plan_rec_epochs", lambda *a, **k: 3)
+    monkeypatch.setattr(T, "plan_epochs", lambda *a, **k: {"rec": 3, "reg": 1, "joint": 1})
     net = RadGSRegNet.load(T.train(cfg, progress=False))
     rows = [json.loads(x) for x in (tmp_path / "resumed" / "log.jsonl").read_text().splitlines()]
-    assert [r["phase"] for r in rows] == ["rec", "rec", "reg", "joint"]
-    assert net.card["time_budget"]["rec_epochs"] == 2
+    assert [r["phase"] for r in rows] == ["rec", "rec", "joint"]
+    assert (net.card["time_budget"]["rec_epochs"], net.card["time_budget"]["reg_epochs"]) == (2, 0)
+    # a checkpoint from before the plan covered every phase: its RecM plan, the config's others
+    assert T._checkpoint_plan({"rec_epochs_planned": 2}, cfg) == {"rec": 2, "reg": 1, "joint": 1}
+    assert T._checkpoint_plan({}, cfg) is None
     with pytest.raises(ConfigError, match="time_budget_s"):
         TrainConfig(time_budget_s=0)
-    with pytest.raises(ConfigError, match="time_budget_s plans the RecM epochs, and rec_epochs is 0"):
+    with pytest.raises(ConfigError, match="time_budget_s is planned after the first RecM epoch, and rec_epochs is 0"):
         TrainConfig(time_budget_s=60, rec_epochs=0, init="w.pt")
 
 

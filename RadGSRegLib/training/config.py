@@ -89,14 +89,17 @@ class TrainConfig:
             (on the frozen RecM's reconstruction, input poses redrawn every batch), then
             both with Eq. 4.
         time_budget_s: the run's time, in seconds from its start (the samples' simulation
-            included). With it, ``rec_epochs`` is the most RecM epochs: after the first one,
-            the run plans as many as fit before the RegM and joint phases (whose epochs it
-            estimates from a few timed batches of each) must start to end within the budget,
-            at least 1; the plan is kept in the checkpoint, so a resumed run follows it. On
-            a coarse CT that leaves time for many RecM epochs, on a fine one for few. A plan,
-            not a hard stop. The card's ``time_budget`` records the budget, the plan and the
-            run's seconds (a resumed run's: since it resumed). One process only (not under
-            torchrun). None: ``rec_epochs`` exactly.
+            included). With it, ``rec_epochs``, ``reg_epochs`` and ``joint_epochs`` are the
+            most epochs of each phase: after the first RecM epoch the run plans as many of
+            each as fit for it to end within the budget (the RegM and joint epochs estimated
+            from a few timed batches of each; ``training.train.plan_epochs``): every RegM
+            and joint epoch and RecM the rest when there is time, and when there is not,
+            fewer RegM epochs first, then fewer joint ones, down to the one RecM epoch made.
+            The plan is kept in the checkpoint, so a resumed run follows it. On a coarse CT
+            that leaves time for many RecM epochs, on a fine one for few. A plan, not a hard
+            stop (an estimate may be off by some seconds). The card's ``time_budget``
+            records the budget, the plan and the run's seconds (a resumed run's: since it
+            resumed). One process only (not under torchrun). None: the epochs exactly.
         batch: samples per step. lr: Adam learning rate (halved every ``lr_halve_epochs``).
         lr_template: learning rate of RecM's per-anchor template (a shape prior that must
             move by several units; at ``lr`` it barely moves in a CPU-sized run, and raising
@@ -208,8 +211,8 @@ class TrainConfig:
             raise ConfigError(f"must be a positive number of seconds (or null), not {self.time_budget_s}",
                               field="time_budget_s")
         if self.time_budget_s is not None and self.rec_epochs == 0:
-            raise ConfigError("plans the RecM epochs, and rec_epochs is 0: drop the budget or give rec_epochs "
-                              "(the most RecM epochs)", field="time_budget_s")
+            raise ConfigError("is planned after the first RecM epoch, and rec_epochs is 0: drop the budget or "
+                              "give rec_epochs (the most RecM epochs)", field="time_budget_s")
         if self.rec_epochs + self.reg_epochs + self.joint_epochs < 1:
             raise ConfigError("rec_epochs, reg_epochs and joint_epochs are all 0: nothing to train")
         if self.rec_epochs == 0 and self.joint_epochs == 0 and not self.init:

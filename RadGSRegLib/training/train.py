@@ -280,27 +280,62 @@ def _read_checkpoint(ckpt: Path) -> dict:
 
 
 def _save_checkpoint(ckpt: Path, net, opt, position: tuple, history: list, seconds: float,
-                     rec_plan: int | None) -> float:
+                     plan: dict | None) -> float:
     """Write the checkpoint (atomically): weights, optimizer, the next (phase, epoch), the
-    history, the epochs' seconds, the random states and the time budget's RecM plan; returns
-    the seconds the write took."""
+    history, the epochs' seconds, the random states and the time budget's plan (the epochs
+    of each phase, :func:`plan_epochs`); returns the seconds the write took."""
     state = {"format": CHECKPOINT_FORMAT, "state_dict": net.state_dict(), "opt_state": opt.state_dict(),
              "position": list(position), "history": plain(history), "seconds": float(seconds),
              "torch_rng": torch.get_rng_state(), "rng": _rng_states(),
-             **({"rec_epochs_planned": rec_plan} if rec_plan is not None else {})}
+             **({"epochs_planned": dict(plan)} if plan is not None else {})}
     t = time.perf_counter()
     with atomic_file(ckpt, overwrite=True) as tmp:
         torch.save(state, tmp)
     return time.perf_counter() - t
 
 
-def plan_rec_epochs(budget_s: float, spent_s: float, epoch_s: float, rest_s: float, *, done: int, most: int) -> int:
-    """How many RecM epochs a run with a time budget makes in all: those ``done``, and as many
-    more of ``epoch_s`` (one epoch and its validation) as fit in what is left of ``budget_s``
-    after ``spent_s`` (from the run's start) and ``rest_s`` (the RegM and joint phases'
-    estimate); between ``done`` (at least 1) and ``most`` (the config's ``rec_epochs``)."""
-    more = int((budget_s - spent_s - rest_s) // max(epoch_s, 1e-9)) if budget_s > spent_s + rest_s else 0
-    return int(min(max(done + more, done, 1), max(most, done)))
+def _checkpoint_plan(blob: dict, cfg: TrainConfig) -> dict | None:
+    """The time budget's plan a checkpoint holds, or None (not planned yet, or no budget); a
+    checkpoint written before the plan covered every phase holds only its RecM epochs, and
+    its run made the config's RegM and joint epochs."""
+    if "epochs_planned" in blob:
+        return {k: int(v) for k, v in blob["epochs_planned"].items()}
+    if "rec_epochs_planned" in blob:
+        return {"rec": int(blob["rec_epochs_planned"]), "reg": cfg.reg_epochs, "joint": cfg.joint_epochs}
+    return None
+
+
+def plan_epochs(budget_s: float, spent_s: float, epoch_s: dict, *, done: int, most: dict) -> dict:
+    """The epochs of each phase that a run with a time budget makes, so that it ends within
+    ``budget_s`` (seconds from the run's start) after ``spent_s`` of them are spent and
+    ``done`` RecM epochs (at least 1) are made.
+
+    Args:
+        epoch_s: seconds of one epoch (with its validation and checkpoint) of each phase,
+            keys ``rec``, ``reg``, ``joint``: the RecM epoch measured, the others estimated.
+        most: the config's epochs of each phase (same keys), the most the plan gives.
+
+    Returns:
+        ``{"rec", "reg", "joint"}``: epochs in all. What is left of the budget is handed out
+        greedily in this order, each as many epochs as fit: one RegM epoch, the joint
+        epochs, the other RegM epochs, more RecM epochs. So an ample budget runs every RegM
+        and joint epoch and gives RecM the rest (at most ``most["rec"]``), a tight one
+        drops RegM epochs first, then the joint ones, then the last RegM one; RecM never
+        has fewer than ``done``.
+    """
+    left = budget_s - spent_s
+
+    def fit(phase: str, n: int) -> int:
+        nonlocal left
+        k = max(0, min(n, int(left // max(epoch_s[phase], 1e-9)))) if left > 0 else 0
+        left -= k * epoch_s[phase]
+        return k
+
+    reg = fit("reg", min(1, most["reg"]))
+    joint = fit("joint", most["joint"])
+    reg += fit("reg", most["reg"] - reg)
+    rec = max(done, 1) + fit("rec", most["rec"] - max(done, 1))
+    return {"rec": rec, "reg": reg, "joint": joint}
 
 
 def _phase_batch_seconds(net: RadGSRegNet, samples: list, cfg: TrainConfig, device, *, batches: int = 3) -> dict:
@@ -645,10 +680,10 @@ def train(cfg: TrainConfig, *, log=print, progress: bool = True) -> Path:
     ckpt = out / "checkpoint.pt"
     schedule = [(p, n) for p, n in zip(PHASES, (cfg.rec_epochs, cfg.reg_epochs, cfg.joint_epochs)) if n > 0]
     start, history, seconds = (0, 0), [], 0.0
-    rec_plan = None                             # RecM epochs planned under the time budget, once decided
+    plan = None                                 # every phase's epochs under the time budget, once decided
     if blob is not None:
         start, history, seconds = tuple(blob["position"]), list(blob["history"]), float(blob["seconds"])
-        rec_plan = blob.get("rec_epochs_planned")
+        plan = _checkpoint_plan(blob, cfg)
         _set_rng_states(blob)
         log(f"resuming {out} at phase {schedule[start[0]][0] if start[0] < len(schedule) else 'done'}, "
             f"epoch {start[1] + 1}")
@@ -669,8 +704,8 @@ def train(cfg: TrainConfig, *, log=print, progress: bool = True) -> Path:
         first = start[1] if pi == start[0] else 0
         if pi == start[0] and first and blob is not None and "opt_state" in blob:
             opt.load_state_dict(blob["opt_state"])
-        if phase == "rec" and rec_plan is not None:
-            epochs = rec_plan
+        if plan is not None:
+            epochs = plan[phase]
         for ep in range(first, epochs):
             for g in opt.param_groups:
                 g["lr"] = g["base"] * factor * 0.5 ** (ep // max(cfg.lr_halve_epochs, 1))
@@ -737,23 +772,28 @@ def train(cfg: TrainConfig, *, log=print, progress: bool = True) -> Path:
             history.append(row)
             step += 1
             t_save = _save_checkpoint(ckpt, net, opt, (pi, ep + 1) if ep + 1 < epochs else (pi + 1, 0), history,
-                                      seconds, rec_plan)
-            if phase == "rec" and cfg.time_budget_s is not None and rec_plan is None:
-                # plan the RecM epochs (then saved again, so that a resumed run follows the plan)
+                                      seconds, plan)
+            if phase == "rec" and cfg.time_budget_s is not None and plan is None:
+                # plan every phase's epochs (then saved again, so that a resumed run follows the plan)
                 per = _phase_batch_seconds(net, tr, cfg, device)
                 n_batches = -(-len(tr) // cfg.batch)
-                rest = (cfg.reg_epochs * (per["reg"] * n_batches + t_val + t_save)
-                        + cfg.joint_epochs * (per["joint"] * n_batches + t_val + t_save))
                 spent = time.perf_counter() - t_run
-                rec_plan = plan_rec_epochs(cfg.time_budget_s, spent, epoch_s + t_val + t_save, rest,
-                                           done=ep + 1, most=epochs)
-                epochs = rec_plan
-                row["rec_epochs_planned"] = rec_plan
+                plan = plan_epochs(cfg.time_budget_s, spent,
+                                   {"rec": epoch_s + t_val + t_save, "reg": per["reg"] * n_batches + t_val + t_save,
+                                    "joint": per["joint"] * n_batches + t_val + t_save},
+                                   done=ep + 1, most={"rec": epochs, "reg": cfg.reg_epochs,
+                                                      "joint": cfg.joint_epochs})
+                epochs = plan["rec"]
+                row.update({f"{k}_epochs_planned": v for k, v in plan.items()})
                 _save_checkpoint(ckpt, net, opt, (pi, ep + 1) if ep + 1 < epochs else (pi + 1, 0), history, seconds,
-                                 rec_plan)
+                                 plan)
+                fewer = [f"{plan[k]} {name} of {n}" for k, name, n in
+                         (("reg", "RegM", cfg.reg_epochs), ("joint", "joint", cfg.joint_epochs)) if plan[k] < n]
                 log(f"time budget {cfg.time_budget_s:.0f} s: {spent:.0f} s spent, a RecM epoch "
-                    f"{epoch_s + t_val + t_save:.0f} s, the RegM and joint phases about {rest:.0f} s: {rec_plan} "
-                    f"RecM epoch{'s' if rec_plan != 1 else ''} of at most {cfg.rec_epochs}")
+                    f"{epoch_s + t_val + t_save:.0f} s, a RegM one about {per['reg'] * n_batches + t_val + t_save:.0f} s, "
+                    f"a joint one {per['joint'] * n_batches + t_val + t_save:.0f} s: {plan['rec']} RecM "
+                    f"epoch{'s' if plan['rec'] != 1 else ''} of at most {cfg.rec_epochs}"
+                    + (f"; only {', '.join(fewer)} epochs fit" if fewer else ""))
             logger.write(row, step)
             log(f"{phase} epoch {ep + 1}/{epochs}: loss {row.get('loss', float('nan')):.4f}; validation "
                 f"PSNR {val.get('psnr_db', float('nan')):.2f} dB, SSIM {val.get('ssim_pct', float('nan')):.1f} %, "
@@ -773,7 +813,8 @@ def train(cfg: TrainConfig, *, log=print, progress: bool = True) -> Path:
             "train_seconds": seconds, "device": str(device), "threads": cfg.threads, "processes": par.world,
             "validation": {k[4:]: v for k, v in (history[-1] if history else {}).items() if k.startswith("val_")},
             "history": history, "model_config": model_cfg.to_dict(), "levels_seen": seen,
-            **({"time_budget": {"budget_s": cfg.time_budget_s, "rec_epochs": rec_plan,
+            **({"time_budget": {"budget_s": cfg.time_budget_s,
+                                **{f"{k}_epochs": v for k, v in (plan or {}).items()},
                                 "run_s": time.perf_counter() - t_run}} if cfg.time_budget_s is not None else {})}
     path = net.save(out / "model.pt", card=card, overwrite=True)
     log(f"wrote {path}")
