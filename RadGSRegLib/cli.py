@@ -205,6 +205,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="when the column reaches S1 (e.g. --top-level L3 --n-vertebrae 3, S1 below as context), "
                         "build a sacrum there (S1 segment = 26, the rest sacrum = 25) and the hip bones (77, 78); "
                         "the grid reaches down past the sacrum's tip, the vertebrae above keep their shapes")
+    p.add_argument("--size", type=_POSITIVE, default=1.0,
+                   help="scale of the vertebrae and discs (default 1; e.g. 1.2 for a large adult's lumbar spine)")
+    p.add_argument("--bone-density", type=_POSITIVE, default=1.0,
+                   help="scale of every bone's HU (default 1, dense young bone; e.g. 0.5 for an older patient's "
+                        "porous bone, which stands out far less in an X-ray)")
     p.add_argument("--overwrite", action="store_true", help="replace a phantom folder written earlier by radgsreg phantom")
 
     p = sub.add_parser("simulate-cases", help="generate registration cases (case folders)",
@@ -527,7 +532,8 @@ def _cmd_phantom(args):
     from .phantom import SACRUM_ID, make_phantom, rib_id
 
     cfg = _phantom_config(top_level=args.top_level, n_vertebrae=args.n_vertebrae, spacing=tuple(args.spacing),
-                          table=args.table, ribs=args.ribs, sacrum=args.sacrum, seed=args.seed)
+                          table=args.table, ribs=args.ribs, sacrum=args.sacrum, size=args.size,
+                          bone_density=args.bone_density, seed=args.seed)
     check_output(args.out, "phantom", overwrite=args.overwrite, option="--out")
     t = time.perf_counter()
     ct, seg = make_phantom(cfg)
@@ -549,7 +555,8 @@ def _phantom_config(**kw):
     try:
         return PhantomConfig(**kw)
     except ValueError as e:
-        option = "--top-level" if "level" in str(e) or "vertebra" in str(e) else "--spacing"
+        option = ("--size" if str(e).startswith("size") else "--bone-density" if str(e).startswith("bone_density")
+                  else "--top-level" if "level" in str(e) or "vertebra" in str(e) else "--spacing")
         raise UsageError(f"{option}: {e}") from None
 
 

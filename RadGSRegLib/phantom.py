@@ -81,6 +81,15 @@ class PhantomConfig:
             soft tissue differ (drawn on the larger grid). The hip bones' crests may be cut
             by the top of the grid when S1 is among the top levels built. Off by default, as
             ``ribs``.
+        size: scale of the vertebrae's and discs' dimensions (bodies, canals, pedicles,
+            the processes' lengths; the processes' and laminae's thickness keep theirs) and
+            so of the column's length (1: the phantom as before; a large adult's lumbar
+            vertebrae are some 10-30 % larger than the mean phantom's, a small adult's
+            smaller); the trunk keeps ``trunk_mm``.
+        bone_density: scale of every bone's HU (cortical shell, cancellous core, ribs,
+            sacrum, hip bones; 1: as before, a young adult's dense bone; about 0.5: the thin,
+            porous bone of an older patient, whose vertebrae stand out far less from the soft
+            tissue in an X-ray).
         context: extra vertebrae built (and labelled) above and below the requested ones,
             so that the column and the trunk run on past the levels of interest, as in a
             real scan.
@@ -97,11 +106,16 @@ class PhantomConfig:
     table: bool = False
     ribs: bool = False
     sacrum: bool = False
+    size: float = 1.0
+    bone_density: float = 1.0
     context: int = 1
     seed: int = 0
 
     def __post_init__(self):
         level_id(self.top_level)
+        for name in ("size", "bone_density"):
+            if not (np.isfinite(getattr(self, name)) and getattr(self, name) > 0):
+                raise ValueError(f"{name} must be a positive factor, got {getattr(self, name)!r}")
         if self.top_level not in LEVELS:
             raise ValueError(f"top_level must be a vertebra name, got {self.top_level!r}")
         first = LEVELS.index(self.top_level)
@@ -182,16 +196,17 @@ def _grid_box(points, pad, lo, sp, shape):
     return sl, np.stack([X, Y, Z], -1), lo_i, hi_i
 
 
-def _paint_bone(ct, seg, sl, sdf, labels, vox, inner_hu, shell_hu):
+def _paint_bone(ct, seg, sl, sdf, labels, vox, inner_hu, shell_hu, density=1.0):
     """Bone of signed distance ``sdf`` (mm, on ``ct[sl]``) into ``ct`` (HU) and ``seg`` on free
     voxels only (label 0): partial volume, a 1.5 mm cortical shell of ``shell_hu`` around
-    ``inner_hu`` (a number or an array like sdf); ``labels`` a number or an array like sdf."""
+    ``inner_hu`` (a number or an array like sdf), both times ``density``; ``labels`` a number
+    or an array like sdf."""
     occ = _occupancy(sdf, vox)
     shell = np.clip(occ - _occupancy(sdf + 1.5, vox), 0, 1)
     free = seg[sl] == 0
     occ = occ * free
     shell = shell * free
-    ct[sl] = ct[sl] * (1 - occ) + (occ - shell) * inner_hu + shell * shell_hu
+    ct[sl] = ct[sl] * (1 - occ) + density * ((occ - shell) * inner_hu + shell * shell_hu)
     inside = occ > 0.5
     seg[sl][inside] = labels if np.isscalar(labels) else labels[inside]
 
@@ -315,10 +330,12 @@ def make_phantom(config: PhantomConfig | None = None) -> tuple[Volume, Volume]:
         # in size as real ones do, instead of repeating (a repeating column misleads registration)
         size = 0.55 + 0.45 * np.clip((g - 7) / 16, 0, 1.05)
         j = _jitter(rng, var)
-        verts_dims.append(dict(w=22.0 * size * j(0.08), d=16.5 * size * j(0.08), h=26.0 * (0.85 + 0.15 * size) * j(0.06),
-                               canal_w=21.0 * j(0.08), canal_d=15.0 * j(0.08), ped_r=4.3 * size * j(0.1),
-                               spin_len=30.0 * size * j(0.12), tp_len=24.0 * size * j(0.15)))
-    discs = [10.0 * (0.8 + 0.2 * (LEVELS.index(n) >= 19)) * (1 + var * rng.uniform(-0.12, 0.12)) for n in levels[:-1]]
+        dims = dict(w=22.0 * size * j(0.08), d=16.5 * size * j(0.08), h=26.0 * (0.85 + 0.15 * size) * j(0.06),
+                    canal_w=21.0 * j(0.08), canal_d=15.0 * j(0.08), ped_r=4.3 * size * j(0.1),
+                    spin_len=30.0 * size * j(0.12), tp_len=24.0 * size * j(0.15))
+        verts_dims.append({k: val * cfg.size for k, val in dims.items()})
+    discs = [10.0 * (0.8 + 0.2 * (LEVELS.index(n) >= 19)) * (1 + var * rng.uniform(-0.12, 0.12)) * cfg.size
+             for n in levels[:-1]]
     total = sum(v["h"] for v in verts_dims) + sum(discs)
     lord = np.deg2rad(cfg.lordosis_deg * (1 + var * rng.uniform(-0.3, 0.3)))
     scol = np.deg2rad(cfg.scoliosis_deg)
@@ -433,7 +450,8 @@ def make_phantom(config: PhantomConfig | None = None) -> tuple[Volume, Volume]:
         shell_b = np.clip(_occupancy(body, vox) - _occupancy(body + 1.3, vox), 0, 1)
         shell_a = np.clip(_occupancy(arch, vox) - _occupancy(arch + 2.0, vox), 0, 1)
         cancel = 230.0 + 70.0 * trab[sl]
-        bone_hu = (occ_body - shell_b) * cancel + shell_b * 1150.0 + (occ_arch - shell_a) * (500.0 + 60.0 * trab[sl]) + shell_a * 1250.0
+        bone_hu = cfg.bone_density * ((occ_body - shell_b) * cancel + shell_b * 1150.0
+                                      + (occ_arch - shell_a) * (500.0 + 60.0 * trab[sl]) + shell_a * 1250.0)
         occ = np.clip(occ_body + occ_arch, 0, 1)
         region = ct[sl]
         ct[sl] = region * (1 - occ) + bone_hu
@@ -458,9 +476,10 @@ def make_phantom(config: PhantomConfig | None = None) -> tuple[Volume, Volume]:
             ct[sl] = ct[sl] * (1 - occ_d) + occ_d * d_hu
     ct[canal_mask & (seg == 0)] = np.minimum(ct[canal_mask & (seg == 0)], 20.0)
     if cfg.ribs:
-        _add_ribs(ct, seg, verts, spine_y, (W, Dp), lo, sp, np.random.default_rng([cfg.seed, 12]), var)
+        _add_ribs(ct, seg, verts, spine_y, (W, Dp), lo, sp, np.random.default_rng([cfg.seed, 12]), var,
+                  cfg.bone_density)
     if sac is not None:
-        sac.draw(ct, seg, spine_y, lo, sp, trab)
+        sac.draw(ct, seg, spine_y, lo, sp, trab, cfg.bone_density)
     return Volume(ct.astype(np.float32), affine), Volume(seg, affine.copy())
 
 
@@ -492,9 +511,10 @@ def _rib_path(v: _Vert, k: int, side: float, trunk, spine_y: float, rng, var: fl
     return np.concatenate([pts, r[:, None]], -1)
 
 
-def _add_ribs(ct, seg, verts, spine_y, trunk, lo, sp, rng, var):
+def _add_ribs(ct, seg, verts, spine_y, trunk, lo, sp, rng, var, density=1.0):
     """Draw the ribs of the thoracic vertebrae of ``verts`` into ``ct`` (HU) and ``seg``
-    (their own labels; vertebra voxels keep theirs), in place; clipped to the grid."""
+    (their own labels; vertebra voxels keep theirs), in place; clipped to the grid; bone HU
+    times ``density``."""
     vox = float(sp.mean())
     for v in verts:
         if not v.name.startswith("T"):
@@ -517,7 +537,7 @@ def _add_ribs(ct, seg, verts, spine_y, trunk, lo, sp, rng, var):
                     continue
                 bs = (slice(blo[2], bhi[2]), slice(blo[1], bhi[1]), slice(blo[0], bhi[0]))
                 sdf[bs] = np.minimum(sdf[bs], _capsule(p[bs], a, b, 0.5 * (ra + rb)))
-            _paint_bone(ct, seg, sl, sdf, rib_id(k, name), vox, 350.0, 1100.0)
+            _paint_bone(ct, seg, sl, sdf, rib_id(k, name), vox, 350.0, 1100.0, density)
 
 
 # ---------------------------------------------------------------- sacrum and hip bones
@@ -662,10 +682,10 @@ class _Sacrum:
             bone = _smooth_union(bone, _capsule(p, a, b, r), 4.0)
         return bone
 
-    def draw(self, ct, seg, spine_y: float, lo, sp, trab):
+    def draw(self, ct, seg, spine_y: float, lo, sp, trab, density: float = 1.0):
         """Draw the sacrum and hip bones into ``ct`` (HU) and ``seg`` in place, on free voxels
         only (label 0), clipped to the grid; ``trab`` is the phantom's bone texture (ct's
-        shape)."""
+        shape); bone HU times ``density``."""
         v, vox = self.v, float(sp.mean())
         box = _grid_box(v.to_volume(self.corners(), spine_y), 3 * vox, lo, sp, ct.shape)
         if box is not None:
@@ -673,7 +693,7 @@ class _Sacrum:
             s1, rest = self._sacrum_sdfs(v.to_local(p, spine_y))
             _paint_bone(ct, seg, sl, _smooth_union(s1, rest, 1.0),
                         np.where(s1 <= rest, level_id("S1"), SACRUM_ID).astype(np.int16), vox, 230.0 + 60.0 * trab[sl],
-                        1150.0)
+                        1150.0, density)
         for side, name in ((1.0, "left"), (-1.0, "right")):
             L = self._hip_landmarks(side)
             pts = np.array([val for val in L.values() if not isinstance(val, list)] + L["crest"])
@@ -681,4 +701,4 @@ class _Sacrum:
             if box is not None:
                 sl, p, _, _ = box
                 _paint_bone(ct, seg, sl, self._hip_sdf(v.to_local(p, spine_y), side), HIP_IDS[name], vox,
-                            250.0 + 60.0 * trab[sl], 1150.0)
+                            250.0 + 60.0 * trab[sl], 1150.0, density)

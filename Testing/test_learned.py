@@ -490,7 +490,8 @@ def test_sharded_samples_depend_on_the_shards_not_on_the_processes(small_phantom
                                   "stage1_cpu_reg5", "stage1_cpu_flow", "stage1_cpu_thoracic",
                                   "stage1_cpu_thoracic_reg5", "stage1_cpu_thoracic_wide",
                                   "stage1_cpu_thoracic_wide_reg5", "stage1_cpu_all", "stage1_cpu_all_reg5",
-                                  "stage1_cpu_fine", "stage1_cpu_fine_reg5", "stage1_cpu_locate"])
+                                  "stage1_cpu_fine", "stage1_cpu_fine_reg5", "stage1_cpu_locate",
+                                  "stage1_cpu_anatomy"])
 def test_shipped_configs_load_and_build(name):
     """Every config in Resources/Models/configs is valid (no unknown key, consistent stage)
     and builds its network; the paper's uses its backbone and Eq. 3 weight. The RegM-only
@@ -519,6 +520,8 @@ def test_shipped_configs_load_and_build(name):
         assert cfg.ct_spacing_mm == 2.0             # a 1 mm CT simulated at 2 mm: 9.9 min instead of 17 (card)
     if name == "stage1_cpu_locate":            # the shipped weights plus RecM's locator (the model card's try)
         assert cfg.add_locator and cfg.init == "default" and (cfg.rec_epochs, cfg.reg_epochs) == (4, 4)
+    if name == "stage1_cpu_anatomy":           # the shipped weights on phantoms of drawn size and bone density
+        assert cfg.init == "default" and cfg.phantom_size == [0.9, 1.3] and cfg.phantom_bone_density == [0.4, 1.0]
     if name.startswith("stage1_cpu_fine"):     # the all-levels runs on a 64 mm cube: 2 mm voxels, same count
         assert (cfg.model.roi_mm, cfg.model.voxels, cfg.model.voxel_mm) == (64.0, 32, 2.0)
     from dataclasses import replace
@@ -919,6 +922,44 @@ def test_phantom_sacrum_in_stage1_data_and_its_cache_key(tmp_path):
     assert _data_key(cfg) != _data_key(TrainConfig(**{**cfg.to_dict(), "phantom_sacrum": False}))
     with pytest.raises(ConfigError, match="phantom_sacrum"):
         TrainConfig.from_dict({**cfg.to_dict(), "phantom_sacrum": "yes"})
+
+
+def test_phantom_size_and_bone_density_are_drawn_per_phantom_and_key_the_cache(tmp_path, monkeypatch):
+    """``phantom_size`` / ``phantom_bone_density``: each stage-1 phantom's factors drawn within
+    the ranges, seeded (the same run, the same factors), from a stream of their own (the
+    phantom's other draws as without them); the data key changes only when they are set;
+    a range that is not [low, high] of positive factors is refused, naming the field."""
+    import RadGSRegLib.training.data as D
+    from RadGSRegLib.training.train import _data_key
+
+    kw = dict(out=str(tmp_path / "r"), phantoms=6, phantom_spacing_mm=4.0, levels=["L3"], model=ModelConfig(**TINY))
+    plain_cfg = TrainConfig(**kw)
+    cfg = TrainConfig(**kw, phantom_size=[0.9, 1.3], phantom_bone_density=[0.4, 1.0])
+    seen = []
+
+    def capture(pc):                            # the phantoms' configs, not their CTs
+        seen.append(pc)
+        raise StopIteration
+
+    monkeypatch.setattr("RadGSRegLib.phantom.make_phantom", capture)
+    for c in (plain_cfg, cfg, cfg):
+        for _, load in D.sample_sources(c, validation=False):
+            with pytest.raises(StopIteration):
+                load()
+    plain_pcs, drawn, again = seen[:6], seen[6:12], seen[12:]
+    assert all(p.size == 1.0 and p.bone_density == 1.0 for p in plain_pcs)
+    assert all(0.9 <= p.size <= 1.3 and 0.4 <= p.bone_density <= 1.0 for p in drawn)
+    assert len({p.size for p in drawn}) == 6 and len({p.bone_density for p in drawn}) == 6
+    assert [(p.size, p.bone_density) for p in drawn] == [(p.size, p.bone_density) for p in again]
+    strip = lambda p: {k: v for k, v in vars(p).items() if k not in ("size", "bone_density")}
+    assert [strip(p) for p in drawn] == [strip(p) for p in plain_pcs]
+    assert _data_key(cfg) not in (_data_key(plain_cfg), _data_key(TrainConfig(**kw, phantom_size=[0.9, 1.3])))
+    shipped = load_train_config(Path(__file__).parents[1] / "Resources/Models/configs/stage1_cpu.json")
+    assert _data_key(shipped) == "2ac60d10571f2241"      # unchanged: the shipped weights' cache name
+    assert TrainConfig.from_dict({**plain_cfg.to_dict(), "phantom_size": [1, 1.2]}).phantom_size == [1.0, 1.2]
+    for bad in ([1.2, 0.9], [0, 1], [1.0], "big", [1, float("nan")], [True, 2]):
+        with pytest.raises(ConfigError, match="phantom_bone_density"):
+            TrainConfig(**kw, phantom_bone_density=bad)
 
 
 def test_ct_spacing_coarsens_the_training_ct_and_keys_its_cache(small_phantom, tmp_path):

@@ -194,3 +194,53 @@ def test_phantom_command_writes_a_sacrum(tmp_path, capsys):
     main(["phantom", "--out", str(tmp_path / "t"), "--top-level", "L1", "--n-vertebrae", "2", "--spacing", "4", "4",
           "4", "--sacrum"])
     assert "no sacrum (the column does not reach S1)" in capsys.readouterr().out
+
+
+def test_size_and_bone_density_scale_the_bones_only():
+    """``size`` scales the vertebrae and discs (so the column), ``bone_density`` every bone's
+    HU and nothing else; 1 is the phantom as before; a factor that is not positive is refused,
+    naming the field."""
+    kw = dict(spacing=(3.0, 3.0, 3.0), seed=5, top_level="T12", n_vertebrae=3, ribs=True, sacrum=False)
+    base, sb = make_phantom(PhantomConfig(**kw))
+    same, ss = make_phantom(PhantomConfig(**kw, size=1.0, bone_density=1.0))
+    assert np.array_equal(base.array, same.array) and np.array_equal(sb.array, ss.array)
+    # density: same labels; bone voxels' HU scaled (their soft-tissue share aside), the rest as it was
+    soft, s_soft = make_phantom(PhantomConfig(**kw, bone_density=0.5))
+    assert np.array_equal(sb.array, s_soft.array)
+    far = ndimage.binary_dilation(sb.array > 0, iterations=2)       # away from every bone's partial voxels
+    assert np.array_equal(base.array[~far], soft.array[~far])
+    core = ndimage.binary_erosion(sb.array == level_id("L1"), iterations=1)
+    ratio = soft.array[core] / base.array[core]
+    assert core.sum() > 20 and np.allclose(ratio, 0.5, atol=0.01) and np.median(ratio) == pytest.approx(0.5, abs=1e-4)
+    ribs = sb.array >= 92                                            # rib labels (TotalSegmentator 92-115)
+    assert np.median(soft.array[ribs]) < 0.75 * np.median(base.array[ribs])
+    # size: every vertebra's volume grows about with its cube, the column with it
+    big, s_big = make_phantom(PhantomConfig(**kw, size=1.2))
+    for lv in ("T12", "L1", "L2"):
+        v0, v1 = (sb.array == level_id(lv)).sum(), (s_big.array == level_id(lv)).sum()
+        assert 1.25 < v1 / v0 < 1.2 ** 3 * 1.1, (lv, v1 / v0)
+    gap = lambda s: s.label_centroid(level_id("T12"))[2] - s.label_centroid(level_id("L2"))[2]
+    assert gap(s_big) / gap(sb) == pytest.approx(1.2, abs=0.06)
+    for bad in (0, -1.0, float("nan")):
+        for name in ("size", "bone_density"):
+            with pytest.raises(ValueError, match=name):
+                PhantomConfig(**{name: bad})
+
+
+def test_phantom_command_takes_size_and_bone_density(tmp_path, capsys):
+    from RadGSRegLib.cli import main
+    from RadGSRegLib.io import read_label_map, read_volume
+
+    args = ["phantom", "--top-level", "L2", "--n-vertebrae", "1", "--spacing", "4", "4", "4"]
+    main(args + ["--out", str(tmp_path / "a")])
+    main(args + ["--out", str(tmp_path / "b"), "--size", "1.25", "--bone-density", "0.5"])
+    (ca, sa), (cb, sb) = [(read_volume(tmp_path / d / "ct.nrrd"), read_label_map(tmp_path / d / "seg.nrrd"))
+                          for d in ("a", "b")]
+    va, vb = [(s.array == level_id("L2")).sum() for s in (sa, sb)]
+    assert vb > 1.4 * va                                            # 1.25^3 = 1.95, thick details kept
+    assert np.percentile(cb.array[sb.array == level_id("L2")], 90) < 0.6 * np.percentile(
+        ca.array[sa.array == level_id("L2")], 90)
+    for bad in (["--size", "0"], ["--bone-density", "-1"], ["--size", "nan"]):
+        assert main(args + ["--out", str(tmp_path / "c")] + bad) == 2
+        assert f"argument {bad[0]}: must be a number > 0" in capsys.readouterr().err
+    assert not (tmp_path / "c").exists()

@@ -9,6 +9,7 @@ naming the file and the field path (``model.backbone``), before any work starts.
 """
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -54,6 +55,11 @@ class TrainConfig:
         phantom_sacrum: stage 1: a phantom whose column reaches S1 gets a sacrum and hip bones
             there (:class:`~RadGSRegLib.phantom.PhantomConfig` ``sacrum``), so that S1 can be
             a training level as a sacrum and L4/L5 are seen with the pelvis beside them.
+        phantom_size / phantom_bone_density: stage 1: ``[low, high]``: each phantom's
+            ``size`` / ``bone_density`` (:class:`~RadGSRegLib.phantom.PhantomConfig`) drawn
+            uniformly from that range (after its other draws, from its own seeded stream), so
+            that the network sees larger and smaller vertebrae, dense and porous bone. None:
+            1, the phantoms of the earlier shipped weights' data.
         ct_dirs: CTs with vertebra label maps: ``CT:LABELS`` path pairs, folders holding
             ``ct.nrrd`` + ``seg.nrrd`` (a case folder, or ``radgsreg phantom``'s output), or
             "sample" for the bundled lumbar CT.
@@ -136,6 +142,8 @@ class TrainConfig:
     phantom_spacing_mm: float = 2.0
     phantom_ribs: bool = False
     phantom_sacrum: bool = False
+    phantom_size: list[float] | None = None
+    phantom_bone_density: list[float] | None = None
     ct_dirs: list[str] = field(default_factory=list)
     ct_spacing_mm: float | None = None
     case_dirs: list[str] = field(default_factory=list)
@@ -187,6 +195,16 @@ class TrainConfig:
         for name in ("phantom_spacing_mm", "lr"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"must be positive, not {getattr(self, name)}", field=name)
+        for name in ("phantom_size", "phantom_bone_density"):
+            r = getattr(self, name)
+            if r is None:
+                continue
+            ok = isinstance(r, (list, tuple)) and len(r) == 2 and all(
+                isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v > 0 for v in r)
+            if not ok or r[0] > r[1]:
+                raise ConfigError(f"must be [low, high], two positive factors with low <= high (or null), not {r!r}",
+                                  field=name)
+            setattr(self, name, [float(v) for v in r])
         if self.realism not in REALISM:
             raise ConfigError(f"must be one of {', '.join(REALISM)}, not {self.realism!r}", field="realism")
         if not 0 <= self.metal_share <= 1:

@@ -153,6 +153,21 @@ def phantom_tops(levels) -> list[str]:
     return [LEVELS[t] for t in range(len(LEVELS) - 4) if any(t <= i < t + 5 for i in idx)]
 
 
+def _anatomy_draws(cfg: TrainConfig, seed: int) -> dict:
+    """A stage-1 phantom's ``size`` and ``bone_density`` (PhantomConfig keywords), drawn
+    uniformly from the config's ranges on a stream of the phantom's seed of their own (so
+    the phantom's other draws stay those of a run without them); {} for ranges that are
+    None."""
+    rng = np.random.default_rng([seed, 77])
+    out = {}
+    for key, name in (("size", "phantom_size"), ("bone_density", "phantom_bone_density")):
+        r = getattr(cfg, name)
+        v = float(rng.uniform(r[0], r[1])) if r is not None else None
+        if v is not None:
+            out[key] = v
+    return out
+
+
 def sample_sources(cfg: TrainConfig, *, validation: bool) -> Iterator[tuple[str, Callable]]:
     """(name, loader) pairs; each loader returns (ct, seg, levels) or, for stage 2, a case."""
     from ..levels import level_id
@@ -171,7 +186,8 @@ def sample_sources(cfg: TrainConfig, *, validation: bool) -> Iterator[tuple[str,
                 pc = PhantomConfig(top_level=str(rng.choice(tops)), n_vertebrae=5,
                                    spacing=(cfg.phantom_spacing_mm,) * 3, lordosis_deg=float(rng.uniform(10, 45)),
                                    scoliosis_deg=float(rng.uniform(-10, 10)), table=bool(rng.random() < 0.3),
-                                   ribs=cfg.phantom_ribs, sacrum=cfg.phantom_sacrum, seed=seed)
+                                   ribs=cfg.phantom_ribs, sacrum=cfg.phantom_sacrum, seed=seed,
+                                   **_anatomy_draws(cfg, seed))
                 ct, seg = make_phantom(pc)
                 return ct, seg, {lv: level_id(lv) for lv in cfg.levels if lv in pc.levels}
             yield f"phantom seed {seed}", load

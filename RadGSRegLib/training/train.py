@@ -82,6 +82,7 @@ def _data_key(cfg: TrainConfig) -> str:
         keys += ("phantom_sacrum",)
     if cfg.ct_spacing_mm is not None:          # and those of CTs as they are
         keys += ("ct_spacing_mm",)
+    keys += tuple(k for k in ("phantom_size", "phantom_bone_density") if getattr(cfg, k) is not None)
     d = {k: getattr(cfg, k) for k in keys}
     d["model"] = {k: getattr(cfg.model, k) for k in ("image_pixels", "roi_mm", "voxels", "render_pixels")}
     return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:16]
