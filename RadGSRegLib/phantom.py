@@ -41,7 +41,10 @@ from .geometry import euler_to_matrix
 from .levels import LEVELS, level_id
 from .volume import Volume, affine_from
 
-__all__ = ["PhantomConfig", "make_phantom", "rib_id", "SACRUM_ID", "HIP_IDS"]
+__all__ = ["PhantomConfig", "make_phantom", "rib_id", "SACRUM_ID", "HIP_IDS", "MAX_FACTOR"]
+
+#: the largest ``size`` / ``bone_density`` a phantom takes (3: far past any adult's spine)
+MAX_FACTOR = 3.0
 
 SACRUM_ID = 25                                  # TotalSegmentator "sacrum" (the S1 segment is S1 = 26)
 HIP_IDS = {"left": 77, "right": 78}             # TotalSegmentator "hip_left", "hip_right"
@@ -85,11 +88,13 @@ class PhantomConfig:
             the processes' lengths; the processes' and laminae's thickness keep theirs) and
             so of the column's length (1: the phantom as before; a large adult's lumbar
             vertebrae are some 10-30 % larger than the mean phantom's, a small adult's
-            smaller); the trunk keeps ``trunk_mm``.
+            smaller); the trunk keeps ``trunk_mm``, the sacrum follows S1's dimensions but
+            its lateral masses and the hip bones keep their millimetres. At most
+            :data:`MAX_FACTOR`.
         bone_density: scale of every bone's HU (cortical shell, cancellous core, ribs,
             sacrum, hip bones; 1: as before, a young adult's dense bone; about 0.5: the thin,
             porous bone of an older patient, whose vertebrae stand out far less from the soft
-            tissue in an X-ray).
+            tissue in an X-ray). At most :data:`MAX_FACTOR`.
         context: extra vertebrae built (and labelled) above and below the requested ones,
             so that the column and the trunk run on past the levels of interest, as in a
             real scan.
@@ -114,8 +119,10 @@ class PhantomConfig:
     def __post_init__(self):
         level_id(self.top_level)
         for name in ("size", "bone_density"):
-            if not (np.isfinite(getattr(self, name)) and getattr(self, name) > 0):
-                raise ValueError(f"{name} must be a positive factor, got {getattr(self, name)!r}")
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float, np.integer, np.floating)) \
+                    or not (np.isfinite(v) and 0 < v <= MAX_FACTOR):
+                raise ValueError(f"{name} must be a factor > 0 and <= {MAX_FACTOR:g}, got {v!r}")
         if self.top_level not in LEVELS:
             raise ValueError(f"top_level must be a vertebra name, got {self.top_level!r}")
         first = LEVELS.index(self.top_level)

@@ -954,10 +954,12 @@ def test_phantom_size_and_bone_density_are_drawn_per_phantom_and_key_the_cache(t
     strip = lambda p: {k: v for k, v in vars(p).items() if k not in ("size", "bone_density")}
     assert [strip(p) for p in drawn] == [strip(p) for p in plain_pcs]
     assert _data_key(cfg) not in (_data_key(plain_cfg), _data_key(TrainConfig(**kw, phantom_size=[0.9, 1.3])))
+    s3 = dict(stage=3, init="default", ct_dirs=["sample"], out=str(tmp_path / "s3"), levels=["L3"])
+    assert _data_key(TrainConfig(**s3, phantom_size=[0.9, 1.3])) == _data_key(TrainConfig(**s3))   # no phantoms there
     shipped = load_train_config(Path(__file__).parents[1] / "Resources/Models/configs/stage1_cpu.json")
     assert _data_key(shipped) == "2ac60d10571f2241"      # unchanged: the shipped weights' cache name
     assert TrainConfig.from_dict({**plain_cfg.to_dict(), "phantom_size": [1, 1.2]}).phantom_size == [1.0, 1.2]
-    for bad in ([1.2, 0.9], [0, 1], [1.0], "big", [1, float("nan")], [True, 2]):
+    for bad in ([1.2, 0.9], [0, 1], [1.0], "big", [1, float("nan")], [True, 2], [1, 4]):
         with pytest.raises(ConfigError, match="phantom_bone_density"):
             TrainConfig(**kw, phantom_bone_density=bad)
 
@@ -1107,9 +1109,9 @@ def test_trained_levels_of_a_card_and_the_warning_for_a_level_the_network_never_
 def test_plan_epochs_fits_every_phase_in_the_time_left():
     from RadGSRegLib.training.train import plan_epochs
 
-    def plan(budget, spent, rec_s, reg_s, joint_s, done=1, most=(14, 8, 1)):
+    def plan(budget, spent, rec_s, reg_s, joint_s, done=1, most=(14, 8, 1), new_regm=False):
         return plan_epochs(budget, spent, {"rec": rec_s, "reg": reg_s, "joint": joint_s}, done=done,
-                           most=dict(zip(("rec", "reg", "joint"), most)))
+                           most=dict(zip(("rec", "reg", "joint"), most)), new_regm=new_regm)
 
     # ample: every RegM and joint epoch; RecM the rest, capped by the config's
     assert plan(600, 100, 20, 20, 40) == {"rec": 14, "reg": 8, "joint": 1}                 # 300 s left: 15 would fit
@@ -1121,6 +1123,13 @@ def test_plan_epochs_fits_every_phase_in_the_time_left():
     assert plan(600, 500, 50, 40, 100) == {"rec": 1, "reg": 2, "joint": 0}                 # 100 s: no joint + 40
     assert plan(600, 570, 50, 40, 100) == {"rec": 1, "reg": 0, "joint": 0}                 # 30 s: nothing fits
     assert plan(600, 700, 50, 40, 100) == {"rec": 1, "reg": 0, "joint": 0}                 # over already
+    # no joint epoch without a RegM epoch before it (a joint epoch shorter than a RegM one)
+    assert plan(600, 530, 50, 80, 60) == {"rec": 2, "reg": 0, "joint": 0}                  # 70 s: a RecM epoch
+    assert plan(600, 530, 50, 80, 60, most=(14, 0, 1)) == {"rec": 1, "reg": 0, "joint": 1}  # no RegM phase at all
+    # a RegM that starts untrained always gets its first epoch, past the budget if need be
+    assert plan(600, 700, 50, 40, 100, new_regm=True) == {"rec": 1, "reg": 1, "joint": 0}
+    assert plan(600, 460, 50, 40, 100, new_regm=True) == {"rec": 1, "reg": 1, "joint": 1}  # 140 s: 40 + 100
+    assert plan(600, 460, 50, 40, 100, most=(14, 0, 1), new_regm=True) == {"rec": 1, "reg": 0, "joint": 1}
     # never fewer RecM epochs than made, nor more of any phase than the config's
     assert plan(600, 100, 20, 20, 40, done=3, most=(2, 8, 1)) == {"rec": 3, "reg": 8, "joint": 1}
     assert plan(1e6, 0, 1, 1, 1, most=(3, 0, 2)) == {"rec": 3, "reg": 0, "joint": 2}
@@ -1133,7 +1142,14 @@ def test_plan_epochs_fits_every_phase_in_the_time_left():
         most["rec"] = max(most["rec"], 1)
         got = plan_epochs(budget, spent, secs, done=1, most=most)
         assert all(got[k] <= most[k] for k in most) and got["rec"] >= 1
-        assert sum((got[k] - (k == "rec")) * secs[k] for k in got) <= max(budget - spent, 0) + 1e-9
+        used = sum((got[k] - (k == "rec")) * secs[k] for k in got)
+        assert used <= max(budget - spent, 0) + 1e-9
+        # and it is not short: another epoch of a phase that has more to give would not fit
+        # (the joint ones are given before the later RegM epochs, so only once a RegM one is)
+        left = budget - spent - used
+        for k in ("rec", "reg") + (("joint",) if got["reg"] or not most["reg"] else ()):
+            if got[k] < most[k]:
+                assert secs[k] > left - 1e-9, (got, most, secs, left)
 
 
 def test_time_budget_plans_every_phase_and_a_resumed_run_keeps_the_plan(tmp_path, monkeypatch):
@@ -1160,14 +1176,22 @@ def test_time_budget_plans_every_phase_and_a_resumed_run_keeps_the_plan(tmp_path
               for d in ("ample", "plain")]
     assert losses[0] == losses[1]
     assert any("3 RecM epochs of at most 3" in x and "fit" not in x for x in lines)
-    # tight: the one RecM epoch made, no other epoch fits, and the log says so
+    # tight: the one RecM epoch made and, its RegM being new (no init), one RegM epoch; no
+    # joint one fits, and the log says so
     lines = []
     tight = T.train(TrainConfig(out=str(tmp_path / "tight"), time_budget_s=1e-3, **base), log=lines.append,
                     progress=False)
     rows = [json.loads(x) for x in (tmp_path / "tight" / "log.jsonl").read_text().splitlines()]
-    assert [r["phase"] for r in rows] == ["rec"]
+    assert [r["phase"] for r in rows] == ["rec", "reg"]
     card = RadGSRegNet.load(tight).card["time_budget"]
-    assert (card["rec_epochs"], card["reg_epochs"], card["joint_epochs"], card["budget_s"]) == (1, 0, 0, 1e-3)
+    assert (card["rec_epochs"], card["reg_epochs"], card["joint_epochs"], card["budget_s"]) == (1, 1, 0, 1e-3)
+    assert any("only 0 joint of 1 epochs fit" in x for x in lines)
+    # from trained weights (init), a tight budget leaves RegM as it was: the RecM epoch only
+    init_run = T.train(TrainConfig(out=str(tmp_path / "tight_init"), time_budget_s=1e-3, init=str(ample),
+                                   **{k: v for k, v in base.items() if k != "model"}), log=lines.append,
+                       progress=False)
+    rows = [json.loads(x) for x in (tmp_path / "tight_init" / "log.jsonl").read_text().splitlines()]
+    assert [r["phase"] for r in rows] == ["rec"] and RadGSRegNet.load(init_run).card["time_budget"]["reg_epochs"] == 0
     assert any("only 0 RegM of 1, 0 joint of 1 epochs fit" in x for x in lines)
     # a plan of 2 RecM, 0 RegM and 1 joint epoch, the run stopped in its 2nd RecM epoch;
     # resumed, it keeps that plan (a new one would say otherwise) and skips the RegM phase

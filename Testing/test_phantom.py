@@ -198,8 +198,8 @@ def test_phantom_command_writes_a_sacrum(tmp_path, capsys):
 
 def test_size_and_bone_density_scale_the_bones_only():
     """``size`` scales the vertebrae and discs (so the column), ``bone_density`` every bone's
-    HU and nothing else; 1 is the phantom as before; a factor that is not positive is refused,
-    naming the field."""
+    HU and nothing else; 1 is the default phantom; a factor that is not a number in (0, 3]
+    is refused, naming the field."""
     kw = dict(spacing=(3.0, 3.0, 3.0), seed=5, top_level="T12", n_vertebrae=3, ribs=True, sacrum=False)
     base, sb = make_phantom(PhantomConfig(**kw))
     same, ss = make_phantom(PhantomConfig(**kw, size=1.0, bone_density=1.0))
@@ -221,7 +221,7 @@ def test_size_and_bone_density_scale_the_bones_only():
         assert 1.25 < v1 / v0 < 1.2 ** 3 * 1.1, (lv, v1 / v0)
     gap = lambda s: s.label_centroid(level_id("T12"))[2] - s.label_centroid(level_id("L2"))[2]
     assert gap(s_big) / gap(sb) == pytest.approx(1.2, abs=0.06)
-    for bad in (0, -1.0, float("nan")):
+    for bad in (0, -1.0, float("nan"), 3.5, True, "1.2", None):
         for name in ("size", "bone_density"):
             with pytest.raises(ValueError, match=name):
                 PhantomConfig(**{name: bad})
@@ -243,4 +243,7 @@ def test_phantom_command_takes_size_and_bone_density(tmp_path, capsys):
     for bad in (["--size", "0"], ["--bone-density", "-1"], ["--size", "nan"]):
         assert main(args + ["--out", str(tmp_path / "c")] + bad) == 2
         assert f"argument {bad[0]}: must be a number > 0" in capsys.readouterr().err
+    for bad in (["--size", "5"], ["--bone-density", "3.5"]):
+        assert main(args + ["--out", str(tmp_path / "c")] + bad) == 2
+        assert f"{bad[0]}: " in capsys.readouterr().err
     assert not (tmp_path / "c").exists()

@@ -55,7 +55,7 @@ class TrainConfig:
         phantom_sacrum: stage 1: a phantom whose column reaches S1 gets a sacrum and hip bones
             there (:class:`~RadGSRegLib.phantom.PhantomConfig` ``sacrum``), so that S1 can be
             a training level as a sacrum and L4/L5 are seen with the pelvis beside them.
-        phantom_size / phantom_bone_density: stage 1: ``[low, high]``: each phantom's
+        phantom_size / phantom_bone_density: stage 1: ``[low, high]`` (factors > 0, at most 3): each phantom's
             ``size`` / ``bone_density`` (:class:`~RadGSRegLib.phantom.PhantomConfig`) drawn
             uniformly from that range (after its other draws, from its own seeded stream), so
             that the network sees larger and smaller vertebrae, dense and porous bone. None:
@@ -100,7 +100,9 @@ class TrainConfig:
             each as fit for it to end within the budget (the RegM and joint epochs estimated
             from a few timed batches of each; ``training.train.plan_epochs``): every RegM
             and joint epoch and RecM the rest when there is time, and when there is not,
-            fewer RegM epochs first, then fewer joint ones, down to the one RecM epoch made.
+            fewer RegM epochs first (down to one), then fewer joint ones, then no RegM
+            epoch (but a RegM that starts untrained, without ``init`` or with
+            ``new_regm``, always gets one), down to the one RecM epoch made.
             The plan is kept in the checkpoint, so a resumed run follows it. On a coarse CT
             that leaves time for many RecM epochs, on a fine one for few. A plan, not a hard
             stop (an estimate may be off by some seconds). The card's ``time_budget``
@@ -199,11 +201,14 @@ class TrainConfig:
             r = getattr(self, name)
             if r is None:
                 continue
+            from ..phantom import MAX_FACTOR
+
             ok = isinstance(r, (list, tuple)) and len(r) == 2 and all(
-                isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v > 0 for v in r)
+                isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and 0 < v <= MAX_FACTOR
+                for v in r)
             if not ok or r[0] > r[1]:
-                raise ConfigError(f"must be [low, high], two positive factors with low <= high (or null), not {r!r}",
-                                  field=name)
+                raise ConfigError(f"must be [low, high], two factors > 0 and <= {MAX_FACTOR:g} with low <= high "
+                                  f"(or null), not {r!r}", field=name)
             setattr(self, name, [float(v) for v in r])
         if self.realism not in REALISM:
             raise ConfigError(f"must be one of {', '.join(REALISM)}, not {self.realism!r}", field="realism")

@@ -162,9 +162,8 @@ def _anatomy_draws(cfg: TrainConfig, seed: int) -> dict:
     out = {}
     for key, name in (("size", "phantom_size"), ("bone_density", "phantom_bone_density")):
         r = getattr(cfg, name)
-        v = float(rng.uniform(r[0], r[1])) if r is not None else None
-        if v is not None:
-            out[key] = v
+        if r is not None:
+            out[key] = float(rng.uniform(r[0], r[1]))
     return out
 
 

@@ -82,7 +82,8 @@ def _data_key(cfg: TrainConfig) -> str:
         keys += ("phantom_sacrum",)
     if cfg.ct_spacing_mm is not None:          # and those of CTs as they are
         keys += ("ct_spacing_mm",)
-    keys += tuple(k for k in ("phantom_size", "phantom_bone_density") if getattr(cfg, k) is not None)
+    if cfg.stage == 1:                         # and those of the phantoms as they were (stage 1's only)
+        keys += tuple(k for k in ("phantom_size", "phantom_bone_density") if getattr(cfg, k) is not None)
     d = {k: getattr(cfg, k) for k in keys}
     d["model"] = {k: getattr(cfg.model, k) for k in ("image_pixels", "roi_mm", "voxels", "render_pixels")}
     return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:16]
@@ -306,7 +307,8 @@ def _checkpoint_plan(blob: dict, cfg: TrainConfig) -> dict | None:
     return None
 
 
-def plan_epochs(budget_s: float, spent_s: float, epoch_s: dict, *, done: int, most: dict) -> dict:
+def plan_epochs(budget_s: float, spent_s: float, epoch_s: dict, *, done: int, most: dict,
+                new_regm: bool = False) -> dict:
     """The epochs of each phase that a run with a time budget makes, so that it ends within
     ``budget_s`` (seconds from the run's start) after ``spent_s`` of them are spent and
     ``done`` RecM epochs (at least 1) are made.
@@ -315,14 +317,18 @@ def plan_epochs(budget_s: float, spent_s: float, epoch_s: dict, *, done: int, mo
         epoch_s: seconds of one epoch (with its validation and checkpoint) of each phase,
             keys ``rec``, ``reg``, ``joint``: the RecM epoch measured, the others estimated.
         most: the config's epochs of each phase (same keys), the most the plan gives.
+        new_regm: the run's RegM starts untrained (no ``init`` weights, or ``new_regm``):
+            it gets its first epoch (when ``most["reg"]`` has one) even past the budget, so
+            that no run writes weights whose RegM was never trained.
 
     Returns:
         ``{"rec", "reg", "joint"}``: epochs in all. What is left of the budget is handed out
         greedily in this order, each as many epochs as fit: one RegM epoch, the joint
-        epochs, the other RegM epochs, more RecM epochs. So an ample budget runs every RegM
-        and joint epoch and gives RecM the rest (at most ``most["rec"]``), a tight one
-        drops RegM epochs first, then the joint ones, then the last RegM one; RecM never
-        has fewer than ``done``.
+        epochs (only after a RegM epoch, or without RegM epochs in the config), the other
+        RegM epochs, more RecM epochs. So an ample budget runs every RegM and joint epoch
+        and gives RecM the rest (at most ``most["rec"]``), a tight one drops RegM epochs
+        first (down to one), then joint ones, then the last RegM one (not a new RegM's);
+        RecM never has fewer than ``done``.
     """
     left = budget_s - spent_s
 
@@ -332,8 +338,13 @@ def plan_epochs(budget_s: float, spent_s: float, epoch_s: dict, *, done: int, mo
         left -= k * epoch_s[phase]
         return k
 
-    reg = fit("reg", min(1, most["reg"]))
-    joint = fit("joint", most["joint"])
+    first = min(1, most["reg"])
+    if new_regm and first:
+        left -= epoch_s["reg"]
+        reg = first
+    else:
+        reg = fit("reg", first)
+    joint = fit("joint", most["joint"]) if reg or not most["reg"] else 0
     reg += fit("reg", most["reg"] - reg)
     rec = max(done, 1) + fit("rec", most["rec"] - max(done, 1))
     return {"rec": rec, "reg": reg, "joint": joint}
@@ -783,7 +794,8 @@ def train(cfg: TrainConfig, *, log=print, progress: bool = True) -> Path:
                                    {"rec": epoch_s + t_val + t_save, "reg": per["reg"] * n_batches + t_val + t_save,
                                     "joint": per["joint"] * n_batches + t_val + t_save},
                                    done=ep + 1, most={"rec": epochs, "reg": cfg.reg_epochs,
-                                                      "joint": cfg.joint_epochs})
+                                                      "joint": cfg.joint_epochs},
+                                   new_regm=not cfg.init or bool(cfg.new_regm))
                 epochs = plan["rec"]
                 row.update({f"{k}_epochs_planned": v for k, v in plan.items()})
                 _save_checkpoint(ckpt, net, opt, (pi, ep + 1) if ep + 1 < epochs else (pi + 1, 0), history, seconds,
