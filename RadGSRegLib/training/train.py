@@ -775,6 +775,10 @@ def train(cfg: TrainConfig, *, log=print, progress: bool = True) -> Path:
                 par.barrier()
                 continue
             epoch_s = time.perf_counter() - t0
+            planning = phase == "rec" and cfg.time_budget_s is not None and plan is None
+            # the timing probe of the other phases before this epoch's checkpoint, so that the
+            # checkpoint without a plan is followed at once by the one with it
+            per = _phase_batch_seconds(net, tr, cfg, device) if planning else None
             t_val = time.perf_counter()
             val = evaluate_samples(net, va, device=device) if va else {}
             t_val = time.perf_counter() - t_val
@@ -785,9 +789,8 @@ def train(cfg: TrainConfig, *, log=print, progress: bool = True) -> Path:
             step += 1
             t_save = _save_checkpoint(ckpt, net, opt, (pi, ep + 1) if ep + 1 < epochs else (pi + 1, 0), history,
                                       seconds, plan)
-            if phase == "rec" and cfg.time_budget_s is not None and plan is None:
+            if planning:
                 # plan every phase's epochs (then saved again, so that a resumed run follows the plan)
-                per = _phase_batch_seconds(net, tr, cfg, device)
                 n_batches = -(-len(tr) // cfg.batch)
                 spent = time.perf_counter() - t_run
                 plan = plan_epochs(cfg.time_budget_s, spent,
