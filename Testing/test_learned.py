@@ -491,7 +491,7 @@ def test_sharded_samples_depend_on_the_shards_not_on_the_processes(small_phantom
                                   "stage1_cpu_thoracic_reg5", "stage1_cpu_thoracic_wide",
                                   "stage1_cpu_thoracic_wide_reg5", "stage1_cpu_all", "stage1_cpu_all_reg5",
                                   "stage1_cpu_fine", "stage1_cpu_fine_reg5", "stage1_cpu_locate",
-                                  "stage1_cpu_anatomy"])
+                                  "stage1_cpu_anatomy", "stage1_cpu_crop"])
 def test_shipped_configs_load_and_build(name):
     """Every config in Resources/Models/configs is valid (no unknown key, consistent stage)
     and builds its network; the paper's uses its backbone and Eq. 3 weight. The RegM-only
@@ -522,6 +522,9 @@ def test_shipped_configs_load_and_build(name):
         assert cfg.add_locator and cfg.init == "default" and (cfg.rec_epochs, cfg.reg_epochs) == (4, 4)
     if name == "stage1_cpu_anatomy":           # the shipped weights on phantoms of drawn size and bone density
         assert cfg.init == "default" and cfg.phantom_size == [0.9, 1.3] and cfg.phantom_bone_density == [0.4, 1.0]
+    if name == "stage1_cpu_crop":              # the shipped weights seeing a window of each X-ray, finer pixels
+        assert cfg.init == "default" and cfg.model_changes == {"crop": 0.6, "render_pixels": 106}
+        assert cfg.phantom_size == [0.9, 1.3] and cfg.seed == 1     # the anatomy run's phantoms: only the crop differs
     if name.startswith("stage1_cpu_fine"):     # the all-levels runs on a 64 mm cube: 2 mm voxels, same count
         assert (cfg.model.roi_mm, cfg.model.voxels, cfg.model.voxel_mm) == (64.0, 32, 2.0)
     from dataclasses import replace
@@ -1324,3 +1327,85 @@ def test_add_locator_starts_from_init_exactly(tmp_path):
                   log=lambda *_: None)
     with pytest.raises(ConfigError, match="lambda_locate"):
         TrainConfig(lambda_locate=-1.0)
+
+
+def test_crop_shows_recm_a_window_about_the_cube_centre_with_matching_projections():
+    """``ModelConfig.crop``: RecM's encoder sees a window of ``crop`` of the detector around
+    where the cube's centre projects, at ``image_pixels``; a blob drawn where a 3-D point
+    projects on the whole detector is found in the window where the mapped matrices put it.
+    Without ``crop`` the images and matrices pass unchanged."""
+    from RadGSRegLib.learned.recm import RecM
+
+    cfg = ModelConfig(**{**TINY, "crop": 0.5})
+    S = cfg.input_pixels
+    assert S == 128 and ModelConfig(**TINY).input_pixels == 64
+    views = biplanar_views(pixels=S)
+    proj = torch.tensor(np.stack([views[n].projection_matrix() for n in ("ap", "lat")]), dtype=torch.float32)[None]
+    centre = torch.tensor([[12.0, -7.0, 20.0]])
+    point = np.array([30.0, 10.0, 5.0])
+    rows, cols = np.mgrid[:S, :S]
+    img = np.stack([np.exp(-((cols - u) ** 2 + (rows - r) ** 2) / 8.0)
+                    for u, r in (views[n].project(point) for n in ("ap", "lat"))]).astype(np.float32)
+    win, A = RecM(cfg).crop(torch.from_numpy(img)[None], proj, centre)
+    P = cfg.image_pixels
+    assert win.shape == (1, 2, P, P)
+    r, c = np.mgrid[:P, :P]
+    for v in range(2):
+        w = win[0, v].numpy()
+        found = np.array([(w * c).sum(), (w * r).sum()]) / w.sum()
+        h = A[0, v].numpy() @ np.r_[point, 1.0]
+        assert np.allclose(found, h[:2] / h[2], atol=0.05)
+        h = A[0, v].numpy() @ np.r_[centre[0].numpy(), 1.0]
+        assert np.allclose(h[:2] / h[2], (P - 1) / 2, atol=1e-3)                   # the window's centre
+        assert abs(w.sum() - img[v].sum() * (P / (0.5 * S)) ** 2) < 0.02 * img[v].sum()   # the whole blob, same pixels
+    same, same_proj = RecM(ModelConfig(**TINY)).crop(torch.from_numpy(img)[None], proj, centre)
+    assert torch.equal(same, torch.from_numpy(img)[None]) and torch.equal(same_proj, proj)
+    for bad in (0.0, 1.5, -0.2):
+        with pytest.raises(ConfigError, match="crop must be a fraction"):
+            ModelConfig(crop=bad)
+
+
+def test_model_changes_fine_tune_init_with_a_crop_and_register_with_it(small_phantom, tmp_path):
+    """``model_changes``: init's parameters unchanged under a crop and a render window, its
+    samples made at ``input_pixels`` (and cached apart), the written weights keep the crop
+    and register a case; refused without init, for a setting that changes the weights, and
+    for a bad value (naming the field)."""
+    from dataclasses import replace
+
+    from RadGSRegLib.cases import CaseGenConfig, make_case
+    from RadGSRegLib.cli import main
+    from RadGSRegLib.io import read_result, write_case
+    from RadGSRegLib.learned.model import load_plain
+    from RadGSRegLib.training.train import _data_key, check_run, train
+
+    torch.manual_seed(3)
+    RadGSRegNet(ModelConfig(**TINY)).save(tmp_path / "w.pt")
+    before = RadGSRegNet.load(tmp_path / "w.pt")
+    cfg = TrainConfig(out=str(tmp_path / "crop"), init=str(tmp_path / "w.pt"),
+                      model_changes={"crop": 0.5, "render_pixels": 48}, phantoms=1, phantom_spacing_mm=4.0,
+                      samples_per_ct=2, val_samples=1, levels=["L3"], rec_epochs=1, reg_epochs=1, joint_epochs=0,
+                      batch=2)
+    run = check_run(cfg, log=lambda *_: None)
+    assert (run.net.cfg.crop, run.net.cfg.render_pixels, run.cfg.model.crop) == (0.5, 48, 0.5)
+    state = run.net.state_dict()
+    assert state.keys() == before.state_dict().keys()
+    assert all(torch.equal(state[k], v) for k, v in before.state_dict().items())
+    assert _data_key(run.cfg) != _data_key(replace(run.cfg, model=replace(run.cfg.model, crop=None)))
+    after = RadGSRegNet.load(train(cfg, progress=False))
+    assert after.cfg.crop == 0.5 and after.cfg.input_pixels == 128
+    cached = load_plain(next((tmp_path / "crop" / "data").glob("samples-*.pt")))
+    assert cached["train"][0]["images"].shape == (2, 128, 128)
+    after.save(tmp_path / "crop.pt")
+    ct, seg = small_phantom
+    case = make_case(ct, seg, "L3", CaseGenConfig(rot_deg=5.0, trans_mm=10.0, pixels=128, seed=4),
+                     np.random.default_rng(4))
+    write_case(case, tmp_path / "case")
+    assert main(["register", str(tmp_path / "case"), "--out", str(tmp_path / "res"), "--model",
+                 str(tmp_path / "crop.pt"), "--refine", "none"]) == 0
+    assert read_result(tmp_path / "res").info["init"] == "learned"
+    with pytest.raises(ConfigError, match="model_changes.*without init"):
+        TrainConfig(model_changes={"crop": 0.5})
+    with pytest.raises(ConfigError, match="model_changes.*cannot change 'anchors'"):
+        TrainConfig(init="default", model_changes={"anchors": 5})
+    with pytest.raises(ConfigError, match="model_changes.crop must be a fraction"):
+        TrainConfig(init="default", model_changes={"crop": 2.0})

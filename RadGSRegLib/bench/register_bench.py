@@ -208,7 +208,7 @@ def _network_view(net, truth, cfg, metal_net=None):
     case = replace(truth, ground_truth=None)
     tgt = make_target(case, slab_mm=cfg.slab_mm, coarse_mm=cfg.coarse_mm)
     mask_metal(tgt, cfg.metal, net=metal_net)
-    images, valid = network_inputs(tgt, net.cfg.image_pixels)
+    images, valid = network_inputs(tgt, net.cfg.input_pixels)
     return case, images, valid, network_region(net, case)
 
 

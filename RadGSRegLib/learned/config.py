@@ -26,8 +26,14 @@ class ModelConfig:
     Attributes:
         backbone: RecM's 2-D image encoder: "small" (a 4-block MONAI ResNet, the CPU
             default), "resnet50" (the paper's), "densenet121" or "vit" (the ablation's).
-        image_pixels: working detector size; each X-ray is resampled to it (area-averaged,
-            geometry kept exact).
+        image_pixels: the side, in pixels, of the image RecM's encoder sees: the whole
+            working detector (each X-ray resampled to it, area-averaged, geometry kept exact),
+            or with ``crop`` a window of it.
+        crop: None: RecM sees the whole detector at ``image_pixels``. A fraction in (0, 1]:
+            each X-ray is resampled to :attr:`input_pixels` (``image_pixels / crop``) and RecM
+            sees a window of ``crop`` of the detector's side around where the cube's centre
+            projects, at ``image_pixels`` (finer pixels for the same cost; ours, not in the
+            paper: :class:`~RadGSRegLib.learned.recm.RecM` step 1).
         features: channels of the encoder's feature map fed to the fusion.
         hidden: width of the per-anchor features (fusion, CAL, Gaussian head).
         anchors: anchors per axis of the cube the Gaussians live in (anchors^3 of them).
@@ -63,6 +69,7 @@ class ModelConfig:
     regm: str = "resnet"
     regm_channels: tuple[int, int, int, int] = (16, 32, 64, 128)
     locate: bool = False
+    crop: float | None = None
 
     def __post_init__(self):
         check(self)
@@ -75,6 +82,9 @@ class ModelConfig:
         for name in ("roi_mm", "density_scale"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"must be positive, not {getattr(self, name)}", field=name)
+        if self.crop is not None and not 0 < self.crop <= 1:
+            raise ConfigError(f"must be a fraction of the detector's side in (0, 1] (or null: the whole "
+                              f"detector), not {self.crop}", field="crop")
         if not 0 < self.scale_mm[0] < self.scale_mm[1]:
             raise ConfigError(f"must be [min, max] with 0 < min < max, not {list(self.scale_mm)}", field="scale_mm")
         for i, c in enumerate(self.regm_channels):
@@ -88,6 +98,13 @@ class ModelConfig:
     @property
     def voxel_mm(self) -> float:
         return self.roi_mm / self.voxels
+
+    @property
+    def input_pixels(self) -> int:
+        """The side, in pixels, of the working detector each X-ray is resampled to before
+        RecM (:func:`~RadGSRegLib.learned.inputs.prepare_images`): ``image_pixels``, or with
+        ``crop`` ``round(image_pixels / crop)``."""
+        return self.image_pixels if self.crop is None else int(round(self.image_pixels / self.crop))
 
     def to_dict(self) -> dict:
         return asdict(self)

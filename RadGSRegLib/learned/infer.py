@@ -48,7 +48,7 @@ def predict(net: RadGSRegNet, case, T_in: np.ndarray, *, images: dict | None = N
         net: the loaded network. case: the :class:`~RadGSRegLib.io.Case` (CT, labels,
             vertebra label, X-rays, views). T_in: (4, 4) input pose.
         images: the X-rays already prepared as line integrals on the network's working
-            detector, {"ap", "lat"} -> (image (P, P), View) with ``P = net.cfg.image_pixels``
+            detector, {"ap", "lat"} -> (image (P, P), View) with ``P = net.cfg.input_pixels``
             (e.g. the registration target's :meth:`~RadGSRegLib.register.target.Target.image`);
             None: made from ``case.xrays``. valid: their pixels that carry a signal
             (:func:`~RadGSRegLib.learned.inputs.network_images`).
@@ -60,7 +60,7 @@ def predict(net: RadGSRegNet, case, T_in: np.ndarray, *, images: dict | None = N
     runtime = {}
     vr = region or network_region(net, case)
     if images is None:
-        x, _, proj = prepare_images(case.xrays, case.views, case.image_kind, cfg.image_pixels)
+        x, _, proj = prepare_images(case.xrays, case.views, case.image_kind, cfg.input_pixels)
     else:
         x, _, proj = network_images(images, valid)
     centre = apply(T_in, vr.centroid)

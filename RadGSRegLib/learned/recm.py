@@ -1,6 +1,10 @@
 """RecM: two X-rays -> radiative Gaussians of one vertebra (paper Sec. 2, Fig. 1e).
 
-1. **Encoder** (:mod:`.encoders`): each view's normalised X-ray -> a feature map.
+1. **Encoder** (:mod:`.encoders`): each view's normalised X-ray -> a feature map. With
+   ``ModelConfig.crop`` (ours; off in the shipped weights) the encoder sees a window of
+   ``crop`` of the detector's side centred where the cube's centre projects, resampled
+   from the finer working detector (``input_pixels``) to ``image_pixels``; the projection
+   matrices are mapped into the window, so step 2 is unchanged.
 2. **Geometry-aware fusion**: a cube of ``anchors^3`` anchor points (C-arm frame, side
    ``roi_mm``, centred on the vertebra's estimated position) is projected into both views
    with their exact projection matrices; each anchor gets the bilinearly sampled features
@@ -97,11 +101,48 @@ class RecM(nn.Module):
         """(B, anchors^3, hidden) fused anchor features of the cube centred at ``centre``.
 
         Args:
-            images: (B, 2, P, P) normalised X-rays (AP, lateral) at the working size.
+            images: (B, 2, S, S) normalised X-rays (AP, lateral) at the working size
+                ``S = ModelConfig.input_pixels``.
             proj: (B, 2, 3, 4) their projection matrices (C-arm mm -> working pixels).
             centre: (B, 3) ROI centres, C-arm mm.
         """
+        images, proj = self.crop(images, proj, centre)
         return self._fuse(self._encode(images), proj, centre, images.shape[-1])
+
+    def crop(self, images: torch.Tensor, proj: torch.Tensor, centre: torch.Tensor):
+        """The window of each X-ray that RecM sees (``ModelConfig.crop``), and the
+        projection matrices into it; the images and matrices as they are without ``crop``.
+
+        Args: as :meth:`features`, ``images`` (B, 2, S, S) at ``input_pixels``.
+        Returns:
+            (B, 2, P, P) windows, ``P = image_pixels``: ``crop`` x S source pixels on a side,
+            centred where ``centre`` projects, bilinear (0 outside the detector); (B, 2, 3, 4)
+            matrices C-arm mm -> window pixels (pixel centres at integers, as in ``proj``).
+        """
+        if self.cfg.crop is None:
+            return images, proj
+        B, V, S, _ = images.shape
+        P = self.cfg.image_pixels
+        k = P / (self.cfg.crop * S)                                              # window pixels per source pixel
+        ch = torch.cat([centre, torch.ones_like(centre[:, :1])], -1)             # (B, 4)
+        uvw = torch.einsum("bvij,bj->bvi", proj, ch)
+        uc = uvw[..., :2] / uvw[..., 2:3].clamp(min=1e-6)                        # (B, V, 2) source pixels
+        edge = uc + 0.5 - P / (2 * k)                                            # window's first edge (source
+        #                                                                          pixel i spans [i, i + 1] here)
+        t = (0.5 - edge) * k - 0.5                                               # u_window = k u_source + t
+        A = torch.zeros(B, V, 3, 3, dtype=proj.dtype, device=proj.device)
+        A[..., 0, 0] = k
+        A[..., 1, 1] = k
+        A[..., :2, 2] = t
+        A[..., 2, 2] = 1.0
+        j = (torch.arange(P, dtype=images.dtype, device=images.device) + 0.5) / k   # window pixel centres from its edge
+        e = edge[..., None, :].to(images.dtype) + j[None, None, :, None]        # (B, V, P, 2) source edge coords
+        gx = e[..., 0] / S * 2 - 1
+        gy = e[..., 1] / S * 2 - 1
+        grid = torch.stack([gx[:, :, None, :].expand(-1, -1, P, -1), gy[:, :, :, None].expand(-1, -1, -1, P)], -1)
+        win = F.grid_sample(images.reshape(B * V, 1, S, S), grid.reshape(B * V, P, P, 2), mode="bilinear",
+                            padding_mode="zeros", align_corners=False)
+        return win.reshape(B, V, P, P), A @ proj
 
     def _encode(self, images: torch.Tensor) -> torch.Tensor:
         """(B, 2, C, h, w) feature maps of the two views."""
@@ -130,6 +171,7 @@ class RecM(nn.Module):
             mm, shift (B, 3) mm from ``centre`` (with gradient; the re-centring uses it
             detached)); without a locator: the cube at ``centre``, shift None.
         """
+        images, proj = self.crop(images, proj, centre)
         fmap = self._encode(images)
         P = images.shape[-1]
         X = self._fuse(fmap, proj, centre, P)

@@ -231,7 +231,7 @@ def learned_stage(reg: Registration) -> None:
     reg.report.stage("learned", "RadGS-Reg network")
     with reg.timed("learned"):
         net = reg.net
-        images, valid = network_inputs(reg.target, net.cfg.image_pixels)
+        images, valid = network_inputs(reg.target, net.cfg.input_pixels)
         pred = predict(net, reg.case, reg.T, images=images, valid=valid, device=reg.cfg.device)
         reg.recon, reg.region = pred.recon, pred.region.crop
         best = reg.candidates[0]

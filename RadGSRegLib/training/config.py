@@ -17,7 +17,11 @@ from pathlib import Path
 from ..configio import ConfigError, at_least, build, check, read_json
 from ..learned.config import ModelConfig
 
-__all__ = ["TrainConfig", "STAGES", "DEVICES", "REALISM", "load_train_config", "ConfigError"]
+__all__ = ["TrainConfig", "STAGES", "DEVICES", "REALISM", "MODEL_CHANGES", "load_train_config", "ConfigError"]
+
+#: the model settings ``TrainConfig.model_changes`` may replace in ``init``'s: the X-rays' window and
+#: the loss's render window, which keep every parameter's shape
+MODEL_CHANGES = ("crop", "render_pixels")
 
 STAGES = (1, 2, 3)
 #: ``TrainConfig.realism`` values
@@ -45,6 +49,10 @@ class TrainConfig:
         add_locator: with ``init`` weights that have no locator: add RecM's locator
             (``model.locate``; :class:`~RadGSRegLib.learned.recm.RecM` step 5), new and
             starting at a shift of 0, so that the network starts as ``init``'s exactly.
+        model_changes: with ``init``: model settings that replace the weights' own and keep
+            every parameter's shape (:data:`MODEL_CHANGES`: ``crop``, ``render_pixels``),
+            e.g. ``{"crop": 0.6, "render_pixels": 106}``: the trained network fine-tuned to
+            see a window of each X-ray at finer pixels; None: the weights' settings.
         phantoms / phantom_spacing_mm: stage 1: phantom CTs generated (seeded) and their
             voxel size. Each phantom has 5 vertebrae, its top drawn from T11, T12, L1 when
             ``levels`` lie within T11-L5 (the earlier shipped weights' data), otherwise from the tops
@@ -82,8 +90,8 @@ class TrainConfig:
             formation model: the first shipped weights' data) or "drawn" (every sample's
             effects drawn as :func:`~RadGSRegLib.cases.random_case_config` draws them for a
             case: instruments, articulation, round field, dose, scatter, the body beyond
-            the scan; simulated at twice ``model.image_pixels`` on the standard 292.8 mm
-            detector, as the case suites are, then resampled).
+            the scan; simulated at twice ``model.image_pixels``, at least
+            ``model.input_pixels``, on the standard 292.8 mm detector, as the case suites are, then resampled).
         metal_share: with ``realism`` "drawn", the share of samples with instruments.
         data_shards: the training samples are drawn as this many independent seeded streams
             (phantoms split among them, or one CT's samples split among them when there are
@@ -140,6 +148,7 @@ class TrainConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     new_regm: str | None = None
     add_locator: bool = False
+    model_changes: dict | None = None
     phantoms: int = 24
     phantom_spacing_mm: float = 2.0
     phantom_ribs: bool = False
@@ -258,6 +267,18 @@ class TrainConfig:
                                   "set model.regm", field="new_regm")
         if self.add_locator and not self.init:
             raise ConfigError("adds a locator to init's network; without init, set model.locate", field="add_locator")
+        if self.model_changes is not None:
+            if not self.init:
+                raise ConfigError("changes init's model settings; without init, set them in model",
+                                  field="model_changes")
+            for k, v in self.model_changes.items():
+                if k not in MODEL_CHANGES:
+                    raise ConfigError(f"cannot change {k!r} (it would change the weights' shapes or meaning); "
+                                      f"changeable: {', '.join(MODEL_CHANGES)}", field="model_changes")
+                try:
+                    ModelConfig(**{k: v})
+                except ConfigError as e:
+                    raise ConfigError(e.problem, field=f"model_changes.{k}") from None
         if self.stage in (2, 3) and not self.init:
             raise ConfigError(f"stage {self.stage} fine-tunes earlier weights: give init (e.g. the shipped stage-1 model)")
 

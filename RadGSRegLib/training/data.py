@@ -3,8 +3,8 @@
 A sample is one vertebra seen by a biplanar C-arm at a known pose ``G`` (``T_ct_to_carm``):
 
 - ``images`` (2, P, P): the AP and lateral X-rays, as line integrals, resampled to the
-  working size P and normalised (:func:`prepare_images`); ``proj`` (2, 3, 4) their exact
-  projection matrices at that size.
+  working size P (``ModelConfig.input_pixels``) and normalised (:func:`prepare_images`);
+  ``proj`` (2, 3, 4) their exact projection matrices at that size.
 - ``T_in`` (4, 4): the truth perturbed about the vertebra (what localisation leaves, the
   input RegM corrects); ``centre`` (3,): where ``T_in`` puts the vertebra (C-arm mm), the
   centre of the reconstruction cube.
@@ -69,7 +69,7 @@ def perturb_pose(G: np.ndarray, centroid: np.ndarray, rng: np.random.Generator, 
 def make_sample(vr: VertebraRegion, G: np.ndarray, xrays: dict, views: dict, image_kind: str, cfg: ModelConfig,
                 rng: np.random.Generator, *, input_rot_deg: float, input_trans_mm: float) -> dict:
     """One training sample (see the module docstring) from X-rays taken at pose ``G``."""
-    images, wviews, proj = prepare_images(xrays, views, image_kind, cfg.image_pixels)
+    images, wviews, proj = prepare_images(xrays, views, image_kind, cfg.input_pixels)
     T_in, centre = perturb_pose(G, vr.centroid, rng, rot_deg=input_rot_deg, trans_mm=input_trans_mm)
     W = cfg.render_pixels
     targets, wins = [], []
@@ -249,7 +249,7 @@ def _shard_samples(cfg: TrainConfig, work: list[tuple[int, int]], rng: np.random
     from ..cases import make_case, random_case_config
 
     mc = cfg.model
-    views = biplanar_views(pixels=mc.image_pixels)
+    views = biplanar_views(pixels=mc.input_pixels)
     sim = XraySimConfig()
     total = cfg.val_samples if validation else None
     sources = list(sample_sources(cfg, validation=validation))
@@ -277,8 +277,8 @@ def _shard_samples(cfg: TrainConfig, work: list[tuple[int, int]], rng: np.random
             vr = regions[lv]
             if cfg.realism == "drawn":      # a realistic case, its effects drawn (at the suites' detector)
                 case = make_case(ct, seg, lv, random_case_config(
-                    rng, pixels=2 * mc.image_pixels, metal_share=cfg.metal_share, rot_deg=cfg.pose_rot_deg,
-                    trans_mm=cfg.pose_trans_mm), rng, label=levels[lv])
+                    rng, pixels=max(2 * mc.image_pixels, mc.input_pixels), metal_share=cfg.metal_share,
+                    rot_deg=cfg.pose_rot_deg, trans_mm=cfg.pose_trans_mm), rng, label=levels[lv])
                 G, xr, sviews, kind = case.ground_truth, case.xrays, case.views, case.image_kind
             else:
                 T0 = np.eye(4)

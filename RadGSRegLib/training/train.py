@@ -86,6 +86,8 @@ def _data_key(cfg: TrainConfig) -> str:
         keys += tuple(k for k in ("phantom_size", "phantom_bone_density") if getattr(cfg, k) is not None)
     d = {k: getattr(cfg, k) for k in keys}
     d["model"] = {k: getattr(cfg.model, k) for k in ("image_pixels", "roi_mm", "voxels", "render_pixels")}
+    if cfg.model.crop is not None:             # X-rays at input_pixels: keys of whole-detector runs unchanged
+        d["model"]["crop"] = cfg.model.crop
     return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
@@ -473,6 +475,13 @@ def check_run(cfg: TrainConfig, *, log=print) -> _Run:
             net.load_state_dict({**net.state_dict(), **old.state_dict()})   # all but the locator: init's
             net.card = old.card
             log(f"init {cfg.init}: its network, and a new locator (add_locator)")
+        if cfg.model_changes:                   # init's parameters under other input settings
+            old = net
+            net = RadGSRegNet(dataclasses.replace(old.cfg, **cfg.model_changes))
+            net.load_state_dict(old.state_dict())
+            net.card = old.card
+            log(f"init {cfg.init}: its network, with " + ", ".join(f"{k} {v}" for k, v in cfg.model_changes.items())
+                + " (model_changes)")
         if net.cfg != cfg.model:
             log(f"init {cfg.init}: the network's settings come from the weights (the config's model settings "
                 "are not used)")
