@@ -67,6 +67,14 @@ class GaussianSet:
         return self.density, self.position, covariance(self.scale, R), precision(self.scale, R), whitening(self.scale, R)
 
 
+def _project(proj: torch.Tensor, X: torch.Tensor) -> torch.Tensor:
+    """(B, V, N, 2) pixel positions (column, row) of points ``X`` (B, N, 3) C-arm mm in the
+    views of ``proj`` (B, V, 3, 4)."""
+    Xh = torch.cat([X, torch.ones_like(X[..., :1])], -1)                         # (B, N, 4)
+    uvw = torch.einsum("bvij,bnj->bvni", proj, Xh)                               # (B, V, N, 3)
+    return uvw[..., :2] / uvw[..., 2:3].clamp(min=1e-6)
+
+
 class RecM(nn.Module):
     """Biplanar X-rays -> radiative Gaussians (see the module docstring)."""
 
@@ -124,9 +132,7 @@ class RecM(nn.Module):
         B, V, S, _ = images.shape
         P = self.cfg.image_pixels
         k = P / (self.cfg.crop * S)                                              # window pixels per source pixel
-        ch = torch.cat([centre, torch.ones_like(centre[:, :1])], -1)             # (B, 4)
-        uvw = torch.einsum("bvij,bj->bvi", proj, ch)
-        uc = uvw[..., :2] / uvw[..., 2:3].clamp(min=1e-6)                        # (B, V, 2) source pixels
+        uc = _project(proj, centre[:, None])[:, :, 0]                            # (B, V, 2) source pixels
         edge = uc + 0.5 - P / (2 * k)                                            # window's first edge (source
         #                                                                          pixel i spans [i, i + 1] here)
         t = (0.5 - edge) * k - 0.5                                               # u_window = k u_source + t
@@ -153,9 +159,7 @@ class RecM(nn.Module):
     def _fuse(self, fmap: torch.Tensor, proj: torch.Tensor, centre: torch.Tensor, P: int) -> torch.Tensor:
         B, V = fmap.shape[:2]
         X = self.anchors(centre)                                                 # (B, N, 3)
-        Xh = torch.cat([X, torch.ones_like(X[..., :1])], -1)                     # (B, N, 4)
-        uvw = torch.einsum("bvij,bnj->bvni", proj, Xh)                           # (B, V, N, 3)
-        uv = uvw[..., :2] / uvw[..., 2:3].clamp(min=1e-6)
+        uv = _project(proj, X)
         grid = (uv + 0.5) / P * 2 - 1                                            # pixel centres -> (-1, 1)
         f = F.grid_sample(fmap.reshape(B * V, *fmap.shape[2:]), grid.reshape(B * V, 1, -1, 2), mode="bilinear",
                           padding_mode="zeros", align_corners=False)             # (B V, C, 1, N)

@@ -69,6 +69,21 @@ def _seed(seed: int):
     torch.manual_seed(seed)
 
 
+def _rebuilt(old: RadGSRegNet, new_cfg, seed: int, *, keep: str = "") -> RadGSRegNet:
+    """A network of settings ``new_cfg`` (a :class:`~RadGSRegLib.learned.config.ModelConfig`)
+    with ``old``'s parameters whose names start with ``keep`` ("": all of them; "recm.": its
+    RecM) and ``old``'s card; the parameters it does not take from ``old`` start from ``seed``
+    (the global torch generator is left as it was)."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        net = RadGSRegNet(new_cfg)
+    state = net.state_dict()
+    state.update({k: v for k, v in old.state_dict().items() if k.startswith(keep)})
+    net.load_state_dict(state)
+    net.card = old.card
+    return net
+
+
 def _data_key(cfg: TrainConfig) -> str:
     keys = ("stage", "phantoms", "phantom_spacing_mm", "ct_dirs", "case_dirs", "levels", "samples_per_ct",
             "val_samples", "pose_rot_deg", "pose_trans_mm", "input_rot_deg", "input_trans_mm", "seed")
@@ -453,33 +468,20 @@ def check_run(cfg: TrainConfig, *, log=print) -> _Run:
     if cfg.init:
         net = RadGSRegNet.load(cfg.init_path())
         if cfg.new_regm:                        # init's RecM, a new untrained RegM of that kind
-            old = net
             try:
-                new_cfg = dataclasses.replace(old.cfg, regm=cfg.new_regm)
+                new_cfg = dataclasses.replace(net.cfg, regm=cfg.new_regm)
             except ConfigError as e:
                 raise ConfigError(f"{cfg.new_regm!r}: the network of {cfg.init_path()} cannot take it ({e})",
                                   field="new_regm") from None
-            with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(cfg.seed)
-                net = RadGSRegNet(new_cfg)
-            net.recm.load_state_dict(old.recm.state_dict())
-            net.card = old.card                 # what the kept RecM was trained on
+            net = _rebuilt(net, new_cfg, cfg.seed, keep="recm.")   # the card: what the kept RecM was trained on
             log(f"init {cfg.init}: its RecM, and a new untrained {cfg.new_regm} RegM (new_regm)")
         if cfg.add_locator:                     # init's network, and a new locator that starts at shift 0
             if net.cfg.locate:
                 raise ConfigError(f"{cfg.init_path()} has a locator already; drop add_locator", field="add_locator")
-            old = net
-            with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(cfg.seed)
-                net = RadGSRegNet(dataclasses.replace(old.cfg, locate=True))
-            net.load_state_dict({**net.state_dict(), **old.state_dict()})   # all but the locator: init's
-            net.card = old.card
+            net = _rebuilt(net, dataclasses.replace(net.cfg, locate=True), cfg.seed)   # all but the locator: init's
             log(f"init {cfg.init}: its network, and a new locator (add_locator)")
         if cfg.model_changes:                   # init's parameters under other input settings
-            old = net
-            net = RadGSRegNet(dataclasses.replace(old.cfg, **cfg.model_changes))
-            net.load_state_dict(old.state_dict())
-            net.card = old.card
+            net = _rebuilt(net, dataclasses.replace(net.cfg, **cfg.model_changes), cfg.seed)
             log(f"init {cfg.init}: its network, with " + ", ".join(f"{k} {v}" for k, v in cfg.model_changes.items())
                 + " (model_changes)")
         if net.cfg != cfg.model:
