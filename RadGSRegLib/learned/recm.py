@@ -1,7 +1,7 @@
 """RecM: two X-rays -> radiative Gaussians of one vertebra (paper Sec. 2, Fig. 1e).
 
 1. **Encoder** (:mod:`.encoders`): each view's normalised X-ray -> a feature map. With
-   ``ModelConfig.crop`` (ours; off in the shipped weights) the encoder sees a window of
+   ``ModelConfig.crop`` (ours; off by default, 0.6 in the shipped weights) the encoder sees a window of
    ``crop`` of the detector's side centred where the cube's centre projects, resampled
    from the finer working detector (``input_pixels``) to ``image_pixels``; the projection
    matrices are mapped into the window, so step 2 is unchanged.
