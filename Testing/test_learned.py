@@ -528,11 +528,11 @@ def test_shipped_configs_load_and_build(name):
         assert cfg.time_budget_s is not None and cfg.time_budget_s <= 600 and cfg.rec_epochs > 2
         assert cfg.ct_spacing_mm == 2.0             # a 1 mm CT simulated at 2 mm: 9.9 min instead of 17 (card)
     if name == "stage1_cpu_locate":            # the 2026-12-01 weights plus RecM's locator (the model card's try)
-        assert cfg.add_locator and cfg.init == ALL_REG5 and (cfg.rec_epochs, cfg.reg_epochs) == (4, 4)
+        assert cfg.add_locator and (cfg.rec_epochs, cfg.reg_epochs) == (4, 4)
     if name == "stage1_cpu_anatomy":           # the 2026-12-01 weights on phantoms of drawn size and bone density
-        assert cfg.init == ALL_REG5 and cfg.phantom_size == [0.9, 1.3] and cfg.phantom_bone_density == [0.4, 1.0]
+        assert cfg.phantom_size == [0.9, 1.3] and cfg.phantom_bone_density == [0.4, 1.0]
     if name == "stage1_cpu_crop":              # the 2026-12-01 weights seeing a window of each X-ray: the shipped ones
-        assert cfg.init == ALL_REG5 and cfg.model_changes == {"crop": 0.6, "render_pixels": 106}
+        assert cfg.model_changes == {"crop": 0.6, "render_pixels": 106}
         assert cfg.phantom_size == [0.9, 1.3] and cfg.seed == 1     # the anatomy run's phantoms: only the crop differs
     if name.startswith("stage1_cpu_fine"):     # the all-levels runs on a 64 mm cube: 2 mm voxels, same count
         assert (cfg.model.roi_mm, cfg.model.voxels, cfg.model.voxel_mm) == (64.0, 32, 2.0)
