@@ -105,23 +105,11 @@ class RecM(nn.Module):
         """(B, anchors^3, 3) anchor positions (mm) for ROI centres (B, 3)."""
         return centre[:, None, :] + self.unit_anchors[None] * (self.cfg.roi_mm / 2)
 
-    def features(self, images: torch.Tensor, proj: torch.Tensor, centre: torch.Tensor) -> torch.Tensor:
-        """(B, anchors^3, hidden) fused anchor features of the cube centred at ``centre``.
-
-        Args:
-            images: (B, 2, S, S) normalised X-rays (AP, lateral) at the working size
-                ``S = ModelConfig.input_pixels``.
-            proj: (B, 2, 3, 4) their projection matrices (C-arm mm -> working pixels).
-            centre: (B, 3) ROI centres, C-arm mm.
-        """
-        images, proj = self.crop(images, proj, centre)
-        return self._fuse(self._encode(images), proj, centre, images.shape[-1])
-
     def crop(self, images: torch.Tensor, proj: torch.Tensor, centre: torch.Tensor):
         """The window of each X-ray that RecM sees (``ModelConfig.crop``), and the
         projection matrices into it; the images and matrices as they are without ``crop``.
 
-        Args: as :meth:`features`, ``images`` (B, 2, S, S) at ``input_pixels``.
+        Args: as :meth:`locate`.
         Returns:
             (B, 2, P, P) windows, ``P = image_pixels``: ``crop`` x S source pixels on a side,
             centred where ``centre`` projects, bilinear (0 outside the detector); (B, 2, 3, 4)
@@ -169,7 +157,11 @@ class RecM(nn.Module):
     def locate(self, images: torch.Tensor, proj: torch.Tensor, centre: torch.Tensor):
         """Where the X-rays put the vertebra, and the fused features of the cube centred there.
 
-        Args: as :meth:`features`.
+        Args:
+            images: (B, 2, S, S) normalised X-rays (AP, lateral) at the working size
+                ``S = ModelConfig.input_pixels``.
+            proj: (B, 2, 3, 4) their projection matrices (C-arm mm -> working pixels).
+            centre: (B, 3) ROI centres, C-arm mm: where the input pose puts the vertebra.
         Returns:
             (features (B, anchors^3, hidden) at the re-centred cube, its centres (B, 3) C-arm
             mm, shift (B, 3) mm from ``centre`` (with gradient; the re-centring uses it
