@@ -502,18 +502,17 @@ def test_shipped_configs_load_and_build(name):
     path = Path(__file__).resolve().parents[1] / "Resources" / "Models" / "configs" / f"{name}.json"
     # the fine-tunes of the 2026-12-01 weights name no init: "default" is the crop run's own
     # result since 2026-12-02, and fine-tuning it again would not reproduce the card; the
-    # card's commands give --init (those that change init's network are refused without it)
+    # card's commands give --init (refused without it: those that change init's network, and
+    # the anatomy run by its "fine_tune")
     ALL_REG5 = "runs/stage1_cpu_all_reg5/model.pt"
-    if name.endswith("_reg5") or name in ("stage1_cpu_flow", "stage1_cpu_locate", "stage1_cpu_crop"):
+    if name.endswith("_reg5") or name in ("stage1_cpu_flow", "stage1_cpu_locate", "stage1_cpu_crop",
+                                          "stage1_cpu_anatomy"):
         with pytest.raises(ConfigError, match="init"):
             load_train_config(path)
         cfg = load_train_config(path, init=ALL_REG5)
         if name.endswith("_reg5") or name == "stage1_cpu_flow":
             assert (cfg.rec_epochs, cfg.joint_epochs, cfg.input_rot_deg) == (0, 0, 5.0)
             assert cfg.new_regm == ("flow" if name == "stage1_cpu_flow" else None)
-    elif name == "stage1_cpu_anatomy":
-        assert load_train_config(path).init is None
-        cfg = load_train_config(path, init=ALL_REG5)
     else:
         cfg = load_train_config(path)
     if "thoracic" in name:                      # phantoms with ribs that reach T6

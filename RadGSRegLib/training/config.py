@@ -49,6 +49,9 @@ class TrainConfig:
         add_locator: with ``init`` weights that have no locator: add RecM's locator
             (``model.locate``; :class:`~RadGSRegLib.learned.recm.RecM` step 5), new and
             starting at a shift of 0, so that the network starts as ``init``'s exactly.
+        fine_tune: the config continues trained weights (its learning rate and few epochs are
+            chosen for that): refused without ``init``, so that it cannot train new weights
+            from random by mistake.
         model_changes: with ``init``: model settings that replace the weights' own and keep
             every parameter's shape (:data:`MODEL_CHANGES`: ``crop``, ``render_pixels``),
             e.g. ``{"crop": 0.6, "render_pixels": 106}``: the trained network fine-tuned to
@@ -148,6 +151,7 @@ class TrainConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     new_regm: str | None = None
     add_locator: bool = False
+    fine_tune: bool = False
     model_changes: dict | None = None
     phantoms: int = 24
     phantom_spacing_mm: float = 2.0
@@ -250,6 +254,9 @@ class TrainConfig:
         if self.rec_epochs == 0 and self.joint_epochs == 0 and not self.init:
             raise ConfigError("rec_epochs and joint_epochs are 0 without init: RegM would learn on an untrained "
                               "RecM's reconstructions; give init (the weights to continue from)", field="init")
+        if self.fine_tune and not self.init:
+            raise ConfigError("this config fine-tunes trained weights (fine_tune is true): give init (the "
+                              "weights it continues, e.g. --init PT)", field="init")
         if self.stage == 1 and self.phantoms < 1 and not self.ct_dirs:
             raise ConfigError("stage 1 trains on phantoms and CTs: give phantoms >= 1 or ct_dirs")
         if self.stage == 2 and not self.case_dirs:
