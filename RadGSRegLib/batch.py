@@ -286,11 +286,11 @@ def register_batch(cases, out, *, config: dict | None = None, workers: int = 1, 
             torch.set_num_threads(before[0])
             numba.set_num_threads(before[1])
     else:
-        import multiprocessing as mp
-        from concurrent.futures import ProcessPoolExecutor, as_completed
+        from concurrent.futures import as_completed
 
-        with ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn"), initializer=_init,
-                                 initargs=(config, threads)) as pool:
+        from .workers import process_pool
+
+        with process_pool(workers, initializer=_init, initargs=(config, threads)) as pool:
             futures = {pool.submit(_one, str(d), str(out / d.name)): d for d in todo}
             for f in as_completed(futures):
                 try:

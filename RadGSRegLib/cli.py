@@ -1031,8 +1031,9 @@ _COMMANDS = {"demo": _cmd_demo, "phantom": _cmd_phantom, "simulate-cases": _cmd_
 
 def main(argv=None) -> int:
     """Run one command; returns the exit code: 0 done, 1 bad input or failed job, 2 bad
-    usage, 130 interrupted. Errors are one line on stderr (with ``--debug``: the traceback);
-    an unexpected error also writes a full report to a file and says where."""
+    usage, 130 interrupted (Ctrl-C), 143 terminated (SIGTERM: ``kill PID``). Errors are one
+    line on stderr (with ``--debug``: the traceback); an unexpected error also writes a full
+    report to a file and says where."""
     parser = build_parser()
     try:
         args = parser.parse_args(argv)
@@ -1047,8 +1048,11 @@ def main(argv=None) -> int:
         with _interruptible():
             _COMMANDS[args.command](args)
     except KeyboardInterrupt:
-        print(f"\n{name}: interrupted", file=sys.stderr)
-        return 130
+        import signal
+
+        terminated = signal.SIGTERM in _INTERRUPTED
+        print(f"\n{name}: {'terminated (SIGTERM)' if terminated else 'interrupted'}", file=sys.stderr)
+        return 128 + (signal.SIGTERM if terminated else signal.SIGINT)
     except UsageError as e:
         _debug_traceback(args)
         print(f"{name}: error: {e} (see {name} --help)", file=sys.stderr)
@@ -1066,8 +1070,9 @@ def main(argv=None) -> int:
     return 0
 
 
-#: set when Ctrl-C arrives during a command: the progress callbacks raise KeyboardInterrupt
-#: even when Python swallowed the first one (raised inside a C callback or a finaliser)
+#: the signals (SIGINT: Ctrl-C; SIGTERM: ``kill PID``) that arrived during a command: the
+#: progress callbacks raise KeyboardInterrupt even when Python swallowed the first one (raised
+#: inside a C callback or a finaliser)
 _INTERRUPTED = []
 
 
@@ -1090,18 +1095,21 @@ def _interruptible():
         if not isinstance(info.exc_value, KeyboardInterrupt):
             default(info)
 
-    previous, previous_hook = signal.signal(signal.SIGINT, handler), sys.unraisablehook
-    sys.unraisablehook = unraisable
+    # SIGTERM as Ctrl-C: the same clean-ups (temporary outputs removed, worker processes
+    # stopped) instead of Python's default, which ends the process on the spot
+    previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+    previous_hook, sys.unraisablehook = sys.unraisablehook, unraisable
     _INTERRUPTED.clear()
     try:
         yield
     finally:
-        signal.signal(signal.SIGINT, previous)
+        for s, h in previous.items():
+            signal.signal(s, h)
         sys.unraisablehook = previous_hook
 
 
 def _check_interrupted():
-    """At a safe point of a long job: stop if Ctrl-C was pressed."""
+    """At a safe point of a long job: stop if Ctrl-C was pressed (or SIGTERM came)."""
     if _INTERRUPTED:
         raise KeyboardInterrupt
 

@@ -414,7 +414,7 @@ def test_write_geometry_is_atomic(tmp_path):
 def test_ctrl_c_during_the_final_rename_is_held_until_it_is_done():
     import signal
 
-    from RadGSRegLib.io.atomic import _sigint_deferred
+    from RadGSRegLib.io.atomic import _signals_deferred
 
     # Python's own Ctrl-C handler, whatever the runner inherited (a job started in the
     # background of a non-interactive shell ignores SIGINT: then there is no KeyboardInterrupt to hold)
@@ -423,7 +423,7 @@ def test_ctrl_c_during_the_final_rename_is_held_until_it_is_done():
         before = signal.getsignal(signal.SIGINT)
         done = []
         with pytest.raises(KeyboardInterrupt):
-            with _sigint_deferred():
+            with _signals_deferred():
                 os.kill(os.getpid(), signal.SIGINT)
                 done.append("rename finished")             # not cut short
         assert done == ["rename finished"]

@@ -1,9 +1,10 @@
 """Writers that never clobber: refuse to overwrite unless told, write to a temp name, rename.
 
 Temporary names start with "." (``.NAME.XXXXXXXX.tmp`` beside a folder, ``.NAME.XXXXXXXX.ext``
-beside a file) and are removed on every exception, KeyboardInterrupt included; the output
-appears only when complete, in one rename. A process killed outright (SIGKILL, power loss)
-can leave such a hidden temp behind, never a visible half-written output: delete it by hand.
+beside a file) and are removed on every exception, KeyboardInterrupt included (the command line
+and its worker processes turn SIGTERM into one); the output appears only when complete, in one
+rename. A process killed outright (SIGKILL, power loss) can leave such a hidden temp behind,
+never a visible half-written output: delete it by hand.
 """
 from __future__ import annotations
 
@@ -46,28 +47,37 @@ def _real(path) -> Path:
 
 
 @contextlib.contextmanager
-def _sigint_deferred():
-    """Hold a Ctrl-C (SIGINT) that arrives inside the block until its end, so that a
-    two-step rename is never cut in half. Outside the main thread: no effect."""
+def _signals_deferred():
+    """Hold a Ctrl-C (SIGINT) or a SIGTERM that arrives inside the block until its end, so
+    that a two-step rename is never cut in half; then it takes its course (the handler that
+    was there runs; Python's defaults: KeyboardInterrupt for SIGINT, the end of the process
+    for SIGTERM). Outside the main thread: no effect."""
     got = []
-    prev = None
+    prev = {}
     if threading.current_thread() is threading.main_thread():
         try:
-            prev = signal.getsignal(signal.SIGINT)
-            if prev is not None:
-                signal.signal(signal.SIGINT, lambda s, f: got.append(s))
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                h = signal.getsignal(sig)
+                if h is not None:                          # None: a handler not installed from Python
+                    prev[sig] = h
+                    signal.signal(sig, lambda s, f: got.append(s))
         except (ValueError, OSError, AttributeError):      # pragma: no cover - embedded interpreters
-            prev = None
+            for sig, h in prev.items():
+                signal.signal(sig, h)
+            prev = {}
     try:
         yield
     finally:
-        if prev is not None:
-            signal.signal(signal.SIGINT, prev)
-            if got:
-                if callable(prev):
-                    prev(signal.SIGINT, None)
-                elif prev == signal.SIG_DFL:
-                    raise KeyboardInterrupt
+        for sig, h in prev.items():
+            signal.signal(sig, h)
+        for sig in dict.fromkeys(got):                     # each one once, in the order they came
+            h = prev[sig]
+            if callable(h):
+                h(sig, None)
+            elif h == signal.SIG_DFL and sig == signal.SIGINT:
+                raise KeyboardInterrupt
+            elif h == signal.SIG_DFL:
+                os.kill(os.getpid(), sig)
 
 
 @contextlib.contextmanager
@@ -130,7 +140,7 @@ def atomic_dir(path, overwrite: bool = False, *, kind: str | None = None, inputs
 
             (tmp / MARKER).write_text(json.dumps(stamp(kind), indent=1))
         os.chmod(tmp, 0o777 & ~_umask())
-        with _sigint_deferred():
+        with _signals_deferred():
             # the location again, now: a long job may have been overtaken (another run wrote
             # there, someone put files there); the new folder never replaces what it may not
             if os.path.lexists(path) and not (path.is_dir() and not any(os.scandir(path))):

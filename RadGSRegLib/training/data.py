@@ -351,16 +351,9 @@ def build_samples(cfg: TrainConfig, *, validation: bool, progress=None) -> list[
     if workers <= 1:
         it = progress(range(shards)) if progress else range(shards)
         return [s for k in it for s in _build_shard(cfg, k, shards, validation)]
-    import multiprocessing as mp
-    from concurrent.futures import ProcessPoolExecutor
+    from ..workers import process_pool
 
-    pool = ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn"))
-    try:
+    with process_pool(workers) as pool:          # a failed or interrupted shard: the others stop too
         futures = [pool.submit(_worker_shard, cfg, k, shards, validation) for k in range(shards)]
         it = progress(futures) if progress else futures
         return [s for f in it for s in _shard_from_bytes(f.result())]
-    except BaseException:
-        pool.shutdown(wait=False, cancel_futures=True)     # a failed shard: the queued ones never start
-        raise
-    finally:
-        pool.shutdown(wait=True)
