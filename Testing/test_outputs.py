@@ -430,3 +430,29 @@ def test_ctrl_c_during_the_final_rename_is_held_until_it_is_done():
         assert signal.getsignal(signal.SIGINT) is before
     finally:
         signal.signal(signal.SIGINT, inherited)
+
+
+def test_sigterm_during_the_final_rename_is_held_until_it_is_done():
+    """The command line's SIGTERM handler (cli._interruptible: KeyboardInterrupt) runs after
+    the rename, not inside it."""
+    import signal
+
+    from RadGSRegLib.io.atomic import _signals_deferred
+
+    got = []
+
+    def handler(signum, frame):
+        got.append(signum)
+        raise KeyboardInterrupt
+
+    inherited = signal.signal(signal.SIGTERM, handler)
+    try:
+        done = []
+        with pytest.raises(KeyboardInterrupt):
+            with _signals_deferred():
+                os.kill(os.getpid(), signal.SIGTERM)
+                done.append("rename finished")             # not cut short
+        assert done == ["rename finished"] and got == [signal.SIGTERM]
+        assert signal.getsignal(signal.SIGTERM) is handler
+    finally:
+        signal.signal(signal.SIGTERM, inherited)
