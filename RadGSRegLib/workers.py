@@ -1,5 +1,6 @@
 """Worker processes on this machine: one pool for every job that runs its pieces in parallel
-(a batch's cases, a training run's sample shards).
+(a batch's cases, a training run's sample shards), and one call in a process of its own (a
+benchmark's measurement, its memory and threads apart from the caller's).
 
 A job that stops early must not leave its workers running on their own. Ctrl-C in a terminal
 reaches every process of the job; ``kill PID`` (SIGTERM: what a scheduler, a shell script
@@ -15,7 +16,7 @@ import contextlib
 import signal
 import time
 
-__all__ = ["process_pool"]
+__all__ = ["process_pool", "run_in_child"]
 
 #: in a worker: whether it runs a task (its signal handler then raises KeyboardInterrupt)
 _BUSY = []
@@ -100,3 +101,14 @@ def process_pool(workers: int, *, initializer=None, initargs: tuple = (), grace_
         _stop(executor, grace_s)
         raise
     executor.shutdown(wait=True)
+
+
+def run_in_child(fn, *args, grace_s: float = 10.0):
+    """``fn(*args)`` in a new (spawned) process of its own; returns what it returns (pickled
+    back). The child's peak memory and threads are its own, as a benchmark's measurement
+    needs. An interrupt of the caller (Ctrl-C, SIGTERM) stops the child as
+    :func:`process_pool` does; a child that dies without a result (killed, out of memory)
+    raises ``concurrent.futures.process.BrokenProcessPool`` instead of leaving the caller
+    waiting."""
+    with process_pool(1, grace_s=grace_s) as pool:
+        return pool.submit(fn, *args).result()

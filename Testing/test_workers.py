@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from RadGSRegLib.workers import process_pool
+from RadGSRegLib.workers import process_pool, run_in_child
 
 linux_only = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
 
@@ -27,6 +27,10 @@ def _slow(folder, k):
         time.sleep(120)
     finally:
         (folder / f"cleaned{k}").write_text("")
+
+
+def _die():
+    os._exit(3)                                     # as a child killed or out of memory would
 
 
 def _alive(pid: int) -> bool:
@@ -66,6 +70,16 @@ def test_the_pool_returns_what_its_workers_compute():
     with process_pool(2) as pool:
         futures = [pool.submit(_square, k) for k in range(5)]
         assert [f.result() for f in futures] == [0, 1, 4, 9, 16]
+
+
+def test_a_call_in_a_child_returns_its_value_and_a_dead_child_raises():
+    """A benchmark's measurement runs in a process of its own; one that dies without a
+    result raises (before: the caller waited on a queue for ever)."""
+    from concurrent.futures.process import BrokenProcessPool
+
+    assert run_in_child(_square, 7) == 49
+    with pytest.raises(BrokenProcessPool):
+        run_in_child(_die)
 
 
 @linux_only

@@ -7,7 +7,6 @@ peak resident memory is its own; time is the median of ``repeat`` runs after one
 """
 from __future__ import annotations
 
-import multiprocessing as mp
 import resource
 import statistics
 import time
@@ -16,6 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from ..similarity import ncc
+from ..workers import run_in_child
 
 __all__ = ["run_drr_bench", "bench_volume"]
 
@@ -42,7 +42,7 @@ def bench_volume(n: int = 128):
     return hu_to_mu(vol.array), A
 
 
-def _child(method: str, n: int, pixels: int, repeat: int, threads: int, q):
+def _child(method: str, n: int, pixels: int, repeat: int, threads: int) -> dict:
     import torch
 
     torch.set_num_threads(threads)
@@ -69,8 +69,8 @@ def _child(method: str, n: int, pixels: int, repeat: int, threads: int, q):
         out = fn()
         times.append(time.perf_counter() - t)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    q.put({"method": method, "first_s": first, "median_s": statistics.median(times), "min_s": min(times),
-           "peak_rss_mb": peak / 1024, "extra_rss_mb": (peak - base) / 1024, "image": out})
+    return {"method": method, "first_s": first, "median_s": statistics.median(times), "min_s": min(times),
+            "peak_rss_mb": peak / 1024, "extra_rss_mb": (peak - base) / 1024, "image": out}
 
 
 def run_drr_bench(*, n: int = 128, pixels: int = 256, repeat: int = 5, threads: int = 2,
@@ -84,14 +84,9 @@ def run_drr_bench(*, n: int = 128, pixels: int = 256, repeat: int = 5, threads: 
 
     if json_path is not None:
         check_output_file(json_path, "bench-drr", overwrite=overwrite)
-    ctx = mp.get_context("spawn")
     rows = {}
-    for m in methods:
-        q = ctx.Queue()
-        p = ctx.Process(target=_child, args=(m, n, pixels, repeat, threads, q))
-        p.start()
-        rows[m] = q.get()
-        p.join()
+    for m in methods:                      # each in a fresh process: its own peak memory
+        rows[m] = run_in_child(_child, m, n, pixels, repeat, threads)
         log(f"  {m:<8} done: median {rows[m]['median_s'] * 1e3:.1f} ms")
     ref = rows.get("rtk")
     result = {"workload": f"2 views x {pixels}^2 from {n}^3", "threads": threads, "repeat": repeat, "methods": {}}

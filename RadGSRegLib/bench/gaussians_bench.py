@@ -12,13 +12,14 @@ Gaussians), timed once on the same machine in the same run.
 """
 from __future__ import annotations
 
-import multiprocessing as mp
 import resource
 import statistics
 import time
 from pathlib import Path
 
 import numpy as np
+
+from ..workers import run_in_child
 
 __all__ = ["run_gaussians_bench"]
 
@@ -38,7 +39,7 @@ def _gaussians(n, sigma, seed=0):
     return g
 
 
-def _child(kind, n, size, sigma, repeat, threads, dense, q):
+def _child(kind, n, size, sigma, repeat, threads, dense) -> dict:
     import torch
 
     torch.set_num_threads(threads)
@@ -88,7 +89,7 @@ def _child(kind, n, size, sigma, repeat, threads, dense, q):
         t = time.perf_counter()
         ref()
         res["dense_forward_ms"] = 1e3 * (time.perf_counter() - t)
-    q.put(res)
+    return res
 
 
 def run_gaussians_bench(*, threads: int = 1, repeat: int = 5, json_path: Path | None = None, overwrite: bool = True,
@@ -101,7 +102,6 @@ def run_gaussians_bench(*, threads: int = 1, repeat: int = 5, json_path: Path | 
 
     if json_path is not None:
         check_output_file(json_path, "bench-gaussians", overwrite=overwrite)
-    ctx = mp.get_context("spawn")
     fixed, mixed = (1.5, 1.5), (1.0, 3.0)
     work = [("raster", 4000, 256, fixed, True), ("raster", 4000, 256, mixed, False),
             ("raster", 20000, 256, fixed, False), ("raster", 20000, 256, mixed, False),
@@ -110,11 +110,7 @@ def run_gaussians_bench(*, threads: int = 1, repeat: int = 5, json_path: Path | 
             ("voxel", 20000, 64, fixed, False)]
     rows = []
     for kind, n, size, sigma, dense in work:
-        q = ctx.Queue()
-        p = ctx.Process(target=_child, args=(kind, n, size, sigma, repeat, threads, dense, q))
-        p.start()
-        rows.append(q.get())
-        p.join()
+        rows.append(run_in_child(_child, kind, n, size, sigma, repeat, threads, dense))    # a fresh process each
         log(f"  {kind} N={n} size={size} sigma={sigma}: {rows[-1]['forward_ms']:.1f} ms")
     log("")
     log(f"Radiative Gaussians benchmark, {threads} thread(s), median of {repeat}")
